@@ -1,0 +1,278 @@
+//! A Rust client for the Switchyard gateway: connect, subscribe (optionally
+//! resuming from a position), receive, publish.
+//!
+//! This is the single-connection layer. It answers the gateway's heartbeats,
+//! remembers the last position seen on every topic (so a caller can resume
+//! after a reconnect) and reports a close with its code and its class.
+//! Reconnection with backoff and make-before-break migration build on it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), switchyard_client::ClientError> {
+//! use switchyard_client::{Connection, Event};
+//! let mut conn = Connection::connect("ws://127.0.0.1:8080/ws").await?;
+//! conn.subscribe("news", None).await?;
+//! while let Event::Frame(frame) = conn.next_event().await? {
+//!     println!("{frame:?}");
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use switchyard_protocol::close::CloseReason;
+use switchyard_protocol::{ClientFrame, CloseClass, CloseCode, Position, ServerFrame};
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// What went wrong talking to a gateway.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The WebSocket layer failed (connect, I/O, framing).
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tungstenite::Error),
+    /// The gateway sent something that is not a Switchyard frame.
+    #[error("unexpected frame from the gateway: {0}")]
+    Protocol(String),
+    /// The connection closed before the expected frame arrived.
+    #[error("connection closed with {code} ({class:?})")]
+    Closed {
+        /// The close code (1006 when the socket ended without a close frame).
+        code: u16,
+        /// What the close code tells the client to do.
+        class: CloseClass,
+    },
+}
+
+/// A close as seen by the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// The code; 1006 when the socket ended without a close frame, 1005 when
+    /// the close frame carried no code.
+    pub code: u16,
+    /// The parsed reason (e.g. `retry_ms`).
+    pub reason: CloseReason,
+}
+
+impl Closed {
+    /// What the code tells the client to do.
+    pub fn class(&self) -> CloseClass {
+        CloseCode::from_u16(self.code).class()
+    }
+}
+
+/// What [`Connection::next_event`] yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A frame from the gateway (heartbeats are answered and not reported).
+    Frame(ServerFrame),
+    /// The connection has closed.
+    Closed(Closed),
+}
+
+/// The `welcome` frame's contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Correlation id of this connection (also in the gateway's logs).
+    pub connection_id: String,
+    /// The gateway's id.
+    pub server_id: String,
+    /// The gateway's heartbeat interval.
+    pub heartbeat_ms: u64,
+}
+
+/// One WebSocket connection to a gateway.
+pub struct Connection {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    welcome: Welcome,
+    positions: HashMap<String, Position>,
+    closed: Option<Closed>,
+}
+
+impl Connection {
+    /// Connects to `url` (e.g. `ws://127.0.0.1:8080/ws`) and waits for `welcome`.
+    pub async fn connect(url: &str) -> Result<Connection, ClientError> {
+        let (mut socket, _response) = tokio_tungstenite::connect_async(url).await?;
+        let welcome = loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => match ServerFrame::parse(&text) {
+                    Ok(ServerFrame::Welcome {
+                        connection_id,
+                        server_id,
+                        heartbeat_ms,
+                    }) => {
+                        break Welcome {
+                            connection_id,
+                            server_id,
+                            heartbeat_ms,
+                        }
+                    }
+                    _ => return Err(ClientError::Protocol(text.to_string())),
+                },
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    return Err(ClientError::Closed {
+                        code,
+                        class: CloseCode::from_u16(code).class(),
+                    });
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return Err(err.into()),
+                None => {
+                    return Err(ClientError::Closed {
+                        code: 1006,
+                        class: CloseClass::Reconnect,
+                    })
+                }
+            }
+        };
+        Ok(Connection {
+            socket,
+            welcome,
+            positions: HashMap::new(),
+            closed: None,
+        })
+    }
+
+    /// The gateway's `welcome`.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The last position seen on `topic` (from a message, or from `subscribed`).
+    pub fn position(&self, topic: &str) -> Option<Position> {
+        self.positions.get(topic).copied()
+    }
+
+    /// Sends any client frame.
+    pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
+        self.socket.send(Message::text(frame.to_json())).await?;
+        Ok(())
+    }
+
+    /// Subscribes to `topic`, resuming after `since` when given.
+    pub async fn subscribe(&mut self, topic: &str, since: Option<Position>) -> Result<(), ClientError> {
+        self.send(&ClientFrame::Subscribe {
+            topic: topic.to_owned(),
+            since,
+        })
+        .await
+    }
+
+    /// Resubscribes to `topic` from the last position this connection saw on it.
+    pub async fn resume(&mut self, topic: &str) -> Result<(), ClientError> {
+        let since = self.position(topic);
+        self.subscribe(topic, since).await
+    }
+
+    /// Unsubscribes from `topic`.
+    pub async fn unsubscribe(&mut self, topic: &str) -> Result<(), ClientError> {
+        self.send(&ClientFrame::Unsubscribe {
+            topic: topic.to_owned(),
+        })
+        .await
+    }
+
+    /// Publishes `data` (JSON text) on `topic`; the gateway answers `published` or `error`.
+    pub async fn publish(&mut self, topic: &str, data: &str) -> Result<(), ClientError> {
+        let data = RawValue::from_string(data.to_owned())
+            .map_err(|e| ClientError::Protocol(format!("data is not JSON: {e}")))?;
+        self.send(&ClientFrame::Publish {
+            topic: topic.to_owned(),
+            data,
+        })
+        .await
+    }
+
+    /// Sends a close frame with `code`; read on until [`Event::Closed`].
+    pub async fn close(&mut self, code: u16) -> Result<(), ClientError> {
+        self.socket
+            .close(Some(tungstenite::protocol::CloseFrame {
+                code: code.into(),
+                reason: "".into(),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// The next event. Heartbeats are answered with `ping` and not reported;
+    /// after [`Event::Closed`] every call returns the same close.
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        if let Some(closed) = &self.closed {
+            return Ok(Event::Closed(closed.clone()));
+        }
+        loop {
+            let message = match self.socket.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(tungstenite::Error::ConnectionClosed)) | None => {
+                    return Ok(self.mark_closed(1006, ""))
+                }
+                Some(Err(tungstenite::Error::Io(_)))
+                | Some(Err(tungstenite::Error::Protocol(_))) => {
+                    return Ok(self.mark_closed(1006, ""))
+                }
+                Some(Err(err)) => return Err(err.into()),
+            };
+            match message {
+                Message::Text(text) => {
+                    let frame = ServerFrame::parse(&text)
+                        .map_err(|_| ClientError::Protocol(text.to_string()))?;
+                    match &frame {
+                        ServerFrame::Heartbeat => {
+                            self.send(&ClientFrame::Ping).await?;
+                            continue;
+                        }
+                        ServerFrame::Message {
+                            topic,
+                            epoch,
+                            offset,
+                            ..
+                        } => {
+                            self.positions
+                                .insert(topic.clone(), Position::new(*epoch, *offset));
+                        }
+                        ServerFrame::Subscribed {
+                            topic,
+                            position,
+                            recovered,
+                        } => {
+                            // When recovered, replayed messages follow and move the
+                            // position on; otherwise the stream restarts at the head.
+                            let keep = *recovered
+                                && self.positions.get(topic).is_some_and(|p| {
+                                    p.epoch == position.epoch && p.offset < position.offset
+                                });
+                            if !keep {
+                                self.positions.insert(topic.clone(), *position);
+                            }
+                        }
+                        _ => {}
+                    }
+                    return Ok(Event::Frame(frame));
+                }
+                Message::Close(frame) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Ok(self.mark_closed(code, &reason));
+                }
+                Message::Binary(_) => {
+                    return Err(ClientError::Protocol("unexpected binary frame".into()))
+                }
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            }
+        }
+    }
+
+    fn mark_closed(&mut self, code: u16, reason: &str) -> Event {
+        let closed = Closed {
+            code,
+            reason: CloseReason::parse(reason),
+        };
+        self.closed = Some(closed.clone());
+        Event::Closed(closed)
+    }
+}

@@ -1,0 +1,50 @@
+//! Bodies of the admin API (`/admin/*`, `/api/*` on the admin listener).
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::Position;
+
+/// `GET /admin/status`: what one gateway process holds right now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The gateway's id (the pod name in Kubernetes).
+    pub server_id: String,
+    /// Open WebSocket connections.
+    pub connections: u64,
+    /// Topic subscriptions across all connections.
+    pub subscriptions: u64,
+    /// Topic logs held by this process's broker.
+    pub topics: u64,
+    /// Whether the gateway is draining (not ready for new connections).
+    pub draining: bool,
+    /// Seconds since the process started.
+    pub uptime_seconds: u64,
+}
+
+/// `POST /api/publish` request.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// The topic to publish on.
+    pub topic: String,
+    /// Any JSON value; delivered to subscribers byte for byte.
+    pub data: Box<RawValue>,
+}
+
+/// `POST /api/publish` response: where the message landed in the topic log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishResponse {
+    /// The topic published on.
+    pub topic: String,
+    /// The position the broker assigned.
+    pub position: Position,
+}
+
+/// The body of every admin API error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A stable machine-readable error kind.
+    pub error: String,
+    /// A human-readable explanation.
+    pub message: String,
+}

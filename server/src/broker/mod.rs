@@ -1,0 +1,80 @@
+//! Topic brokers: where messages get their positions, where history lives and
+//! how messages reach this process's subscribers.
+//!
+//! The contract every broker keeps:
+//! - `publish` assigns the next offset of the topic's current epoch and hands
+//!   the message, encoded once, to every local subscriber's outbox in offset order.
+//! - `subscribe` pushes a `subscribed` frame and then the replay (if `since`
+//!   allows one) into the subscriber's outbox and registers it for live
+//!   messages, atomically with respect to publishes on that topic: no gap and
+//!   no duplicate between replay and live.
+//!
+//! [`memory::MemoryBroker`] is the embedded default (one process).
+
+pub mod log;
+pub mod memory;
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use serde_json::value::RawValue;
+use switchyard_protocol::{ErrorCode, Position};
+use thiserror::Error;
+
+use crate::hub::ConnHandle;
+
+/// Why a broker refused a request.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum BrokerError {
+    /// Creating the topic would exceed the topic limit.
+    #[error("the gateway holds its maximum of {0} topics")]
+    TooManyTopics(usize),
+    /// The broker's backing store cannot be reached.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl BrokerError {
+    /// The error code reported to a WebSocket client.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BrokerError::TooManyTopics(_) => ErrorCode::TooManyTopics,
+            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// The result of a subscribe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The head of the log when the subscription began.
+    pub position: Position,
+    /// Whether the stream continues from `since` without a gap.
+    pub recovered: bool,
+    /// Messages replayed from history.
+    pub replayed: usize,
+}
+
+/// A topic broker; see the module documentation for the contract.
+pub trait Broker: Send + Sync + 'static {
+    /// Appends `data` to `topic` and fans it out; returns its position.
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        data: &'a RawValue,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>>;
+
+    /// Subscribes `subscriber` to `topic`, resuming after `since` when possible.
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        since: Option<Position>,
+        subscriber: Arc<ConnHandle>,
+    ) -> BoxFuture<'a, Result<Subscribed, BrokerError>>;
+
+    /// Stops delivering `topic` to the connection `conn_id`.
+    fn unsubscribe(&self, topic: &str, conn_id: u64);
+
+    /// Topic logs currently held.
+    fn topic_count(&self) -> usize;
+}

@@ -1,0 +1,135 @@
+//! The `switchyard-server` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+use crate::server::{serve, Gateway, Listeners};
+
+/// Switchyard gateway: WebSocket connections, topics that resume, lossless drains.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-server", version)]
+pub struct Args {
+    /// YAML configuration file. Without it, built-in defaults apply.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Public listener address (overrides `listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin listener address (overrides `admin_listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Gateway id (overrides `server_id`).
+    #[arg(long, value_name = "ID")]
+    pub server_id: Option<String>,
+    /// Log format: text or json (overrides `log.format`).
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Any setting as `section.field=value`, e.g. `connection.keepalive_interval_ms=5000`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl Args {
+    /// The `--set` style overrides these flags amount to, in order.
+    fn overrides(&self) -> Vec<String> {
+        let mut overrides = Vec::new();
+        let named = [
+            ("listen", &self.listen),
+            ("admin_listen", &self.admin_listen),
+            ("server_id", &self.server_id),
+            ("log.format", &self.log_format),
+        ];
+        for (key, value) in named {
+            if let Some(value) = value {
+                overrides.push(format!("{key}={value}"));
+            }
+        }
+        overrides.extend(self.set.iter().cloned());
+        overrides
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Parses arguments, loads configuration and runs the gateway. Exit codes:
+/// 0 after a clean shutdown, 2 for invalid arguments or configuration, 1 for
+/// a runtime failure (e.g. a port already in use).
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(args.config.as_deref(), std::env::vars(), &args.overrides()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("switchyard-server: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        match serde_yaml::to_string(&config) {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(err) => {
+                eprintln!("switchyard-server: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("switchyard-server: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("switchyard-server: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config)?;
+    let gateway = Gateway::new(config)?;
+    let (trigger, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = trigger.send(true);
+    });
+    serve(gateway, listeners, shutdown).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

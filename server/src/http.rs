@@ -1,0 +1,152 @@
+//! HTTP routes of both listeners, as warp filters. WebSocket upgrades do not
+//! come here (see [`crate::upgrade`]); everything else does.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::StatusCode;
+use switchyard_protocol::admin::{ApiError, PublishRequest, PublishResponse};
+use switchyard_protocol::topic::validate_topic;
+use warp::{Filter, Rejection, Reply};
+
+use crate::broker::BrokerError;
+use crate::server::Gateway;
+
+const DEMO_PAGE: &str = include_str!("../static/index.html");
+
+fn with_gateway(
+    gateway: Arc<Gateway>,
+) -> impl Filter<Extract = (Arc<Gateway>,), Error = Infallible> + Clone {
+    warp::any().map(move || gateway.clone())
+}
+
+/// A JSON error response.
+pub fn api_error(status: StatusCode, error: &str, message: impl Into<String>) -> warp::reply::Response {
+    warp::reply::with_status(
+        warp::reply::json(&ApiError {
+            error: error.to_owned(),
+            message: message.into(),
+        }),
+        status,
+    )
+    .into_response()
+}
+
+/// Public listener: demo page, health, readiness, metrics.
+pub fn public_routes(
+    gateway: Arc<Gateway>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
+    let demo = warp::path::end()
+        .and(warp::get())
+        .map(|| warp::reply::html(DEMO_PAGE).into_response());
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| "ok".into_response());
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_gateway(gateway.clone()))
+        .map(|gateway: Arc<Gateway>| {
+            if gateway.is_draining() {
+                warp::reply::with_status("draining", StatusCode::SERVICE_UNAVAILABLE).into_response()
+            } else {
+                "ready".into_response()
+            }
+        });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_gateway(gateway))
+        .map(|gateway: Arc<Gateway>| {
+            warp::reply::with_header(
+                gateway.metrics.render(),
+                "content-type",
+                "text/plain; version=0.0.4",
+            )
+            .into_response()
+        });
+    demo.or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(recover)
+        .unify()
+}
+
+/// Admin listener: status and the publish API.
+pub fn admin_routes(
+    gateway: Arc<Gateway>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
+    let body_limit = gateway.config.websocket.max_message_bytes as u64 + 4096;
+    let status = warp::path!("admin" / "status")
+        .and(warp::get())
+        .and(with_gateway(gateway.clone()))
+        .map(|gateway: Arc<Gateway>| warp::reply::json(&gateway.status()).into_response());
+    let publish = warp::path!("api" / "publish")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(body_limit))
+        .and(warp::body::bytes())
+        .and(with_gateway(gateway))
+        .then(publish);
+    status.or(publish).unify().recover(recover).unify()
+}
+
+async fn publish(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Response {
+    let request: PublishRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{\"topic\": string, \"data\": any JSON}}: {err}"),
+            )
+        }
+    };
+    if let Err(err) = validate_topic(&request.topic, gateway.config.topics.max_topic_length) {
+        return api_error(StatusCode::BAD_REQUEST, "invalid_topic", err.to_string());
+    }
+    match gateway.publish(&request.topic, &request.data).await {
+        Ok(position) => warp::reply::json(&PublishResponse {
+            topic: request.topic,
+            position,
+        })
+        .into_response(),
+        Err(err @ BrokerError::TooManyTopics(_)) => {
+            api_error(StatusCode::INSUFFICIENT_STORAGE, "too_many_topics", err.to_string())
+        }
+        Err(err @ BrokerError::Unavailable(_)) => {
+            api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err.to_string())
+        }
+    }
+}
+
+/// Turns warp's rejections into JSON errors with the right status.
+async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
+    let response = if rejection.is_not_found() {
+        api_error(StatusCode::NOT_FOUND, "not_found", "no such route")
+    } else if rejection
+        .find::<warp::reject::PayloadTooLarge>()
+        .is_some()
+    {
+        api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the body exceeds websocket.max_message_bytes",
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        api_error(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "send a Content-Length header",
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        api_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        )
+    } else {
+        api_error(StatusCode::BAD_REQUEST, "bad_request", format!("{rejection:?}"))
+    };
+    Ok(response)
+}

@@ -1,0 +1,229 @@
+//! The registry of live connections: ids, handles, keepalive and the
+//! fleet-wide operations (close everything, count).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use switchyard_protocol::close::CloseReason;
+use switchyard_protocol::CloseCode;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::outbox::{Outbox, OutboxLimits, Outgoing};
+
+/// Which route a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/ws`: the topic protocol.
+    Topics,
+    /// `/echo`: diagnostic echo.
+    Echo,
+}
+
+/// What the rest of the gateway holds of one connection: its id, its outbox
+/// and when it was last heard from. The reader and writer tasks own the socket.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// Numeric id, unique within this process.
+    pub id: u64,
+    /// Correlation id shown to the client in `welcome` and in every log line.
+    pub label: String,
+    /// The route.
+    pub route: Route,
+    /// Outgoing frames.
+    pub outbox: Outbox,
+    /// Milliseconds since the hub started when a frame last arrived.
+    last_seen_ms: AtomicU64,
+}
+
+/// What one keepalive sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Connections sent a ping (and a heartbeat on `/ws`).
+    pub pinged: usize,
+    /// Silent connections aborted.
+    pub reaped: usize,
+}
+
+/// All live connections of this gateway.
+pub struct Hub {
+    connections: Mutex<HashMap<u64, Arc<ConnHandle>>>,
+    next_id: AtomicU64,
+    started: Instant,
+    server_id: String,
+    limits: OutboxLimits,
+    emptied: Notify,
+    heartbeat: Utf8Bytes,
+}
+
+impl Hub {
+    /// An empty hub for the gateway `server_id`.
+    pub fn new(server_id: String, limits: OutboxLimits) -> Self {
+        Hub {
+            connections: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+            server_id,
+            limits,
+            emptied: Notify::new(),
+            heartbeat: Utf8Bytes::from(switchyard_protocol::ServerFrame::Heartbeat.to_json()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<ConnHandle>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Registers a new connection and returns its handle.
+    pub fn register(&self, route: Route) -> Arc<ConnHandle> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(ConnHandle {
+            id,
+            label: format!("{}-{id}", self.server_id),
+            route,
+            outbox: Outbox::new(self.limits),
+            last_seen_ms: AtomicU64::new(self.now_ms()),
+        });
+        self.lock().insert(id, handle.clone());
+        handle
+    }
+
+    /// Removes a connection that has ended.
+    pub fn remove(&self, id: u64) {
+        let mut map = self.lock();
+        map.remove(&id);
+        if map.is_empty() {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// Records that a frame arrived on `handle`.
+    pub fn touch(&self, handle: &ConnHandle) {
+        handle.last_seen_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn snapshot(&self) -> Vec<Arc<ConnHandle>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Asks every connection to close with `code`.
+    pub fn close_all(&self, code: CloseCode, reason: &str) {
+        let reason = CloseReason::text(reason).to_json();
+        for handle in self.snapshot() {
+            handle.outbox.close(code, reason.clone());
+        }
+    }
+
+    /// Aborts every connection that is still open.
+    pub fn abort_all(&self) {
+        for handle in self.snapshot() {
+            handle.outbox.abort();
+        }
+    }
+
+    /// Waits until no connection is open, or `timeout` passes. Returns whether it emptied.
+    pub async fn wait_empty(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let emptied = self.emptied.notified();
+            if self.is_empty() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, emptied).await.is_err() {
+                return self.is_empty();
+            }
+        }
+    }
+
+    /// One keepalive pass: aborts connections silent for longer than
+    /// `silence_limit`; when `ping` is set, queues a protocol ping (and a
+    /// `heartbeat` frame on `/ws`) on the others.
+    pub fn sweep(&self, silence_limit: Duration, ping: bool) -> SweepReport {
+        let now = self.now_ms();
+        let limit = silence_limit.as_millis() as u64;
+        let mut report = SweepReport::default();
+        for handle in self.snapshot() {
+            let silent = now.saturating_sub(handle.last_seen_ms.load(Ordering::Relaxed));
+            if silent > limit {
+                tracing::info!(conn = %handle.label, silent_ms = silent, "reaping silent connection");
+                handle.outbox.abort();
+                report.reaped += 1;
+            } else if ping {
+                // A full queue turns into a 4002 close inside push; nothing else to do.
+                let _ = handle.outbox.push(Outgoing::Ping);
+                if handle.route == Route::Topics {
+                    let _ = handle.outbox.push(Outgoing::Text(self.heartbeat.clone()));
+                }
+                report.pinged += 1;
+            }
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::EndRequest;
+
+    fn hub() -> Hub {
+        Hub::new(
+            "test".into(),
+            OutboxLimits {
+                max_messages: 10,
+                max_bytes: 1000,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn sweep_pings_live_and_reaps_silent() {
+        let hub = hub();
+        let quiet = hub.register(Route::Topics);
+        let echo = hub.register(Route::Echo);
+        assert_eq!(quiet.label, format!("test-{}", quiet.id));
+        let report = hub.sweep(Duration::from_secs(60), true);
+        assert_eq!(report, SweepReport { pinged: 2, reaped: 0 });
+        assert_eq!(quiet.outbox.queued(), 2, "ping + heartbeat");
+        assert_eq!(echo.outbox.queued(), 1, "echo gets no heartbeat frame");
+
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        hub.touch(&echo);
+        let report = hub.sweep(Duration::from_millis(20), false);
+        assert_eq!(report, SweepReport { pinged: 0, reaped: 1 });
+        assert_eq!(quiet.outbox.end_request(), Some(EndRequest::Abort));
+        assert_eq!(echo.outbox.end_request(), None);
+    }
+
+    #[tokio::test]
+    async fn wait_empty_resolves_on_last_removal() {
+        let hub = Arc::new(hub());
+        let a = hub.register(Route::Topics);
+        assert!(!hub.wait_empty(Duration::from_millis(10)).await);
+        let remover = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                hub.remove(a.id);
+            })
+        };
+        assert!(hub.wait_empty(Duration::from_secs(5)).await);
+        remover.await.expect("join");
+    }
+}

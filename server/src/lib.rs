@@ -1,0 +1,26 @@
+//! The Switchyard gateway: holds WebSocket connections, fans out topic
+//! messages, lets a reconnecting client resume with nothing lost, and reports
+//! its connection counts.
+//!
+//! Layout, one module per concern:
+//! - [`config`]: layered settings with field-named errors.
+//! - [`outbox`]: the bounded per-connection queue (the only way to the writer).
+//! - [`hub`]: the registry of live connections, keepalive sweeps.
+//! - [`broker`]: topic logs, resume, fan-out (in-memory default).
+//! - [`connection`]: one connection's reader and writer.
+//! - [`upgrade`]: the WebSocket handshake on hyper.
+//! - [`http`]: the HTTP routes of both listeners (warp).
+//! - [`server`]: listeners, accept loops, shutdown.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`cli`]: the binary's entry point.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod outbox;
+pub mod server;
+pub mod upgrade;

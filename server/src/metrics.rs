@@ -1,0 +1,201 @@
+//! Prometheus metrics, all named `switchyard_*`, on a registry of our own.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Who ended a connection, for `switchyard_connections_closed_total{initiator}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// The client sent a close frame.
+    Client,
+    /// The gateway sent a close frame.
+    Server,
+    /// The connection ended without a close handshake (reset, EOF, reaped).
+    Abrupt,
+}
+
+impl Initiator {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Initiator::Client => "client",
+            Initiator::Server => "server",
+            Initiator::Abrupt => "abrupt",
+        }
+    }
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `switchyard_connections`: open WebSocket connections.
+    pub connections: IntGauge,
+    /// `switchyard_connections_opened_total`.
+    pub connections_opened: IntCounter,
+    /// `switchyard_connections_closed_total{code,initiator}`.
+    pub connections_closed: IntCounterVec,
+    /// `switchyard_handshakes_rejected_total{reason}`: upgrades refused before a connection existed.
+    pub handshakes_rejected: IntCounterVec,
+    /// `switchyard_messages_received_total`: data frames from clients.
+    pub messages_received: IntCounter,
+    /// `switchyard_messages_sent_total`: data frames to clients.
+    pub messages_sent: IntCounter,
+    /// `switchyard_message_bytes_received_total`.
+    pub bytes_received: IntCounter,
+    /// `switchyard_message_bytes_sent_total`.
+    pub bytes_sent: IntCounter,
+    /// `switchyard_messages_published_total`: messages accepted into topic logs.
+    pub messages_published: IntCounter,
+    /// `switchyard_slow_consumers_total`: connections closed 4002 for a full queue.
+    pub slow_consumers: IntCounter,
+    /// `switchyard_protocol_violations_total{kind}`.
+    pub protocol_violations: IntCounterVec,
+    /// `switchyard_subscriptions`: active topic subscriptions.
+    pub subscriptions: IntGauge,
+    /// `switchyard_resume_total{recovered}`: subscribes with `since`.
+    pub resume: IntCounterVec,
+    /// `switchyard_fanout_latency_seconds`: publish accepted → frame written to the socket.
+    pub fanout_latency: Histogram,
+    /// `switchyard_draining`: 1 while the gateway refuses new work.
+    pub draining: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let metric = IntCounter::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let metric = IntGauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let fanout_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchyard_fanout_latency_seconds",
+                "Time from a publish being accepted to its frame being written to a subscriber's socket.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(fanout_latency.clone()))?;
+        Ok(Metrics {
+            connections: gauge("switchyard_connections", "Open WebSocket connections.")?,
+            connections_opened: counter(
+                "switchyard_connections_opened_total",
+                "WebSocket connections accepted.",
+            )?,
+            connections_closed: counter_vec(
+                "switchyard_connections_closed_total",
+                "WebSocket connections ended, by close code and by who ended them (client, server, abrupt).",
+                &["code", "initiator"],
+            )?,
+            handshakes_rejected: counter_vec(
+                "switchyard_handshakes_rejected_total",
+                "WebSocket upgrade requests refused before a connection existed.",
+                &["reason"],
+            )?,
+            messages_received: counter(
+                "switchyard_messages_received_total",
+                "Data frames received from clients.",
+            )?,
+            messages_sent: counter(
+                "switchyard_messages_sent_total",
+                "Data frames written to clients.",
+            )?,
+            bytes_received: counter(
+                "switchyard_message_bytes_received_total",
+                "Payload bytes of data frames received from clients.",
+            )?,
+            bytes_sent: counter(
+                "switchyard_message_bytes_sent_total",
+                "Payload bytes of data frames written to clients.",
+            )?,
+            messages_published: counter(
+                "switchyard_messages_published_total",
+                "Messages accepted into topic logs.",
+            )?,
+            slow_consumers: counter(
+                "switchyard_slow_consumers_total",
+                "Connections closed with 4002 because their outgoing queue was full.",
+            )?,
+            protocol_violations: counter_vec(
+                "switchyard_protocol_violations_total",
+                "Client frames that broke the protocol, by kind.",
+                &["kind"],
+            )?,
+            subscriptions: gauge("switchyard_subscriptions", "Active topic subscriptions.")?,
+            resume: counter_vec(
+                "switchyard_resume_total",
+                "Subscriptions with `since`, by whether the stream was recovered without a gap.",
+                &["recovered"],
+            )?,
+            fanout_latency,
+            draining: gauge(
+                "switchyard_draining",
+                "1 while the gateway is draining or shutting down.",
+            )?,
+            registry,
+        })
+    }
+
+    /// Counts a connection that ended.
+    pub fn connection_closed(&self, code: u16, initiator: Initiator) {
+        self.connections_closed
+            .with_label_values(&[code.to_string().as_str(), initiator.as_str()])
+            .inc();
+        self.connections.dec();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_required_family() {
+        let metrics = Metrics::new().expect("metrics");
+        metrics.connections.inc();
+        metrics.connection_closed(4002, Initiator::Server);
+        metrics.resume.with_label_values(&["true"]).inc();
+        metrics.fanout_latency.observe(0.001);
+        let text = metrics.render();
+        for family in [
+            "switchyard_connections 0",
+            "switchyard_connections_opened_total 0",
+            "switchyard_connections_closed_total{code=\"4002\",initiator=\"server\"} 1",
+            "switchyard_messages_received_total",
+            "switchyard_messages_sent_total",
+            "switchyard_message_bytes_received_total",
+            "switchyard_message_bytes_sent_total",
+            "switchyard_slow_consumers_total",
+            "switchyard_subscriptions",
+            "switchyard_resume_total{recovered=\"true\"} 1",
+            "switchyard_fanout_latency_seconds_count 1",
+        ] {
+            assert!(text.contains(family), "missing {family} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The per-connection outgoing queue.
+//!
+//! Every frame for a connection goes through its `Outbox`; only the
+//! connection's writer task takes frames out and touches the socket. The queue
+//! is bounded by frame count and bytes. A push that does not fit marks the
+//! connection a slow consumer: the queue is dropped at once (memory is freed
+//! now, not when the socket drains) and the connection is asked to close with
+//! 4002. A publisher therefore never blocks and never grows memory for a
+//! client that cannot keep up.
+//!
+//! The queue is a `Mutex<VecDeque>` rather than a channel: an empty
+//! `VecDeque` allocates nothing, so an idle connection costs only this struct,
+//! and the writer swaps the whole queue out in one lock to write it as a batch.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use switchyard_protocol::CloseCode;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// A frame waiting to be written.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// A live `message` frame, shared with every other subscriber. `published_at`
+    /// feeds the fan-out latency histogram when the frame is written.
+    Live {
+        /// The encoded frame.
+        text: Utf8Bytes,
+        /// When the broker accepted the publish.
+        published_at: Instant,
+    },
+    /// Any other text frame (replayed messages, replies, heartbeats).
+    Text(Utf8Bytes),
+    /// A binary frame (only the echo route sends these).
+    Binary(Bytes),
+    /// A protocol-level ping.
+    Ping,
+}
+
+impl Outgoing {
+    /// Bytes this frame holds, for the queue's byte bound.
+    pub fn len(&self) -> usize {
+        match self {
+            Outgoing::Live { text, .. } | Outgoing::Text(text) => text.len(),
+            Outgoing::Binary(bytes) => bytes.len(),
+            Outgoing::Ping => 0,
+        }
+    }
+
+    /// Whether the frame carries no payload.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a connection has been asked to end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndRequest {
+    /// Send what is queued, then a close frame with this code and reason.
+    Close {
+        /// The close code.
+        code: CloseCode,
+        /// The close reason (compact JSON, at most 123 bytes).
+        reason: String,
+    },
+    /// Drop the connection now without a close handshake (a dead peer).
+    Abort,
+}
+
+/// Why a push was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue was full: the connection is now closing with 4002.
+    Full,
+    /// The connection is already ending; the frame was dropped.
+    Ending,
+}
+
+/// Bounds of one outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxLimits {
+    /// Most frames queued.
+    pub max_messages: usize,
+    /// Most bytes queued; a single frame always fits into an empty queue.
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Outgoing>,
+    bytes: usize,
+    end: Option<EndRequest>,
+}
+
+/// A bounded queue of outgoing frames with its end signal.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    limits: OutboxLimits,
+    /// Wakes the writer: frames or an end request are waiting.
+    writer_wake: Notify,
+    /// Wakes the reader: an end request is waiting.
+    end_wake: Notify,
+}
+
+impl Outbox {
+    /// An empty outbox; allocates no queue storage until the first push.
+    pub fn new(limits: OutboxLimits) -> Self {
+        Outbox {
+            state: Mutex::new(State::default()),
+            limits,
+            writer_wake: Notify::new(),
+            end_wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queue inconsistent
+        // (every mutation is a single call), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame for the writer. Never blocks.
+    pub fn push(&self, frame: Outgoing) -> Result<(), PushError> {
+        let mut state = self.lock();
+        if state.end.is_some() {
+            return Err(PushError::Ending);
+        }
+        let len = frame.len();
+        let fits = state.queue.is_empty()
+            || (state.queue.len() < self.limits.max_messages
+                && state.bytes + len <= self.limits.max_bytes);
+        if !fits {
+            state.queue = VecDeque::new();
+            state.bytes = 0;
+            state.end = Some(EndRequest::Close {
+                code: CloseCode::SlowConsumer,
+                reason: switchyard_protocol::close::CloseReason::text("slow consumer: queue full")
+                    .to_json(),
+            });
+            drop(state);
+            self.wake_both();
+            return Err(PushError::Full);
+        }
+        state.bytes += len;
+        state.queue.push_back(frame);
+        drop(state);
+        self.writer_wake.notify_one();
+        Ok(())
+    }
+
+    /// Asks the connection to close with `code` after what is queued. The
+    /// first end request wins; later ones are ignored.
+    pub fn close(&self, code: CloseCode, reason: String) {
+        let mut state = self.lock();
+        if state.end.is_none() {
+            state.end = Some(EndRequest::Close { code, reason });
+            drop(state);
+            self.wake_both();
+        }
+    }
+
+    /// Asks the connection to end now, discarding what is queued. Overrides a
+    /// pending close: a peer that did not answer is not waited for again.
+    pub fn abort(&self) {
+        let mut state = self.lock();
+        state.queue = VecDeque::new();
+        state.bytes = 0;
+        state.end = Some(EndRequest::Abort);
+        drop(state);
+        self.wake_both();
+    }
+
+    fn wake_both(&self) {
+        self.writer_wake.notify_one();
+        self.end_wake.notify_one();
+    }
+
+    /// The end request, if one was made.
+    pub fn end_request(&self) -> Option<EndRequest> {
+        self.lock().end.clone()
+    }
+
+    /// Frames currently queued.
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// For the writer: waits until frames or an end request are present, then
+    /// moves every queued frame into `batch` (which must be empty) and returns
+    /// the end request, if any. The writer sends the batch, then the close.
+    pub async fn next_batch(&self, batch: &mut VecDeque<Outgoing>) -> Option<EndRequest> {
+        loop {
+            {
+                let mut state = self.lock();
+                if !state.queue.is_empty() {
+                    std::mem::swap(&mut state.queue, batch);
+                    state.bytes = 0;
+                    return state.end.clone();
+                }
+                if state.end.is_some() {
+                    return state.end.clone();
+                }
+            }
+            // notify_one stores a permit when nobody waits, so a push between
+            // the check above and this await is not lost.
+            self.writer_wake.notified().await;
+        }
+    }
+
+    /// For the reader: resolves when the connection is asked to end.
+    pub async fn ended(&self) -> EndRequest {
+        loop {
+            if let Some(end) = self.end_request() {
+                return end;
+            }
+            self.end_wake.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Outgoing {
+        Outgoing::Text(Utf8Bytes::from(s))
+    }
+
+    fn outbox(max_messages: usize, max_bytes: usize) -> Outbox {
+        Outbox::new(OutboxLimits {
+            max_messages,
+            max_bytes,
+        })
+    }
+
+    #[tokio::test]
+    async fn full_queue_becomes_a_slow_consumer_close() {
+        let outbox = outbox(2, 1000);
+        assert_eq!(outbox.push(text("a")), Ok(()));
+        assert_eq!(outbox.push(text("b")), Ok(()));
+        assert_eq!(outbox.push(text("c")), Err(PushError::Full));
+        assert_eq!(outbox.queued(), 0, "queue memory is released at once");
+        assert_eq!(outbox.push(text("d")), Err(PushError::Ending));
+        let mut batch = VecDeque::new();
+        match outbox.next_batch(&mut batch).await {
+            Some(EndRequest::Close { code, .. }) => assert_eq!(code, CloseCode::SlowConsumer),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(batch.is_empty());
+    }
+
+    #[tokio::test]
+    async fn byte_bound_applies_but_one_frame_always_fits() {
+        let outbox = outbox(100, 4);
+        assert_eq!(outbox.push(text("0123456789")), Ok(()), "first frame fits");
+        assert_eq!(outbox.push(text("x")), Err(PushError::Full));
+
+        let outbox = self::outbox(100, 4);
+        assert_eq!(outbox.push(text("ab")), Ok(()));
+        assert_eq!(outbox.push(text("cd")), Ok(()));
+        assert_eq!(outbox.push(text("e")), Err(PushError::Full));
+    }
+
+    #[tokio::test]
+    async fn writer_gets_queue_then_close() {
+        let outbox = outbox(10, 1000);
+        outbox.push(text("a")).expect("push");
+        outbox.push(Outgoing::Ping).expect("push");
+        outbox.close(CloseCode::GoingAway, String::new());
+        outbox.close(CloseCode::Migrate, String::new());
+        let mut batch = VecDeque::new();
+        let end = outbox.next_batch(&mut batch).await;
+        assert_eq!(batch.len(), 2);
+        assert_eq!(
+            end,
+            Some(EndRequest::Close {
+                code: CloseCode::GoingAway,
+                reason: String::new()
+            }),
+            "the first end request wins"
+        );
+        assert_eq!(outbox.ended().await, end.expect("end"));
+    }
+
+    #[tokio::test]
+    async fn abort_overrides_close_and_drops_queue() {
+        let outbox = outbox(10, 1000);
+        outbox.push(text("a")).expect("push");
+        outbox.close(CloseCode::GoingAway, String::new());
+        outbox.abort();
+        assert_eq!(outbox.queued(), 0);
+        assert_eq!(outbox.ended().await, EndRequest::Abort);
+    }
+
+    #[tokio::test]
+    async fn writer_wakes_on_push() {
+        let outbox = std::sync::Arc::new(outbox(10, 1000));
+        let writer = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                let mut batch = VecDeque::new();
+                outbox.next_batch(&mut batch).await;
+                batch.len()
+            })
+        };
+        tokio::task::yield_now().await;
+        outbox.push(text("late")).expect("push");
+        assert_eq!(writer.await.expect("join"), 1);
+    }
+}

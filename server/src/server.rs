@@ -1,0 +1,298 @@
+//! The gateway as a whole: shared state, listeners, accept loops, keepalive
+//! and shutdown. Shutdown is a `watch` signal that flows down: the accept
+//! loops stop, every connection is asked to close with 1001, and the process
+//! waits (bounded) for them to go.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use http::{Method, Request};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::value::RawValue;
+use switchyard_protocol::admin::StatusResponse;
+use switchyard_protocol::topic::TopicPattern;
+use switchyard_protocol::{CloseCode, Position};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tower_service::Service;
+use warp::Filter;
+
+use crate::broker::log::Retention;
+use crate::broker::memory::{MemoryBroker, MemorySettings};
+use crate::broker::{Broker, BrokerError};
+use crate::config::Config;
+use crate::hub::{Hub, Route};
+use crate::metrics::Metrics;
+use crate::outbox::OutboxLimits;
+
+/// Everything the listeners and connections share.
+pub struct Gateway {
+    /// The effective configuration.
+    pub config: Config,
+    /// This gateway's id.
+    pub server_id: String,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Live connections.
+    pub hub: Hub,
+    /// Topic broker.
+    pub broker: Arc<dyn Broker>,
+    /// tungstenite settings for every connection.
+    pub ws_config: WebSocketConfig,
+    started: Instant,
+    draining: AtomicBool,
+    client_publish: Vec<TopicPattern>,
+}
+
+impl Gateway {
+    /// Builds the gateway state (with the in-memory broker) from a validated config.
+    pub fn new(config: Config) -> anyhow::Result<Arc<Gateway>> {
+        let server_id = config
+            .server_id
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| format!("sy-{:06x}", rand::random::<u32>() & 0xff_ffff));
+        let memory = Arc::new(MemoryBroker::new(MemorySettings {
+            retention: Retention {
+                max_entries: config.topics.history_size,
+                max_age: Duration::from_millis(config.topics.history_ttl_ms),
+            },
+            max_topics: config.topics.max_topics,
+        }));
+        memory.spawn_janitor(Duration::from_millis(config.topics.history_ttl_ms.clamp(1_000, 60_000)));
+        let ws = &config.websocket;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(ws.read_buffer_bytes)
+            .write_buffer_size(ws.write_buffer_bytes)
+            .max_write_buffer_size(ws.max_write_buffer_bytes)
+            .max_message_size(Some(ws.max_message_bytes))
+            .max_frame_size(Some(ws.max_frame_bytes));
+        let limits = OutboxLimits {
+            max_messages: config.connection.outbox_max_messages,
+            max_bytes: config.connection.outbox_max_bytes,
+        };
+        Ok(Arc::new(Gateway {
+            client_publish: config.client_publish_patterns(),
+            metrics: Metrics::new().context("registering metrics")?,
+            hub: Hub::new(server_id.clone(), limits),
+            broker: memory,
+            ws_config,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+            server_id,
+            config,
+        }))
+    }
+
+    /// Whether the gateway refuses new work (readiness is 503).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.metrics.draining.set(1);
+    }
+
+    /// Whether clients may publish on `topic`.
+    pub fn client_may_publish(&self, topic: &str) -> bool {
+        self.client_publish.iter().any(|p| p.matches(topic))
+    }
+
+    /// Publishes through the broker and counts it. Both publish paths (the
+    /// admin API and client `publish` frames) come here.
+    pub async fn publish(&self, topic: &str, data: &RawValue) -> Result<Position, BrokerError> {
+        let position = self.broker.publish(topic, data).await?;
+        self.metrics.messages_published.inc();
+        Ok(position)
+    }
+
+    /// The `/admin/status` body.
+    pub fn status(&self) -> StatusResponse {
+        StatusResponse {
+            server_id: self.server_id.clone(),
+            connections: self.hub.len() as u64,
+            subscriptions: self.metrics.subscriptions.get().max(0) as u64,
+            topics: self.broker.topic_count() as u64,
+            draining: self.is_draining(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+}
+
+/// Binds a TCP listener, optionally with SO_REUSEPORT so several gateway
+/// processes can share the port.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding {addr}"))?;
+    Ok(socket.listen(4096)?)
+}
+
+/// The bound listeners of a gateway, before serving.
+pub struct Listeners {
+    /// The public listener.
+    pub public: TcpListener,
+    /// The admin listener.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both listeners from the config.
+    pub fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        Ok(Listeners {
+            public: bind(config.listen, config.reuse_port).context("public listener")?,
+            admin: bind(config.admin_listen, false).context("admin listener")?,
+        })
+    }
+}
+
+/// Serves until `shutdown` fires, then closes every connection with 1001 and
+/// waits for them (at most `shutdown_timeout_ms`).
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listeners: Listeners,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        server_id = %gateway.server_id,
+        public = %listeners.public.local_addr()?,
+        admin = %listeners.admin.local_addr()?,
+        "gateway listening"
+    );
+    let public = tokio::spawn(accept_loop(
+        listeners.public,
+        gateway.clone(),
+        Listener::Public,
+        shutdown.clone(),
+    ));
+    let admin = tokio::spawn(accept_loop(
+        listeners.admin,
+        gateway.clone(),
+        Listener::Admin,
+        shutdown.clone(),
+    ));
+    let keepalive = tokio::spawn(keepalive_loop(gateway.clone()));
+
+    // Wait for the signal (or for the sender to go away, which means the same).
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    gateway.set_draining();
+    let open = gateway.hub.len();
+    tracing::info!(open, "shutting down: closing connections with 1001");
+    gateway
+        .hub
+        .close_all(CloseCode::GoingAway, "server shutting down");
+    let timeout = Duration::from_millis(gateway.config.shutdown_timeout_ms);
+    if !gateway.hub.wait_empty(timeout).await {
+        tracing::warn!(left = gateway.hub.len(), "shutdown timeout: aborting the rest");
+        gateway.hub.abort_all();
+        gateway.hub.wait_empty(Duration::from_secs(1)).await;
+    }
+    keepalive.abort();
+    let _ = public.await;
+    let _ = admin.await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Public,
+    Admin,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    which: Listener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let routes = match which {
+        Listener::Public => crate::http::public_routes(gateway.clone()).boxed(),
+        Listener::Admin => crate::http::admin_routes(gateway.clone()).boxed(),
+    };
+    let routes = warp::service(routes);
+    let ws = &gateway.config.websocket;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(ws.handshake_timeout_ms))
+        .max_buf_size(ws.max_header_bytes);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let gateway = gateway.clone();
+        let routes = routes.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let response = match (which, request.method(), request.uri().path()) {
+                (Listener::Public, &Method::GET, "/ws") => {
+                    Ok(crate::upgrade::upgrade(&gateway, request, Route::Topics, peer))
+                }
+                (Listener::Public, &Method::GET, "/echo") if gateway.config.echo => {
+                    Ok(crate::upgrade::upgrade(&gateway, request, Route::Echo, peer))
+                }
+                _ => Err(request),
+            };
+            match response {
+                Ok(response) => futures_util::future::Either::Left(async move {
+                    Ok::<_, std::convert::Infallible>(response)
+                }),
+                Err(request) => futures_util::future::Either::Right(routes.clone().call(request)),
+            }
+        });
+        let connection = http.serve_connection(TokioIo::new(tcp), service).with_upgrades();
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%peer, %err, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Pings every connection each keepalive interval and reaps those silent for
+/// twice that. One task for the whole gateway, not a timer per connection.
+async fn keepalive_loop(gateway: Arc<Gateway>) {
+    let interval = Duration::from_millis(gateway.config.connection.keepalive_interval_ms);
+    // Check four times per interval so reaping happens between 2× and 2.25×.
+    let mut tick = tokio::time::interval(interval / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    loop {
+        tick.tick().await;
+        ticks += 1;
+        let ping = ticks % 4 == 0;
+        let report = gateway.hub.sweep(interval * 2, ping);
+        if report.reaped > 0 {
+            tracing::info!(reaped = report.reaped, "reaped silent connections");
+        }
+    }
+}
