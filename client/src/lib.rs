@@ -153,6 +153,12 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends a text frame as is, without checking that it is a valid client frame.
+    pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
+        self.socket.send(Message::text(text)).await?;
+        Ok(())
+    }
+
     /// Subscribes to `topic`, resuming after `since` when given.
     pub async fn subscribe(&mut self, topic: &str, since: Option<Position>) -> Result<(), ClientError> {
         self.send(&ClientFrame::Subscribe {
@@ -254,6 +260,9 @@ impl Connection {
                     return Ok(Event::Frame(frame));
                 }
                 Message::Close(frame) => {
+                    // Send tungstenite's queued close reply now, so the gateway
+                    // sees the handshake complete without waiting for another read.
+                    let _ = self.socket.flush().await;
                     let (code, reason) = frame
                         .map(|f| (u16::from(f.code), f.reason.to_string()))
                         .unwrap_or((1005, String::new()));

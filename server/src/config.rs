@@ -321,7 +321,7 @@ impl Config {
                 "must be at least 8192",
             ));
         }
-        if self.listen == self.admin_listen {
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(ConfigError::field(
                 "admin_listen",
                 "must differ from listen",

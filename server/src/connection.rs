@@ -23,7 +23,7 @@ use switchyard_protocol::close::CloseReason;
 use switchyard_protocol::topic::validate_topic;
 use switchyard_protocol::{ClientFrame, CloseCode, ErrorCode, Position, ServerFrame};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -157,36 +157,35 @@ impl Connection {
                         self.gateway.hub.touch(&self.handle);
                         self.on_message(message).await;
                     }
-                    Some(Err(err)) => {
-                        if let Some(ending) = self.on_read_error(err) {
-                            return ending;
-                        }
-                        // The stream is unusable after an error; wait for the
-                        // writer to send our close frame, then let go.
-                        return self.ending.unwrap_or_else(Ending::abrupt);
-                    }
+                    // The stream is unusable after an error: stop reading. If a
+                    // close frame was requested, `finish` waits for the writer.
+                    Some(Err(err)) => return self.on_read_error(err),
                 },
             }
         }
     }
 
-    /// Classifies a read error. `Some` means the connection is simply gone;
-    /// `None` means a close frame was requested and should be sent first.
-    fn on_read_error(&mut self, err: WsError) -> Option<Ending> {
+    /// Classifies a read error: the peer is gone (abrupt), or it sent
+    /// something malformed and gets a close frame with the matching code.
+    fn on_read_error(&mut self, err: WsError) -> Ending {
         let (code, kind) = match &err {
             WsError::Capacity(_) => (CloseCode::MessageTooBig, "too_big"),
             WsError::Utf8(_) => (CloseCode::InvalidPayload, "invalid_utf8"),
+            // EOF without a close frame: the peer went away, nothing was malformed.
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                return self.ending.unwrap_or_else(Ending::abrupt)
+            }
             WsError::Protocol(_) => (CloseCode::ProtocolError, "framing"),
             WsError::ConnectionClosed | WsError::AlreadyClosed => {
-                return Some(self.ending.unwrap_or_else(Ending::abrupt))
+                return self.ending.unwrap_or_else(Ending::abrupt)
             }
             _ => {
                 tracing::debug!(%err, "read failed");
-                return Some(self.ending.unwrap_or_else(Ending::abrupt));
+                return self.ending.unwrap_or_else(Ending::abrupt);
             }
         };
-        if self.ending.is_some() {
-            return Some(self.ending.unwrap_or_else(Ending::abrupt));
+        if let Some(ending) = self.ending {
+            return ending;
         }
         tracing::info!(%err, code = code.as_u16(), "closing on bad input");
         self.gateway
@@ -194,12 +193,13 @@ impl Connection {
             .protocol_violations
             .with_label_values(&[kind])
             .inc();
-        self.ending = Some(Ending {
+        let ending = Ending {
             code: code.as_u16(),
             initiator: Initiator::Server,
-        });
+        };
+        self.ending = Some(ending);
         self.close(code, &err.to_string());
-        None
+        ending
     }
 
     async fn on_message(&mut self, message: Message) {

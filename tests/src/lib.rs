@@ -1,1 +1,354 @@
+//! Test support for Switchyard's end-to-end tests: real gateway processes on
+//! ephemeral loopback ports, a minimal HTTP client for the admin API, and a
+//! raw WebSocket framer for sending what no well-behaved client would.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use switchyard_protocol::admin::PublishResponse;
+use switchyard_protocol::Position;
+
+/// The gateway binary built by this package (`src/bin/sy-gateway.rs`), next
+/// to the test executable's `deps/` directory.
+pub fn gateway_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    dir.join("sy-gateway")
+}
+
+/// A running gateway process. Killed when dropped.
+pub struct GatewayProcess {
+    child: Child,
+    /// The public listener.
+    pub public: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl GatewayProcess {
+    /// Starts a gateway with `--set` overrides, on ephemeral ports, with JSON logs.
+    pub fn start(settings: &[&str]) -> Result<GatewayProcess> {
+        Self::start_with(settings, &[])
+    }
+
+    /// Like [`Self::start`], with extra environment variables.
+    pub fn start_with(settings: &[&str], env: &[(&str, &str)]) -> Result<GatewayProcess> {
+        let mut command = Command::new(gateway_bin());
+        command
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for setting in settings {
+            command.args(["--set", setting]);
+        }
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawning {}", gateway_bin().display()))?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (found, addresses) = mpsc::channel();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                    if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if event["message"] == "gateway listening" {
+                            let parse = |key: &str| event[key].as_str().and_then(|a| a.parse().ok());
+                            if let (Some(public), Some(admin)) = (parse("public"), parse("admin")) {
+                                let _ = found.send((public, admin));
+                            }
+                        }
+                    }
+                    logs.lock().expect("logs").push(line);
+                }
+            });
+        }
+        match addresses.recv_timeout(Duration::from_secs(20)) {
+            Ok((public, admin)) => Ok(GatewayProcess {
+                child,
+                public,
+                admin,
+                logs,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let logs = logs.lock().expect("logs").join("\n");
+                bail!("gateway did not start listening:\n{logs}")
+            }
+        }
+    }
+
+    /// `ws://…/ws` of this gateway.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.public)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size of the gateway process, in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        rss_kib(self.pid())
+    }
+
+    /// Log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().expect("logs").clone()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// An HTTP request to the admin listener: (status, body).
+    pub fn admin_request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+        http_request(self.admin, method, path, body)
+    }
+
+    /// Publishes through `POST /api/publish`; `data` is JSON text.
+    pub fn publish(&self, topic: &str, data: &str) -> Result<Position> {
+        let body = format!(r#"{{"topic":{},"data":{data}}}"#, serde_json::to_string(topic)?);
+        let (status, text) = self.admin_request("POST", "/api/publish", Some(&body))?;
+        if status != 200 {
+            bail!("publish answered {status}: {text}");
+        }
+        let response: PublishResponse = serde_json::from_str(&text)?;
+        Ok(response.position)
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        let (status, text) = http_request(self.public, "GET", "/metrics", None)?;
+        if status != 200 {
+            bail!("metrics answered {status}");
+        }
+        Ok(text)
+    }
+
+    /// One sample of `/metrics`, e.g. `switchyard_connections` or
+    /// `switchyard_connections_closed_total{code="1000",initiator="client"}`; 0 when absent.
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        Ok(metric_value(&self.metrics()?, series))
+    }
+
+    /// Polls `series` until it equals `expected` or `timeout` passes; returns the last value.
+    pub fn wait_metric(&self, series: &str, expected: f64, timeout: Duration) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric(series)?;
+            if value == expected || Instant::now() > deadline {
+                return Ok(value);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one series in Prometheus text, 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Resident set size of a process, in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
+}
+
+/// A one-shot HTTP/1.1 request (`Connection: close`): (status, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, payload) = text.split_once("\r\n\r\n").context("no header end")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    let payload = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(payload)
+    } else {
+        payload.to_owned()
+    };
+    Ok((status, payload))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A WebSocket spoken by hand, for sending frames no library would send.
+pub struct RawSocket {
+    stream: TcpStream,
+}
+
+/// Opcodes of RFC 6455.
+pub mod opcode {
+    /// Text frame.
+    pub const TEXT: u8 = 0x1;
+    /// Binary frame.
+    pub const BINARY: u8 = 0x2;
+    /// Close frame.
+    pub const CLOSE: u8 = 0x8;
+}
+
+impl RawSocket {
+    /// Connects and completes the upgrade handshake on `path`.
+    pub fn connect(addr: SocketAddr, path: &str) -> Result<RawSocket> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte)?;
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        if !head.starts_with("HTTP/1.1 101") {
+            bail!("upgrade refused: {head}");
+        }
+        Ok(RawSocket { stream })
+    }
+
+    /// Sends raw bytes.
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Sends one masked frame with the FIN bit set.
+    pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) -> Result<()> {
+        self.send_bytes(&client_frame(opcode, payload))
+    }
+
+    /// Reads server frames until a close frame; returns its code (1005 if
+    /// none) or `None` if the socket ends first.
+    pub fn read_close_code(&mut self) -> Result<Option<u16>> {
+        loop {
+            let mut header = [0u8; 2];
+            if self.stream.read_exact(&mut header).is_err() {
+                return Ok(None);
+            }
+            let opcode = header[0] & 0x0f;
+            let len = match header[1] & 0x7f {
+                126 => {
+                    let mut ext = [0u8; 2];
+                    self.stream.read_exact(&mut ext)?;
+                    u16::from_be_bytes(ext) as usize
+                }
+                127 => {
+                    let mut ext = [0u8; 8];
+                    self.stream.read_exact(&mut ext)?;
+                    u64::from_be_bytes(ext) as usize
+                }
+                short => short as usize,
+            };
+            let mut payload = vec![0u8; len];
+            self.stream.read_exact(&mut payload)?;
+            if opcode == opcode::CLOSE {
+                return Ok(Some(if payload.len() >= 2 {
+                    u16::from_be_bytes([payload[0], payload[1]])
+                } else {
+                    1005
+                }));
+            }
+        }
+    }
+}
+
+/// Encodes a masked client frame (FIN set).
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len @ 126..=65535 => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The Python virtual environment the test command creates (`websockets` installed).
+pub fn python() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join(".venv/bin/python")
+}
