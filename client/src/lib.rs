@@ -160,7 +160,11 @@ impl Connection {
     }
 
     /// Subscribes to `topic`, resuming after `since` when given.
-    pub async fn subscribe(&mut self, topic: &str, since: Option<Position>) -> Result<(), ClientError> {
+    pub async fn subscribe(
+        &mut self,
+        topic: &str,
+        since: Option<Position>,
+    ) -> Result<(), ClientError> {
         self.send(&ClientFrame::Subscribe {
             topic: topic.to_owned(),
             since,

@@ -189,7 +189,9 @@ impl CloseReason {
             }
             match reason.reason.as_mut() {
                 Some(text) if !text.is_empty() => {
-                    let mut cut = text.len().saturating_sub(json.len() - MAX_CLOSE_REASON_BYTES);
+                    let mut cut = text
+                        .len()
+                        .saturating_sub(json.len() - MAX_CLOSE_REASON_BYTES);
                     while !text.is_char_boundary(cut) {
                         cut -= 1;
                     }

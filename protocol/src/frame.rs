@@ -279,14 +279,17 @@ mod tests {
 
     #[test]
     fn client_frames_parse() {
-        match ClientFrame::parse(r#"{"op":"subscribe","topic":"a","since":{"epoch":7,"offset":3}}"#) {
+        match ClientFrame::parse(r#"{"op":"subscribe","topic":"a","since":{"epoch":7,"offset":3}}"#)
+        {
             Ok(ClientFrame::Subscribe { topic, since }) => {
                 assert_eq!(topic, "a");
                 assert_eq!(since, Some(Position::new(7, 3)));
             }
             other => panic!("unexpected {other:?}"),
         }
-        match ClientFrame::parse(r#"{"op":"publish","topic":"a","data":{"x": [1, 2.50]},"extra":1}"#) {
+        match ClientFrame::parse(
+            r#"{"op":"publish","topic":"a","data":{"x": [1, 2.50]},"extra":1}"#,
+        ) {
             Ok(ClientFrame::Publish { data, .. }) => assert_eq!(data.get(), r#"{"x": [1, 2.50]}"#),
             other => panic!("unexpected {other:?}"),
         }
@@ -306,7 +309,10 @@ mod tests {
             (r#"{"op":"subscribe"}"#, ErrorCode::BadFrame),
             (r#"{"op":"publish","topic":"a"}"#, ErrorCode::BadFrame),
             (r#"{"op":"subscribe","topic":5}"#, ErrorCode::BadFrame),
-            (r#"{"op":"subscribe","topic":"a","since":{"epoch":-1,"offset":0}}"#, ErrorCode::BadFrame),
+            (
+                r#"{"op":"subscribe","topic":"a","since":{"epoch":-1,"offset":0}}"#,
+                ErrorCode::BadFrame,
+            ),
         ];
         for (text, code) in table {
             let err = ClientFrame::parse(text).expect_err(text);

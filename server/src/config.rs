@@ -248,8 +248,11 @@ impl Config {
                 path: shown.clone(),
                 source,
             })?;
-            let file_tree: Value = serde_yaml::from_str(&text)
-                .map_err(|source| ConfigError::Yaml { path: shown, source })?;
+            let file_tree: Value =
+                serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
+                    path: shown,
+                    source,
+                })?;
             if !file_tree.is_null() {
                 merge(&mut tree, file_tree);
             }
@@ -282,13 +285,22 @@ impl Config {
             ("websocket.max_message_bytes", ws.max_message_bytes as u64),
             ("websocket.max_frame_bytes", ws.max_frame_bytes as u64),
             ("websocket.handshake_timeout_ms", ws.handshake_timeout_ms),
-            ("connection.outbox_max_messages", conn.outbox_max_messages as u64),
+            (
+                "connection.outbox_max_messages",
+                conn.outbox_max_messages as u64,
+            ),
             ("connection.outbox_max_bytes", conn.outbox_max_bytes as u64),
-            ("connection.keepalive_interval_ms", conn.keepalive_interval_ms),
+            (
+                "connection.keepalive_interval_ms",
+                conn.keepalive_interval_ms,
+            ),
             ("connection.max_violations", u64::from(conn.max_violations)),
             ("connection.close_timeout_ms", conn.close_timeout_ms),
             ("topics.max_topics", self.topics.max_topics as u64),
-            ("topics.max_topic_length", self.topics.max_topic_length as u64),
+            (
+                "topics.max_topic_length",
+                self.topics.max_topic_length as u64,
+            ),
             ("topics.history_ttl_ms", self.topics.history_ttl_ms),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, value)| *value == 0) {
@@ -436,7 +448,10 @@ mod tests {
                 ("SWITCHYARD_CONNECTION__KEEPALIVE_INTERVAL_MS", "500"),
                 ("HOME", "/root"),
             ],
-            &["connection.keepalive_interval_ms=700", "topics.client_publish=[chat.*, x]"],
+            &[
+                "connection.keepalive_interval_ms=700",
+                "topics.client_publish=[chat.*, x]",
+            ],
         )
         .expect("config");
         assert_eq!(config.listen.to_string(), "127.0.0.1:7000");
@@ -446,13 +461,34 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let table: [(&[(&str, &str)], &[&str], &str); 6] = [
-            (&[], &["connection.keepalive_interval_ms=soon"], "connection.keepalive_interval_ms"),
-            (&[("SWITCHYARD_ADMIN_LISTEN", "nowhere")], &[], "admin_listen"),
+        type Row<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+        let table: [Row; 6] = [
+            (
+                &[],
+                &["connection.keepalive_interval_ms=soon"],
+                "connection.keepalive_interval_ms",
+            ),
+            (
+                &[("SWITCHYARD_ADMIN_LISTEN", "nowhere")],
+                &[],
+                "admin_listen",
+            ),
             (&[], &["connection.no_such_thing=1"], "connection"),
-            (&[], &["websocket.max_frame_bytes=999999"], "websocket.max_frame_bytes"),
-            (&[], &["connection.outbox_max_messages=0"], "connection.outbox_max_messages"),
-            (&[], &["topics.client_publish=[bad topic]"], "topics.client_publish"),
+            (
+                &[],
+                &["websocket.max_frame_bytes=999999"],
+                "websocket.max_frame_bytes",
+            ),
+            (
+                &[],
+                &["connection.outbox_max_messages=0"],
+                "connection.outbox_max_messages",
+            ),
+            (
+                &[],
+                &["topics.client_publish=[bad topic]"],
+                "topics.client_publish",
+            ),
         ];
         for (env, overrides, field) in table {
             let err = load(env, overrides).expect_err(field).to_string();
@@ -470,8 +506,8 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("gateway.yaml");
         std::fs::write(&path, "echo: true\ntopics:\n  history_size: 5\n").expect("write");
-        let config = Config::load(Some(&path), Vec::new(), &["topics.max_topics=9".into()])
-            .expect("config");
+        let config =
+            Config::load(Some(&path), Vec::new(), &["topics.max_topics=9".into()]).expect("config");
         assert!(config.echo);
         assert_eq!(config.topics.history_size, 5);
         assert_eq!(config.topics.max_topics, 9);

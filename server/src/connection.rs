@@ -66,8 +66,12 @@ struct Connection {
 }
 
 /// Serves one upgraded WebSocket until it ends.
-pub async fn run<S>(gateway: Arc<Gateway>, socket: WebSocketStream<S>, route: Route, peer: SocketAddr)
-where
+pub async fn run<S>(
+    gateway: Arc<Gateway>,
+    socket: WebSocketStream<S>,
+    route: Route,
+    peer: SocketAddr,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handle = gateway.hub.register(route);
@@ -77,9 +81,8 @@ where
     async move {
         tracing::debug!(?route, "connected");
         let (sink, stream) = socket.split();
-        let writer = tokio::spawn(
-            write_loop(sink, handle.clone(), gateway.clone()).in_current_span(),
-        );
+        let writer =
+            tokio::spawn(write_loop(sink, handle.clone(), gateway.clone()).in_current_span());
         let mut connection = Connection {
             gateway,
             handle,
@@ -315,7 +318,11 @@ impl Connection {
             Ok(outcome) => {
                 if since.is_some() {
                     let label = if outcome.recovered { "true" } else { "false" };
-                    self.gateway.metrics.resume.with_label_values(&[label]).inc();
+                    self.gateway
+                        .metrics
+                        .resume
+                        .with_label_values(&[label])
+                        .inc();
                 }
                 tracing::debug!(%topic, position = %outcome.position, recovered = outcome.recovered, replayed = outcome.replayed, "subscribed");
                 if !already {
@@ -403,8 +410,11 @@ impl Connection {
             gateway.broker.unsubscribe(topic, self.handle.id);
         }
         gateway.metrics.subscriptions.sub(self.topics.len() as i64);
-        gateway.metrics.connection_closed(ending.code, ending.initiator);
-        if ending.code == CloseCode::SlowConsumer.as_u16() && ending.initiator == Initiator::Server {
+        gateway
+            .metrics
+            .connection_closed(ending.code, ending.initiator);
+        if ending.code == CloseCode::SlowConsumer.as_u16() && ending.initiator == Initiator::Server
+        {
             gateway.metrics.slow_consumers.inc();
         }
         tracing::info!(

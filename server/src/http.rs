@@ -21,7 +21,11 @@ fn with_gateway(
 }
 
 /// A JSON error response.
-pub fn api_error(status: StatusCode, error: &str, message: impl Into<String>) -> warp::reply::Response {
+pub fn api_error(
+    status: StatusCode,
+    error: &str,
+    message: impl Into<String>,
+) -> warp::reply::Response {
     warp::reply::with_status(
         warp::reply::json(&ApiError {
             error: error.to_owned(),
@@ -47,7 +51,8 @@ pub fn public_routes(
         .and(with_gateway(gateway.clone()))
         .map(|gateway: Arc<Gateway>| {
             if gateway.is_draining() {
-                warp::reply::with_status("draining", StatusCode::SERVICE_UNAVAILABLE).into_response()
+                warp::reply::with_status("draining", StatusCode::SERVICE_UNAVAILABLE)
+                    .into_response()
             } else {
                 "ready".into_response()
             }
@@ -111,12 +116,16 @@ async fn publish(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Resp
             position,
         })
         .into_response(),
-        Err(err @ BrokerError::TooManyTopics(_)) => {
-            api_error(StatusCode::INSUFFICIENT_STORAGE, "too_many_topics", err.to_string())
-        }
-        Err(err @ BrokerError::Unavailable(_)) => {
-            api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err.to_string())
-        }
+        Err(err @ BrokerError::TooManyTopics(_)) => api_error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "too_many_topics",
+            err.to_string(),
+        ),
+        Err(err @ BrokerError::Unavailable(_)) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            err.to_string(),
+        ),
     }
 }
 
@@ -124,10 +133,7 @@ async fn publish(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Resp
 async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
     let response = if rejection.is_not_found() {
         api_error(StatusCode::NOT_FOUND, "not_found", "no such route")
-    } else if rejection
-        .find::<warp::reject::PayloadTooLarge>()
-        .is_some()
-    {
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         api_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -146,7 +152,11 @@ async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallib
             "method not allowed on this route",
         )
     } else {
-        api_error(StatusCode::BAD_REQUEST, "bad_request", format!("{rejection:?}"))
+        api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{rejection:?}"),
+        )
     };
     Ok(response)
 }

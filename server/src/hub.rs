@@ -199,14 +199,26 @@ mod tests {
         let echo = hub.register(Route::Echo);
         assert_eq!(quiet.label, format!("test-{}", quiet.id));
         let report = hub.sweep(Duration::from_secs(60), true);
-        assert_eq!(report, SweepReport { pinged: 2, reaped: 0 });
+        assert_eq!(
+            report,
+            SweepReport {
+                pinged: 2,
+                reaped: 0
+            }
+        );
         assert_eq!(quiet.outbox.queued(), 2, "ping + heartbeat");
         assert_eq!(echo.outbox.queued(), 1, "echo gets no heartbeat frame");
 
         tokio::time::sleep(Duration::from_millis(30)).await;
         hub.touch(&echo);
         let report = hub.sweep(Duration::from_millis(20), false);
-        assert_eq!(report, SweepReport { pinged: 0, reaped: 1 });
+        assert_eq!(
+            report,
+            SweepReport {
+                pinged: 0,
+                reaped: 1
+            }
+        );
         assert_eq!(quiet.outbox.end_request(), Some(EndRequest::Abort));
         assert_eq!(echo.outbox.end_request(), None);
     }

@@ -65,7 +65,9 @@ impl Gateway {
             },
             max_topics: config.topics.max_topics,
         }));
-        memory.spawn_janitor(Duration::from_millis(config.topics.history_ttl_ms.clamp(1_000, 60_000)));
+        memory.spawn_janitor(Duration::from_millis(
+            config.topics.history_ttl_ms.clamp(1_000, 60_000),
+        ));
         let ws = &config.websocket;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(ws.read_buffer_bytes)
@@ -203,7 +205,10 @@ pub async fn serve(
         .close_all(CloseCode::GoingAway, "server shutting down");
     let timeout = Duration::from_millis(gateway.config.shutdown_timeout_ms);
     if !gateway.hub.wait_empty(timeout).await {
-        tracing::warn!(left = gateway.hub.len(), "shutdown timeout: aborting the rest");
+        tracing::warn!(
+            left = gateway.hub.len(),
+            "shutdown timeout: aborting the rest"
+        );
         gateway.hub.abort_all();
         gateway.hub.wait_empty(Duration::from_secs(1)).await;
     }
@@ -254,12 +259,15 @@ async fn accept_loop(
         let routes = routes.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let response = match (which, request.method(), request.uri().path()) {
-                (Listener::Public, &Method::GET, "/ws") => {
-                    Ok(crate::upgrade::upgrade(&gateway, request, Route::Topics, peer))
-                }
-                (Listener::Public, &Method::GET, "/echo") if gateway.config.echo => {
-                    Ok(crate::upgrade::upgrade(&gateway, request, Route::Echo, peer))
-                }
+                (Listener::Public, &Method::GET, "/ws") => Ok(crate::upgrade::upgrade(
+                    &gateway,
+                    request,
+                    Route::Topics,
+                    peer,
+                )),
+                (Listener::Public, &Method::GET, "/echo") if gateway.config.echo => Ok(
+                    crate::upgrade::upgrade(&gateway, request, Route::Echo, peer),
+                ),
                 _ => Err(request),
             };
             match response {
@@ -269,7 +277,9 @@ async fn accept_loop(
                 Err(request) => futures_util::future::Either::Right(routes.clone().call(request)),
             }
         });
-        let connection = http.serve_connection(TokioIo::new(tcp), service).with_upgrades();
+        let connection = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%peer, %err, "http connection ended with an error");
@@ -289,7 +299,7 @@ async fn keepalive_loop(gateway: Arc<Gateway>) {
     loop {
         tick.tick().await;
         ticks += 1;
-        let ping = ticks % 4 == 0;
+        let ping = ticks.is_multiple_of(4);
         let report = gateway.hub.sweep(interval * 2, ping);
         if report.reaped > 0 {
             tracing::info!(reaped = report.reaped, "reaped silent connections");

@@ -7,7 +7,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::{CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
+use http::header::{
+    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use http::{HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -172,14 +174,30 @@ mod tests {
     fn broken_handshakes_are_refused() {
         let table: [(usize, (&str, &str), HandshakeRejection); 4] = [
             (0, ("upgrade", "h2c"), HandshakeRejection::NotUpgrade),
-            (1, ("connection", "keep-alive"), HandshakeRejection::NotUpgrade),
-            (2, ("sec-websocket-version", "8"), HandshakeRejection::BadVersion),
-            (3, ("sec-websocket-key", "short"), HandshakeRejection::BadKey),
+            (
+                1,
+                ("connection", "keep-alive"),
+                HandshakeRejection::NotUpgrade,
+            ),
+            (
+                2,
+                ("sec-websocket-version", "8"),
+                HandshakeRejection::BadVersion,
+            ),
+            (
+                3,
+                ("sec-websocket-key", "short"),
+                HandshakeRejection::BadKey,
+            ),
         ];
         for (index, replacement, expected) in table {
             let mut pairs = GOOD;
             pairs[index] = replacement;
-            assert_eq!(check_handshake(&headers(&pairs)), Err(expected), "{replacement:?}");
+            assert_eq!(
+                check_handshake(&headers(&pairs)),
+                Err(expected),
+                "{replacement:?}"
+            );
         }
     }
 }

@@ -67,7 +67,8 @@ impl GatewayProcess {
                 for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
                     if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
                         if event["message"] == "gateway listening" {
-                            let parse = |key: &str| event[key].as_str().and_then(|a| a.parse().ok());
+                            let parse =
+                                |key: &str| event[key].as_str().and_then(|a| a.parse().ok());
                             if let (Some(public), Some(admin)) = (parse("public"), parse("admin")) {
                                 let _ = found.send((public, admin));
                             }
@@ -133,13 +134,21 @@ impl GatewayProcess {
     }
 
     /// An HTTP request to the admin listener: (status, body).
-    pub fn admin_request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    pub fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String)> {
         http_request(self.admin, method, path, body)
     }
 
     /// Publishes through `POST /api/publish`; `data` is JSON text.
     pub fn publish(&self, topic: &str, data: &str) -> Result<Position> {
-        let body = format!(r#"{{"topic":{},"data":{data}}}"#, serde_json::to_string(topic)?);
+        let body = format!(
+            r#"{{"topic":{},"data":{data}}}"#,
+            serde_json::to_string(topic)?
+        );
         let (status, text) = self.admin_request("POST", "/api/publish", Some(&body))?;
         if status != 200 {
             bail!("publish answered {status}: {text}");
@@ -205,7 +214,12 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// A one-shot HTTP/1.1 request (`Connection: close`): (status, body).
-pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = body.unwrap_or("");
@@ -223,7 +237,10 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: Option<&st
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("no status")?;
-    let payload = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let payload = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(payload)
     } else {
         payload.to_owned()
@@ -234,7 +251,9 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: Option<&st
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if size == 0 || rest.len() < size {
             break;
         }

@@ -29,7 +29,11 @@ async fn expect_closed(conn: &mut Connection) -> Closed {
 }
 
 /// Subscribes and returns the `subscribed` frame's position and recovered flag.
-async fn subscribe(conn: &mut Connection, topic: &str, since: Option<Position>) -> (Position, bool) {
+async fn subscribe(
+    conn: &mut Connection,
+    topic: &str,
+    since: Option<Position>,
+) -> (Position, bool) {
     conn.subscribe(topic, since).await.expect("subscribe");
     match next_frame(conn).await {
         ServerFrame::Subscribed {
@@ -57,7 +61,9 @@ async fn next_message(conn: &mut Connection) -> (String, u64, serde_json::Value)
     }
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> tokio::task::JoinHandle<T> {
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
     tokio::task::spawn_blocking(f)
 }
 
@@ -76,7 +82,9 @@ async fn fan_out_reaches_every_subscriber_in_order() {
     subscribe(&mut other, "other", None).await;
 
     for n in 1..=20u64 {
-        let position = gw.publish("news", &format!(r#"{{"n":{n}}}"#)).expect("publish");
+        let position = gw
+            .publish("news", &format!(r#"{{"n":{n}}}"#))
+            .expect("publish");
         assert_eq!(position.offset, n);
     }
     for conn in &mut subscribers {
@@ -88,11 +96,17 @@ async fn fan_out_reaches_every_subscriber_in_order() {
     }
     gw.publish("other", "\"only for other\"").expect("publish");
     let (topic, offset, data) = next_message(&mut other).await;
-    assert_eq!((topic.as_str(), offset, data), ("other", 1, serde_json::json!("only for other")));
+    assert_eq!(
+        (topic.as_str(), offset, data),
+        ("other", 1, serde_json::json!("only for other"))
+    );
 
     // Client publishes: allowed by pattern, refused elsewhere.
     let publisher = &mut subscribers[0];
-    publisher.publish("chat.room", r#"{"hi":true}"#).await.expect("publish");
+    publisher
+        .publish("chat.room", r#"{"hi":true}"#)
+        .await
+        .expect("publish");
     match next_frame(publisher).await {
         ServerFrame::Published { topic, position } => {
             assert_eq!((topic.as_str(), position.offset), ("chat.room", 1))
@@ -104,10 +118,15 @@ async fn fan_out_reaches_every_subscriber_in_order() {
         ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::PublishNotAllowed),
         other => panic!("expected an error, got {other:?}"),
     }
-    assert_eq!(gw.metric("switchyard_messages_published_total").expect("m"), 22.0);
+    assert_eq!(
+        gw.metric("switchyard_messages_published_total").expect("m"),
+        22.0
+    );
     assert_eq!(gw.metric("switchyard_subscriptions").expect("m"), 4.0);
     assert_eq!(gw.metric("switchyard_connections").expect("m"), 4.0);
-    let (status, body) = gw.admin_request("GET", "/admin/status", None).expect("status");
+    let (status, body) = gw
+        .admin_request("GET", "/admin/status", None)
+        .expect("status");
     assert_eq!(status, 200);
     let status: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(status["connections"], 4);
@@ -128,7 +147,8 @@ async fn resume_while_publishing_has_no_gap_and_no_duplicate() {
         for n in 1..=TOTAL {
             let body = format!(r#"{{"topic":"race","data":{n}}}"#);
             let (status, text) =
-                switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body)).expect("publish");
+                switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body))
+                    .expect("publish");
             assert_eq!(status, 200, "{text}");
         }
     });
@@ -157,15 +177,25 @@ async fn resume_while_publishing_has_no_gap_and_no_duplicate() {
         drop(conn);
         conn = Connection::connect(&gw.ws_url()).await.expect("reconnect");
         let (_, recovered) = subscribe(&mut conn, "race", since).await;
-        assert!(recovered, "history holds everything, so every resume recovers");
+        assert!(
+            recovered,
+            "history holds everything, so every resume recovers"
+        );
         reconnects += 1;
     }
     publisher.await.expect("publisher");
     let expected: Vec<u64> = (1..=TOTAL).collect();
-    assert_eq!(seen, expected, "exactly 1..={TOTAL} in order after {reconnects} reconnects");
-    assert!(reconnects > 5, "the test must actually reconnect ({reconnects})");
     assert_eq!(
-        gw.metric("switchyard_resume_total{recovered=\"true\"}").expect("m"),
+        seen, expected,
+        "exactly 1..={TOTAL} in order after {reconnects} reconnects"
+    );
+    assert!(
+        reconnects > 5,
+        "the test must actually reconnect ({reconnects})"
+    );
+    assert_eq!(
+        gw.metric("switchyard_resume_total{recovered=\"true\"}")
+            .expect("m"),
         reconnects as f64
     );
 }
@@ -190,7 +220,10 @@ async fn overflowed_history_answers_recovered_false() {
     assert_eq!(position, Position::new(since.epoch, 31));
     gw.publish("t", "32").expect("publish");
     let (_, offset, _) = next_message(&mut conn).await;
-    assert_eq!(offset, 32, "no replay after a failed recovery: live from the head");
+    assert_eq!(
+        offset, 32,
+        "no replay after a failed recovery: live from the head"
+    );
 
     // A position from another epoch cannot be resumed either.
     let foreign = Position::new(since.epoch ^ 1, 5);
@@ -203,8 +236,16 @@ async fn overflowed_history_answers_recovered_false() {
     for expected in 26..=32 {
         assert_eq!(next_message(&mut conn).await.1, expected);
     }
-    assert_eq!(gw.metric("switchyard_resume_total{recovered=\"false\"}").expect("m"), 2.0);
-    assert_eq!(gw.metric("switchyard_resume_total{recovered=\"true\"}").expect("m"), 1.0);
+    assert_eq!(
+        gw.metric("switchyard_resume_total{recovered=\"false\"}")
+            .expect("m"),
+        2.0
+    );
+    assert_eq!(
+        gw.metric("switchyard_resume_total{recovered=\"true\"}")
+            .expect("m"),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,7 +279,8 @@ async fn slow_consumer_is_closed_4002_and_memory_stays_bounded() {
         for n in 0..MESSAGES {
             let body = format!(r#"{{"topic":"firehose","data":{payload}}}"#);
             let (status, text) =
-                switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body)).expect("publish");
+                switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body))
+                    .expect("publish");
             assert_eq!(status, 200, "{text}");
             if n % 100 == 0 {
                 peak = peak.max(switchyard_tests::rss_kib(pid).expect("rss"));
@@ -248,7 +290,9 @@ async fn slow_consumer_is_closed_4002_and_memory_stays_bounded() {
     })
     .await
     .expect("publisher");
-    fast_reader.await.expect("the fast consumer got every message");
+    fast_reader
+        .await
+        .expect("the fast consumer got every message");
 
     let published_kib = (MESSAGES * SIZE / 1024) as u64;
     let growth = peak.saturating_sub(rss_before);
@@ -259,7 +303,11 @@ async fn slow_consumer_is_closed_4002_and_memory_stays_bounded() {
     // The stuck consumer drains what the kernel buffered, then sees 4002.
     let closed = expect_closed(&mut stuck).await;
     assert_eq!(closed.code, 4002, "{closed:?}");
-    assert_eq!(gw.wait_metric("switchyard_slow_consumers_total", 1.0, STEP).expect("m"), 1.0);
+    assert_eq!(
+        gw.wait_metric("switchyard_slow_consumers_total", 1.0, STEP)
+            .expect("m"),
+        1.0
+    );
     assert_eq!(
         gw.metric("switchyard_connections_closed_total{code=\"4002\",initiator=\"server\"}")
             .expect("m"),
@@ -291,7 +339,9 @@ async fn silent_connection_is_reaped_live_one_is_not() {
     assert_eq!(gw.metric("switchyard_connections").expect("m"), 1.0);
     gw.publish("k", "\"still here\"").expect("publish");
     match tokio::time::timeout(STEP, rx.recv()).await {
-        Ok(Some(ServerFrame::Message { data, .. })) => assert_eq!(data, serde_json::json!("still here")),
+        Ok(Some(ServerFrame::Message { data, .. })) => {
+            assert_eq!(data, serde_json::json!("still here"))
+        }
         other => panic!("expected the message, got {other:?}"),
     }
     reader.abort();
@@ -309,12 +359,15 @@ async fn bad_input_gets_clean_closes_and_others_keep_working() {
 
     // Oversized message → 1009.
     let mut big = Connection::connect(&gw.ws_url()).await.expect("connect");
-    big.publish("calm", &format!("\"{}\"", "x".repeat(4096))).await.expect("send");
+    big.publish("calm", &format!("\"{}\"", "x".repeat(4096)))
+        .await
+        .expect("send");
     assert_eq!(expect_closed(&mut big).await.code, 1009);
 
     // Invalid UTF-8 in a text frame → 1007.
     let mut raw = RawSocket::connect(gw.public, "/ws").expect("raw");
-    raw.send_frame(opcode::TEXT, &[b'{', 0xff, 0xfe, b'}']).expect("send");
+    raw.send_frame(opcode::TEXT, &[b'{', 0xff, 0xfe, b'}'])
+        .expect("send");
     assert_eq!(raw.read_close_code().expect("read"), Some(1007));
 
     // A frame with a reserved opcode → 1002.
@@ -332,7 +385,10 @@ async fn bad_input_gets_clean_closes_and_others_keep_working() {
     let probes: [(&str, ErrorCode); 3] = [
         (r#"{"op":"dance"}"#, ErrorCode::UnknownOp),
         ("{not json", ErrorCode::BadFrame),
-        (r#"{"op":"subscribe","topic":"no spaces"}"#, ErrorCode::InvalidTopic),
+        (
+            r#"{"op":"subscribe","topic":"no spaces"}"#,
+            ErrorCode::InvalidTopic,
+        ),
     ];
     for (text, expected) in probes {
         send_text(&mut rude, text).await;
@@ -355,8 +411,13 @@ async fn bad_input_gets_clean_closes_and_others_keep_working() {
     let (_, offset, data) = next_message(&mut bystander).await;
     assert_eq!((offset, data), (1, serde_json::json!("fine")));
     for (code, expected) in [("1009", 1.0), ("1007", 1.0), ("1002", 2.0), ("4500", 2.0)] {
-        let series = format!("switchyard_connections_closed_total{{code=\"{code}\",initiator=\"server\"}}");
-        assert_eq!(gw.wait_metric(&series, expected, STEP).expect("m"), expected, "{series}");
+        let series =
+            format!("switchyard_connections_closed_total{{code=\"{code}\",initiator=\"server\"}}");
+        assert_eq!(
+            gw.wait_metric(&series, expected, STEP).expect("m"),
+            expected,
+            "{series}"
+        );
     }
     assert_eq!(gw.metric("switchyard_connections").expect("m"), 1.0);
 }
@@ -384,12 +445,20 @@ async fn sigterm_closes_every_connection_with_1001_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_route_echoes_through_the_same_machinery() {
-    let gw = GatewayProcess::start(&["echo=true", "websocket.max_message_bytes=2048", "websocket.max_frame_bytes=2048"]).expect("start");
+    let gw = GatewayProcess::start(&[
+        "echo=true",
+        "websocket.max_message_bytes=2048",
+        "websocket.max_frame_bytes=2048",
+    ])
+    .expect("start");
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/echo", gw.public))
         .await
         .expect("connect");
     socket.send(Message::text("héllo")).await.expect("send");
-    socket.send(Message::binary(vec![0u8, 1, 2, 255])).await.expect("send");
+    socket
+        .send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .expect("send");
     let mut echoed = Vec::new();
     while echoed.len() < 2 {
         match socket.next().await {
@@ -399,8 +468,17 @@ async fn echo_route_echoes_through_the_same_machinery() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(echoed, vec![Message::text("héllo"), Message::binary(vec![0u8, 1, 2, 255])]);
-    socket.send(Message::text("x".repeat(4096))).await.expect("send");
+    assert_eq!(
+        echoed,
+        vec![
+            Message::text("héllo"),
+            Message::binary(vec![0u8, 1, 2, 255])
+        ]
+    );
+    socket
+        .send(Message::text("x".repeat(4096)))
+        .await
+        .expect("send");
     let code = loop {
         match socket.next().await {
             Some(Ok(Message::Close(Some(frame)))) => break u16::from(frame.code),
@@ -411,7 +489,8 @@ async fn echo_route_echoes_through_the_same_machinery() {
     assert_eq!(code, 1009, "the echo route enforces the same limits");
 
     let off = GatewayProcess::start(&[]).expect("start");
-    let (status, _) = switchyard_tests::http_request(off.public, "GET", "/echo", None).expect("get");
+    let (status, _) =
+        switchyard_tests::http_request(off.public, "GET", "/echo", None).expect("get");
     assert_eq!(status, 404, "echo is off by default");
 }
 
@@ -430,7 +509,10 @@ async fn closes_are_counted_by_initiator_and_logs_carry_the_connection_id() {
     let gone = "switchyard_connections_closed_total{code=\"1006\",initiator=\"abrupt\"}";
     assert_eq!(gw.wait_metric(client, 1.0, STEP).expect("m"), 1.0);
     assert_eq!(gw.wait_metric(gone, 1.0, STEP).expect("m"), 1.0);
-    assert_eq!(gw.metric("switchyard_connections_opened_total").expect("m"), 2.0);
+    assert_eq!(
+        gw.metric("switchyard_connections_opened_total").expect("m"),
+        2.0
+    );
     assert_eq!(gw.metric("switchyard_connections").expect("m"), 0.0);
 
     let ended: Vec<String> = gw
@@ -446,10 +528,19 @@ async fn closes_are_counted_by_initiator_and_logs_carry_the_connection_id() {
 
 #[tokio::test]
 async fn invalid_configuration_exits_2_naming_the_field() {
-    let table: [(&[&str], &[(&str, &str)], &str); 3] = [
-        (&["--set", "connection.keepalive_interval_ms=soon"], &[], "connection.keepalive_interval_ms"),
+    type Row<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let table: [Row; 3] = [
+        (
+            &["--set", "connection.keepalive_interval_ms=soon"],
+            &[],
+            "connection.keepalive_interval_ms",
+        ),
         (&[], &[("SWITCHYARD_LISTEN", "nowhere")], "listen"),
-        (&["--set", "websocket.max_frame_bytes=0"], &[], "websocket.max_frame_bytes"),
+        (
+            &["--set", "websocket.max_frame_bytes=0"],
+            &[],
+            "websocket.max_frame_bytes",
+        ),
     ];
     for (args, env, field) in table {
         let output = std::process::Command::new(switchyard_tests::gateway_bin())

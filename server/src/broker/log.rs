@@ -166,26 +166,78 @@ mod tests {
     #[test]
     fn resume_table() {
         // (retained, appended, since, expected, replayed offsets)
-        let table: Vec<(usize, u64, Option<Position>, Resume, Vec<u64>)> = vec![
+        type Row = (usize, u64, Option<Position>, Resume, Vec<u64>);
+        let table: Vec<Row> = vec![
             (10, 5, None, Resume::UpToDate, vec![]),
-            (10, 5, Some(Position::new(EPOCH, 5)), Resume::UpToDate, vec![]),
-            (10, 5, Some(Position::new(EPOCH, 2)), Resume::ReplayAfter(2), vec![3, 4, 5]),
-            (10, 5, Some(Position::new(EPOCH, 0)), Resume::ReplayAfter(0), vec![1, 2, 3, 4, 5]),
-            (10, 0, Some(Position::new(EPOCH, 0)), Resume::UpToDate, vec![]),
+            (
+                10,
+                5,
+                Some(Position::new(EPOCH, 5)),
+                Resume::UpToDate,
+                vec![],
+            ),
+            (
+                10,
+                5,
+                Some(Position::new(EPOCH, 2)),
+                Resume::ReplayAfter(2),
+                vec![3, 4, 5],
+            ),
+            (
+                10,
+                5,
+                Some(Position::new(EPOCH, 0)),
+                Resume::ReplayAfter(0),
+                vec![1, 2, 3, 4, 5],
+            ),
+            (
+                10,
+                0,
+                Some(Position::new(EPOCH, 0)),
+                Resume::UpToDate,
+                vec![],
+            ),
             // history holds 6..=8: a subscriber at 5 misses nothing, at 4 misses 5.
-            (3, 8, Some(Position::new(EPOCH, 5)), Resume::ReplayAfter(5), vec![6, 7, 8]),
+            (
+                3,
+                8,
+                Some(Position::new(EPOCH, 5)),
+                Resume::ReplayAfter(5),
+                vec![6, 7, 8],
+            ),
             (3, 8, Some(Position::new(EPOCH, 4)), Resume::Lost, vec![]),
-            (3, 8, Some(Position::new(EPOCH, 7)), Resume::ReplayAfter(7), vec![8]),
-            (10, 5, Some(Position::new(EPOCH + 1, 2)), Resume::Lost, vec![]),
+            (
+                3,
+                8,
+                Some(Position::new(EPOCH, 7)),
+                Resume::ReplayAfter(7),
+                vec![8],
+            ),
+            (
+                10,
+                5,
+                Some(Position::new(EPOCH + 1, 2)),
+                Resume::Lost,
+                vec![],
+            ),
             (10, 5, Some(Position::new(EPOCH, 6)), Resume::Lost, vec![]),
             // no history kept at all: only a subscriber at the head is continuous.
-            (0, 5, Some(Position::new(EPOCH, 5)), Resume::UpToDate, vec![]),
+            (
+                0,
+                5,
+                Some(Position::new(EPOCH, 5)),
+                Resume::UpToDate,
+                vec![],
+            ),
             (0, 5, Some(Position::new(EPOCH, 4)), Resume::Lost, vec![]),
         ];
         for (retained, appended, since, expected, replay) in table {
             let (log, _) = log_with(retained, appended);
             let resume = log.resume(since);
-            assert_eq!(resume, expected, "retained {retained}, appended {appended}, since {since:?}");
+            assert_eq!(
+                resume, expected,
+                "retained {retained}, appended {appended}, since {since:?}"
+            );
             if let Resume::ReplayAfter(after) = resume {
                 let offsets: Vec<u64> = log.entries_after(after).map(|(o, _)| o).collect();
                 let payloads: Vec<u64> = log.entries_after(after).map(|(_, p)| *p).collect();
@@ -200,7 +252,11 @@ mod tests {
         let (mut log, start) = log_with(10, 3);
         log.trim(start + Duration::from_secs(61));
         assert!(log.is_empty());
-        assert_eq!(log.head(), Position::new(EPOCH, 3), "head survives trimming");
+        assert_eq!(
+            log.head(),
+            Position::new(EPOCH, 3),
+            "head survives trimming"
+        );
         assert_eq!(log.resume(Some(Position::new(EPOCH, 1))), Resume::Lost);
         assert_eq!(log.resume(Some(Position::new(EPOCH, 3))), Resume::UpToDate);
         assert_eq!(log.next_position(), Position::new(EPOCH, 4));

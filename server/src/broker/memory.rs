@@ -274,11 +274,27 @@ mod tests {
         let head = last.expect("head");
         let sub = hub.register(Route::Topics);
         let since = Position::new(head.epoch, 2);
-        let outcome = broker.subscribe("a", Some(since), sub.clone()).await.expect("sub");
-        assert_eq!(outcome, Subscribed { position: head, recovered: true, replayed: 3 });
+        let outcome = broker
+            .subscribe("a", Some(since), sub.clone())
+            .await
+            .expect("sub");
+        assert_eq!(
+            outcome,
+            Subscribed {
+                position: head,
+                recovered: true,
+                replayed: 3
+            }
+        );
         broker.publish("a", &data(6)).await.expect("publish");
         let got = frames(&sub).await;
-        assert!(matches!(&got[0], ServerFrame::Subscribed { recovered: true, .. }));
+        assert!(matches!(
+            &got[0],
+            ServerFrame::Subscribed {
+                recovered: true,
+                ..
+            }
+        ));
         assert_eq!(offsets(&got), vec![3, 4, 5, 6]);
     }
 
@@ -299,7 +315,9 @@ mod tests {
         assert_eq!(outcome.replayed, 0);
         let got = frames(&sub).await;
         assert_eq!(got.len(), 1);
-        assert!(matches!(&got[0], ServerFrame::Subscribed { recovered: false, position, .. } if position.offset == 11));
+        assert!(
+            matches!(&got[0], ServerFrame::Subscribed { recovered: false, position, .. } if position.offset == 11)
+        );
     }
 
     #[tokio::test]
