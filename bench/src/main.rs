@@ -1,1 +1,552 @@
-fn main() {}
+//! `switchyard-load`: the load generator behind `bench/*.sh`.
+//!
+//! - `idle`: opens N WebSocket connections from several 127.0.0.x source
+//!   addresses (past the 64k-ports-per-address limit), answers keepalives, and
+//!   holds them until told to stop. Prints a JSON summary line.
+//! - `fanout`: N subscribers on one topic, a publisher at a fixed rate through
+//!   the admin API; every message carries its publish time, so each delivery
+//!   yields a publish→receive latency. Prints delivered/s and p50/p99/p999.
+//! - `rss`: the summed resident set size of some processes, in KiB.
+//!
+//! Each process raises its own RLIMIT_NOFILE to the hard limit; one process
+//! can hold about 19,900 sockets here, so larger runs use several processes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard-load",
+    about = "Load generator for Switchyard and its peers"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hold N idle connections.
+    Idle {
+        /// Gateway address (host:port).
+        #[arg(long)]
+        target: SocketAddr,
+        /// Request path.
+        #[arg(long, default_value = "/ws")]
+        path: String,
+        /// Connections to open.
+        #[arg(long)]
+        connections: usize,
+        /// Source addresses, round robin (e.g. 127.0.0.2,127.0.0.3).
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+        sources: Vec<IpAddr>,
+        /// Handshakes in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Seconds to hold the connections after all are open.
+        #[arg(long, default_value_t = 10)]
+        hold_secs: u64,
+        /// File created once every connection is open (for orchestration).
+        #[arg(long)]
+        ready_file: Option<std::path::PathBuf>,
+    },
+    /// Fan-out throughput and latency.
+    Fanout {
+        /// Gateway public address (host:port).
+        #[arg(long)]
+        target: SocketAddr,
+        /// Gateway admin address (host:port) for POST /api/publish.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// Subscribers.
+        #[arg(long)]
+        subscribers: usize,
+        /// Messages published per second.
+        #[arg(long)]
+        rate: u64,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+        /// Payload padding bytes per message.
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Topic.
+        #[arg(long, default_value = "bench")]
+        topic: String,
+        /// Source addresses, round robin.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+        sources: Vec<IpAddr>,
+        /// Protocol: `switchyard` subscribes with an op; `raw` expects every
+        /// connection to receive every publish without subscribing (peers).
+        #[arg(long, default_value = "switchyard")]
+        protocol: String,
+    },
+    /// Summed VmRSS of processes, in KiB.
+    Rss {
+        /// Process ids.
+        pids: Vec<u32>,
+    },
+}
+
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// Small buffers on the load side too, so many connections fit in one process.
+fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024)
+}
+
+async fn open(
+    target: SocketAddr,
+    source: IpAddr,
+    path: &str,
+) -> Result<WebSocketStream<TcpStream>> {
+    let socket = TcpSocket::new_v4()?;
+    // Choose the source port at connect time (by 4-tuple) rather than at bind
+    // time: without this the kernel searches for a port free on every
+    // destination, which gets slow with tens of thousands of sockets.
+    {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &on as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(target).await?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{target}{path}");
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(client_config())).await?;
+    Ok(ws)
+}
+
+/// Opens `count` connections with at most `concurrency` handshakes in flight
+/// and hands each to `serve`. Returns (opened, failed, seconds taken).
+async fn open_many<F, Fut>(
+    target: SocketAddr,
+    path: &str,
+    sources: &[IpAddr],
+    count: usize,
+    concurrency: usize,
+    serve: F,
+) -> (u64, u64, f64)
+where
+    F: Fn(WebSocketStream<TcpStream>) -> Fut + Send + Sync + 'static + Clone,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let opened = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut handshakes = Vec::with_capacity(count);
+    for i in 0..count {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let source = sources[i % sources.len()];
+        let (path, opened, failed, serve) = (
+            path.to_owned(),
+            opened.clone(),
+            failed.clone(),
+            serve.clone(),
+        );
+        handshakes.push(tokio::spawn(async move {
+            match open(target, source, &path).await {
+                Ok(ws) => {
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    drop(permit);
+                    tokio::spawn(serve(ws));
+                }
+                Err(err) => {
+                    if failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("connect failed: {err:#}");
+                    }
+                }
+            }
+        }));
+    }
+    for handshake in handshakes {
+        let _ = handshake.await;
+    }
+    (
+        opened.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+/// Reads and discards, answering pings (tungstenite does) and heartbeats.
+async fn hold(mut ws: WebSocketStream<TcpStream>) {
+    while let Some(Ok(message)) = ws.next().await {
+        if let Message::Text(text) = message {
+            if text.contains("\"heartbeat\"")
+                && ws.send(Message::text(r#"{"op":"ping"}"#)).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The `"t":<micros>` field of a message frame, without a full JSON parse.
+fn sent_micros(text: &str) -> Option<u64> {
+    let start = text.find("\"t\":")? + 4;
+    let digits: &str = &text[start..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// A keep-alive HTTP/1.1 connection for publishing.
+struct Publisher {
+    stream: TcpStream,
+    admin: SocketAddr,
+    buf: Vec<u8>,
+}
+
+impl Publisher {
+    async fn connect(admin: SocketAddr) -> Result<Publisher> {
+        let stream = TcpStream::connect(admin).await?;
+        stream.set_nodelay(true)?;
+        Ok(Publisher {
+            stream,
+            admin,
+            buf: vec![0; 4096],
+        })
+    }
+
+    async fn publish(&mut self, body: &str) -> Result<()> {
+        let request = format!(
+            "POST /api/publish HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.admin,
+            body.len()
+        );
+        self.stream.write_all(request.as_bytes()).await?;
+        // Responses are small JSON with Content-Length; read until the body is complete.
+        let mut got = 0;
+        loop {
+            let n = self.stream.read(&mut self.buf[got..]).await?;
+            if n == 0 {
+                bail!("admin closed the connection");
+            }
+            got += n;
+            let text = String::from_utf8_lossy(&self.buf[..got]);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    if !head.starts_with("HTTP/1.1 200") {
+                        bail!("publish failed: {head} {body}");
+                    }
+                    return Ok(());
+                }
+            }
+            if got == self.buf.len() {
+                bail!("response too large");
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index] as f64 / 1000.0
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fanout(
+    target: SocketAddr,
+    admin: SocketAddr,
+    subscribers: usize,
+    rate: u64,
+    duration: Duration,
+    payload: usize,
+    topic: String,
+    sources: Vec<IpAddr>,
+    protocol: String,
+) -> Result<()> {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let last_delivery = Arc::new(AtomicU64::new(0));
+    let (latency_tx, mut latency_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u32>>();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let subscribed = Arc::new(AtomicU64::new(0));
+    let serve = {
+        let (delivered, last_delivery, latency_tx, stop, subscribed, topic, protocol) = (
+            delivered.clone(),
+            last_delivery.clone(),
+            latency_tx.clone(),
+            stop.clone(),
+            subscribed.clone(),
+            topic.clone(),
+            protocol.clone(),
+        );
+        move |mut ws: WebSocketStream<TcpStream>| {
+            let (delivered, last_delivery, latency_tx, stop, subscribed, topic, protocol) = (
+                delivered.clone(),
+                last_delivery.clone(),
+                latency_tx.clone(),
+                stop.clone(),
+                subscribed.clone(),
+                topic.clone(),
+                protocol.clone(),
+            );
+            async move {
+                if protocol == "switchyard" {
+                    let frame = format!(r#"{{"op":"subscribe","topic":"{topic}"}}"#);
+                    if ws.send(Message::text(frame)).await.is_err() {
+                        return;
+                    }
+                } else {
+                    subscribed.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut samples: Vec<u32> = Vec::new();
+                let stopped = stop.notified();
+                tokio::pin!(stopped);
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        next = ws.next() => match next {
+                            Some(Ok(Message::Text(text))) => {
+                                if let Some(sent) = sent_micros(&text) {
+                                    let now = unix_micros();
+                                    last_delivery.fetch_max(now, Ordering::Relaxed);
+                                    let latency = now.saturating_sub(sent);
+                                    samples.push(latency.min(u32::MAX as u64) as u32);
+                                    delivered.fetch_add(1, Ordering::Relaxed);
+                                } else if text.contains("\"subscribed\"") {
+                                    subscribed.fetch_add(1, Ordering::Relaxed);
+                                } else if text.contains("\"heartbeat\"") {
+                                    let _ = ws.send(Message::text(r#"{"op":"ping"}"#)).await;
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            _ => break,
+                        },
+                    }
+                }
+                let _ = latency_tx.send(samples);
+            }
+        }
+    };
+    let (opened, failed, connect_secs) =
+        open_many(target, "/ws", &sources, subscribers, 256, serve).await;
+    drop(latency_tx);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while subscribed.load(Ordering::Relaxed) < opened && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = subscribed.load(Ordering::Relaxed);
+
+    let mut publisher = Publisher::connect(admin).await?;
+    let pad = "x".repeat(payload);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let total = rate * duration.as_secs();
+    let started = Instant::now();
+    let mut next = tokio::time::Instant::now();
+    for n in 0..total {
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        let body = format!(
+            r#"{{"topic":"{topic}","data":{{"t":{},"n":{n},"pad":"{pad}"}}}}"#,
+            unix_micros()
+        );
+        publisher.publish(&body).await?;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    let first_publish_micros = unix_micros() - (publish_secs * 1e6) as u64;
+    // Let the tail arrive: wait until deliveries stop growing.
+    let expected = total * ready;
+    let mut last = u64::MAX;
+    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < drain_deadline {
+        let now = delivered.load(Ordering::Relaxed);
+        if now >= expected || now == last {
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // From the first publish to the last delivery.
+    let delivery_secs = last_delivery
+        .load(Ordering::Relaxed)
+        .saturating_sub(first_publish_micros) as f64
+        / 1e6;
+    stop.notify_waiters();
+    let mut all: Vec<u32> = Vec::new();
+    while let Some(samples) = latency_rx.recv().await {
+        all.extend(samples);
+    }
+    all.sort_unstable();
+    let got = delivered.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        serde_json::json!({
+            "workload": "fanout",
+            "subscribers_opened": opened,
+            "subscribers_failed": failed,
+            "subscribers_ready": ready,
+            "connect_secs": connect_secs,
+            "published": total,
+            "publish_secs": publish_secs,
+            "offered_per_sec": (total * ready) as f64 / publish_secs,
+            "expected_deliveries": expected,
+            "delivered": got,
+            "delivery_secs": delivery_secs,
+            "delivered_per_sec": got as f64 / delivery_secs,
+            "latency_ms": {
+                "p50": percentile(&all, 0.50),
+                "p99": percentile(&all, 0.99),
+                "p999": percentile(&all, 0.999),
+                "max": percentile(&all, 1.0),
+            },
+        })
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    raise_fd_limit();
+    match Args::parse().command {
+        Command::Idle {
+            target,
+            path,
+            connections,
+            sources,
+            concurrency,
+            hold_secs,
+            ready_file,
+        } => {
+            let (opened, failed, secs) =
+                open_many(target, &path, &sources, connections, concurrency, hold).await;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "workload": "idle",
+                    "opened": opened,
+                    "failed": failed,
+                    "connect_secs": secs,
+                    "handshakes_per_sec": opened as f64 / secs,
+                })
+            );
+            if let Some(path) = ready_file {
+                std::fs::write(path, opened.to_string())?;
+            }
+            tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+        }
+        Command::Fanout {
+            target,
+            admin,
+            subscribers,
+            rate,
+            duration_secs,
+            payload,
+            topic,
+            sources,
+            protocol,
+        } => {
+            fanout(
+                target,
+                admin,
+                subscribers,
+                rate,
+                Duration::from_secs(duration_secs),
+                payload,
+                topic,
+                sources,
+                protocol,
+            )
+            .await?
+        }
+        Command::Rss { pids } => {
+            let mut total = 0;
+            for pid in pids {
+                total += rss_kib(pid)?;
+            }
+            println!("{total}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_send_time() {
+        let frame = r#"{"op":"message","topic":"b","epoch":1,"offset":2,"data":{"t":1732240000123456,"n":5,"pad":"x"}}"#;
+        assert_eq!(sent_micros(frame), Some(1_732_240_000_123_456));
+        assert_eq!(sent_micros(r#"{"op":"pong"}"#), None);
+    }
+
+    #[test]
+    fn percentiles() {
+        let sorted: Vec<u32> = (1..=1000).collect();
+        assert_eq!(percentile(&sorted, 0.5), 0.501);
+        assert_eq!(percentile(&sorted, 0.99), 0.990);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}

@@ -553,3 +553,46 @@ async fn invalid_configuration_exits_2_naming_the_field() {
         assert!(stderr.contains(field), "{stderr:?} should name {field}");
     }
 }
+
+#[test]
+fn http_routes_answer_and_bad_upgrades_are_refused_and_counted() {
+    let gw = GatewayProcess::start(&[]).expect("start");
+    let get =
+        |path: &str| switchyard_tests::http_request(gw.public, "GET", path, None).expect(path);
+    let (status, page) = get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>Switchyard gateway</title>") && page.contains("new WebSocket("));
+    assert_eq!(get("/healthz"), (200, "ok".to_owned()));
+    assert_eq!(get("/readyz"), (200, "ready".to_owned()));
+    assert_eq!(get("/nope").0, 404);
+    // A plain GET on /ws is not an upgrade: 426, counted, no connection.
+    assert_eq!(get("/ws").0, 426);
+    assert_eq!(
+        gw.metric("switchyard_handshakes_rejected_total{reason=\"not_upgrade\"}")
+            .expect("m"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("switchyard_connections_opened_total").expect("m"),
+        0.0
+    );
+    // Admin API errors are JSON with a status that says what is wrong.
+    let (status, body) = gw
+        .admin_request("POST", "/api/publish", Some("{\"topic\":1}"))
+        .expect("post");
+    assert_eq!(status, 400);
+    assert!(body.contains("\"error\":\"bad_request\""), "{body}");
+    let huge = format!(r#"{{"topic":"t","data":"{}"}}"#, "x".repeat(200_000));
+    assert_eq!(
+        gw.admin_request("POST", "/api/publish", Some(&huge))
+            .expect("post")
+            .0,
+        413
+    );
+    assert_eq!(
+        gw.admin_request("GET", "/api/publish", None)
+            .expect("get")
+            .0,
+        405
+    );
+}
