@@ -315,6 +315,57 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[index] as f64 / 1000.0
 }
 
+/// What the fan-out subscribers share with the coordinator.
+struct FanoutShared {
+    delivered: AtomicU64,
+    /// Unix micros of the latest delivery.
+    last_delivery: AtomicU64,
+    subscribed: AtomicU64,
+    stop: tokio::sync::Notify,
+    latency_tx: tokio::sync::mpsc::UnboundedSender<Vec<u32>>,
+    /// The subscribe frame to send, or `None` for peers that broadcast to everyone.
+    subscribe_frame: Option<String>,
+}
+
+/// One fan-out subscriber: records a latency sample per message until stopped.
+async fn subscriber(mut ws: WebSocketStream<TcpStream>, shared: Arc<FanoutShared>) {
+    match &shared.subscribe_frame {
+        Some(frame) => {
+            if ws.send(Message::text(frame.as_str())).await.is_err() {
+                return;
+            }
+        }
+        None => {
+            shared.subscribed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let mut samples: Vec<u32> = Vec::new();
+    let stopped = shared.stop.notified();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            next = ws.next() => match next {
+                Some(Ok(Message::Text(text))) => {
+                    if let Some(sent) = sent_micros(&text) {
+                        let now = unix_micros();
+                        shared.last_delivery.fetch_max(now, Ordering::Relaxed);
+                        samples.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
+                        shared.delivered.fetch_add(1, Ordering::Relaxed);
+                    } else if text.contains("\"subscribed\"") {
+                        shared.subscribed.fetch_add(1, Ordering::Relaxed);
+                    } else if text.contains("\"heartbeat\"") {
+                        let _ = ws.send(Message::text(r#"{"op":"ping"}"#)).await;
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            },
+        }
+    }
+    let _ = shared.latency_tx.send(samples);
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn fanout(
     target: SocketAddr,
@@ -327,77 +378,27 @@ async fn fanout(
     sources: Vec<IpAddr>,
     protocol: String,
 ) -> Result<()> {
-    let delivered = Arc::new(AtomicU64::new(0));
-    let last_delivery = Arc::new(AtomicU64::new(0));
     let (latency_tx, mut latency_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u32>>();
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let subscribed = Arc::new(AtomicU64::new(0));
+    let shared = Arc::new(FanoutShared {
+        delivered: AtomicU64::new(0),
+        last_delivery: AtomicU64::new(0),
+        subscribed: AtomicU64::new(0),
+        stop: tokio::sync::Notify::new(),
+        latency_tx,
+        subscribe_frame: (protocol == "switchyard")
+            .then(|| format!(r#"{{"op":"subscribe","topic":"{topic}"}}"#)),
+    });
     let serve = {
-        let (delivered, last_delivery, latency_tx, stop, subscribed, topic, protocol) = (
-            delivered.clone(),
-            last_delivery.clone(),
-            latency_tx.clone(),
-            stop.clone(),
-            subscribed.clone(),
-            topic.clone(),
-            protocol.clone(),
-        );
-        move |mut ws: WebSocketStream<TcpStream>| {
-            let (delivered, last_delivery, latency_tx, stop, subscribed, topic, protocol) = (
-                delivered.clone(),
-                last_delivery.clone(),
-                latency_tx.clone(),
-                stop.clone(),
-                subscribed.clone(),
-                topic.clone(),
-                protocol.clone(),
-            );
-            async move {
-                if protocol == "switchyard" {
-                    let frame = format!(r#"{{"op":"subscribe","topic":"{topic}"}}"#);
-                    if ws.send(Message::text(frame)).await.is_err() {
-                        return;
-                    }
-                } else {
-                    subscribed.fetch_add(1, Ordering::Relaxed);
-                }
-                let mut samples: Vec<u32> = Vec::new();
-                let stopped = stop.notified();
-                tokio::pin!(stopped);
-                loop {
-                    tokio::select! {
-                        _ = &mut stopped => break,
-                        next = ws.next() => match next {
-                            Some(Ok(Message::Text(text))) => {
-                                if let Some(sent) = sent_micros(&text) {
-                                    let now = unix_micros();
-                                    last_delivery.fetch_max(now, Ordering::Relaxed);
-                                    let latency = now.saturating_sub(sent);
-                                    samples.push(latency.min(u32::MAX as u64) as u32);
-                                    delivered.fetch_add(1, Ordering::Relaxed);
-                                } else if text.contains("\"subscribed\"") {
-                                    subscribed.fetch_add(1, Ordering::Relaxed);
-                                } else if text.contains("\"heartbeat\"") {
-                                    let _ = ws.send(Message::text(r#"{"op":"ping"}"#)).await;
-                                }
-                            }
-                            Some(Ok(_)) => {}
-                            _ => break,
-                        },
-                    }
-                }
-                let _ = latency_tx.send(samples);
-            }
-        }
+        let shared = shared.clone();
+        move |ws: WebSocketStream<TcpStream>| subscriber(ws, shared.clone())
     };
     let (opened, failed, connect_secs) =
         open_many(target, "/ws", &sources, subscribers, 256, serve).await;
-    drop(latency_tx);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while subscribed.load(Ordering::Relaxed) < opened && Instant::now() < deadline {
+    while shared.subscribed.load(Ordering::Relaxed) < opened && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ready = subscribed.load(Ordering::Relaxed);
+    let ready = shared.subscribed.load(Ordering::Relaxed);
 
     let mut publisher = Publisher::connect(admin).await?;
     let pad = "x".repeat(payload);
@@ -421,7 +422,7 @@ async fn fanout(
     let mut last = u64::MAX;
     let drain_deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < drain_deadline {
-        let now = delivered.load(Ordering::Relaxed);
+        let now = shared.delivered.load(Ordering::Relaxed);
         if now >= expected || now == last {
             break;
         }
@@ -429,17 +430,20 @@ async fn fanout(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // From the first publish to the last delivery.
-    let delivery_secs = last_delivery
+    let delivery_secs = shared
+        .last_delivery
         .load(Ordering::Relaxed)
         .saturating_sub(first_publish_micros) as f64
         / 1e6;
-    stop.notify_waiters();
+    let got = shared.delivered.load(Ordering::Relaxed);
+    shared.stop.notify_waiters();
+    // The samples channel closes once every subscriber has let go of `shared`.
+    drop(shared);
     let mut all: Vec<u32> = Vec::new();
     while let Some(samples) = latency_rx.recv().await {
         all.extend(samples);
     }
     all.sort_unstable();
-    let got = delivered.load(Ordering::Relaxed);
     println!(
         "{}",
         serde_json::json!({
