@@ -95,6 +95,57 @@ pub struct Config {
     pub connection: ConnectionSettings,
     /// Topic logs.
     pub topics: TopicSettings,
+    /// Where topic logs live: `memory` (this process only) or `redis` (shared
+    /// by every gateway on the same Redis and key prefix).
+    pub broker: BrokerKind,
+    /// The Redis backplane, used when `broker: redis`.
+    pub redis: RedisSettings,
+}
+
+/// Which broker holds the topic logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerKind {
+    /// In-process logs; the embedded default.
+    Memory,
+    /// Redis streams and pub/sub, shared across gateways.
+    Redis,
+}
+
+/// Redis backplane settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port[/db]`; `rediss://` for TLS.
+    pub url: String,
+    /// Prefix of every key and channel, so several ConnectionServices can share one Redis.
+    pub key_prefix: String,
+    /// Multiplexed command connections, used round robin.
+    pub pool_size: usize,
+    /// Time allowed to establish a connection.
+    pub connect_timeout_ms: u64,
+    /// Time allowed for one command; past it the command fails and the
+    /// publish API answers 503.
+    pub command_timeout_ms: u64,
+    /// Longest wait between reconnection attempts (backoff doubles up to it).
+    pub reconnect_max_delay_ms: u64,
+    /// How long a topic's log and epoch stay in Redis after its last publish.
+    /// When they expire, the next publish starts a new epoch.
+    pub topic_ttl_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            key_prefix: "switchyard".to_owned(),
+            pool_size: 1,
+            connect_timeout_ms: 2_000,
+            command_timeout_ms: 2_000,
+            reconnect_max_delay_ms: 5_000,
+            topic_ttl_ms: 24 * 3_600_000,
+        }
+    }
 }
 
 /// Logging settings.
@@ -180,6 +231,8 @@ impl Default for Config {
             websocket: WebSocketSettings::default(),
             connection: ConnectionSettings::default(),
             topics: TopicSettings::default(),
+            broker: BrokerKind::Memory,
+            redis: RedisSettings::default(),
         }
     }
 }
@@ -302,6 +355,14 @@ impl Config {
                 self.topics.max_topic_length as u64,
             ),
             ("topics.history_ttl_ms", self.topics.history_ttl_ms),
+            ("redis.pool_size", self.redis.pool_size as u64),
+            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
+            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            (
+                "redis.reconnect_max_delay_ms",
+                self.redis.reconnect_max_delay_ms,
+            ),
+            ("redis.topic_ttl_ms", self.redis.topic_ttl_ms),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError::field(field, "must be greater than 0"));
@@ -338,6 +399,29 @@ impl Config {
                 "admin_listen",
                 "must differ from listen",
             ));
+        }
+        if self.redis.topic_ttl_ms < self.topics.history_ttl_ms {
+            return Err(ConfigError::field(
+                "redis.topic_ttl_ms",
+                "must be at least topics.history_ttl_ms",
+            ));
+        }
+        if self.broker == BrokerKind::Redis {
+            if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://"))
+            {
+                return Err(ConfigError::field(
+                    "redis.url",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+            let prefix_ok = !self.redis.key_prefix.is_empty()
+                && switchyard_protocol::topic::validate_topic(&self.redis.key_prefix, 64).is_ok();
+            if !prefix_ok {
+                return Err(ConfigError::field(
+                    "redis.key_prefix",
+                    "must be 1 to 64 characters of [A-Za-z0-9_.:/-]",
+                ));
+            }
         }
         if let Some(id) = &self.server_id {
             if id.is_empty() || id.len() > 64 {

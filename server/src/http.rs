@@ -53,6 +53,8 @@ pub fn public_routes(
             if gateway.is_draining() {
                 warp::reply::with_status("draining", StatusCode::SERVICE_UNAVAILABLE)
                     .into_response()
+            } else if let Err(why) = gateway.broker.health() {
+                warp::reply::with_status(why, StatusCode::SERVICE_UNAVAILABLE).into_response()
             } else {
                 "ready".into_response()
             }

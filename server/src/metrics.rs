@@ -60,6 +60,12 @@ pub struct Metrics {
     pub fanout_latency: Histogram,
     /// `switchyard_draining`: 1 while the gateway refuses new work.
     pub draining: IntGauge,
+    /// `switchyard_backplane_up`: 1 while the Redis backplane is connected (always 1 for memory).
+    pub backplane_up: IntGauge,
+    /// `switchyard_backplane_publish_seconds`: one publish round trip to the backplane.
+    pub backplane_publish_seconds: Histogram,
+    /// `switchyard_backplane_reconnects_total`.
+    pub backplane_reconnects: IntCounter,
 }
 
 impl Metrics {
@@ -93,6 +99,17 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(fanout_latency.clone()))?;
+        let backplane_publish_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchyard_backplane_publish_seconds",
+                "Time of one publish round trip to the Redis backplane.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ]),
+        )?;
+        registry.register(Box::new(backplane_publish_seconds.clone()))?;
         Ok(Metrics {
             connections: gauge("switchyard_connections", "Open WebSocket connections.")?,
             connections_opened: counter(
@@ -148,6 +165,15 @@ impl Metrics {
             draining: gauge(
                 "switchyard_draining",
                 "1 while the gateway is draining or shutting down.",
+            )?,
+            backplane_up: gauge(
+                "switchyard_backplane_up",
+                "1 while the topic backplane is reachable (always 1 for the in-memory broker).",
+            )?,
+            backplane_publish_seconds,
+            backplane_reconnects: counter(
+                "switchyard_backplane_reconnects_total",
+                "Times the Redis backplane connection was re-established after a loss.",
             )?,
             registry,
         })

@@ -23,10 +23,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower_service::Service;
 use warp::Filter;
 
+use crate::broker::backplane::{BackplaneMetrics, RedisBroker, RedisOptions};
 use crate::broker::log::Retention;
 use crate::broker::memory::{MemoryBroker, MemorySettings};
 use crate::broker::{Broker, BrokerError};
-use crate::config::Config;
+use crate::config::{BrokerKind, Config};
 use crate::hub::{Hub, Route};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxLimits;
@@ -51,23 +52,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the gateway state (with the in-memory broker) from a validated config.
+    /// Builds the gateway state and its broker from a validated config. Must
+    /// run inside a tokio runtime (brokers start background tasks).
     pub fn new(config: Config) -> anyhow::Result<Arc<Gateway>> {
         let server_id = config
             .server_id
             .clone()
             .or_else(|| std::env::var("POD_NAME").ok().filter(|v| !v.is_empty()))
             .unwrap_or_else(|| format!("sy-{:06x}", rand::random::<u32>() & 0xff_ffff));
-        let memory = Arc::new(MemoryBroker::new(MemorySettings {
-            retention: Retention {
-                max_entries: config.topics.history_size,
-                max_age: Duration::from_millis(config.topics.history_ttl_ms),
-            },
-            max_topics: config.topics.max_topics,
-        }));
-        memory.spawn_janitor(Duration::from_millis(
-            config.topics.history_ttl_ms.clamp(1_000, 60_000),
-        ));
+        let metrics = Metrics::new().context("registering metrics")?;
+        let broker = make_broker(&config, &metrics)?;
         let ws = &config.websocket;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(ws.read_buffer_bytes)
@@ -81,9 +75,9 @@ impl Gateway {
         };
         Ok(Arc::new(Gateway {
             client_publish: config.client_publish_patterns(),
-            metrics: Metrics::new().context("registering metrics")?,
+            metrics,
             hub: Hub::new(server_id.clone(), limits),
-            broker: memory,
+            broker,
             ws_config,
             started: Instant::now(),
             draining: AtomicBool::new(false),
@@ -124,6 +118,42 @@ impl Gateway {
             topics: self.broker.topic_count() as u64,
             draining: self.is_draining(),
             uptime_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+}
+
+/// The broker the config asks for.
+fn make_broker(config: &Config, metrics: &Metrics) -> anyhow::Result<Arc<dyn Broker>> {
+    let retention = Retention {
+        max_entries: config.topics.history_size,
+        max_age: Duration::from_millis(config.topics.history_ttl_ms),
+    };
+    match config.broker {
+        BrokerKind::Memory => {
+            metrics.backplane_up.set(1);
+            let memory = Arc::new(MemoryBroker::new(MemorySettings {
+                retention,
+                max_topics: config.topics.max_topics,
+            }));
+            memory.spawn_janitor(Duration::from_millis(
+                config.topics.history_ttl_ms.clamp(1_000, 60_000),
+            ));
+            Ok(memory)
+        }
+        BrokerKind::Redis => {
+            let redis = RedisBroker::start(RedisOptions {
+                settings: config.redis.clone(),
+                retention,
+                max_topics: config.topics.max_topics,
+                max_pending: config.connection.outbox_max_messages,
+                metrics: BackplaneMetrics {
+                    up: metrics.backplane_up.clone(),
+                    publish_seconds: metrics.backplane_publish_seconds.clone(),
+                    reconnects: metrics.backplane_reconnects.clone(),
+                },
+            })
+            .context("redis broker")?;
+            Ok(redis)
         }
     }
 }

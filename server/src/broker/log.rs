@@ -142,11 +142,98 @@ impl<T: Clone> TopicLog<T> {
     }
 }
 
+/// Decides how a subscriber at `since` continues from a snapshot of a shared
+/// log: its `head` and the offsets fetched after `since` (any order). The
+/// stream is continuous only if exactly `since+1 ..= head` were fetched.
+pub fn resume_from_snapshot(since: Option<Position>, head: Position, fetched: &[u64]) -> Resume {
+    let Some(since) = since else {
+        return Resume::UpToDate;
+    };
+    if since.epoch != head.epoch || since.offset > head.offset {
+        return Resume::Lost;
+    }
+    if since.offset == head.offset {
+        return Resume::UpToDate;
+    }
+    let wanted = head.offset - since.offset;
+    let complete = fetched.len() as u64 == wanted
+        && fetched
+            .iter()
+            .all(|&offset| offset > since.offset && offset <= head.offset);
+    if complete {
+        Resume::ReplayAfter(since.offset)
+    } else {
+        Resume::Lost
+    }
+}
+
+/// Whether a message at `incoming` comes after `last` (the last one
+/// delivered): a later offset in the same epoch, or any offset of another
+/// epoch (the log was lost and started over). Drops duplicates and stale copies.
+pub fn is_after(last: Option<Position>, incoming: Position) -> bool {
+    match last {
+        None => true,
+        Some(last) => last.epoch != incoming.epoch || incoming.offset > last.offset,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const EPOCH: u64 = 42;
+
+    #[test]
+    fn snapshot_resume_table() {
+        let head = Position::new(EPOCH, 10);
+        let table: [(Option<Position>, &[u64], Resume); 8] = [
+            (None, &[], Resume::UpToDate),
+            (Some(Position::new(EPOCH, 10)), &[], Resume::UpToDate),
+            (
+                Some(Position::new(EPOCH, 7)),
+                &[10, 9, 8],
+                Resume::ReplayAfter(7),
+            ),
+            (Some(Position::new(EPOCH, 7)), &[10, 9], Resume::Lost),
+            (Some(Position::new(EPOCH, 0)), &[], Resume::Lost),
+            (Some(Position::new(EPOCH, 11)), &[], Resume::Lost),
+            (Some(Position::new(EPOCH + 1, 7)), &[10, 9, 8], Resume::Lost),
+            (Some(Position::new(EPOCH, 7)), &[10, 9, 7], Resume::Lost),
+        ];
+        for (since, fetched, expected) in table {
+            assert_eq!(
+                resume_from_snapshot(since, head, fetched),
+                expected,
+                "{since:?} {fetched:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn is_after_table() {
+        let table = [
+            (None, Position::new(EPOCH, 1), true),
+            (Some(Position::new(EPOCH, 5)), Position::new(EPOCH, 6), true),
+            (
+                Some(Position::new(EPOCH, 5)),
+                Position::new(EPOCH, 5),
+                false,
+            ),
+            (
+                Some(Position::new(EPOCH, 5)),
+                Position::new(EPOCH, 3),
+                false,
+            ),
+            (
+                Some(Position::new(EPOCH, 5)),
+                Position::new(EPOCH + 1, 1),
+                true,
+            ),
+        ];
+        for (last, incoming, expected) in table {
+            assert_eq!(is_after(last, incoming), expected, "{last:?} {incoming:?}");
+        }
+    }
 
     fn log_with(max_entries: usize, appended: u64) -> (TopicLog<u64>, Instant) {
         let now = Instant::now();

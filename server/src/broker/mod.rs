@@ -9,8 +9,10 @@
 //!   messages, atomically with respect to publishes on that topic: no gap and
 //!   no duplicate between replay and live.
 //!
-//! [`memory::MemoryBroker`] is the embedded default (one process).
+//! [`memory::MemoryBroker`] is the embedded default (one process);
+//! [`backplane::RedisBroker`] shares topic logs across gateways through Redis.
 
+pub mod backplane;
 pub mod log;
 pub mod memory;
 
@@ -75,6 +77,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Stops delivering `topic` to the connection `conn_id`.
     fn unsubscribe(&self, topic: &str, conn_id: u64);
 
-    /// Topic logs currently held.
+    /// Topic logs currently held (for a shared backplane: topics this
+    /// process has local subscribers on).
     fn topic_count(&self) -> usize;
+
+    /// Whether the broker can serve requests; the error says why not.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -1,0 +1,810 @@
+//! The Redis backplane: topic logs shared by every gateway on one Redis.
+//!
+//! Where things live:
+//! - `PREFIX:{topic}:meta` (hash `epoch`, `offset`) and `PREFIX:{topic}:log`
+//!   (a stream of `o` offset, `f` encoded frame), both expiring
+//!   `redis.topic_ttl_ms` after the last publish;
+//! - channel `PREFIX:topic` carries `"<epoch> <offset>\n<frame>"` for every publish.
+//!
+//! Only Redis assigns offsets: `publish.lua` creates the log (with the
+//! caller's candidate epoch) if it is missing, increments the offset, appends
+//! the frame, trims the history by count and age and publishes — one atomic
+//! script. The frame is built once there, and every pod forwards its bytes.
+//!
+//! Each pod holds one pub/sub connection with one subscription per topic
+//! that has local subscribers. A new local subscriber is registered as
+//! *pending* (arrivals are buffered for it), the channel subscription is
+//! confirmed, then `snapshot.lua` returns the head and the entries after
+//! `since` atomically; the subscriber gets `subscribed`, the replay, and the
+//! buffered arrivals after the head — then goes live. Whatever races the
+//! subscribe lands either in the snapshot or in the buffer, and
+//! [`is_after`] drops the overlap.
+//!
+//! When the pub/sub connection drops, the pod reconnects with backoff,
+//! resubscribes every topic and fills the gap from the stream starting at
+//! the last position it delivered; arrivals wait in a per-topic buffer
+//! meanwhile. A gap the stream can no longer fill (trimmed, or Redis lost
+//! the log) is told to subscribers as `subscribed {recovered: false}`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use prometheus::{Histogram, IntCounter, IntGauge};
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::{Script, Value};
+use serde_json::value::RawValue;
+use switchyard_protocol::close::CloseReason;
+use switchyard_protocol::position::MAX_EPOCH;
+use switchyard_protocol::{CloseCode, Position, ServerFrame};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::log::{is_after, resume_from_snapshot, Resume, Retention};
+use super::{Broker, BrokerError, Subscribed};
+use crate::config::RedisSettings;
+use crate::hub::ConnHandle;
+use crate::outbox::Outgoing;
+
+/// The metrics the backplane reports.
+#[derive(Clone)]
+pub struct BackplaneMetrics {
+    /// `switchyard_backplane_up`.
+    pub up: IntGauge,
+    /// `switchyard_backplane_publish_seconds`.
+    pub publish_seconds: Histogram,
+    /// `switchyard_backplane_reconnects_total`.
+    pub reconnects: IntCounter,
+}
+
+/// Everything the Redis broker needs to start.
+pub struct RedisOptions {
+    /// Connection and key settings.
+    pub settings: RedisSettings,
+    /// History bounds per topic.
+    pub retention: Retention,
+    /// Most topics this pod subscribes to at once.
+    pub max_topics: usize,
+    /// Most messages buffered for one pending subscriber or one recovering
+    /// topic (the outbox bound, so a buffer is never bigger than a queue).
+    pub max_pending: usize,
+    /// Metrics.
+    pub metrics: BackplaneMetrics,
+}
+
+type Pending = Vec<(Position, Utf8Bytes)>;
+
+/// A local subscriber; `pending` is `Some` until its replay is done.
+struct LocalSub {
+    handle: Arc<ConnHandle>,
+    pending: Option<Pending>,
+}
+
+/// What this pod knows of a topic with local subscribers.
+#[derive(Default)]
+struct LocalTopic {
+    subscribers: HashMap<u64, LocalSub>,
+    /// The last position delivered here: where a recovery starts.
+    last: Option<Position>,
+    /// `Some` while the topic recovers after a reconnect; arrivals wait in it.
+    recovering: Option<Pending>,
+}
+
+impl LocalTopic {
+    /// Hands one message to every local subscriber (or to the buffers).
+    fn deliver(&mut self, position: Position, frame: &Utf8Bytes, max_pending: usize) {
+        if let Some(buffer) = &mut self.recovering {
+            if buffer.len() < max_pending {
+                buffer.push((position, frame.clone()));
+            } else {
+                // Too much arrived while recovering: let the subscribers
+                // resume on their own from their positions.
+                buffer.clear();
+                self.close_all(CloseCode::SlowConsumer, "backplane recovery overflowed");
+            }
+            return;
+        }
+        if !is_after(self.last, position) {
+            return;
+        }
+        self.last = Some(position);
+        let now = Instant::now();
+        for sub in self.subscribers.values_mut() {
+            match &mut sub.pending {
+                Some(buffer) if buffer.len() < max_pending => {
+                    buffer.push((position, frame.clone()))
+                }
+                Some(_) => sub.handle.outbox.close(
+                    CloseCode::SlowConsumer,
+                    CloseReason::text("subscribe backlog overflowed").to_json(),
+                ),
+                None => {
+                    // A full outbox closes its connection (4002); others are unaffected.
+                    let _ = sub.handle.outbox.push(Outgoing::Live {
+                        text: frame.clone(),
+                        published_at: now,
+                    });
+                }
+            }
+        }
+    }
+
+    fn close_all(&self, code: CloseCode, reason: &str) {
+        let reason = CloseReason::text(reason).to_json();
+        for sub in self.subscribers.values() {
+            sub.handle.outbox.close(code, reason.clone());
+        }
+    }
+}
+
+/// Requests to the task that owns the pub/sub connection. One task issues
+/// every SUBSCRIBE/UNSUBSCRIBE, in order, so they cannot overtake each other.
+enum Control {
+    /// Make sure the channel is subscribed; answers the connection generation.
+    Subscribe {
+        topic: String,
+        done: oneshot::Sender<Result<u64, BrokerError>>,
+    },
+    /// Unsubscribe the channel if no local subscriber is left.
+    Unsubscribe(String),
+}
+
+/// The topic's snapshot, as `snapshot.lua` returns it.
+struct Snapshot {
+    head: Position,
+    /// (offset, frame), newest first.
+    entries: Vec<(u64, Utf8Bytes)>,
+}
+
+struct Inner {
+    options: RedisOptions,
+    client: redis::Client,
+    pool: Mutex<Vec<ConnectionManager>>,
+    next_connection: AtomicUsize,
+    topics: Mutex<HashMap<String, LocalTopic>>,
+    control: mpsc::UnboundedSender<Control>,
+    /// Incarnation of the pub/sub connection; a subscribe that spans a
+    /// reconnect is refused rather than risk a gap.
+    generation: AtomicU64,
+    up: AtomicBool,
+    publish: Script,
+    snapshot: Script,
+}
+
+/// The Redis broker; see the module documentation.
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+fn unavailable(err: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(err.to_string())
+}
+
+fn new_epoch() -> u64 {
+    rand::rng().random_range(1..=MAX_EPOCH)
+}
+
+impl RedisBroker {
+    /// Starts the broker: returns at once and connects in the background, so
+    /// a gateway starts (not ready) even while Redis is down.
+    pub fn start(options: RedisOptions) -> Result<Arc<RedisBroker>, BrokerError> {
+        let client = redis::Client::open(options.settings.url.as_str()).map_err(unavailable)?;
+        let (control, requests) = mpsc::unbounded_channel();
+        options.metrics.up.set(0);
+        let inner = Arc::new(Inner {
+            options,
+            client,
+            pool: Mutex::new(Vec::new()),
+            next_connection: AtomicUsize::new(0),
+            topics: Mutex::new(HashMap::new()),
+            control,
+            generation: AtomicU64::new(0),
+            up: AtomicBool::new(false),
+            publish: Script::new(include_str!("publish.lua")),
+            snapshot: Script::new(include_str!("snapshot.lua")),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&inner), requests));
+        Ok(Arc::new(RedisBroker { inner }))
+    }
+}
+
+impl Inner {
+    fn topics(&self) -> MutexGuard<'_, HashMap<String, LocalTopic>> {
+        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn settings(&self) -> &RedisSettings {
+        &self.options.settings
+    }
+
+    fn meta_key(&self, topic: &str) -> String {
+        format!("{}:{{{topic}}}:meta", self.settings().key_prefix)
+    }
+
+    fn log_key(&self, topic: &str) -> String {
+        format!("{}:{{{topic}}}:log", self.settings().key_prefix)
+    }
+
+    fn channel(&self, topic: &str) -> String {
+        format!("{}:{topic}", self.settings().key_prefix)
+    }
+
+    fn topic_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.settings().key_prefix.as_str())?
+            .strip_prefix(':')
+    }
+
+    /// A command connection, round robin over the pool.
+    fn connection(&self) -> Result<ConnectionManager, BrokerError> {
+        let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.is_empty() || !self.up.load(Ordering::Relaxed) {
+            return Err(BrokerError::Unavailable("Redis backplane is down".into()));
+        }
+        let index = self.next_connection.fetch_add(1, Ordering::Relaxed) % pool.len();
+        Ok(pool[index].clone())
+    }
+
+    async fn publish(&self, topic: &str, data: &RawValue) -> Result<Position, BrokerError> {
+        let mut connection = self.connection()?;
+        let retention = self.options.retention;
+        let started = Instant::now();
+        let topic_json = serde_json::to_string(topic).map_err(unavailable)?;
+        let result: Result<(String, String), _> = self
+            .publish
+            .key(self.meta_key(topic))
+            .key(self.log_key(topic))
+            .arg(new_epoch().to_string())
+            .arg(topic_json)
+            .arg(data.get())
+            .arg(retention.max_entries)
+            .arg(retention.max_age.as_millis() as u64)
+            .arg(self.settings().topic_ttl_ms)
+            .arg(self.channel(topic))
+            .invoke_async(&mut connection)
+            .await;
+        self.options
+            .metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let (epoch, offset) = result.map_err(unavailable)?;
+        match (epoch.parse(), offset.parse()) {
+            (Ok(epoch), Ok(offset)) => Ok(Position::new(epoch, offset)),
+            _ => Err(unavailable(format!(
+                "bad publish reply {epoch:?} {offset:?}"
+            ))),
+        }
+    }
+
+    async fn snapshot(
+        &self,
+        topic: &str,
+        since: Option<Position>,
+    ) -> Result<Snapshot, BrokerError> {
+        let mut connection = self.connection()?;
+        let retention = self.options.retention;
+        let (since_epoch, since_offset) =
+            since.map_or((String::new(), 0), |p| (p.epoch.to_string(), p.offset));
+        let reply: Value = self
+            .snapshot
+            .key(self.meta_key(topic))
+            .key(self.log_key(topic))
+            .arg(new_epoch().to_string())
+            .arg(since_epoch)
+            .arg(since_offset)
+            .arg(retention.max_entries)
+            .arg(retention.max_age.as_millis() as u64)
+            .arg(self.settings().topic_ttl_ms)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        parse_snapshot(reply).ok_or_else(|| unavailable("malformed snapshot reply"))
+    }
+
+    /// Asks the pub/sub task to make sure `topic`'s channel is subscribed.
+    async fn ensure_channel(&self, topic: &str) -> Result<u64, BrokerError> {
+        let (done, answer) = oneshot::channel();
+        self.control
+            .send(Control::Subscribe {
+                topic: topic.to_owned(),
+                done,
+            })
+            .map_err(unavailable)?;
+        answer.await.map_err(unavailable)?
+    }
+
+    /// Removes a local subscriber; the channel goes when the last one does.
+    fn remove_subscriber(&self, topic: &str, conn_id: u64) {
+        let mut topics = self.topics();
+        let Some(local) = topics.get_mut(topic) else {
+            return;
+        };
+        local.subscribers.remove(&conn_id);
+        if local.subscribers.is_empty() {
+            topics.remove(topic);
+            let _ = self.control.send(Control::Unsubscribe(topic.to_owned()));
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        since: Option<Position>,
+        handle: Arc<ConnHandle>,
+    ) -> Result<Subscribed, BrokerError> {
+        let id = handle.id;
+        {
+            let mut topics = self.topics();
+            if !topics.contains_key(topic) && topics.len() >= self.options.max_topics {
+                return Err(BrokerError::TooManyTopics(self.options.max_topics));
+            }
+            topics
+                .entry(topic.to_owned())
+                .or_default()
+                .subscribers
+                .insert(
+                    id,
+                    LocalSub {
+                        handle: handle.clone(),
+                        pending: Some(Vec::new()),
+                    },
+                );
+        }
+        let result = self.complete_subscribe(topic, since, &handle).await;
+        if result.is_err() {
+            self.remove_subscriber(topic, id);
+        }
+        result
+    }
+
+    /// Steps 2–4 of a subscribe: channel, snapshot, switch to live.
+    async fn complete_subscribe(
+        &self,
+        topic: &str,
+        since: Option<Position>,
+        handle: &ConnHandle,
+    ) -> Result<Subscribed, BrokerError> {
+        let generation = self.ensure_channel(topic).await?;
+        let snapshot = self.snapshot(topic, since).await?;
+        let mut topics = self.topics();
+        if self.generation.load(Ordering::Relaxed) != generation {
+            return Err(BrokerError::Unavailable(
+                "the backplane reconnected during the subscribe; retry".into(),
+            ));
+        }
+        let local = topics
+            .get_mut(topic)
+            .ok_or_else(|| unavailable("subscription vanished"))?;
+        let pending = local
+            .subscribers
+            .get_mut(&handle.id)
+            .and_then(|sub| sub.pending.take())
+            .unwrap_or_default();
+        let fetched: Vec<u64> = snapshot.entries.iter().map(|(offset, _)| *offset).collect();
+        let resume = resume_from_snapshot(since, snapshot.head, &fetched);
+        let outbox = &handle.outbox;
+        let confirmation = ServerFrame::Subscribed {
+            topic: topic.to_owned(),
+            position: snapshot.head,
+            recovered: resume.recovered(),
+        };
+        let _ = outbox.push(Outgoing::Text(Utf8Bytes::from(confirmation.to_json())));
+        let mut replayed = 0;
+        if let Resume::ReplayAfter(_) = resume {
+            for (_, frame) in snapshot.entries.iter().rev() {
+                let _ = outbox.push(Outgoing::Text(frame.clone()));
+                replayed += 1;
+            }
+        }
+        let now = Instant::now();
+        for (position, frame) in pending {
+            if is_after(Some(snapshot.head), position) {
+                let _ = outbox.push(Outgoing::Live {
+                    text: frame,
+                    published_at: now,
+                });
+            }
+        }
+        if is_after(local.last, snapshot.head) && local.recovering.is_none() {
+            local.last = Some(snapshot.head);
+        }
+        Ok(Subscribed {
+            position: snapshot.head,
+            recovered: resume.recovered(),
+            replayed,
+        })
+    }
+
+    /// Fills the gap of one topic after a reconnect, then lets it go live.
+    async fn recover(&self, topic: &str, generation: u64) {
+        let mut delay = Duration::from_millis(100);
+        let since = match self.topics().get(topic) {
+            Some(local) => local.last,
+            None => return,
+        };
+        let snapshot = loop {
+            if self.generation.load(Ordering::Relaxed) != generation {
+                return; // a newer connection runs its own recovery
+            }
+            match self.snapshot(topic, since).await {
+                Ok(snapshot) => break snapshot,
+                Err(err) => {
+                    tracing::warn!(%topic, %err, "backplane recovery snapshot failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        let max_pending = self.options.max_pending;
+        let mut topics = self.topics();
+        let Some(local) = topics.get_mut(topic) else {
+            return;
+        };
+        let buffered = local.recovering.take().unwrap_or_default();
+        let fetched: Vec<u64> = snapshot.entries.iter().map(|(offset, _)| *offset).collect();
+        match resume_from_snapshot(since, snapshot.head, &fetched) {
+            Resume::Lost => {
+                tracing::warn!(%topic, ?since, head = %snapshot.head, "backplane gap cannot be filled");
+                let notice = Utf8Bytes::from(
+                    ServerFrame::Subscribed {
+                        topic: topic.to_owned(),
+                        position: snapshot.head,
+                        recovered: false,
+                    }
+                    .to_json(),
+                );
+                for sub in local.subscribers.values().filter(|s| s.pending.is_none()) {
+                    let _ = sub.handle.outbox.push(Outgoing::Text(notice.clone()));
+                }
+                local.last = Some(snapshot.head);
+            }
+            Resume::UpToDate => {
+                if local.last.is_none() {
+                    local.last = Some(snapshot.head);
+                }
+            }
+            Resume::ReplayAfter(_) => {
+                for (offset, frame) in snapshot.entries.iter().rev() {
+                    local.deliver(
+                        Position::new(snapshot.head.epoch, *offset),
+                        frame,
+                        max_pending,
+                    );
+                }
+            }
+        }
+        for (position, frame) in buffered {
+            local.deliver(position, &frame, max_pending);
+        }
+        tracing::info!(%topic, head = %snapshot.head, "backplane topic recovered");
+    }
+
+    /// Delivers one pub/sub message to the local subscribers of its topic.
+    fn dispatch(&self, channel: &str, payload: &[u8]) {
+        let Some(topic) = self.topic_of(channel) else {
+            return;
+        };
+        let Some((position, frame)) = parse_payload(payload) else {
+            tracing::warn!(%channel, "ignoring a malformed backplane message");
+            return;
+        };
+        if let Some(local) = self.topics().get_mut(topic) {
+            local.deliver(position, &frame, self.options.max_pending);
+        }
+    }
+}
+
+/// Parses `"<epoch> <offset>\n<frame>"`.
+fn parse_payload(payload: &[u8]) -> Option<(Position, Utf8Bytes)> {
+    let newline = payload.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&payload[..newline]).ok()?;
+    let (epoch, offset) = header.split_once(' ')?;
+    let position = Position::new(epoch.parse().ok()?, offset.parse().ok()?);
+    let frame = Utf8Bytes::try_from(Bytes::copy_from_slice(&payload[newline + 1..])).ok()?;
+    Some((position, frame))
+}
+
+fn as_text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses `{epoch, head, entries}` from `snapshot.lua`.
+fn parse_snapshot(reply: Value) -> Option<Snapshot> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let [epoch, head, entries] = <[Value; 3]>::try_from(parts).ok()?;
+    let head = Position::new(
+        as_text(&epoch)?.parse().ok()?,
+        as_text(&head)?.parse().ok()?,
+    );
+    let Value::Array(entries) = entries else {
+        return None;
+    };
+    let mut parsed = Vec::with_capacity(entries.len());
+    for entry in entries {
+        // [id, [field, value, ...]]
+        let Value::Array(mut pair) = entry else {
+            return None;
+        };
+        let Value::Array(fields) = pair.pop()? else {
+            return None;
+        };
+        let (mut offset, mut frame) = (None, None);
+        for field in fields.chunks(2) {
+            match (as_text(&field[0])?.as_str(), field.get(1)) {
+                ("o", Some(value)) => offset = as_text(value)?.parse().ok(),
+                ("f", Some(Value::BulkString(bytes))) => {
+                    frame = Utf8Bytes::try_from(Bytes::from(bytes.clone())).ok()
+                }
+                _ => {}
+            }
+        }
+        parsed.push((offset?, frame?));
+    }
+    Some(Snapshot {
+        head,
+        entries: parsed,
+    })
+}
+
+async fn connect_pool(inner: &Inner) -> Result<(), BrokerError> {
+    if !inner
+        .pool
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_empty()
+    {
+        return Ok(());
+    }
+    let settings = inner.settings();
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
+        .set_response_timeout(Some(Duration::from_millis(settings.command_timeout_ms)))
+        .set_max_delay(Duration::from_millis(settings.reconnect_max_delay_ms))
+        .set_number_of_retries(1);
+    let mut pool = Vec::with_capacity(settings.pool_size);
+    for _ in 0..settings.pool_size {
+        let manager = inner
+            .client
+            .get_connection_manager_with_config(config.clone())
+            .await
+            .map_err(unavailable)?;
+        pool.push(manager);
+    }
+    *inner.pool.lock().unwrap_or_else(|e| e.into_inner()) = pool;
+    Ok(())
+}
+
+async fn connect_pubsub(inner: &Inner) -> Result<(PubSubSink, PubSubStream), BrokerError> {
+    let timeout = Duration::from_millis(inner.settings().connect_timeout_ms);
+    let pubsub = tokio::time::timeout(timeout, inner.client.get_async_pubsub())
+        .await
+        .map_err(|_| unavailable("connect timed out"))?
+        .map_err(unavailable)?;
+    Ok(pubsub.split())
+}
+
+/// Owns the pub/sub connection: connects with backoff, resubscribes and
+/// recovers topics after a loss, and serves [`Control`] requests in order.
+async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedReceiver<Control>) {
+    let mut delay = Duration::from_millis(100);
+    let mut connected_before = false;
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let max_delay = Duration::from_millis(inner.settings().reconnect_max_delay_ms);
+        let connected = async {
+            connect_pool(&inner).await?;
+            connect_pubsub(&inner).await
+        }
+        .await;
+        let (mut sink, stream) = match connected {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::warn!(%err, retry_in_ms = delay.as_millis() as u64, "Redis backplane unreachable");
+                drop(inner);
+                refuse_until(&mut requests, delay).await;
+                delay = (delay * 2).min(max_delay);
+                continue;
+            }
+        };
+        delay = Duration::from_millis(100);
+        let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        // Every topic with local subscribers recovers from where it stopped.
+        let names: Vec<String> = {
+            let mut topics = inner.topics();
+            for local in topics.values_mut() {
+                local.recovering = Some(Vec::new());
+            }
+            topics.keys().cloned().collect()
+        };
+        let channels: Vec<String> = names.iter().map(|t| inner.channel(t)).collect();
+        if !channels.is_empty() {
+            if let Err(err) = sink.subscribe(&channels).await {
+                tracing::warn!(%err, "resubscribing failed");
+                continue;
+            }
+        }
+        inner.up.store(true, Ordering::Relaxed);
+        inner.options.metrics.up.set(1);
+        if connected_before {
+            inner.options.metrics.reconnects.inc();
+        }
+        connected_before = true;
+        tracing::info!(
+            topics = names.len(),
+            generation,
+            "Redis backplane connected"
+        );
+        for name in names {
+            let inner = inner.clone();
+            tokio::spawn(async move { inner.recover(&name, generation).await });
+        }
+        let (lost_tx, mut lost) = oneshot::channel::<()>();
+        tokio::spawn(read_messages(Arc::downgrade(&inner), stream, lost_tx));
+        let ping_every = Duration::from_millis(inner.settings().command_timeout_ms.max(1000));
+        let mut ping = tokio::time::interval(ping_every);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                request = requests.recv() => match request {
+                    None => return,
+                    Some(request) => serve(&inner, &mut sink, request, generation).await,
+                },
+                _ = ping.tick() => {
+                    // Detects a silent partition, which never ends the stream.
+                    let answer = tokio::time::timeout(ping_every, sink.ping::<String>()).await;
+                    if !matches!(answer, Ok(Ok(_))) {
+                        tracing::warn!("Redis pub/sub connection stopped answering");
+                        break;
+                    }
+                }
+                _ = &mut lost => break,
+            }
+        }
+        inner.up.store(false, Ordering::Relaxed);
+        inner.options.metrics.up.set(0);
+        tracing::warn!("Redis backplane connection lost; reconnecting");
+    }
+}
+
+/// Serves one control request on a live connection.
+async fn serve(inner: &Inner, sink: &mut PubSubSink, request: Control, generation: u64) {
+    match request {
+        Control::Subscribe { topic, done } => {
+            let result = sink
+                .subscribe(inner.channel(&topic))
+                .await
+                .map(|()| generation)
+                .map_err(unavailable);
+            let _ = done.send(result);
+        }
+        Control::Unsubscribe(topic) => {
+            let unused = inner
+                .topics()
+                .get(&topic)
+                .is_none_or(|local| local.subscribers.is_empty());
+            if unused {
+                if let Err(err) = sink.unsubscribe(inner.channel(&topic)).await {
+                    tracing::debug!(%topic, %err, "unsubscribe failed");
+                }
+            }
+        }
+    }
+}
+
+/// While disconnected: refuse subscribes at once instead of queueing them.
+async fn refuse_until(requests: &mut mpsc::UnboundedReceiver<Control>, delay: Duration) {
+    let deadline = tokio::time::sleep(delay);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return,
+            request = requests.recv() => match request {
+                Some(Control::Subscribe { done, .. }) => {
+                    let _ = done.send(Err(BrokerError::Unavailable("Redis backplane is down".into())));
+                }
+                Some(Control::Unsubscribe(_)) => {}
+                None => return,
+            },
+        }
+    }
+}
+
+async fn read_messages(
+    weak: std::sync::Weak<Inner>,
+    mut stream: PubSubStream,
+    lost: oneshot::Sender<()>,
+) {
+    while let Some(message) = stream.next().await {
+        let Some(inner) = weak.upgrade() else { return };
+        inner.dispatch(message.get_channel_name(), message.get_payload_bytes());
+    }
+    let _ = lost.send(());
+}
+
+impl Broker for RedisBroker {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        data: &'a RawValue,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>> {
+        self.inner.publish(topic, data).boxed()
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        since: Option<Position>,
+        subscriber: Arc<ConnHandle>,
+    ) -> BoxFuture<'a, Result<Subscribed, BrokerError>> {
+        self.inner.subscribe(topic, since, subscriber).boxed()
+    }
+
+    fn unsubscribe(&self, topic: &str, conn_id: u64) {
+        self.inner.remove_subscriber(topic, conn_id);
+    }
+
+    fn topic_count(&self) -> usize {
+        self.inner.topics().len()
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if self.inner.up.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("Redis backplane down".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_parse() {
+        let (position, frame) = parse_payload(b"77 5\n{\"op\":\"message\"}").expect("parse");
+        assert_eq!(position, Position::new(77, 5));
+        assert_eq!(frame.as_str(), "{\"op\":\"message\"}");
+        for bad in [&b"no newline"[..], b"77\n{}", b"x 5\n{}", b"1 2\n\xff"] {
+            assert!(parse_payload(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn snapshots_parse() {
+        let entry = |offset: &str, frame: &str| {
+            Value::Array(vec![
+                Value::BulkString(b"1700000000000-0".to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"o".to_vec()),
+                    Value::BulkString(offset.as_bytes().to_vec()),
+                    Value::BulkString(b"f".to_vec()),
+                    Value::BulkString(frame.as_bytes().to_vec()),
+                ]),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::BulkString(b"99".to_vec()),
+            Value::Int(7),
+            Value::Array(vec![entry("7", "seven"), entry("6", "six")]),
+        ]);
+        let snapshot = parse_snapshot(reply).expect("snapshot");
+        assert_eq!(snapshot.head, Position::new(99, 7));
+        let offsets: Vec<u64> = snapshot.entries.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, vec![7, 6]);
+        assert_eq!(snapshot.entries[1].1.as_str(), "six");
+        assert!(parse_snapshot(Value::Int(1)).is_none());
+    }
+}

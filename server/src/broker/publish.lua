@@ -1,0 +1,27 @@
+-- Switchyard: publish one message atomically.
+-- KEYS[1] topic meta (hash: epoch, offset)   KEYS[2] topic log (stream)
+-- ARGV[1] epoch to use if the log does not exist (decimal string)
+-- ARGV[2] topic name as a JSON string        ARGV[3] data (JSON text)
+-- ARGV[4] history size (MAXLEN)              ARGV[5] history age (ms)
+-- ARGV[6] key TTL (ms)                       ARGV[7] pub/sub channel
+-- Returns {epoch, offset}. Publishes "<epoch> <offset>\n<frame>" on the channel.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  -- A lost log starts over with a new epoch; drop any stream left without its meta.
+  redis.call('DEL', KEYS[2])
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
+local frame = '{"op":"message","topic":' .. ARGV[2] .. ',"epoch":' .. epoch ..
+  ',"offset":' .. offset .. ',"data":' .. ARGV[3] .. '}'
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', 'o', offset, 'f', frame)
+local now = redis.call('TIME')
+local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[5])
+if oldest > 0 then
+  redis.call('XTRIM', KEYS[2], 'MINID', oldest)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('PUBLISH', ARGV[7], epoch .. ' ' .. offset .. '\n' .. frame)
+return {epoch, offset}

@@ -1,0 +1,29 @@
+-- Switchyard: a consistent view of a topic for a subscriber or a recovery.
+-- KEYS[1] topic meta   KEYS[2] topic log
+-- ARGV[1] epoch to use if the log does not exist   ARGV[2] since epoch ("" for none)
+-- ARGV[3] since offset   ARGV[4] most entries to return   ARGV[5] history age (ms)
+-- ARGV[6] key TTL (ms)
+-- Returns {epoch, head, entries}: entries are the log's newest (head - since)
+-- entries, newest first, as XREVRANGE gives them, when the epoch matches and
+-- at most ARGV[4] are needed; otherwise none.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  redis.call('DEL', KEYS[2])
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+end
+local head = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+local entries = {}
+if ARGV[2] == epoch then
+  local want = head - tonumber(ARGV[3])
+  if want > 0 and want <= tonumber(ARGV[4]) then
+    local now = redis.call('TIME')
+    local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[5])
+    if oldest > 0 then
+      redis.call('XTRIM', KEYS[2], 'MINID', oldest)
+    end
+    entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', want)
+  end
+end
+return {epoch, head, entries}

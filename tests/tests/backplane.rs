@@ -1,0 +1,344 @@
+//! The Redis backplane end to end: several real gateway processes on one
+//! private, real `redis-server`.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use switchyard_client::{Connection, Event};
+use switchyard_protocol::frame::encode_message;
+use switchyard_protocol::{Position, ServerFrame};
+use switchyard_tests::{wait_status, GatewayProcess, RedisServer};
+use tokio_tungstenite::tungstenite::Message;
+
+const STEP: Duration = Duration::from_secs(15);
+
+fn gateways(redis: &RedisServer, count: usize, extra: &[&str]) -> Vec<GatewayProcess> {
+    let url = format!("redis.url={}", redis.url());
+    (0..count)
+        .map(|_| {
+            let mut settings = vec!["broker=redis", url.as_str()];
+            settings.extend_from_slice(extra);
+            let gw = GatewayProcess::start(&settings).expect("start gateway");
+            assert!(
+                wait_status(gw.public, "/readyz", 200, STEP),
+                "gateway never became ready on the backplane"
+            );
+            gw
+        })
+        .collect()
+}
+
+async fn next_frame(conn: &mut Connection) -> ServerFrame {
+    match tokio::time::timeout(STEP, conn.next_event()).await {
+        Ok(Ok(Event::Frame(frame))) => frame,
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+async fn subscribe(
+    conn: &mut Connection,
+    topic: &str,
+    since: Option<Position>,
+) -> (Position, bool) {
+    conn.subscribe(topic, since).await.expect("subscribe");
+    loop {
+        match next_frame(conn).await {
+            ServerFrame::Subscribed {
+                position,
+                recovered,
+                ..
+            } => return (position, recovered),
+            ServerFrame::Error { code, message, .. } => {
+                panic!("subscribe failed: {code:?} {message}")
+            }
+            _ => continue,
+        }
+    }
+}
+
+async fn next_message(conn: &mut Connection) -> (Position, serde_json::Value) {
+    loop {
+        match next_frame(conn).await {
+            ServerFrame::Message {
+                epoch,
+                offset,
+                data,
+                ..
+            } => return (Position::new(epoch, offset), data),
+            ServerFrame::Published { .. } => continue,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_any_pod_reaches_subscribers_on_every_pod() {
+    let redis = RedisServer::start().expect("redis");
+    let pods = gateways(&redis, 3, &["topics.client_publish=[x]"]);
+    let mut subscribers = Vec::new();
+    for pod in &pods {
+        let mut conn = Connection::connect(&pod.ws_url()).await.expect("connect");
+        let (position, recovered) = subscribe(&mut conn, "x", None).await;
+        assert_eq!((position.offset, recovered), (0, true));
+        subscribers.push(conn);
+    }
+    // A raw socket on pod 0 sees the frame bytes the backplane built.
+    let (mut raw, _) = tokio_tungstenite::connect_async(pods[0].ws_url())
+        .await
+        .expect("raw");
+    raw.send_text(r#"{"op":"subscribe","topic":"x"}"#).await;
+
+    let mut epoch = None;
+    for n in 1..=9u64 {
+        let pod = &pods[(n % 3) as usize];
+        let position = pod
+            .publish("x", &format!(r#"{{"n":{n}}}"#))
+            .expect("publish");
+        assert_eq!(position.offset, n, "only Redis assigns offsets, in order");
+        assert_eq!(*epoch.get_or_insert(position.epoch), position.epoch);
+    }
+    // A client publish goes through Redis too.
+    subscribers[2]
+        .publish("x", r#"{"n":10}"#)
+        .await
+        .expect("client publish");
+    for conn in &mut subscribers {
+        for n in 1..=10u64 {
+            let (position, data) = next_message(conn).await;
+            assert_eq!(position.offset, n);
+            assert_eq!(data, serde_json::json!({ "n": n }));
+        }
+    }
+    let epoch = epoch.expect("epoch");
+    let mut texts = Vec::new();
+    while texts.len() < 10 {
+        match tokio::time::timeout(STEP, raw.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) if text.contains("\"message\"") => texts.push(text),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+    let data = serde_json::value::RawValue::from_string(r#"{"n":1}"#.into()).expect("raw");
+    assert_eq!(
+        texts[0].as_str(),
+        encode_message("x", Position::new(epoch, 1), &data),
+        "the backplane's frames are byte-identical to the in-memory broker's"
+    );
+    for pod in &pods {
+        assert_eq!(pod.metric("switchyard_backplane_up").expect("m"), 1.0);
+    }
+    assert!(
+        pods[1]
+            .metric("switchyard_backplane_publish_seconds_count")
+            .expect("m")
+            >= 3.0
+    );
+}
+
+trait SendText {
+    async fn send_text(&mut self, text: &str);
+}
+
+impl<S> SendText for tokio_tungstenite::WebSocketStream<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    async fn send_text(&mut self, text: &str) {
+        use futures_util::SinkExt;
+        self.send(Message::text(text)).await.expect("send");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_hopping_between_pods_sees_every_offset_exactly_once() {
+    const TOTAL: u64 = 800;
+    let redis = RedisServer::start().expect("redis");
+    let pods = gateways(&redis, 3, &[]);
+    let urls: Vec<String> = pods.iter().map(|p| p.ws_url()).collect();
+    let mut conn = Connection::connect(&urls[0]).await.expect("connect");
+    subscribe(&mut conn, "hop", None).await;
+
+    let admins: Vec<_> = pods.iter().map(|p| p.admin).collect();
+    let publisher = tokio::task::spawn_blocking(move || {
+        for n in 1..=TOTAL {
+            let body = format!(r#"{{"topic":"hop","data":{n}}}"#);
+            let admin = admins[(n % admins.len() as u64) as usize];
+            let (status, text) =
+                switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body))
+                    .expect("publish");
+            assert_eq!(status, 200, "{text}");
+        }
+    });
+
+    let mut seen = Vec::new();
+    let mut hops = 0;
+    while seen.last() != Some(&TOTAL) {
+        for _ in 0..rand::random_range(1..60) {
+            let (position, data) = next_message(&mut conn).await;
+            assert_eq!(data, serde_json::json!(position.offset));
+            seen.push(position.offset);
+            if position.offset == TOTAL {
+                break;
+            }
+        }
+        if seen.last() == Some(&TOTAL) {
+            break;
+        }
+        let since = conn.position("hop");
+        drop(conn);
+        let pod = rand::random_range(0..urls.len());
+        conn = Connection::connect(&urls[pod]).await.expect("reconnect");
+        let (_, recovered) = subscribe(&mut conn, "hop", since).await;
+        assert!(
+            recovered,
+            "history holds everything, so every resume recovers"
+        );
+        hops += 1;
+    }
+    publisher.await.expect("publisher");
+    assert_eq!(seen, (1..=TOTAL).collect::<Vec<_>>(), "after {hops} hops");
+    assert!(hops > 5, "the test must actually hop ({hops})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_history_answers_recovered_false_on_another_pod() {
+    let redis = RedisServer::start().expect("redis");
+    let pods = gateways(&redis, 2, &["topics.history_size=5"]);
+    let mut conn = Connection::connect(&pods[0].ws_url())
+        .await
+        .expect("connect");
+    subscribe(&mut conn, "t", None).await;
+    pods[1].publish("t", "1").expect("publish");
+    let (since, _) = next_message(&mut conn).await;
+    drop(conn);
+    for n in 2..=20 {
+        pods[0].publish("t", &n.to_string()).expect("publish");
+    }
+    let mut conn = Connection::connect(&pods[1].ws_url())
+        .await
+        .expect("connect");
+    let (position, recovered) = subscribe(&mut conn, "t", Some(since)).await;
+    assert!(!recovered);
+    assert_eq!(position, Position::new(since.epoch, 20));
+    // Within the retained five, resume works on either pod.
+    let (_, recovered) = subscribe(&mut conn, "t", Some(Position::new(since.epoch, 16))).await;
+    assert!(recovered);
+    for expected in 17..=20 {
+        assert_eq!(next_message(&mut conn).await.0.offset, expected);
+    }
+    assert_eq!(
+        pods[1]
+            .metric("switchyard_resume_total{recovered=\"false\"}")
+            .expect("m"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_survive_redis_kill_and_restart_and_recover() {
+    let mut redis = RedisServer::start().expect("redis");
+    let pods = gateways(
+        &redis,
+        2,
+        &[
+            "redis.command_timeout_ms=500",
+            "redis.reconnect_max_delay_ms=400",
+        ],
+    );
+    let mut subscribers = Vec::new();
+    for pod in &pods {
+        let mut conn = Connection::connect(&pod.ws_url()).await.expect("connect");
+        subscribe(&mut conn, "live", None).await;
+        subscribers.push(conn);
+    }
+    for n in 1..=3 {
+        pods[n % 2]
+            .publish("live", &n.to_string())
+            .expect("publish");
+    }
+    let mut old_epoch = 0;
+    for conn in &mut subscribers {
+        for n in 1..=3 {
+            let (position, _) = next_message(conn).await;
+            assert_eq!(position.offset, n);
+            old_epoch = position.epoch;
+        }
+    }
+
+    redis.kill9();
+    for pod in &pods {
+        assert!(
+            wait_status(pod.public, "/readyz", 503, STEP),
+            "readyz must report the backplane down"
+        );
+        let (status, body) = pod
+            .admin_request("POST", "/api/publish", Some(r#"{"topic":"live","data":0}"#))
+            .expect("publish");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("\"error\":\"unavailable\""), "{body}");
+        assert_eq!(pod.metric("switchyard_backplane_up").expect("m"), 0.0);
+        assert_eq!(
+            pod.metric("switchyard_connections").expect("m"),
+            1.0,
+            "connections stay open"
+        );
+    }
+
+    redis.restart().expect("restart");
+    for pod in &pods {
+        assert!(
+            wait_status(pod.public, "/readyz", 200, STEP),
+            "gateway must reconnect"
+        );
+        assert!(
+            pod.metric("switchyard_backplane_reconnects_total")
+                .expect("m")
+                >= 1.0
+        );
+    }
+    // Redis lost the log: each subscriber is told honestly, in-band.
+    let mut new_epoch = None;
+    for conn in &mut subscribers {
+        match next_frame(conn).await {
+            ServerFrame::Subscribed {
+                topic,
+                position,
+                recovered,
+            } => {
+                assert_eq!((topic.as_str(), recovered), ("live", false));
+                assert_ne!(position.epoch, old_epoch);
+                new_epoch.get_or_insert(position.epoch);
+            }
+            other => panic!("expected subscribed{{recovered:false}}, got {other:?}"),
+        }
+    }
+    for n in 1..=4 {
+        pods[n % 2]
+            .publish("live", &n.to_string())
+            .expect("publish after recovery");
+    }
+    for conn in &mut subscribers {
+        for n in 1..=4u64 {
+            let (position, data) = next_message(conn).await;
+            assert_eq!(position, Position::new(new_epoch.expect("epoch"), n));
+            assert_eq!(data, serde_json::json!(n));
+        }
+    }
+    for pod in &pods {
+        assert_eq!(pod.metric("switchyard_connections").expect("m"), 1.0);
+    }
+}
+
+#[test]
+fn a_gateway_starts_while_redis_is_down_and_connects_later() {
+    let mut redis = RedisServer::start().expect("redis");
+    let url = format!("redis.url={}", redis.url());
+    redis.kill9();
+    let gw = GatewayProcess::start(&["broker=redis", &url, "redis.reconnect_max_delay_ms=300"])
+        .expect("the gateway starts without its backplane");
+    assert!(wait_status(gw.public, "/readyz", 503, STEP));
+    assert_eq!(gw.metric("switchyard_backplane_up").expect("m"), 0.0);
+    redis.restart().expect("restart");
+    assert!(wait_status(gw.public, "/readyz", 200, STEP));
+    assert_eq!(gw.publish("late", "true").expect("publish").offset, 1);
+}
