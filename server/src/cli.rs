@@ -99,6 +99,8 @@ pub fn main() -> ExitCode {
         }
     }
     init_logging(&config);
+    // rustls (TLS to Redis) needs a process-wide crypto provider; ring is the one we build.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -132,6 +132,9 @@ pub struct RedisSettings {
     /// How long a topic's log and epoch stay in Redis after its last publish.
     /// When they expire, the next publish starts a new epoch.
     pub topic_ttl_ms: u64,
+    /// With `rediss://`: a PEM file of the CA that signed Redis's certificate
+    /// (a private CA). Without it, the system's trust store is used.
+    pub tls_ca_file: Option<String>,
 }
 
 impl Default for RedisSettings {
@@ -144,6 +147,7 @@ impl Default for RedisSettings {
             command_timeout_ms: 2_000,
             reconnect_max_delay_ms: 5_000,
             topic_ttl_ms: 24 * 3_600_000,
+            tls_ca_file: None,
         }
     }
 }

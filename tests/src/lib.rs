@@ -376,33 +376,140 @@ pub fn python() -> PathBuf {
 /// persistence: killing it loses every topic log, as a flushed backplane would.
 pub struct RedisServer {
     child: Option<Child>,
-    /// The port it listens on (kept across restarts).
+    /// The plain-text port (kept across restarts).
     pub port: u16,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    pub tls_port: Option<u16>,
     dir: PathBuf,
+    args: Vec<String>,
+}
+
+fn free_port() -> Result<u16> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(probe.local_addr()?.port())
 }
 
 impl RedisServer {
     /// Starts an instance and waits until it answers PING.
     pub fn start() -> Result<RedisServer> {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-            probe.local_addr()?.port()
-        };
+        Self::start_with(&[])
+    }
+
+    /// Starts an instance with extra `redis-server` arguments (e.g. `--requirepass`).
+    pub fn start_with(extra: &[&str]) -> Result<RedisServer> {
+        let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("sy-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut server = RedisServer {
             child: None,
             port,
+            tls_port: None,
             dir,
+            args: extra.iter().map(|a| a.to_string()).collect(),
         };
         server.spawn()?;
         Ok(server)
+    }
+
+    /// Starts an instance that also listens with TLS, with a certificate for
+    /// 127.0.0.1 signed by a fresh test CA (made with the `openssl` CLI).
+    /// Returns the server and the CA's PEM file.
+    pub fn start_tls() -> Result<(RedisServer, PathBuf)> {
+        let port = free_port()?;
+        let tls_port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("sy-redis-tls-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let openssl = |args: &[&str]| -> Result<()> {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()?;
+            if !output.status.success() {
+                bail!(
+                    "openssl {args:?}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            Ok(())
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=switchyard-test-ca",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])?;
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ])?;
+        let path = |name: &str| dir.join(name).display().to_string();
+        let args = vec![
+            "--tls-port".to_owned(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_owned(),
+            path("server.crt"),
+            "--tls-key-file".to_owned(),
+            path("server.key"),
+            "--tls-ca-cert-file".to_owned(),
+            path("ca.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let ca = dir.join("ca.crt");
+        let mut server = RedisServer {
+            child: None,
+            port,
+            tls_port: Some(tls_port),
+            dir,
+            args,
+        };
+        server.spawn()?;
+        Ok((server, ca))
     }
 
     fn spawn(&mut self) -> Result<()> {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.args)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -426,9 +533,10 @@ impl RedisServer {
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
         let mut reply = [0u8; 7];
+        // A server with a password answers -NOAUTH: it is up all the same.
         stream.write_all(b"PING\r\n").is_ok()
             && stream.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
+            && (&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
     }
 
     /// `redis://127.0.0.1:PORT`.

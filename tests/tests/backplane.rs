@@ -342,3 +342,54 @@ fn a_gateway_starts_while_redis_is_down_and_connects_later() {
     assert!(wait_status(gw.public, "/readyz", 200, STEP));
     assert_eq!(gw.publish("late", "true").expect("publish").offset, 1);
 }
+
+#[test]
+fn password_protected_redis_needs_the_password_in_the_url() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]).expect("redis");
+    let good = format!("redis.url=redis://:s3cret@127.0.0.1:{}", redis.port);
+    let gw = GatewayProcess::start(&["broker=redis", &good]).expect("start");
+    assert!(wait_status(gw.public, "/readyz", 200, STEP));
+    assert_eq!(gw.publish("auth", "1").expect("publish").offset, 1);
+
+    let wrong = format!("redis.url=redis://:nope@127.0.0.1:{}", redis.port);
+    let refused = GatewayProcess::start(&["broker=redis", &wrong]).expect("start");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_status(refused.public, "/readyz", 503, STEP),
+        "a wrong password is not ready"
+    );
+    let (status, _) = refused
+        .admin_request("POST", "/api/publish", Some(r#"{"topic":"auth","data":1}"#))
+        .expect("publish");
+    assert_eq!(status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_redis_with_a_private_ca() {
+    let (redis, ca) = RedisServer::start_tls().expect("redis with TLS");
+    let tls_port = redis.tls_port.expect("tls port");
+    let url = format!("redis.url=rediss://127.0.0.1:{tls_port}");
+    let ca_setting = format!("redis.tls_ca_file={}", ca.display());
+    let pods: Vec<GatewayProcess> = (0..2)
+        .map(|_| GatewayProcess::start(&["broker=redis", &url, &ca_setting]).expect("start"))
+        .collect();
+    for pod in &pods {
+        assert!(
+            wait_status(pod.public, "/readyz", 200, STEP),
+            "TLS connection to Redis"
+        );
+    }
+    let mut conn = Connection::connect(&pods[1].ws_url())
+        .await
+        .expect("connect");
+    subscribe(&mut conn, "secure", None).await;
+    pods[0].publish("secure", "\"over tls\"").expect("publish");
+    let (position, data) = next_message(&mut conn).await;
+    assert_eq!((position.offset, data), (1, serde_json::json!("over tls")));
+
+    // Without the CA, the certificate is not trusted: never ready.
+    let untrusted = GatewayProcess::start(&["broker=redis", &url]).expect("start");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(wait_status(untrusted.public, "/readyz", 503, STEP));
+    assert_eq!(untrusted.metric("switchyard_backplane_up").expect("m"), 0.0);
+}

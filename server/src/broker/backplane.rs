@@ -181,6 +181,25 @@ pub struct RedisBroker {
     inner: Arc<Inner>,
 }
 
+/// A Redis client for the URL; with `rediss://` and a CA file, trusting that CA.
+fn client(settings: &RedisSettings) -> Result<redis::Client, BrokerError> {
+    match &settings.tls_ca_file {
+        Some(path) if settings.url.starts_with("rediss://") => {
+            let root_cert = std::fs::read(path)
+                .map_err(|e| unavailable(format!("reading redis.tls_ca_file {path}: {e}")))?;
+            redis::Client::build_with_tls(
+                settings.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .map_err(unavailable)
+        }
+        _ => redis::Client::open(settings.url.as_str()).map_err(unavailable),
+    }
+}
+
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(err.to_string())
 }
@@ -193,7 +212,7 @@ impl RedisBroker {
     /// Starts the broker: returns at once and connects in the background, so
     /// a gateway starts (not ready) even while Redis is down.
     pub fn start(options: RedisOptions) -> Result<Arc<RedisBroker>, BrokerError> {
-        let client = redis::Client::open(options.settings.url.as_str()).map_err(unavailable)?;
+        let client = client(&options.settings)?;
         let (control, requests) = mpsc::unbounded_channel();
         options.metrics.up.set(0);
         let inner = Arc::new(Inner {
