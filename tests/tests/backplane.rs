@@ -74,7 +74,11 @@ async fn next_message(conn: &mut Connection) -> (Position, serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_any_pod_reaches_subscribers_on_every_pod() {
     let redis = RedisServer::start().expect("redis");
-    let pods = gateways(&redis, 3, &["topics.client_publish=[x]"]);
+    let pods = gateways(
+        &redis,
+        3,
+        &["topics.client_publish=[x]", "redis.command_timeout_ms=1000"],
+    );
     let mut subscribers = Vec::new();
     for pod in &pods {
         let mut conn = Connection::connect(&pod.ws_url()).await.expect("connect");
@@ -124,8 +128,16 @@ async fn a_publish_on_any_pod_reaches_subscribers_on_every_pod() {
         encode_message("x", Position::new(epoch, 1), &data),
         "the backplane's frames are byte-identical to the in-memory broker's"
     );
+    // Health pings run every second here: a healthy backplane is never
+    // mistaken for a lost one.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     for pod in &pods {
         assert_eq!(pod.metric("switchyard_backplane_up").expect("m"), 1.0);
+        assert_eq!(
+            pod.metric("switchyard_backplane_reconnects_total")
+                .expect("m"),
+            0.0
+        );
     }
     assert!(
         pods[1]

@@ -681,8 +681,10 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
                     Some(request) => serve(&inner, &mut sink, request, generation).await,
                 },
                 _ = ping.tick() => {
-                    // Detects a silent partition, which never ends the stream.
-                    let answer = tokio::time::timeout(ping_every, sink.ping::<String>()).await;
+                    // Detects a silent partition, which never ends the stream. In
+                    // subscribed mode Redis answers PING with ["pong", ""], so
+                    // any reply will do.
+                    let answer = tokio::time::timeout(ping_every, sink.ping::<Value>()).await;
                     if !matches!(answer, Ok(Ok(_))) {
                         tracing::warn!("Redis pub/sub connection stopped answering");
                         break;
