@@ -8,6 +8,8 @@
 # redis:  PODS gateways sharing one port (SO_REUSEPORT spreads the
 #         subscribers across them) on one private redis-server; the publisher
 #         posts to pod 1, so most deliveries cross pods through Redis pub/sub.
+#         Each pod runs POD_THREADS (default 1) worker threads, as a pod with
+#         a one-CPU limit would.
 # Rounds alternate memory/redis; one JSON line per run, then the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +55,8 @@ run() { # label pods extra-args...
 
 for _ in $(seq 1 "$ROUNDS"); do
   run memory 1
-  run redis "$PODS" --set broker=redis --set "redis.url=redis://127.0.0.1:$REDIS_PORT"
+  run redis "$PODS" --set broker=redis --set "redis.url=redis://127.0.0.1:$REDIS_PORT" \
+    --set "worker_threads=${POD_THREADS:-1}"
 done
 
 python3 - "$WORK/all.jsonl" <<'PY'

@@ -101,10 +101,11 @@ pub fn main() -> ExitCode {
     init_logging(&config);
     // rustls (TLS to Redis) needs a process-wide crypto provider; ring is the one we build.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("switchyard-server: cannot start the runtime: {err}");

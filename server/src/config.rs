@@ -87,6 +87,9 @@ pub struct Config {
     pub echo: bool,
     /// How long SIGTERM/SIGINT waits for connections to close after 1001.
     pub shutdown_timeout_ms: u64,
+    /// Runtime worker threads; default one per CPU. Set it to the pod's CPU
+    /// limit: more threads than cores only adds context switches.
+    pub worker_threads: Option<usize>,
     /// Logging.
     pub log: LogSettings,
     /// WebSocket framing and handshake limits.
@@ -231,6 +234,7 @@ impl Default for Config {
             reuse_port: false,
             echo: false,
             shutdown_timeout_ms: 10_000,
+            worker_threads: None,
             log: LogSettings::default(),
             websocket: WebSocketSettings::default(),
             connection: ConnectionSettings::default(),
@@ -427,6 +431,9 @@ impl Config {
                 ));
             }
         }
+        if self.worker_threads == Some(0) {
+            return Err(ConfigError::field("worker_threads", "must be at least 1"));
+        }
         if let Some(id) = &self.server_id {
             if id.is_empty() || id.len() > 64 {
                 return Err(ConfigError::field("server_id", "must be 1 to 64 bytes"));
@@ -550,7 +557,9 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         type Row<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
-        let table: [Row; 6] = [
+        let table: [Row; 8] = [
+            (&[], &["worker_threads=0"], "worker_threads"),
+            (&[], &["broker=redis", "redis.url=http://x"], "redis.url"),
             (
                 &[],
                 &["connection.keepalive_interval_ms=soon"],
