@@ -66,6 +66,9 @@ pub struct Metrics {
     pub backplane_publish_seconds: Histogram,
     /// `switchyard_backplane_reconnects_total`.
     pub backplane_reconnects: IntCounter,
+    /// `switchyard_backplane_recovered_messages_total`: messages a pod missed
+    /// on pub/sub and delivered from the stream after reconnecting.
+    pub backplane_recovered_messages: IntCounter,
 }
 
 impl Metrics {
@@ -174,6 +177,10 @@ impl Metrics {
             backplane_reconnects: counter(
                 "switchyard_backplane_reconnects_total",
                 "Times the Redis backplane connection was re-established after a loss.",
+            )?,
+            backplane_recovered_messages: counter(
+                "switchyard_backplane_recovered_messages_total",
+                "Messages missed on pub/sub during a reconnect and delivered from the stream.",
             )?,
             registry,
         })

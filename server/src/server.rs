@@ -150,6 +150,7 @@ fn make_broker(config: &Config, metrics: &Metrics) -> anyhow::Result<Arc<dyn Bro
                     up: metrics.backplane_up.clone(),
                     publish_seconds: metrics.backplane_publish_seconds.clone(),
                     reconnects: metrics.backplane_reconnects.clone(),
+                    recovered_messages: metrics.backplane_recovered_messages.clone(),
                 },
             })
             .context("redis broker")?;

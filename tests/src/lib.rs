@@ -577,3 +577,21 @@ pub fn wait_status(addr: SocketAddr, path: &str, status: u16, timeout: Duration)
     }
     false
 }
+
+impl RedisServer {
+    /// Runs `redis-cli` against this server and returns its trimmed output.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .context("running redis-cli")?;
+        if !output.status.success() {
+            bail!(
+                "redis-cli {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+}

@@ -405,3 +405,107 @@ async fn tls_to_redis_with_a_private_ca() {
     assert!(wait_status(untrusted.public, "/readyz", 503, STEP));
     assert_eq!(untrusted.metric("switchyard_backplane_up").expect("m"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_channel_subscription_per_topic_per_pod() {
+    let redis = RedisServer::start().expect("redis");
+    let pods = gateways(&redis, 2, &[]);
+    let numsub = |topic: &str| -> String {
+        let channel = format!("switchyard:{topic}");
+        let out = redis.cli(&["PUBSUB", "NUMSUB", &channel]).expect("numsub");
+        out.lines().nth(1).unwrap_or("").to_owned()
+    };
+    let mut a1 = Connection::connect(&pods[0].ws_url())
+        .await
+        .expect("connect");
+    let mut a2 = Connection::connect(&pods[0].ws_url())
+        .await
+        .expect("connect");
+    subscribe(&mut a1, "rc", None).await;
+    subscribe(&mut a2, "rc", None).await;
+    assert_eq!(
+        numsub("rc"),
+        "1",
+        "two local subscribers share one channel subscription"
+    );
+    let mut b = Connection::connect(&pods[1].ws_url())
+        .await
+        .expect("connect");
+    subscribe(&mut b, "rc", None).await;
+    assert_eq!(numsub("rc"), "2", "one per pod");
+    a1.unsubscribe("rc").await.expect("unsubscribe");
+    assert!(matches!(
+        next_frame(&mut a1).await,
+        ServerFrame::Unsubscribed { .. }
+    ));
+    assert_eq!(numsub("rc"), "2", "pod 0 still has a subscriber");
+    a2.close(1000).await.expect("close");
+    let deadline = std::time::Instant::now() + STEP;
+    while numsub("rc") != "1" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        numsub("rc"),
+        "1",
+        "the last local subscriber leaving unsubscribes the pod"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_pubsub_connection_is_refilled_from_the_stream() {
+    const TOTAL: u64 = 600;
+    let redis = RedisServer::start().expect("redis");
+    let pods = gateways(&redis, 2, &["redis.reconnect_max_delay_ms=200"]);
+    let mut conn = Connection::connect(&pods[0].ws_url())
+        .await
+        .expect("connect");
+    subscribe(&mut conn, "gap", None).await;
+    let admin = pods[1].admin;
+    let publisher = tokio::task::spawn_blocking(move || {
+        let mut n = 1;
+        while n <= TOTAL {
+            let body = format!(r#"{{"topic":"gap","data":{n}}}"#);
+            let (status, _) =
+                switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body))
+                    .expect("post");
+            // 503 while the publishing pod reconnects too: retry the same message.
+            if status == 200 {
+                n += 1;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut kills = 0;
+    while seen.last() != Some(&TOTAL) {
+        match next_frame(&mut conn).await {
+            ServerFrame::Message { offset, .. } => seen.push(offset),
+            other => panic!("expected only messages, got {other:?}"),
+        }
+        // Drop every pub/sub connection several times while messages flow.
+        if seen.len() % 50 == 0 && kills < 10 {
+            redis
+                .cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+                .expect("kill pubsub");
+            kills += 1;
+        }
+    }
+    publisher.await.expect("publisher");
+    assert_eq!(
+        seen,
+        (1..=TOTAL).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    assert!(
+        pods[0]
+            .metric("switchyard_backplane_reconnects_total")
+            .expect("m")
+            >= 10.0
+    );
+    let recovered = pods[0]
+        .metric("switchyard_backplane_recovered_messages_total")
+        .expect("m");
+    assert!(
+        recovered > 0.0,
+        "some messages must have come from the stream, not pub/sub"
+    );
+}

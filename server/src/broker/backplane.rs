@@ -60,6 +60,8 @@ pub struct BackplaneMetrics {
     pub publish_seconds: Histogram,
     /// `switchyard_backplane_reconnects_total`.
     pub reconnects: IntCounter,
+    /// `switchyard_backplane_recovered_messages_total`.
+    pub recovered_messages: IntCounter,
 }
 
 /// Everything the Redis broker needs to start.
@@ -259,10 +261,13 @@ impl Inner {
             .strip_prefix(':')
     }
 
-    /// A command connection, round robin over the pool.
+    /// A command connection, round robin over the pool. Command connections
+    /// reconnect on their own and do not depend on the pub/sub link: a
+    /// publish made while this pod's pub/sub reconnects lands in the stream,
+    /// and the recovery delivers it.
     fn connection(&self) -> Result<ConnectionManager, BrokerError> {
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.is_empty() || !self.up.load(Ordering::Relaxed) {
+        if pool.is_empty() {
             return Err(BrokerError::Unavailable("Redis backplane is down".into()));
         }
         let index = self.next_connection.fetch_add(1, Ordering::Relaxed) % pool.len();
@@ -489,11 +494,11 @@ impl Inner {
             }
             Resume::ReplayAfter(_) => {
                 for (offset, frame) in snapshot.entries.iter().rev() {
-                    local.deliver(
-                        Position::new(snapshot.head.epoch, *offset),
-                        frame,
-                        max_pending,
-                    );
+                    let position = Position::new(snapshot.head.epoch, *offset);
+                    if is_after(local.last, position) {
+                        self.options.metrics.recovered_messages.inc();
+                    }
+                    local.deliver(position, frame, max_pending);
                 }
             }
         }
