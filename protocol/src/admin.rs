@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::drain::DrainStatus;
 use crate::Position;
 
 /// `GET /admin/status`: what one gateway process holds right now.
@@ -20,6 +21,9 @@ pub struct StatusResponse {
     pub draining: bool,
     /// Seconds since the process started.
     pub uptime_seconds: u64,
+    /// The current or last drain, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainStatus>,
 }
 
 /// `POST /api/publish` request.

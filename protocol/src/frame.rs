@@ -237,6 +237,13 @@ pub enum ServerFrame {
     /// Sent every `heartbeat_ms` so clients behind proxies that eat control
     /// frames still see traffic. A client should answer with `ping`.
     Heartbeat,
+    /// This gateway is draining: open a new connection (the Service routes it
+    /// elsewhere), resubscribe every topic from its last position, then close
+    /// this one with 1000. After `grace_ms` the gateway closes it with 4000.
+    Migrate {
+        /// Time left before the gateway closes this connection itself.
+        grace_ms: u64,
+    },
 }
 
 impl ServerFrame {
@@ -366,6 +373,7 @@ mod tests {
             },
             ServerFrame::Pong,
             ServerFrame::Heartbeat,
+            ServerFrame::Migrate { grace_ms: 5000 },
         ];
         for frame in frames {
             let json = frame.to_json();

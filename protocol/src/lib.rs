@@ -3,6 +3,7 @@
 //! arithmetic that every side must agree on.
 //!
 //! - [`close`]: application close codes and what a client should do on each.
+//! - [`drain`]: the drain schedule (pure arithmetic) and the drain API bodies.
 //! - [`frame`]: the JSON text frames of the WebSocket protocol.
 //! - [`position`]: where a subscriber stands in a topic log.
 //! - [`admin`]: request and response bodies of the admin API.
@@ -10,6 +11,7 @@
 
 pub mod admin;
 pub mod close;
+pub mod drain;
 pub mod frame;
 pub mod position;
 pub mod topic;

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
-use crate::server::{serve, Gateway, Listeners};
+use crate::server::{serve, Gateway, Listeners, Stop};
 
 /// Switchyard gateway: WebSocket connections, topics that resume, lossless drains.
 #[derive(Debug, Parser)]
@@ -125,16 +125,21 @@ pub fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config)?;
     let gateway = Gateway::new(config)?;
-    let (trigger, shutdown) = watch::channel(false);
+    let (trigger, stop) = watch::channel(Stop::Running);
     tokio::spawn(async move {
-        wait_for_signal().await;
-        let _ = trigger.send(true);
+        // SIGTERM drains, SIGINT stops now; a second signal always stops now.
+        let first = wait_for_signal().await;
+        let _ = trigger.send(first);
+        if first == Stop::Drain {
+            wait_for_signal().await;
+            let _ = trigger.send(Stop::Now);
+        }
     });
-    serve(gateway, listeners, shutdown).await
+    serve(gateway, listeners, stop).await
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn wait_for_signal() {
+/// Resolves on SIGTERM (drain) or SIGINT (now).
+async fn wait_for_signal() -> Stop {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -144,7 +149,13 @@ async fn wait_for_signal() {
         return std::future::pending().await;
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = term.recv() => {
+            tracing::info!("SIGTERM received: draining");
+            Stop::Drain
+        }
+        _ = int.recv() => {
+            tracing::info!("SIGINT received: closing now");
+            Stop::Now
+        }
     }
 }

@@ -85,7 +85,7 @@ pub struct Config {
     /// Serve `GET /echo`: every message straight back, through the same
     /// handshake, limits and connection machinery as `/ws`. For conformance suites.
     pub echo: bool,
-    /// How long SIGTERM/SIGINT waits for connections to close after 1001.
+    /// How long SIGINT waits for connections to close after 1001 (SIGTERM drains instead).
     pub shutdown_timeout_ms: u64,
     /// Runtime worker threads; default one per CPU. Set it to the pod's CPU
     /// limit: more threads than cores only adds context switches.
@@ -103,6 +103,43 @@ pub struct Config {
     pub broker: BrokerKind,
     /// The Redis backplane, used when `broker: redis`.
     pub redis: RedisSettings,
+    /// Drain defaults: SIGTERM uses them; `POST /admin/drain` may override.
+    pub drain: DrainSettings,
+}
+
+/// Drain defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainSettings {
+    /// Window over which closes are spread.
+    pub window_ms: u64,
+    /// Most closes per second for this gateway.
+    pub max_rate: u64,
+    /// Everything left is closed this long after the drain starts.
+    pub deadline_ms: u64,
+    /// `close` or `make_before_break`.
+    pub mode: switchyard_protocol::drain::DrainMode,
+    /// `retry_ms` told to closed clients is random in [0, this].
+    pub retry_jitter_ms: u64,
+    /// make_before_break: time a client has after `migrate` before 4000.
+    pub migrate_grace_ms: u64,
+    /// SIGTERM: the drain's deadline is at most this (keep it below the
+    /// pod's terminationGracePeriodSeconds, which ends in SIGKILL).
+    pub grace_period_ms: u64,
+}
+
+impl Default for DrainSettings {
+    fn default() -> Self {
+        DrainSettings {
+            window_ms: 10_000,
+            max_rate: 200,
+            deadline_ms: 25_000,
+            mode: switchyard_protocol::drain::DrainMode::MakeBeforeBreak,
+            retry_jitter_ms: 2_000,
+            migrate_grace_ms: 5_000,
+            grace_period_ms: 25_000,
+        }
+    }
 }
 
 /// Which broker holds the topic logs.
@@ -241,6 +278,7 @@ impl Default for Config {
             topics: TopicSettings::default(),
             broker: BrokerKind::Memory,
             redis: RedisSettings::default(),
+            drain: DrainSettings::default(),
         }
     }
 }
@@ -371,6 +409,9 @@ impl Config {
                 self.redis.reconnect_max_delay_ms,
             ),
             ("redis.topic_ttl_ms", self.redis.topic_ttl_ms),
+            ("drain.max_rate", self.drain.max_rate),
+            ("drain.deadline_ms", self.drain.deadline_ms),
+            ("drain.grace_period_ms", self.drain.grace_period_ms),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError::field(field, "must be greater than 0"));

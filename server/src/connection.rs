@@ -405,6 +405,7 @@ impl Connection {
             }
         }
         let gateway = &self.gateway;
+        gateway.connection_ended(&self.handle);
         gateway.hub.remove(self.handle.id);
         for topic in &self.topics {
             gateway.broker.unsubscribe(topic, self.handle.id);

@@ -10,7 +10,9 @@ use switchyard_protocol::topic::validate_topic;
 use warp::{Filter, Rejection, Reply};
 
 use crate::broker::BrokerError;
+use crate::drain::DrainRefused;
 use crate::server::Gateway;
+use switchyard_protocol::drain::DrainRequest;
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
 
@@ -93,9 +95,61 @@ pub fn admin_routes(
         .and(warp::post())
         .and(warp::body::content_length_limit(body_limit))
         .and(warp::body::bytes())
-        .and(with_gateway(gateway))
+        .and(with_gateway(gateway.clone()))
         .then(publish);
-    status.or(publish).unify().recover(recover).unify()
+    let drain_limit = 4096;
+    let start_drain = warp::path!("admin" / "drain")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(drain_limit))
+        .and(warp::body::bytes())
+        .and(with_gateway(gateway.clone()))
+        .map(start_drain);
+    let cancel_drain = warp::path!("admin" / "drain")
+        .and(warp::delete())
+        .and(with_gateway(gateway))
+        .map(
+            |gateway: Arc<Gateway>| match crate::drain::cancel(&gateway) {
+                Ok(drain) => {
+                    warp::reply::json(&drain.status(gateway.hub.len() as u64)).into_response()
+                }
+                Err(err) => api_error(StatusCode::CONFLICT, "not_draining", err.to_string()),
+            },
+        );
+    status
+        .or(publish)
+        .unify()
+        .or(start_drain)
+        .unify()
+        .or(cancel_drain)
+        .unify()
+        .recover(recover)
+        .unify()
+}
+
+fn start_drain(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Response {
+    let request: DrainRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!(
+                    "expected {{window_ms, max_rate, deadline_ms, mode: close|make_before_break, retry_jitter_ms?, migrate_grace_ms?}}: {err}"
+                ),
+            )
+        }
+    };
+    match crate::drain::start(&gateway, request) {
+        Ok(drain) => warp::reply::with_status(
+            warp::reply::json(&drain.status(gateway.hub.len() as u64)),
+            StatusCode::ACCEPTED,
+        )
+        .into_response(),
+        Err(err @ DrainRefused::AlreadyDraining) => {
+            api_error(StatusCode::CONFLICT, "already_draining", err.to_string())
+        }
+        Err(err) => api_error(StatusCode::BAD_REQUEST, "bad_request", err.to_string()),
+    }
 }
 
 async fn publish(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Response {

@@ -34,6 +34,8 @@ pub struct ConnHandle {
     pub route: Route,
     /// Outgoing frames.
     pub outbox: Outbox,
+    /// What a drain has done to this connection.
+    pub drain_mark: crate::drain::DrainMark,
     /// Milliseconds since the hub started when a frame last arrived.
     last_seen_ms: AtomicU64,
 }
@@ -88,6 +90,7 @@ impl Hub {
             label: format!("{}-{id}", self.server_id),
             route,
             outbox: Outbox::new(self.limits),
+            drain_mark: Default::default(),
             last_seen_ms: AtomicU64::new(self.now_ms()),
         });
         self.lock().insert(id, handle.clone());
@@ -118,7 +121,8 @@ impl Hub {
         self.len() == 0
     }
 
-    fn snapshot(&self) -> Vec<Arc<ConnHandle>> {
+    /// Handles of every open connection.
+    pub fn snapshot(&self) -> Vec<Arc<ConnHandle>> {
         self.lock().values().cloned().collect()
     }
 

@@ -8,6 +8,7 @@
 //! - [`hub`]: the registry of live connections, keepalive sweeps.
 //! - [`broker`]: topic logs, resume, fan-out (in-memory default).
 //! - [`connection`]: one connection's reader and writer.
+//! - [`drain`]: the drain engine (staggered migration of connections).
 //! - [`upgrade`]: the WebSocket handshake on hyper.
 //! - [`http`]: the HTTP routes of both listeners (warp).
 //! - [`server`]: listeners, accept loops, shutdown.
@@ -18,6 +19,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod drain;
 pub mod http;
 pub mod hub;
 pub mod metrics;

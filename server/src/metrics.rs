@@ -60,6 +60,12 @@ pub struct Metrics {
     pub fanout_latency: Histogram,
     /// `switchyard_draining`: 1 while the gateway refuses new work.
     pub draining: IntGauge,
+    /// `switchyard_drain_active`: 1 while a drain runs.
+    pub drain_active: IntGauge,
+    /// `switchyard_drain_remaining`: connections left on a draining gateway.
+    pub drain_remaining: IntGauge,
+    /// `switchyard_migrations_total{how="client|slot|deadline"}`.
+    pub migrations: IntCounterVec,
     /// `switchyard_backplane_up`: 1 while the Redis backplane is connected (always 1 for memory).
     pub backplane_up: IntGauge,
     /// `switchyard_backplane_publish_seconds`: one publish round trip to the backplane.
@@ -168,6 +174,16 @@ impl Metrics {
             draining: gauge(
                 "switchyard_draining",
                 "1 while the gateway is draining or shutting down.",
+            )?,
+            drain_active: gauge("switchyard_drain_active", "1 while a drain runs.")?,
+            drain_remaining: gauge(
+                "switchyard_drain_remaining",
+                "Connections still open on this gateway during a drain.",
+            )?,
+            migrations: counter_vec(
+                "switchyard_migrations_total",
+                "Drained connections, by how they left: client (by itself), slot, deadline.",
+                &["how"],
             )?,
             backplane_up: gauge(
                 "switchyard_backplane_up",

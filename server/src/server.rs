@@ -28,9 +28,11 @@ use crate::broker::log::Retention;
 use crate::broker::memory::{MemoryBroker, MemorySettings};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{BrokerKind, Config};
+use crate::drain::Drain;
 use crate::hub::{Hub, Route};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxLimits;
+use switchyard_protocol::drain::{DrainRequest, MigrationKind};
 
 /// Everything the listeners and connections share.
 pub struct Gateway {
@@ -47,7 +49,10 @@ pub struct Gateway {
     /// tungstenite settings for every connection.
     pub ws_config: WebSocketConfig,
     started: Instant,
-    draining: AtomicBool,
+    shutting_down: AtomicBool,
+    drain: std::sync::Mutex<Option<Arc<Drain>>>,
+    /// Notified when a drain finishes (or is cancelled).
+    pub drain_finished: tokio::sync::Notify,
     client_publish: Vec<TopicPattern>,
 }
 
@@ -80,20 +85,49 @@ impl Gateway {
             broker,
             ws_config,
             started: Instant::now(),
-            draining: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            drain: std::sync::Mutex::new(None),
+            drain_finished: tokio::sync::Notify::new(),
             server_id,
             config,
         }))
     }
 
-    /// Whether the gateway refuses new work (readiness is 503).
+    /// Whether the gateway refuses new work (readiness is 503): a drain
+    /// runs, or the process is shutting down.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.shutting_down.load(Ordering::Relaxed)
+            || self.drain_slot().as_ref().is_some_and(|d| d.is_active())
     }
 
-    fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-        self.metrics.draining.set(1);
+    /// Re-derives the `switchyard_draining` gauge from the state.
+    pub fn refresh_readiness(&self) {
+        self.metrics.draining.set(i64::from(self.is_draining()));
+    }
+
+    fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.refresh_readiness();
+    }
+
+    /// The current or last drain.
+    pub fn drain_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Drain>>> {
+        self.drain.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a connection that ended, for the drain it belonged to.
+    pub fn connection_ended(&self, handle: &crate::hub::ConnHandle) {
+        let drain = self.drain_slot().clone();
+        if let Some(drain) = drain {
+            let kind = handle.drain_mark.kind();
+            if drain.is_active() || kind != MigrationKind::Client {
+                drain.connection_ended(kind);
+                self.metrics
+                    .migrations
+                    .with_label_values(&[kind.as_str()])
+                    .inc();
+            }
+        }
     }
 
     /// Whether clients may publish on `topic`.
@@ -118,6 +152,10 @@ impl Gateway {
             topics: self.broker.topic_count() as u64,
             draining: self.is_draining(),
             uptime_seconds: self.started.elapsed().as_secs(),
+            drain: self
+                .drain_slot()
+                .as_ref()
+                .map(|d| d.status(self.hub.len() as u64)),
         }
     }
 }
@@ -195,12 +233,24 @@ impl Listeners {
     }
 }
 
-/// Serves until `shutdown` fires, then closes every connection with 1001 and
-/// waits for them (at most `shutdown_timeout_ms`).
+/// How the gateway is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Keep serving.
+    Running,
+    /// SIGTERM: drain (or let a running drain finish), then exit.
+    Drain,
+    /// SIGINT, or a second signal: close everything with 1001 now, then exit.
+    Now,
+}
+
+/// Serves until `stop` leaves [`Stop::Running`], then drains or closes, and
+/// returns once every connection is gone (bounded). The listeners keep
+/// serving during a drain, so `/admin/status` shows its progress.
 pub async fn serve(
     gateway: Arc<Gateway>,
     listeners: Listeners,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         server_id = %gateway.server_id,
@@ -208,29 +258,96 @@ pub async fn serve(
         admin = %listeners.admin.local_addr()?,
         "gateway listening"
     );
+    let (close_listeners, listeners_closed) = watch::channel(false);
     let public = tokio::spawn(accept_loop(
         listeners.public,
         gateway.clone(),
         Listener::Public,
-        shutdown.clone(),
+        listeners_closed.clone(),
     ));
     let admin = tokio::spawn(accept_loop(
         listeners.admin,
         gateway.clone(),
         Listener::Admin,
-        shutdown.clone(),
+        listeners_closed,
     ));
     let keepalive = tokio::spawn(keepalive_loop(gateway.clone()));
 
-    // Wait for the signal (or for the sender to go away, which means the same).
-    while !*shutdown.borrow_and_update() {
-        if shutdown.changed().await.is_err() {
-            break;
+    // A sender that goes away means the same as "stop now".
+    let mut how = Stop::Running;
+    while how == Stop::Running {
+        if stop.changed().await.is_err() {
+            how = Stop::Now;
+        } else {
+            how = *stop.borrow_and_update();
         }
     }
-    gateway.set_draining();
+    gateway.set_shutting_down();
+    if how == Stop::Drain {
+        drain_until_empty(&gateway, &mut stop).await;
+    }
+    if !gateway.hub.is_empty() {
+        close_now(&gateway).await;
+    }
+    let _ = close_listeners.send(true);
+    keepalive.abort();
+    let _ = public.await;
+    let _ = admin.await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// SIGTERM: keep a running drain, or start one with the configured defaults
+/// (deadline bounded by `drain.grace_period_ms`), until no connection is left
+/// or the deadline has passed. A second signal cuts it short.
+async fn drain_until_empty(gateway: &Arc<Gateway>, stop: &mut watch::Receiver<Stop>) {
+    let settings = &gateway.config.drain;
+    let close_timeout = Duration::from_millis(gateway.config.connection.close_timeout_ms);
+    loop {
+        if gateway.hub.is_empty() {
+            return;
+        }
+        let running = gateway.drain_slot().clone().filter(|d| d.is_active());
+        let drain = match running {
+            Some(drain) => drain,
+            None => {
+                let request = DrainRequest {
+                    window_ms: settings.window_ms,
+                    max_rate: settings.max_rate,
+                    deadline_ms: settings.deadline_ms.min(settings.grace_period_ms),
+                    mode: settings.mode,
+                    retry_jitter_ms: settings.retry_jitter_ms,
+                    migrate_grace_ms: Some(settings.migrate_grace_ms),
+                };
+                match crate::drain::start(gateway, request) {
+                    Ok(drain) => drain,
+                    Err(err) => {
+                        tracing::error!(%err, "cannot drain; closing now");
+                        return;
+                    }
+                }
+            }
+        };
+        // Past the deadline the drain closes what is left; give those closes
+        // their close timeout, then stop waiting.
+        let give_up = drain.deadline() + close_timeout;
+        let finished = gateway.drain_finished.notified();
+        tokio::select! {
+            _ = gateway.hub.wait_empty(give_up.saturating_duration_since(tokio::time::Instant::now())) => {
+                if gateway.hub.is_empty() || tokio::time::Instant::now() >= give_up {
+                    return;
+                }
+            }
+            _ = finished => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Closes every connection with 1001 and waits (at most `shutdown_timeout_ms`).
+async fn close_now(gateway: &Gateway) {
     let open = gateway.hub.len();
-    tracing::info!(open, "shutting down: closing connections with 1001");
+    tracing::info!(open, "closing connections with 1001");
     gateway
         .hub
         .close_all(CloseCode::GoingAway, "server shutting down");
@@ -243,11 +360,6 @@ pub async fn serve(
         gateway.hub.abort_all();
         gateway.hub.wait_empty(Duration::from_secs(1)).await;
     }
-    keepalive.abort();
-    let _ = public.await;
-    let _ = admin.await;
-    tracing::info!("gateway stopped");
-    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

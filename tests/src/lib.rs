@@ -113,11 +113,20 @@ impl GatewayProcess {
         self.logs.lock().expect("logs").clone()
     }
 
-    /// Sends SIGTERM.
+    /// Sends SIGTERM (the gateway drains, then exits).
     pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends SIGINT (the gateway closes everything with 1001 and exits).
+    pub fn interrupt(&self) {
+        self.signal(libc::SIGINT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
         // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
         unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            libc::kill(self.child.id() as libc::pid_t, signal);
         }
     }
 

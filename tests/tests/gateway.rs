@@ -427,7 +427,7 @@ async fn send_text(conn: &mut Connection, text: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_closes_every_connection_with_1001_and_exits_zero() {
+async fn sigint_closes_every_connection_with_1001_and_exits_zero() {
     let mut gw = GatewayProcess::start(&[]).expect("start");
     let mut conns = Vec::new();
     for _ in 0..5 {
@@ -435,7 +435,7 @@ async fn sigterm_closes_every_connection_with_1001_and_exits_zero() {
         subscribe(&mut conn, "bye", None).await;
         conns.push(conn);
     }
-    gw.terminate();
+    gw.interrupt();
     for conn in &mut conns {
         assert_eq!(expect_closed(conn).await.code, 1001);
     }

@@ -1,0 +1,300 @@
+//! The drain engine: moves this gateway's connections elsewhere, gradually.
+//!
+//! The schedule is [`switchyard_protocol::drain::slot_times`] (pure); this
+//! module applies it. One task per drain walks three clocks — the next slot,
+//! the oldest `migrate` grace running out, the deadline — so a drain of 50,000
+//! connections costs one timer, not 50,000.
+//!
+//! Each connection carries a [`DrainMark`] so that, when it ends, it is
+//! counted by how it left: by itself (`client`), closed at its slot (`slot`)
+//! or at the deadline (`deadline`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use switchyard_protocol::close::CloseReason;
+use switchyard_protocol::drain::{slot_times, DrainMode, DrainRequest, DrainStatus, MigrationKind};
+use switchyard_protocol::{CloseCode, ServerFrame};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::hub::ConnHandle;
+use crate::outbox::Outgoing;
+use crate::server::Gateway;
+
+/// What a drain has done to one connection.
+#[derive(Debug, Default)]
+pub struct DrainMark(AtomicU8);
+
+// 0 (the default): untouched.
+const MIGRATE_SENT: u8 = 1;
+const CLOSED_AT_SLOT: u8 = 2;
+const CLOSED_AT_DEADLINE: u8 = 3;
+
+impl DrainMark {
+    fn set(&self, value: u8) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    /// How the connection left, judged when it ends.
+    pub fn kind(&self) -> MigrationKind {
+        match self.0.load(Ordering::Relaxed) {
+            CLOSED_AT_SLOT => MigrationKind::Slot,
+            CLOSED_AT_DEADLINE => MigrationKind::Deadline,
+            _ => MigrationKind::Client,
+        }
+    }
+}
+
+/// One drain: its request, its counters, its cancel switch.
+pub struct Drain {
+    request: DrainRequest,
+    grace: Duration,
+    started: Instant,
+    total: u64,
+    schedule_ms: u64,
+    migrated_by_client: AtomicU64,
+    closed_at_slot: AtomicU64,
+    forced_at_deadline: AtomicU64,
+    cancelled: AtomicBool,
+    finished: AtomicBool,
+    cancel: Notify,
+}
+
+/// Why a drain request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainRefused {
+    /// A drain is already running.
+    #[error("a drain is already in progress")]
+    AlreadyDraining,
+    /// Nothing to cancel.
+    #[error("no drain in progress")]
+    NotDraining,
+    /// The request's numbers are unusable.
+    #[error(transparent)]
+    Invalid(#[from] switchyard_protocol::drain::DrainError),
+}
+
+impl Drain {
+    /// Whether the drain still runs.
+    pub fn is_active(&self) -> bool {
+        !self.finished.load(Ordering::Relaxed)
+    }
+
+    /// Progress, with `remaining` = connections still open on the gateway.
+    pub fn status(&self, remaining: u64) -> DrainStatus {
+        DrainStatus {
+            active: self.is_active(),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
+            mode: self.request.mode,
+            total: self.total,
+            remaining,
+            migrated_by_client: self.migrated_by_client.load(Ordering::Relaxed),
+            closed_at_slot: self.closed_at_slot.load(Ordering::Relaxed),
+            forced_at_deadline: self.forced_at_deadline.load(Ordering::Relaxed),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            schedule_ms: self.schedule_ms,
+        }
+    }
+
+    /// The deadline, as an instant.
+    pub fn deadline(&self) -> Instant {
+        self.started + Duration::from_millis(self.request.deadline_ms)
+    }
+
+    /// Counts a drained connection that has ended.
+    pub fn connection_ended(&self, kind: MigrationKind) {
+        let counter = match kind {
+            MigrationKind::Client => &self.migrated_by_client,
+            MigrationKind::Slot => &self.closed_at_slot,
+            MigrationKind::Deadline => &self.forced_at_deadline,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn retry_reason(&self) -> String {
+        let retry_ms = rand::rng().random_range(0..=self.request.retry_jitter_ms);
+        CloseReason {
+            retry_ms: Some(retry_ms),
+            reason: None,
+        }
+        .to_json()
+    }
+}
+
+/// Starts a drain of every connection the gateway holds now.
+pub fn start(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>, DrainRefused> {
+    request.validate()?;
+    let mut current = gateway.drain_slot();
+    if current.as_ref().is_some_and(|d| d.is_active()) {
+        return Err(DrainRefused::AlreadyDraining);
+    }
+    let mut connections = gateway.hub.snapshot();
+    connections.shuffle(&mut rand::rng());
+    let slots = slot_times(
+        connections.len(),
+        request.window_ms,
+        request.max_rate,
+        request.deadline_ms,
+    );
+    let grace = Duration::from_millis(
+        request
+            .migrate_grace_ms
+            .unwrap_or(gateway.config.drain.migrate_grace_ms),
+    );
+    let drain = Arc::new(Drain {
+        request,
+        grace,
+        started: Instant::now(),
+        total: connections.len() as u64,
+        schedule_ms: slots.last().copied().unwrap_or(0),
+        migrated_by_client: AtomicU64::new(0),
+        closed_at_slot: AtomicU64::new(0),
+        forced_at_deadline: AtomicU64::new(0),
+        cancelled: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
+        cancel: Notify::new(),
+    });
+    *current = Some(drain.clone());
+    drop(current);
+    gateway.refresh_readiness();
+    gateway.metrics.drain_active.set(1);
+    tracing::info!(
+        total = drain.total,
+        window_ms = request.window_ms,
+        max_rate = request.max_rate,
+        deadline_ms = request.deadline_ms,
+        mode = ?request.mode,
+        "drain started"
+    );
+    let plan: Vec<(Arc<ConnHandle>, u64)> = connections.into_iter().zip(slots).collect();
+    tokio::spawn(run(gateway.clone(), drain.clone(), plan));
+    Ok(drain)
+}
+
+/// Cancels the running drain (rollback): no more closes; readiness returns.
+pub fn cancel(gateway: &Gateway) -> Result<Arc<Drain>, DrainRefused> {
+    let current = gateway.drain_slot();
+    let drain = current
+        .as_ref()
+        .filter(|d| d.is_active())
+        .cloned()
+        .ok_or(DrainRefused::NotDraining)?;
+    drop(current);
+    drain.cancelled.store(true, Ordering::Relaxed);
+    drain.cancel.notify_one();
+    tracing::info!("drain cancelled");
+    Ok(drain)
+}
+
+/// The drain task.
+async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle>, u64)>) {
+    let mut slots = plan.into_iter().peekable();
+    let mut graces: VecDeque<(Instant, Arc<ConnHandle>)> = VecDeque::new();
+    let deadline = drain.deadline();
+    let migrate = Utf8Bytes::from(
+        ServerFrame::Migrate {
+            grace_ms: drain.grace.as_millis() as u64,
+        }
+        .to_json(),
+    );
+    // With nothing scheduled, look every 100 ms whether the last connection has gone.
+    let idle_check = Duration::from_millis(100);
+    loop {
+        let now = Instant::now();
+        let next_slot = slots
+            .peek()
+            .map(|(_, at)| drain.started + Duration::from_millis(*at));
+        let next_grace = graces.front().map(|(at, _)| *at);
+        let wake = [
+            next_slot,
+            next_grace,
+            Some(deadline),
+            Some(now + idle_check),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(deadline);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = drain.cancel.notified() => break,
+        }
+        if drain.cancelled.load(Ordering::Relaxed) {
+            break;
+        }
+        let now = Instant::now();
+        gateway
+            .metrics
+            .drain_remaining
+            .set(gateway.hub.len() as i64);
+        if now >= deadline {
+            force_remaining(&gateway, &drain);
+            break;
+        }
+        while let Some((handle, _)) =
+            slots.next_if(|(_, at)| drain.started + Duration::from_millis(*at) <= now)
+        {
+            if handle.outbox.end_request().is_some() {
+                continue; // already leaving
+            }
+            match drain.request.mode {
+                DrainMode::Close => close(&handle, &drain, CLOSED_AT_SLOT),
+                DrainMode::MakeBeforeBreak => {
+                    handle.drain_mark.set(MIGRATE_SENT);
+                    let _ = handle.outbox.push(Outgoing::Text(migrate.clone()));
+                    graces.push_back((now + drain.grace, handle));
+                }
+            }
+        }
+        while let Some((_, handle)) = graces.pop_front_if(|(at, _)| *at <= now) {
+            if handle.outbox.end_request().is_none() {
+                close(&handle, &drain, CLOSED_AT_SLOT);
+            }
+        }
+        if slots.peek().is_none() && graces.is_empty() && gateway.hub.is_empty() {
+            break;
+        }
+    }
+    drain.finished.store(true, Ordering::Relaxed);
+    gateway.metrics.drain_active.set(0);
+    gateway
+        .metrics
+        .drain_remaining
+        .set(gateway.hub.len() as i64);
+    gateway.refresh_readiness();
+    let status = drain.status(gateway.hub.len() as u64);
+    tracing::info!(
+        cancelled = status.cancelled,
+        remaining = status.remaining,
+        migrated_by_client = status.migrated_by_client,
+        closed_at_slot = status.closed_at_slot,
+        forced_at_deadline = status.forced_at_deadline,
+        elapsed_ms = status.elapsed_ms,
+        "drain finished"
+    );
+    gateway.drain_finished.notify_waiters();
+}
+
+fn close(handle: &ConnHandle, drain: &Drain, mark: u8) {
+    handle.drain_mark.set(mark);
+    handle
+        .outbox
+        .close(CloseCode::Migrate, drain.retry_reason());
+}
+
+/// At the deadline: whatever is still open is closed, late arrivals included.
+fn force_remaining(gateway: &Gateway, drain: &Drain) {
+    let left = gateway.hub.snapshot();
+    tracing::info!(left = left.len(), "drain deadline: closing what is left");
+    for handle in left {
+        if handle.outbox.end_request().is_none() {
+            close(&handle, drain, CLOSED_AT_DEADLINE);
+        }
+    }
+}
