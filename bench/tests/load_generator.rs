@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use switchyard_server::config::Config;
-use switchyard_server::server::{serve, Gateway, Listeners};
+use switchyard_server::server::{serve, Gateway, Listeners, Stop};
 
 fn run_load(args: &[String]) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard-load"))
@@ -35,7 +35,7 @@ async fn fanout_and_idle_report_exact_counts() {
     let public = listeners.public.local_addr().expect("addr");
     let admin = listeners.admin.local_addr().expect("addr");
     let gateway = Gateway::new(config).expect("gateway");
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let (stop, shutdown) = tokio::sync::watch::channel(Stop::Running);
     let server = tokio::spawn(serve(gateway.clone(), listeners, shutdown));
 
     let fanout = tokio::task::spawn_blocking(move || {
@@ -74,6 +74,6 @@ async fn fanout_and_idle_report_exact_counts() {
     assert_eq!(idle["failed"], 0);
     assert_eq!(gateway.metrics.connections_opened.get(), 350);
 
-    stop.send(true).expect("stop");
+    stop.send(Stop::Now).expect("stop");
     server.await.expect("join").expect("serve");
 }
