@@ -1,10 +1,14 @@
 //! A Rust client for the Switchyard gateway: connect, subscribe (optionally
 //! resuming from a position), receive, publish.
 //!
-//! This is the single-connection layer. It answers the gateway's heartbeats,
-//! remembers the last position seen on every topic (so a caller can resume
-//! after a reconnect) and reports a close with its code and its class.
-//! Reconnection with backoff and make-before-break migration build on it.
+//! Two layers:
+//! - [`Connection`]: one WebSocket. It answers the gateway's heartbeats,
+//!   remembers the last position seen on every topic and reports a close with
+//!   its code and its class.
+//! - [`Client`]: a session over connections — reconnects with full-jitter
+//!   backoff, honours close codes and `retry_ms`, migrates make-before-break,
+//!   drops duplicates, holds publishes while disconnected. The decisions
+//!   themselves are plain functions in [`policy`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), switchyard_client::ClientError> {
@@ -16,6 +20,11 @@
 //! }
 //! # Ok(()) }
 //! ```
+
+pub mod policy;
+pub mod session;
+
+pub use session::{Client, ClientEvent, ClientOptions, ClientStats, OutboxFull};
 
 use std::collections::HashMap;
 

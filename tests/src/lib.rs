@@ -604,3 +604,138 @@ impl RedisServer {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 }
+
+/// A switchable L4 proxy standing in for a Kubernetes Service: new
+/// connections go to the current backend set (round robin); established ones
+/// stay where they are, as with kube-proxy. It records when connections to
+/// each backend open and close, to measure reconnect and close rates.
+pub struct ServiceProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    backends: Vec<SocketAddr>,
+    next: usize,
+    started: Option<Instant>,
+    opened: Vec<(SocketAddr, u64)>,
+    closed: Vec<(SocketAddr, u64)>,
+}
+
+impl ServiceProxy {
+    /// Starts the proxy on an ephemeral loopback port.
+    pub async fn start(backends: Vec<SocketAddr>) -> Result<ServiceProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(ProxyState {
+            backends,
+            started: Some(Instant::now()),
+            ..ProxyState::default()
+        }));
+        let accept = tokio::spawn(proxy_accept(listener, state.clone()));
+        Ok(ServiceProxy {
+            addr,
+            state,
+            accept,
+        })
+    }
+
+    /// `ws://proxy/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Routes new connections to `backends` from now on.
+    pub fn switch(&self, backends: Vec<SocketAddr>) {
+        let mut state = self.state.lock().expect("proxy state");
+        state.backends = backends;
+        state.next = 0;
+    }
+
+    /// Milliseconds (since the proxy started) at which connections to
+    /// `backend` closed.
+    pub fn closes(&self, backend: SocketAddr) -> Vec<u64> {
+        let state = self.state.lock().expect("proxy state");
+        state
+            .closed
+            .iter()
+            .filter(|(b, _)| *b == backend)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
+    /// Milliseconds (since the proxy started) at which connections to `backend` opened.
+    pub fn opens(&self, backend: SocketAddr) -> Vec<u64> {
+        let state = self.state.lock().expect("proxy state");
+        state
+            .opened
+            .iter()
+            .filter(|(b, _)| *b == backend)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+}
+
+impl Drop for ServiceProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+fn proxy_now(state: &ProxyState) -> u64 {
+    state.started.map_or(0, |s| s.elapsed().as_millis() as u64)
+}
+
+async fn proxy_accept(listener: tokio::net::TcpListener, state: Arc<Mutex<ProxyState>>) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let backend = {
+            let mut s = state.lock().expect("proxy state");
+            if s.backends.is_empty() {
+                continue;
+            }
+            let backend = s.backends[s.next % s.backends.len()];
+            s.next += 1;
+            backend
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            {
+                let mut s = state.lock().expect("proxy state");
+                let now = proxy_now(&s);
+                s.opened.push((backend, now));
+            }
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            let mut s = state.lock().expect("proxy state");
+            let now = proxy_now(&s);
+            s.closed.push((backend, now));
+        });
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit (tests that hold
+/// thousands of sockets).
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a pointer to a local struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

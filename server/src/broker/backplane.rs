@@ -85,14 +85,26 @@ type Pending = Vec<(Position, Utf8Bytes)>;
 struct LocalSub {
     handle: Arc<ConnHandle>,
     pending: Option<Pending>,
+    /// The head its replay went up to: a message at or before it, still in
+    /// flight on pub/sub when the snapshot was taken, is not sent again.
+    replayed_to: Option<Position>,
 }
 
 /// What this pod knows of a topic with local subscribers.
 #[derive(Default)]
 struct LocalTopic {
     subscribers: HashMap<u64, LocalSub>,
-    /// The last position delivered here: where a recovery starts.
+    /// The last position delivered here. Only deliveries move it: it filters
+    /// duplicates, so moving it ahead of a message still in flight on pub/sub
+    /// would drop that message for every subscriber here.
     last: Option<Position>,
+    /// The head when the first local subscriber joined: where a recovery
+    /// starts if nothing has been delivered here yet. Filters nothing.
+    floor: Option<Position>,
+    /// The pub/sub generation on which this topic's SUBSCRIBE was confirmed
+    /// (0: not yet). While it matches the current generation the channel is
+    /// live, so a new local subscriber needs no round trip to Redis.
+    channel_generation: u64,
     /// `Some` while the topic recovers after a reconnect; arrivals wait in it.
     recovering: Option<Pending>,
 }
@@ -125,6 +137,7 @@ impl LocalTopic {
                     CloseCode::SlowConsumer,
                     CloseReason::text("subscribe backlog overflowed").to_json(),
                 ),
+                None if !is_after(sub.replayed_to, position) => {}
                 None => {
                     // A full outbox closes its connection (4002); others are unaffected.
                     let _ = sub.handle.outbox.push(Outgoing::Live {
@@ -362,24 +375,26 @@ impl Inner {
         handle: Arc<ConnHandle>,
     ) -> Result<Subscribed, BrokerError> {
         let id = handle.id;
-        {
+        let confirmed = {
             let mut topics = self.topics();
             if !topics.contains_key(topic) && topics.len() >= self.options.max_topics {
                 return Err(BrokerError::TooManyTopics(self.options.max_topics));
             }
-            topics
-                .entry(topic.to_owned())
-                .or_default()
-                .subscribers
-                .insert(
-                    id,
-                    LocalSub {
-                        handle: handle.clone(),
-                        pending: Some(Vec::new()),
-                    },
-                );
-        }
-        let result = self.complete_subscribe(topic, since, &handle).await;
+            let local = topics.entry(topic.to_owned()).or_default();
+            local.subscribers.insert(
+                id,
+                LocalSub {
+                    handle: handle.clone(),
+                    pending: Some(Vec::new()),
+                    replayed_to: None,
+                },
+            );
+            let current = self.generation.load(Ordering::Relaxed);
+            (local.channel_generation == current && current != 0).then_some(current)
+        };
+        let result = self
+            .complete_subscribe(topic, since, &handle, confirmed)
+            .await;
         if result.is_err() {
             self.remove_subscriber(topic, id);
         }
@@ -392,8 +407,12 @@ impl Inner {
         topic: &str,
         since: Option<Position>,
         handle: &ConnHandle,
+        confirmed: Option<u64>,
     ) -> Result<Subscribed, BrokerError> {
-        let generation = self.ensure_channel(topic).await?;
+        let generation = match confirmed {
+            Some(generation) => generation,
+            None => self.ensure_channel(topic).await?,
+        };
         let snapshot = self.snapshot(topic, since).await?;
         let mut topics = self.topics();
         if self.generation.load(Ordering::Relaxed) != generation {
@@ -404,11 +423,13 @@ impl Inner {
         let local = topics
             .get_mut(topic)
             .ok_or_else(|| unavailable("subscription vanished"))?;
-        let pending = local
-            .subscribers
-            .get_mut(&handle.id)
-            .and_then(|sub| sub.pending.take())
-            .unwrap_or_default();
+        let pending = match local.subscribers.get_mut(&handle.id) {
+            Some(sub) => {
+                sub.replayed_to = Some(snapshot.head);
+                sub.pending.take().unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
         let fetched: Vec<u64> = snapshot.entries.iter().map(|(offset, _)| *offset).collect();
         let resume = resume_from_snapshot(since, snapshot.head, &fetched);
         let outbox = &handle.outbox;
@@ -434,9 +455,10 @@ impl Inner {
                 });
             }
         }
-        if is_after(local.last, snapshot.head) && local.recovering.is_none() {
-            local.last = Some(snapshot.head);
+        if local.floor.is_none() {
+            local.floor = Some(snapshot.head);
         }
+        local.channel_generation = generation;
         Ok(Subscribed {
             position: snapshot.head,
             recovered: resume.recovered(),
@@ -448,7 +470,7 @@ impl Inner {
     async fn recover(&self, topic: &str, generation: u64) {
         let mut delay = Duration::from_millis(100);
         let since = match self.topics().get(topic) {
-            Some(local) => local.last,
+            Some(local) => local.last.or(local.floor),
             None => return,
         };
         let snapshot = loop {
@@ -487,11 +509,7 @@ impl Inner {
                 }
                 local.last = Some(snapshot.head);
             }
-            Resume::UpToDate => {
-                if local.last.is_none() {
-                    local.last = Some(snapshot.head);
-                }
-            }
+            Resume::UpToDate => {}
             Resume::ReplayAfter(_) => {
                 for (offset, frame) in snapshot.entries.iter().rev() {
                     let position = Position::new(snapshot.head.epoch, *offset);
@@ -797,6 +815,58 @@ impl Broker for RedisBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A subscriber joining with a snapshot head ahead of what this pod has
+    /// delivered: the messages still in flight reach the subscriber that was
+    /// already here, and are not sent twice to the newcomer.
+    #[tokio::test]
+    async fn in_flight_messages_reach_old_subscribers_once_and_new_ones_never_twice() {
+        use crate::hub::{Hub, Route};
+        use crate::outbox::OutboxLimits;
+        let hub = Hub::new(
+            "t".into(),
+            OutboxLimits {
+                max_messages: 100,
+                max_bytes: 1 << 20,
+            },
+        );
+        let (old, new) = (hub.register(Route::Topics), hub.register(Route::Topics));
+        let epoch = 9;
+        let mut topic = LocalTopic {
+            last: Some(Position::new(epoch, 5)),
+            ..LocalTopic::default()
+        };
+        for (handle, replayed_to) in [(&old, 5), (&new, 8)] {
+            topic.subscribers.insert(
+                handle.id,
+                LocalSub {
+                    handle: handle.clone(),
+                    pending: None,
+                    replayed_to: Some(Position::new(epoch, replayed_to)),
+                },
+            );
+        }
+        for offset in 6..=9 {
+            let frame = Utf8Bytes::from(format!("m{offset}"));
+            topic.deliver(Position::new(epoch, offset), &frame, 100);
+        }
+        // A duplicate from a recovery overlap is dropped for everyone.
+        topic.deliver(Position::new(epoch, 9), &Utf8Bytes::from("m9"), 100);
+        let texts = |handle: &ConnHandle| -> Vec<String> {
+            let mut batch = std::collections::VecDeque::new();
+            let _ = handle.outbox.next_batch(&mut batch).now_or_never();
+            batch
+                .into_iter()
+                .map(|frame| match frame {
+                    Outgoing::Live { text, .. } => text.to_string(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(texts(&old), vec!["m6", "m7", "m8", "m9"]);
+        assert_eq!(texts(&new), vec!["m9"]);
+        assert_eq!(topic.last, Some(Position::new(epoch, 9)));
+    }
 
     #[test]
     fn payloads_parse() {

@@ -1,0 +1,465 @@
+//! `Client`: a session that outlives its connections.
+//!
+//! A background task owns the current [`Connection`] and keeps the session
+//! going: it reconnects with full-jitter backoff (or after the gateway's
+//! `retry_ms`), resubscribes every topic from the last position delivered,
+//! migrates make-before-break when the gateway says `migrate` (new connection
+//! first, resume, then close the old one with 1000), drops duplicates by
+//! (epoch, offset), and holds publishes in a bounded outbox while
+//! disconnected. The application reads one continuous stream of
+//! [`ClientEvent`]s.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use switchyard_protocol::{CloseClass, ErrorCode, Position, ServerFrame};
+use tokio::sync::{mpsc, Notify};
+
+use crate::policy::{after_close, AfterClose, Backoff, Cursor};
+use crate::{ClientError, Closed, Connection, Event};
+
+/// Settings of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `ws://host:port/ws` (in Kubernetes: the Service).
+    pub url: String,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+    /// Most publishes held while disconnected.
+    pub outbox_limit: usize,
+    /// Time allowed to open a connection.
+    pub connect_timeout: Duration,
+}
+
+impl ClientOptions {
+    /// Defaults: backoff 100 ms doubling to 10 s, 1,000 queued publishes, 10 s to connect.
+    pub fn new(url: impl Into<String>) -> Self {
+        ClientOptions {
+            url: url.into(),
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(10),
+            },
+            outbox_limit: 1000,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the application sees.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    /// A connection is up (first connect or a reconnect).
+    Connected {
+        /// The connection's correlation id.
+        connection_id: String,
+        /// The gateway.
+        server_id: String,
+    },
+    /// The connection closed; the session reconnects after `retry_in` unless
+    /// the code is terminal (then [`ClientEvent::Stopped`] follows).
+    Disconnected {
+        /// Close code (1006 without a close frame).
+        code: u16,
+        /// What the code means.
+        class: CloseClass,
+        /// When the next attempt happens.
+        retry_in: Duration,
+    },
+    /// The session moved to another gateway without a gap in connectivity.
+    Migrated {
+        /// The gateway left.
+        from: String,
+        /// The gateway joined.
+        to: String,
+    },
+    /// A subscription is active (again); `recovered` false means history was
+    /// lost: resynchronise the topic's state.
+    Resumed {
+        /// The topic.
+        topic: String,
+        /// Whether nothing was missed.
+        recovered: bool,
+    },
+    /// A message, each (epoch, offset) once and in order.
+    Message {
+        /// The topic.
+        topic: String,
+        /// Its position.
+        position: Position,
+        /// Its data.
+        data: serde_json::Value,
+    },
+    /// A publish of ours was accepted.
+    Published {
+        /// The topic.
+        topic: String,
+        /// Where it landed.
+        position: Position,
+    },
+    /// The gateway reported an error for a request.
+    Error {
+        /// The kind.
+        code: ErrorCode,
+        /// The explanation.
+        message: String,
+    },
+    /// The session has ended (terminal close code, or [`Client::close`]).
+    Stopped {
+        /// The close code that ended it.
+        code: u16,
+    },
+}
+
+/// Counters of a session.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Connections opened (including migrations).
+    pub connections: AtomicU64,
+    /// Make-before-break migrations completed.
+    pub migrations: AtomicU64,
+    /// Messages dropped as duplicates.
+    pub duplicates_dropped: AtomicU64,
+}
+
+/// Why a publish was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the client outbox is full")]
+pub struct OutboxFull;
+
+enum Command {
+    Subscribe(String),
+    Unsubscribe(String),
+    Close,
+}
+
+struct Shared {
+    outbox: Mutex<VecDeque<(String, Box<RawValue>)>>,
+    outbox_wake: Notify,
+    stats: ClientStats,
+}
+
+/// A session with a gateway; see the module documentation.
+pub struct Client {
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::Receiver<ClientEvent>,
+    shared: Arc<Shared>,
+    outbox_limit: usize,
+}
+
+impl Client {
+    /// Starts the session; it connects in the background.
+    pub fn start(options: ClientOptions) -> Client {
+        let (commands, requests) = mpsc::unbounded_channel();
+        let (events, received) = mpsc::channel(1024);
+        let shared = Arc::new(Shared {
+            outbox: Mutex::new(VecDeque::new()),
+            outbox_wake: Notify::new(),
+            stats: ClientStats::default(),
+        });
+        let outbox_limit = options.outbox_limit;
+        let driver = Driver {
+            options,
+            topics: BTreeMap::new(),
+            events,
+            requests,
+            shared: shared.clone(),
+        };
+        tokio::spawn(driver.run());
+        Client {
+            commands,
+            events: received,
+            shared,
+            outbox_limit,
+        }
+    }
+
+    /// Subscribes to `topic` (kept across reconnects and migrations).
+    pub fn subscribe(&self, topic: &str) {
+        let _ = self.commands.send(Command::Subscribe(topic.to_owned()));
+    }
+
+    /// Unsubscribes from `topic`.
+    pub fn unsubscribe(&self, topic: &str) {
+        let _ = self.commands.send(Command::Unsubscribe(topic.to_owned()));
+    }
+
+    /// Publishes `data` (JSON) on `topic`; held while disconnected.
+    pub fn publish(&self, topic: &str, data: Box<RawValue>) -> Result<(), OutboxFull> {
+        let mut outbox = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        if outbox.len() >= self.outbox_limit {
+            return Err(OutboxFull);
+        }
+        outbox.push_back((topic.to_owned(), data));
+        drop(outbox);
+        self.shared.outbox_wake.notify_one();
+        Ok(())
+    }
+
+    /// Ends the session (close 1000).
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Close);
+    }
+
+    /// The next event; `None` after the session has stopped and every event was read.
+    pub async fn next_event(&mut self) -> Option<ClientEvent> {
+        self.events.recv().await
+    }
+
+    /// The session's counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.shared.stats
+    }
+}
+
+/// How a connection's service ended.
+enum End {
+    Closed(Closed),
+    Stopped,
+}
+
+struct Driver {
+    options: ClientOptions,
+    topics: BTreeMap<String, Cursor>,
+    events: mpsc::Sender<ClientEvent>,
+    requests: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut attempt: u32 = 0;
+        loop {
+            let mut connection = match self.open().await {
+                Ok(connection) => connection,
+                Err(_) => {
+                    let delay = self.options.backoff.delay(attempt, rand::random());
+                    attempt = attempt.saturating_add(1);
+                    if self.pause(delay).await.is_err() {
+                        return self.stop(1000).await;
+                    }
+                    continue;
+                }
+            };
+            attempt = 0;
+            let closed = match self.serve(&mut connection).await {
+                End::Stopped => return self.stop(1000).await,
+                End::Closed(closed) => closed,
+            };
+            let backoff = self.options.backoff.delay(attempt, rand::random());
+            let (delay, class) = match after_close(closed.code, closed.reason.retry_ms, backoff) {
+                AfterClose::Stop => return self.stop(closed.code).await,
+                AfterClose::Reconnect(delay) => (delay, CloseClass::Reconnect),
+                AfterClose::Reauthenticate(delay) => (delay, CloseClass::Reauthenticate),
+            };
+            attempt = attempt.saturating_add(1);
+            self.emit(ClientEvent::Disconnected {
+                code: closed.code,
+                class,
+                retry_in: delay,
+            })
+            .await;
+            if self.pause(delay).await.is_err() {
+                return self.stop(1000).await;
+            }
+        }
+    }
+
+    async fn emit(&self, event: ClientEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    async fn stop(self, code: u16) {
+        self.emit(ClientEvent::Stopped { code }).await;
+    }
+
+    /// Waits `delay` while still taking commands; `Err` when asked to close.
+    async fn pause(&mut self, delay: Duration) -> Result<(), ()> {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return Ok(()),
+                request = self.requests.recv() => match request {
+                    None | Some(Command::Close) => return Err(()),
+                    Some(Command::Subscribe(topic)) => { self.topics.entry(topic).or_default(); }
+                    Some(Command::Unsubscribe(topic)) => { self.topics.remove(&topic); }
+                },
+            }
+        }
+    }
+
+    /// Connects and resubscribes every topic from its cursor.
+    async fn open(&mut self) -> Result<Connection, ClientError> {
+        let mut connection = tokio::time::timeout(
+            self.options.connect_timeout,
+            Connection::connect(&self.options.url),
+        )
+        .await
+        .map_err(|_| ClientError::Closed {
+            code: 1006,
+            class: CloseClass::Reconnect,
+        })??;
+        self.shared
+            .stats
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        for (topic, cursor) in &self.topics {
+            connection.subscribe(topic, cursor.position()).await?;
+        }
+        let welcome = connection.welcome().clone();
+        self.emit(ClientEvent::Connected {
+            connection_id: welcome.connection_id,
+            server_id: welcome.server_id,
+        })
+        .await;
+        Ok(connection)
+    }
+
+    async fn flush_outbox(&self, connection: &mut Connection) -> Result<(), ClientError> {
+        loop {
+            let next = self
+                .shared
+                .outbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            let Some((topic, data)) = next else {
+                return Ok(());
+            };
+            connection
+                .send(&switchyard_protocol::ClientFrame::Publish { topic, data })
+                .await?;
+        }
+    }
+
+    /// Serves one connection until it closes, migrating when told to.
+    async fn serve(&mut self, connection: &mut Connection) -> End {
+        loop {
+            if self.flush_outbox(connection).await.is_err() {
+                // The close arrives through next_event.
+            }
+            tokio::select! {
+                request = self.requests.recv() => match request {
+                    None | Some(Command::Close) => {
+                        let _ = connection.close(1000).await;
+                        return End::Stopped;
+                    }
+                    Some(Command::Subscribe(topic)) => {
+                        let since = self.topics.entry(topic.clone()).or_default().position();
+                        let _ = connection.subscribe(&topic, since).await;
+                    }
+                    Some(Command::Unsubscribe(topic)) => {
+                        self.topics.remove(&topic);
+                        let _ = connection.unsubscribe(&topic).await;
+                    }
+                },
+                _ = self.shared.outbox_wake.notified() => {}
+                event = connection.next_event() => match event {
+                    Ok(Event::Closed(closed)) => return End::Closed(closed),
+                    Err(_) => return End::Closed(Closed { code: 1006, reason: Default::default() }),
+                    Ok(Event::Frame(ServerFrame::Migrate { grace_ms })) => {
+                        self.migrate(connection, Duration::from_millis(grace_ms)).await;
+                    }
+                    Ok(Event::Frame(frame)) => self.on_frame(frame).await,
+                },
+            }
+        }
+    }
+
+    /// Delivers a frame to the application, dropping duplicates.
+    async fn on_frame(&mut self, frame: ServerFrame) {
+        let event = match frame {
+            ServerFrame::Message {
+                topic,
+                epoch,
+                offset,
+                data,
+            } => {
+                let position = Position::new(epoch, offset);
+                let Some(cursor) = self.topics.get_mut(&topic) else {
+                    return;
+                };
+                if !cursor.accept(position) {
+                    self.shared
+                        .stats
+                        .duplicates_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                ClientEvent::Message {
+                    topic,
+                    position,
+                    data,
+                }
+            }
+            ServerFrame::Subscribed {
+                topic,
+                position,
+                recovered,
+            } => {
+                let Some(cursor) = self.topics.get_mut(&topic) else {
+                    return;
+                };
+                cursor.subscribed(position, recovered);
+                ClientEvent::Resumed { topic, recovered }
+            }
+            ServerFrame::Published { topic, position } => {
+                ClientEvent::Published { topic, position }
+            }
+            ServerFrame::Error { code, message, .. } => ClientEvent::Error { code, message },
+            _ => return,
+        };
+        self.emit(event).await;
+    }
+
+    /// Make-before-break: open the new connection, resume every topic on it
+    /// while the old one keeps delivering (the cursors drop the overlap),
+    /// then close the old one with 1000. If the new connection cannot be
+    /// opened within the grace, stay on the old one; its 4000 close then
+    /// takes the ordinary reconnect path.
+    async fn migrate(&mut self, old: &mut Connection, grace: Duration) {
+        let from = old.welcome().server_id.clone();
+        let opened = tokio::time::timeout(grace, Connection::connect(&self.options.url)).await;
+        let Ok(Ok(mut new)) = opened else { return };
+        self.shared
+            .stats
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        let mut waiting: BTreeSet<String> = self.topics.keys().cloned().collect();
+        for (topic, cursor) in &self.topics {
+            if new.subscribe(topic, cursor.position()).await.is_err() {
+                return;
+            }
+        }
+        let mut old_open = true;
+        while !waiting.is_empty() {
+            tokio::select! {
+                event = old.next_event(), if old_open => match event {
+                    Ok(Event::Frame(frame)) => self.on_frame(frame).await,
+                    _ => old_open = false,
+                },
+                event = new.next_event() => match event {
+                    Ok(Event::Frame(frame)) => {
+                        if let ServerFrame::Subscribed { topic, .. } = &frame {
+                            waiting.remove(topic);
+                        }
+                        self.on_frame(frame).await;
+                    }
+                    // The new connection failed: carry on with the old one.
+                    _ => return,
+                },
+            }
+        }
+        if old_open {
+            let _ = old.close(1000).await;
+        }
+        let to = new.welcome().server_id.clone();
+        std::mem::swap(old, &mut new);
+        self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
+        self.emit(ClientEvent::Migrated { from, to }).await;
+    }
+}
