@@ -15,6 +15,8 @@ use crate::server::Gateway;
 use switchyard_protocol::drain::DrainRequest;
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
+/// The browser client (client/js/switchyard.js), served at `/switchyard.js`.
+const BROWSER_CLIENT: &str = include_str!("../../client/js/switchyard.js");
 
 fn with_gateway(
     gateway: Arc<Gateway>,
@@ -45,6 +47,14 @@ pub fn public_routes(
     let demo = warp::path::end()
         .and(warp::get())
         .map(|| warp::reply::html(DEMO_PAGE).into_response());
+    let browser_client = warp::path!("switchyard.js").and(warp::get()).map(|| {
+        warp::reply::with_header(
+            BROWSER_CLIENT,
+            "content-type",
+            "text/javascript; charset=utf-8",
+        )
+        .into_response()
+    });
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| "ok".into_response());
@@ -72,7 +82,9 @@ pub fn public_routes(
             )
             .into_response()
         });
-    demo.or(healthz)
+    demo.or(browser_client)
+        .unify()
+        .or(healthz)
         .unify()
         .or(readyz)
         .unify()

@@ -739,3 +739,42 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// Blue and green gateway processes (`server_id` blue / green) on one
+/// private Redis, with a [`ServiceProxy`] routing to blue.
+pub struct BlueGreen {
+    /// The shared backplane.
+    pub redis: RedisServer,
+    /// The gateway being drained.
+    pub blue: GatewayProcess,
+    /// The gateway taking over.
+    pub green: GatewayProcess,
+    /// The Service.
+    pub proxy: ServiceProxy,
+}
+
+impl BlueGreen {
+    /// Starts the fleet; `blue_settings` apply to blue only.
+    pub async fn start(blue_settings: &[&str]) -> Result<BlueGreen> {
+        raise_fd_limit();
+        let redis = RedisServer::start()?;
+        let url = format!("redis.url={}", redis.url());
+        let mut settings = vec!["broker=redis", url.as_str(), "worker_threads=1"];
+        let green = GatewayProcess::start(&[settings.as_slice(), &["server_id=green"]].concat())?;
+        settings.push("server_id=blue");
+        settings.extend_from_slice(blue_settings);
+        let blue = GatewayProcess::start(&settings)?;
+        for gw in [&blue, &green] {
+            if !wait_status(gw.public, "/readyz", 200, Duration::from_secs(30)) {
+                bail!("gateway on {} never became ready", gw.public);
+            }
+        }
+        let proxy = ServiceProxy::start(vec![blue.public]).await?;
+        Ok(BlueGreen {
+            redis,
+            blue,
+            green,
+            proxy,
+        })
+    }
+}

@@ -561,7 +561,10 @@ fn http_routes_answer_and_bad_upgrades_are_refused_and_counted() {
         |path: &str| switchyard_tests::http_request(gw.public, "GET", path, None).expect(path);
     let (status, page) = get("/");
     assert_eq!(status, 200);
-    assert!(page.contains("<title>Switchyard gateway</title>") && page.contains("new WebSocket("));
+    assert!(page.contains("<title>Switchyard gateway</title>") && page.contains("/switchyard.js"));
+    let (status, module) = get("/switchyard.js");
+    assert_eq!(status, 200);
+    assert!(module.contains("export class SwitchyardClient"));
     assert_eq!(get("/healthz"), (200, "ok".to_owned()));
     assert_eq!(get("/readyz"), (200, "ready".to_owned()));
     assert_eq!(get("/nope").0, 404);

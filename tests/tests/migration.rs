@@ -9,36 +9,15 @@ use std::time::{Duration, Instant};
 
 use switchyard_client::{Client, ClientEvent, ClientOptions};
 use switchyard_protocol::drain::{max_in_window, DrainMode, DrainRequest};
-use switchyard_tests::{raise_fd_limit, wait_status, GatewayProcess, RedisServer, ServiceProxy};
+use switchyard_tests::{wait_status, BlueGreen, GatewayProcess};
 
 const TOPICS: [&str; 3] = ["m.alpha", "m.beta", "m.gamma"];
 const LONG: Duration = Duration::from_secs(60);
 
-struct Fleet {
-    _redis: RedisServer,
-    blue: GatewayProcess,
-    green: GatewayProcess,
-    proxy: ServiceProxy,
-}
-
-async fn fleet(blue_settings: &[&str]) -> Fleet {
-    raise_fd_limit();
-    let redis = RedisServer::start().expect("redis");
-    let url = format!("redis.url={}", redis.url());
-    let mut settings = vec!["broker=redis", url.as_str(), "worker_threads=1"];
-    let green = GatewayProcess::start(&settings).expect("green");
-    settings.extend_from_slice(blue_settings);
-    let blue = GatewayProcess::start(&settings).expect("blue");
-    for gw in [&blue, &green] {
-        assert!(wait_status(gw.public, "/readyz", 200, LONG));
-    }
-    let proxy = ServiceProxy::start(vec![blue.public]).await.expect("proxy");
-    Fleet {
-        _redis: redis,
-        blue,
-        green,
-        proxy,
-    }
+async fn fleet(blue_settings: &[&str]) -> BlueGreen {
+    BlueGreen::start(blue_settings)
+        .await
+        .expect("blue/green fleet")
 }
 
 /// What one client saw.

@@ -1,0 +1,31 @@
+// Unit tables for the browser client's decisions (node --test); they mirror
+// client/src/policy.rs so both clients behave the same.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { backoffDelay, closeClass, isAfter } from "../../client/js/switchyard.js";
+
+test("close classes", () => {
+  const table = [
+    [1000, "terminal"], [1001, "reconnect"], [1006, "reconnect"], [1009, "terminal"],
+    [4000, "reconnect"], [4001, "reauthenticate"], [4002, "reconnect"], [4003, "reconnect"],
+    [4500, "terminal"], [4501, "reauthenticate"], [4502, "terminal"], [4503, "terminal"],
+  ];
+  for (const [code, expected] of table) assert.equal(closeClass(code), expected, `code ${code}`);
+});
+
+test("full-jitter backoff", () => {
+  const table = [
+    [0, 1, 100], [1, 1, 200], [3, 1, 800], [6, 1, 5000], [40, 1, 5000], [3, 0.5, 400], [3, 0, 0],
+  ];
+  for (const [attempt, unit, expected] of table) {
+    assert.equal(backoffDelay(attempt, 100, 5000, unit), expected, `attempt ${attempt}`);
+  }
+});
+
+test("duplicates and new epochs", () => {
+  assert.equal(isAfter(null, 7, 1), true);
+  assert.equal(isAfter({ epoch: 7, offset: 5 }, 7, 6), true);
+  assert.equal(isAfter({ epoch: 7, offset: 5 }, 7, 5), false);
+  assert.equal(isAfter({ epoch: 7, offset: 5 }, 7, 3), false);
+  assert.equal(isAfter({ epoch: 7, offset: 5 }, 9, 1), true);
+});

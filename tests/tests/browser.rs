@@ -1,0 +1,127 @@
+//! The browser client in headless Chromium (Debian's package, driven by npm
+//! playwright-core): the demo page subscribes through the Service proxy, its
+//! gateway drains, the page migrates to the other gateway and resumes with
+//! nothing lost. The screenshot lands in artifacts/browser-migration.png.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use switchyard_protocol::drain::{DrainMode, DrainRequest};
+use switchyard_tests::BlueGreen;
+
+fn offsets(n: u64) -> serde_json::Value {
+    serde_json::json!((1..=n).collect::<Vec<_>>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_migrates_between_gateways_without_loss() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let driver = root.join("tests/browser/migrate.mjs");
+    assert!(
+        root.join("tests/browser/node_modules/playwright-core").exists(),
+        "playwright-core is missing: run the README's test command (scripts/test), which installs it"
+    );
+    let artifacts = root.join("artifacts");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let screenshot = artifacts.join("browser-migration.png");
+    let _ = std::fs::remove_file(&screenshot);
+
+    let fleet = BlueGreen::start(&[]).await.expect("fleet");
+    let page = format!(
+        "http://{}/?url=ws://{}/ws&topic=b.demo&autoconnect=1",
+        fleet.blue.public, fleet.proxy.addr
+    );
+    let mut node = Command::new("node")
+        .arg(&driver)
+        .arg(&page)
+        .arg(&screenshot)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node");
+    let mut commands = node.stdin.take().expect("stdin");
+    let mut answers = BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let mut answer = move || -> serde_json::Value {
+        let line = answers.next().expect("an answer").expect("line");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert!(value.get("error").is_none(), "browser: {value}");
+        value
+    };
+
+    let ready = answer();
+    assert_eq!(ready["servers"], serde_json::json!(["blue"]));
+    for n in 1..=5 {
+        fleet
+            .green
+            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
+            .expect("publish");
+    }
+    writeln!(commands, r#"{{"wait":{{"topic":"b.demo","n":5}}}}"#).expect("command");
+    let before = answer();
+    assert_eq!(before["received"]["b.demo"], offsets(5));
+
+    fleet.proxy.switch(vec![fleet.green.public]);
+    let drain = DrainRequest {
+        window_ms: 500,
+        max_rate: 100,
+        deadline_ms: 10_000,
+        mode: DrainMode::MakeBeforeBreak,
+        retry_jitter_ms: 500,
+        migrate_grace_ms: None,
+    };
+    let (code, body) = fleet
+        .blue
+        .admin_request(
+            "POST",
+            "/admin/drain",
+            Some(&serde_json::to_string(&drain).expect("json")),
+        )
+        .expect("drain");
+    assert_eq!(code, 202, "{body}");
+    // Publish while the page moves.
+    for n in 6..=10 {
+        fleet
+            .green
+            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writeln!(commands, r#"{{"wait":{{"topic":"b.demo","n":10}}}}"#).expect("command");
+    let after = answer();
+    assert_eq!(
+        after["received"]["b.demo"],
+        offsets(10),
+        "every message once, in order"
+    );
+    assert_eq!(after["servers"], serde_json::json!(["blue", "green"]));
+    assert_eq!(after["migrations"], 1);
+    assert_eq!(
+        after["disconnects"],
+        serde_json::json!([]),
+        "never without a connection"
+    );
+    assert_eq!(
+        after["shown"]["server"], "green",
+        "the page shows where it is"
+    );
+    assert_eq!(after["shown"]["state"], "open");
+    let drained: serde_json::Value = serde_json::from_str(
+        &fleet
+            .blue
+            .admin_request("GET", "/admin/status", None)
+            .expect("status")
+            .1,
+    )
+    .expect("json");
+    assert_eq!(drained["connections"], 0);
+    assert_eq!(drained["drain"]["migrated_by_client"], 1);
+
+    writeln!(commands, r#"{{"quit":true}}"#).expect("command");
+    drop(commands);
+    assert!(node.wait().expect("node").success());
+    let png = std::fs::read(&screenshot).expect("screenshot saved");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+}
