@@ -11,6 +11,8 @@
 //! Each process raises its own RLIMIT_NOFILE to the hard limit; one process
 //! can hold about 19,900 sockets here, so larger runs use several processes.
 
+mod migrate;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -92,6 +94,52 @@ enum Command {
         /// connection to receive every publish without subscribing (peers).
         #[arg(long, default_value = "switchyard")]
         protocol: String,
+    },
+    /// Connections that follow a drain from blue to green (make-before-break
+    /// on `migrate`, reconnect after `retry_ms` on 4000), with gap and loss accounting.
+    Migrate {
+        /// Blue (draining) gateway address.
+        #[arg(long)]
+        blue: SocketAddr,
+        /// Green gateway address (where the Service points after the switch).
+        #[arg(long)]
+        green: SocketAddr,
+        /// Connections to open.
+        #[arg(long)]
+        connections: usize,
+        /// Source addresses, round robin.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+        sources: Vec<IpAddr>,
+        /// Topic.
+        #[arg(long, default_value = "migrate")]
+        topic: String,
+        /// Messages that will be published (each connection must see 1..=expect).
+        #[arg(long)]
+        expect: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+        /// File created once every connection has subscribed.
+        #[arg(long)]
+        ready_file: Option<std::path::PathBuf>,
+        /// File receiving the unix-ms time of each connection's arrival on green.
+        #[arg(long)]
+        reconnects_file: Option<std::path::PathBuf>,
+    },
+    /// Publishes `count` messages at `rate` per second through the admin API.
+    Publish {
+        /// Admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// Topic.
+        #[arg(long)]
+        topic: String,
+        /// Messages per second.
+        #[arg(long)]
+        rate: u64,
+        /// Messages in all.
+        #[arg(long)]
+        count: u64,
     },
     /// Summed VmRSS of processes, in KiB.
     Rss {
@@ -523,6 +571,48 @@ async fn main() -> Result<()> {
                 protocol,
             )
             .await?
+        }
+        Command::Migrate {
+            blue,
+            green,
+            connections,
+            sources,
+            topic,
+            expect,
+            timeout_secs,
+            ready_file,
+            reconnects_file,
+        } => {
+            migrate::run(migrate::MigrateOptions {
+                blue,
+                green,
+                connections,
+                sources,
+                topic,
+                expect,
+                timeout: Duration::from_secs(timeout_secs),
+                ready_file,
+                reconnects_file,
+            })
+            .await?
+        }
+        Command::Publish {
+            admin,
+            topic,
+            rate,
+            count,
+        } => {
+            let mut publisher = Publisher::connect(admin).await?;
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            let mut next = tokio::time::Instant::now();
+            for n in 1..=count {
+                tokio::time::sleep_until(next).await;
+                next += interval;
+                publisher
+                    .publish(&format!(r#"{{"topic":"{topic}","data":{{"n":{n}}}}}"#))
+                    .await?;
+            }
+            println!("{}", serde_json::json!({"workload": "publish", "published": count}));
         }
         Command::Rss { pids } => {
             let mut total = 0;

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Migration benchmark (issue "Staggered migration"): N connections move from
+# 3 blue to 3 green gateway processes, all on one private Redis, while a
+# publisher runs. Bounded: every process stops by itself or is killed on exit.
+#
+#   bench/migration.sh [connections=50000] [mode=make_before_break] [rate_per_pod=700] [window_ms=10000]
+#
+# Blue and green each share one port (SO_REUSEPORT). The load processes
+# (switchyard-load migrate) connect to blue and, on `migrate` or a 4000
+# close, to green — the Service switch, as the client libraries follow it.
+# A process may hold 20,000 files here: LOADERS processes share the
+# connections (each needs 2 sockets per connection during the overlap).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONNS=${1:-50000}
+MODE=${2:-make_before_break}
+RATE=${3:-700}
+WINDOW=${4:-10000}
+LOADERS=${LOADERS:-6}
+MESSAGES=${MESSAGES:-40}
+PUBLISH_RATE=${PUBLISH_RATE:-2}
+BLUE=${BLUE_PORT:-48080}
+GREEN=${GREEN_PORT:-48180}
+SOURCES=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9
+
+cargo build --release --quiet -p switchyard-server -p switchyard-bench
+BIN=target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"; }
+trap cleanup EXIT
+
+REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
+PIDS+=($!)
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
+
+for color in blue green; do
+  port=$BLUE; [ "$color" = green ] && port=$GREEN
+  for i in 1 2 3; do
+    "$BIN/switchyard-server" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$((port + i))" \
+      --server-id "$color-$i" --log-format json \
+      --set reuse_port=true --set worker_threads=1 --set broker=redis \
+      --set "redis.url=redis://127.0.0.1:$REDIS_PORT" --set drain.migrate_grace_ms=15000 \
+      2>"$WORK/$color$i.log" &
+    PIDS+=($!)
+  done
+done
+# Each pod's admin API answers once it runs; the shared public port answers
+# /readyz 200 once the pods reached there have their backplane.
+for port in $BLUE $GREEN; do
+  for i in 1 2 3; do
+    until curl -sf "127.0.0.1:$((port + i))/admin/status" >/dev/null; do sleep 0.1; done
+  done
+  for _ in $(seq 1 20); do
+    until curl -sf "127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
+  done
+done
+
+per=$(( (CONNS + LOADERS - 1) / LOADERS ))
+loaders=()
+for l in $(seq 1 "$LOADERS"); do
+  "$BIN/switchyard-load" migrate --blue "127.0.0.1:$BLUE" --green "127.0.0.1:$GREEN" \
+    --connections "$per" --sources "$SOURCES" --expect "$MESSAGES" --timeout-secs 240 \
+    --ready-file "$WORK/ready$l" --reconnects-file "$WORK/reconnects$l" >"$WORK/loader$l.json" &
+  loaders+=($!); PIDS+=($!)
+done
+for l in $(seq 1 "$LOADERS"); do
+  until [ -f "$WORK/ready$l" ]; do sleep 0.2; done
+done
+blue_conns() {
+  local sum=0
+  for i in 1 2 3; do
+    sum=$((sum + $(curl -s "127.0.0.1:$((BLUE + i))/admin/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["connections"])')))
+  done
+  echo "$sum"
+}
+echo "{\"connections_on_blue\": $(blue_conns)}" >&2
+
+"$BIN/switchyard-load" publish --admin "127.0.0.1:$((GREEN + 1))" --topic migrate \
+  --rate "$PUBLISH_RATE" --count "$MESSAGES" >/dev/null &
+publisher=$!; PIDS+=($!)
+sleep 3
+start_ms=$(date +%s%3N)
+for i in 1 2 3; do
+  curl -sf -XPOST "127.0.0.1:$((BLUE + i))/admin/drain" -d \
+    "{\"window_ms\":$WINDOW,\"max_rate\":$RATE,\"deadline_ms\":120000,\"mode\":\"$MODE\",\"retry_jitter_ms\":2000}" >/dev/null
+done
+while [ "$(blue_conns)" -gt 0 ]; do sleep 0.2; done
+end_ms=$(date +%s%3N)
+for i in 1 2 3; do curl -s "127.0.0.1:$((BLUE + i))/admin/status" > "$WORK/blue$i.status"; done
+wait "$publisher"
+for pid in "${loaders[@]}"; do wait "$pid"; done
+
+python3 - "$WORK" "$LOADERS" "$start_ms" "$end_ms" "$RATE" "$CONNS" "$MODE" "$WINDOW" <<'PY'
+import json, statistics, sys
+work, loaders, start, end, rate, conns, mode, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], int(sys.argv[8])
+runs = [json.loads(open(f"{work}/loader{l}.json").read()) for l in range(1, loaders + 1)]
+times = sorted(int(t) for l in range(1, loaders + 1) for t in open(f"{work}/reconnects{l}").read().split())
+peak, j = 0, 0
+for i in range(len(times)):
+    while times[i] - times[j] >= 1000:
+        j += 1
+    peak = max(peak, i - j + 1)
+drains = [json.load(open(f"{work}/blue{i}.status"))["drain"] for i in (1, 2, 3)]
+print(json.dumps({
+    "workload": "migration", "mode": mode, "connections": sum(r["connections"] for r in runs),
+    "window_ms": window, "cap_per_second": rate * 3,
+    "migration_secs": (end - start) / 1000,
+    "moved": sum(r["moved"] for r in runs), "moved_by_close": sum(r["moved_by_close"] for r in runs),
+    "peak_reconnects_per_second": peak,
+    "peak_over_cap": round(peak / (rate * 3), 3),
+    "gap_ms_p50_median_of_loaders": statistics.median(r["gap_ms"]["p50"] for r in runs),
+    "gap_ms_p99_worst_loader": max(r["gap_ms"]["p99"] for r in runs),
+    "messages_per_connection": runs[0]["messages_expected_per_connection"],
+    "complete_connections": sum(r["complete"] for r in runs),
+    "lost": sum(r["lost"] for r in runs),
+    "duplicates_dropped": sum(r["duplicates_dropped"] for r in runs),
+    "blue": {k: sum(d[k] for d in drains) for k in ("total", "migrated_by_client", "closed_at_slot", "forced_at_deadline")},
+}))
+PY
