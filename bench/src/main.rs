@@ -612,7 +612,10 @@ async fn main() -> Result<()> {
                     .publish(&format!(r#"{{"topic":"{topic}","data":{{"n":{n}}}}}"#))
                     .await?;
             }
-            println!("{}", serde_json::json!({"workload": "publish", "published": count}));
+            println!(
+                "{}",
+                serde_json::json!({"workload": "publish", "published": count})
+            );
         }
         Command::Rss { pids } => {
             let mut total = 0;

@@ -47,14 +47,19 @@ fn unix_ms() -> u64 {
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let start = text.find(key)? + key.len();
     let digits = &text[start..];
-    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
     digits[..end].parse().ok()
 }
 
 /// Reads one frame's worth of state into `outcome`; returns the op seen.
 fn on_text(text: &str, outcome: &mut Outcome, epoch: &mut u64) -> &'static str {
     if text.starts_with(r#"{"op":"message""#) {
-        if let (Some(e), Some(offset)) = (number_after(text, r#""epoch":"#), number_after(text, r#""offset":"#)) {
+        if let (Some(e), Some(offset)) = (
+            number_after(text, r#""epoch":"#),
+            number_after(text, r#""offset":"#),
+        ) {
             *epoch = e;
             if offset > outcome.highest {
                 // Offsets arrive in order on a connection; across the overlap of
@@ -72,6 +77,8 @@ fn on_text(text: &str, outcome: &mut Outcome, epoch: &mut u64) -> &'static str {
         "migrate"
     } else if text.starts_with(r#"{"op":"heartbeat""#) {
         "heartbeat"
+    } else if text.starts_with(r#"{"op":"error""#) && text.contains(r#""unavailable""#) {
+        "unavailable"
     } else {
         "other"
     }
@@ -81,7 +88,9 @@ async fn subscribe(socket: &mut Socket, topic: &str, epoch: u64, offset: u64) ->
     let frame = if epoch == 0 {
         format!(r#"{{"op":"subscribe","topic":"{topic}"}}"#)
     } else {
-        format!(r#"{{"op":"subscribe","topic":"{topic}","since":{{"epoch":{epoch},"offset":{offset}}}}}"#)
+        format!(
+            r#"{{"op":"subscribe","topic":"{topic}","since":{{"epoch":{epoch},"offset":{offset}}}}}"#
+        )
     };
     socket.send(Message::text(frame)).await?;
     Ok(())
@@ -103,11 +112,15 @@ async fn resume_on_green(
     loop {
         tokio::select! {
             frame = new.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    if on_text(&text, outcome, epoch) == "subscribed" {
-                        return Ok(new);
+                Some(Ok(Message::Text(text))) => match on_text(&text, outcome, epoch) {
+                    "subscribed" => return Ok(new),
+                    "unavailable" => {
+                        // The gateway's backplane is reconnecting: ask again.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        subscribe(&mut new, topic, *epoch, outcome.highest).await?;
                     }
-                }
+                    _ => {}
+                },
                 Some(Ok(_)) => {}
                 _ => anyhow::bail!("green closed during resume"),
             },
@@ -149,12 +162,24 @@ async fn follow(
                 }
                 "migrate" if !outcome.moved => {
                     let started = Instant::now();
-                    match resume_on_green(green, source, &topic, &mut outcome, &mut epoch, Some(&mut socket)).await {
+                    match resume_on_green(
+                        green,
+                        source,
+                        &topic,
+                        &mut outcome,
+                        &mut epoch,
+                        Some(&mut socket),
+                    )
+                    .await
+                    {
                         Ok(new) => {
                             outcome.gap_ms = Some(started.elapsed().as_millis() as u64);
                             outcome.moved = true;
                             let _ = socket
-                                .send(Message::Close(Some(CloseFrame { code: 1000.into(), reason: "".into() })))
+                                .send(Message::Close(Some(CloseFrame {
+                                    code: 1000.into(),
+                                    reason: "".into(),
+                                })))
                                 .await;
                             socket = new;
                         }
@@ -163,6 +188,10 @@ async fn follow(
                 }
                 "heartbeat" => {
                     let _ = socket.send(Message::text(r#"{"op":"ping"}"#)).await;
+                }
+                "unavailable" => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = subscribe(&mut socket, &topic, epoch, outcome.highest).await;
                 }
                 _ => {}
             },
@@ -250,8 +279,14 @@ pub async fn run(options: MigrateOptions) -> Result<()> {
     }
     let mut gaps: Vec<u64> = outcomes.iter().filter_map(|o| o.gap_ms).collect();
     gaps.sort_unstable();
-    let complete = outcomes.iter().filter(|o| o.received == options.expect).count();
-    let lost: u64 = outcomes.iter().map(|o| options.expect.saturating_sub(o.received)).sum();
+    let complete = outcomes
+        .iter()
+        .filter(|o| o.received == options.expect)
+        .count();
+    let lost: u64 = outcomes
+        .iter()
+        .map(|o| options.expect.saturating_sub(o.received))
+        .sum();
     if let Some(path) = &options.reconnects_file {
         let times: Vec<String> = outcomes
             .iter()

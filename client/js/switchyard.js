@@ -9,7 +9,8 @@
 //    its last position, then closes the old one with 1000 (make-before-break);
 //  - drops duplicates by (epoch, offset), so the application sees one
 //    continuous stream;
-//  - holds publishes in a bounded outbox while disconnected.
+//  - holds publishes in a bounded outbox while disconnected;
+//  - asks again for a subscribe the gateway refused as `unavailable`.
 //
 // Events (EventTarget; `event.detail` carries the data): connected,
 // disconnected {code, reason, retryMs}, migrated {from, to},
@@ -183,6 +184,15 @@ export class SwitchyardClient extends EventTarget {
         this.#emit("published", { topic: frame.topic, position: frame.position });
         break;
       case "error":
+        if (frame.code === "unavailable" && this.cursors.has(frame.topic)) {
+          // The gateway's backplane is reconnecting: ask again shortly.
+          setTimeout(() => {
+            if (this.cursors.has(frame.topic)) {
+              this.#sendOn(socket, { op: "subscribe", topic: frame.topic, ...this.#since(frame.topic) });
+            }
+          }, 100 + Math.floor(Math.random() * 500));
+          break;
+        }
         this.#emit("error", { code: frame.code, message: frame.message });
         break;
       default:

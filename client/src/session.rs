@@ -338,6 +338,11 @@ impl Driver {
 
     /// Serves one connection until it closes, migrating when told to.
     async fn serve(&mut self, connection: &mut Connection) -> End {
+        // Topics whose subscribe the gateway refused as `unavailable` (its
+        // backplane reconnecting): asked again after a short random wait.
+        let mut retry: BTreeSet<String> = BTreeSet::new();
+        let retry_wait = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(retry_wait);
         loop {
             if self.flush_outbox(connection).await.is_err() {
                 // The close arrives through next_event.
@@ -358,20 +363,36 @@ impl Driver {
                     }
                 },
                 _ = self.shared.outbox_wake.notified() => {}
+                _ = &mut retry_wait, if !retry.is_empty() => {
+                    for topic in std::mem::take(&mut retry) {
+                        if let Some(cursor) = self.topics.get(&topic) {
+                            let _ = connection.subscribe(&topic, cursor.position()).await;
+                        }
+                    }
+                }
                 event = connection.next_event() => match event {
                     Ok(Event::Closed(closed)) => return End::Closed(closed),
                     Err(_) => return End::Closed(Closed { code: 1006, reason: Default::default() }),
                     Ok(Event::Frame(ServerFrame::Migrate { grace_ms })) => {
-                        self.migrate(connection, Duration::from_millis(grace_ms)).await;
+                        retry.extend(self.migrate(connection, Duration::from_millis(grace_ms)).await);
+                        retry_wait.as_mut().reset(tokio::time::Instant::now() + retry_delay());
                     }
-                    Ok(Event::Frame(frame)) => self.on_frame(frame).await,
+                    Ok(Event::Frame(frame)) => {
+                        if let Some(topic) = self.on_frame(frame).await {
+                            if retry.is_empty() {
+                                retry_wait.as_mut().reset(tokio::time::Instant::now() + retry_delay());
+                            }
+                            retry.insert(topic);
+                        }
+                    }
                 },
             }
         }
     }
 
-    /// Delivers a frame to the application, dropping duplicates.
-    async fn on_frame(&mut self, frame: ServerFrame) {
+    /// Delivers a frame to the application, dropping duplicates. Returns a
+    /// topic whose subscribe was refused as `unavailable`, to ask again.
+    async fn on_frame(&mut self, frame: ServerFrame) -> Option<String> {
         let event = match frame {
             ServerFrame::Message {
                 topic,
@@ -380,15 +401,13 @@ impl Driver {
                 data,
             } => {
                 let position = Position::new(epoch, offset);
-                let Some(cursor) = self.topics.get_mut(&topic) else {
-                    return;
-                };
+                let cursor = self.topics.get_mut(&topic)?;
                 if !cursor.accept(position) {
                     self.shared
                         .stats
                         .duplicates_dropped
                         .fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return None;
                 }
                 ClientEvent::Message {
                     topic,
@@ -401,30 +420,39 @@ impl Driver {
                 position,
                 recovered,
             } => {
-                let Some(cursor) = self.topics.get_mut(&topic) else {
-                    return;
-                };
-                cursor.subscribed(position, recovered);
+                self.topics.get_mut(&topic)?.subscribed(position, recovered);
                 ClientEvent::Resumed { topic, recovered }
             }
             ServerFrame::Published { topic, position } => {
                 ClientEvent::Published { topic, position }
             }
+            ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                topic: Some(topic),
+                ..
+            } if self.topics.contains_key(&topic) => return Some(topic),
             ServerFrame::Error { code, message, .. } => ClientEvent::Error { code, message },
-            _ => return,
+            _ => return None,
         };
         self.emit(event).await;
+        None
     }
 
     /// Make-before-break: open the new connection, resume every topic on it
     /// while the old one keeps delivering (the cursors drop the overlap),
-    /// then close the old one with 1000. If the new connection cannot be
-    /// opened within the grace, stay on the old one; its 4000 close then
-    /// takes the ordinary reconnect path.
-    async fn migrate(&mut self, old: &mut Connection, grace: Duration) {
+    /// then close the old one with 1000. Bounded by the grace: when it runs
+    /// out, or the old connection closes first, the session moves to the new
+    /// connection anyway and the topics not yet resumed are returned, to be
+    /// asked again. If the new connection cannot be opened, the session stays
+    /// on the old one; its 4000 close then takes the ordinary reconnect path.
+    async fn migrate(&mut self, old: &mut Connection, grace: Duration) -> BTreeSet<String> {
+        let deadline = tokio::time::Instant::now() + grace;
         let from = old.welcome().server_id.clone();
-        let opened = tokio::time::timeout(grace, Connection::connect(&self.options.url)).await;
-        let Ok(Ok(mut new)) = opened else { return };
+        let opened =
+            tokio::time::timeout_at(deadline, Connection::connect(&self.options.url)).await;
+        let Ok(Ok(mut new)) = opened else {
+            return BTreeSet::new();
+        };
         self.shared
             .stats
             .connections
@@ -432,14 +460,16 @@ impl Driver {
         let mut waiting: BTreeSet<String> = self.topics.keys().cloned().collect();
         for (topic, cursor) in &self.topics {
             if new.subscribe(topic, cursor.position()).await.is_err() {
-                return;
+                return BTreeSet::new();
             }
         }
         let mut old_open = true;
-        while !waiting.is_empty() {
+        while !waiting.is_empty() && old_open {
             tokio::select! {
-                event = old.next_event(), if old_open => match event {
-                    Ok(Event::Frame(frame)) => self.on_frame(frame).await,
+                event = old.next_event() => match event {
+                    Ok(Event::Frame(frame)) => {
+                        let _ = self.on_frame(frame).await;
+                    }
                     _ => old_open = false,
                 },
                 event = new.next_event() => match event {
@@ -447,11 +477,17 @@ impl Driver {
                         if let ServerFrame::Subscribed { topic, .. } = &frame {
                             waiting.remove(topic);
                         }
-                        self.on_frame(frame).await;
+                        if let Some(topic) = self.on_frame(frame).await {
+                            // Refused for now: ask the new gateway again shortly.
+                            tokio::time::sleep(retry_delay()).await;
+                            let since = self.topics.get(&topic).and_then(|c| c.position());
+                            let _ = new.subscribe(&topic, since).await;
+                        }
                     }
                     // The new connection failed: carry on with the old one.
-                    _ => return,
+                    _ => return BTreeSet::new(),
                 },
+                _ = tokio::time::sleep_until(deadline) => break,
             }
         }
         if old_open {
@@ -461,5 +497,11 @@ impl Driver {
         std::mem::swap(old, &mut new);
         self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
         self.emit(ClientEvent::Migrated { from, to }).await;
+        waiting
     }
+}
+
+/// A random 100–600 ms wait before asking a refused subscribe again.
+fn retry_delay() -> Duration {
+    Duration::from_millis(100 + rand::random::<u64>() % 500)
 }

@@ -509,3 +509,43 @@ async fn a_lost_pubsub_connection_is_refilled_from_the_stream() {
         "some messages must have come from the stream, not pub/sub"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_session_retries_a_subscribe_refused_while_redis_is_down() {
+    use switchyard_client::{Client, ClientEvent, ClientOptions};
+    let mut redis = RedisServer::start().expect("redis");
+    let url = format!("redis.url={}", redis.url());
+    let gw = GatewayProcess::start(&["broker=redis", &url, "redis.reconnect_max_delay_ms=200"])
+        .expect("start");
+    assert!(wait_status(gw.public, "/readyz", 200, STEP));
+    redis.kill9();
+    assert!(wait_status(gw.public, "/readyz", 503, STEP));
+
+    let mut client = Client::start(ClientOptions::new(gw.ws_url()));
+    client.subscribe("later");
+    // The gateway refuses (unavailable) and the session keeps asking.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart().expect("restart");
+    assert!(wait_status(gw.public, "/readyz", 200, STEP));
+    let deadline = std::time::Instant::now() + STEP;
+    let mut resumed = false;
+    let mut published = false;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "never subscribed");
+        if resumed && !published {
+            gw.publish("later", "\"finally\"").expect("publish");
+            published = true;
+        }
+        match tokio::time::timeout(Duration::from_millis(300), client.next_event()).await {
+            Ok(Some(ClientEvent::Resumed { topic, .. })) if topic == "later" => resumed = true,
+            Ok(Some(ClientEvent::Message { data, position, .. })) => {
+                assert_eq!((position.offset, data), (1, serde_json::json!("finally")));
+                break;
+            }
+            Ok(Some(ClientEvent::Error { code, message })) => {
+                panic!("surfaced {code:?}: {message}")
+            }
+            _ => {}
+        }
+    }
+}

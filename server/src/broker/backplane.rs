@@ -215,6 +215,9 @@ fn client(settings: &RedisSettings) -> Result<redis::Client, BrokerError> {
     }
 }
 
+/// Consecutive unanswered health pings after which the pub/sub link is dead.
+const MISSED_PINGS_LIMIT: u32 = 3;
+
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(err.to_string())
 }
@@ -697,6 +700,7 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
         let ping_every = Duration::from_millis(inner.settings().command_timeout_ms.max(1000));
         let mut ping = tokio::time::interval(ping_every);
         ping.tick().await;
+        let mut missed_pings = 0;
         loop {
             tokio::select! {
                 request = requests.recv() => match request {
@@ -707,10 +711,18 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
                     // Detects a silent partition, which never ends the stream. In
                     // subscribed mode Redis answers PING with ["pong", ""], so
                     // any reply will do.
+                    // A busy gateway (a migration storm on one worker thread)
+                    // can answer one ping late; three in a row is a dead link.
                     let answer = tokio::time::timeout(ping_every, sink.ping::<Value>()).await;
-                    if !matches!(answer, Ok(Ok(_))) {
-                        tracing::warn!("Redis pub/sub connection stopped answering");
-                        break;
+                    if matches!(answer, Ok(Ok(_))) {
+                        missed_pings = 0;
+                    } else {
+                        missed_pings += 1;
+                        tracing::warn!(missed_pings, "Redis pub/sub ping unanswered");
+                        if missed_pings >= MISSED_PINGS_LIMIT {
+                            tracing::warn!("Redis pub/sub connection stopped answering");
+                            break;
+                        }
                     }
                 }
                 _ = &mut lost => break,
