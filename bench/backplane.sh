@@ -19,7 +19,7 @@ RATE=${2:-50}
 SECS=${3:-10}
 ROUNDS=${4:-2}
 PODS=${PODS:-3}
-PORT=${PORT:-38080}
+PORT=${PORT:-22080}
 SOURCES=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7
 
 cargo build --release --quiet -p switchyard-server -p switchyard-bench

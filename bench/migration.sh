@@ -20,8 +20,8 @@ WINDOW=${4:-10000}
 LOADERS=${LOADERS:-6}
 MESSAGES=${MESSAGES:-40}
 PUBLISH_RATE=${PUBLISH_RATE:-2}
-BLUE=${BLUE_PORT:-48080}
-GREEN=${GREEN_PORT:-48180}
+BLUE=${BLUE_PORT:-21080}
+GREEN=${GREEN_PORT:-21180}
 SOURCES=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9
 
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
@@ -43,6 +43,7 @@ for color in blue green; do
       --server-id "$color-$i" --log-format json \
       --set reuse_port=true --set worker_threads=1 --set broker=redis \
       --set "redis.url=redis://127.0.0.1:$REDIS_PORT" --set drain.migrate_grace_ms=15000 \
+      --set redis.command_timeout_ms=5000 \
       2>"$WORK/$color$i.log" &
     PIDS+=($!)
   done
@@ -79,7 +80,7 @@ blue_conns() {
 echo "{\"connections_on_blue\": $(blue_conns)}" >&2
 
 "$BIN/switchyard-load" publish --admin "127.0.0.1:$((GREEN + 1))" --topic migrate \
-  --rate "$PUBLISH_RATE" --count "$MESSAGES" >/dev/null &
+  --rate "$PUBLISH_RATE" --count "$MESSAGES" >"$WORK/publisher.json" &
 publisher=$!; PIDS+=($!)
 sleep 3
 start_ms=$(date +%s%3N)
@@ -97,12 +98,23 @@ python3 - "$WORK" "$LOADERS" "$start_ms" "$end_ms" "$RATE" "$CONNS" "$MODE" "$WI
 import json, statistics, sys
 work, loaders, start, end, rate, conns, mode, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], int(sys.argv[8])
 runs = [json.loads(open(f"{work}/loader{l}.json").read()) for l in range(1, loaders + 1)]
-times = sorted(int(t) for l in range(1, loaders + 1) for t in open(f"{work}/reconnects{l}").read().split())
-peak, j = 0, 0
-for i in range(len(times)):
-    while times[i] - times[j] >= 1000:
+def peak_per_second(name):
+    times = sorted(int(t) for l in range(1, loaders + 1) for t in open(f"{work}/{name}{l}" + ("" if name == "reconnects" else "")).read().split())
+    peak, j = 0, 0
+    for i in range(len(times)):
+        while times[i] - times[j] >= 1000:
+            j += 1
+        peak = max(peak, i - j + 1)
+    return peak
+peak = peak_per_second("reconnects")
+told = 0
+import glob
+told_times = sorted(int(t) for f in glob.glob(f"{work}/reconnects*.told") for t in open(f).read().split())
+j = 0
+for i in range(len(told_times)):
+    while told_times[i] - told_times[j] >= 1000:
         j += 1
-    peak = max(peak, i - j + 1)
+    told = max(told, i - j + 1)
 drains = [json.load(open(f"{work}/blue{i}.status"))["drain"] for i in (1, 2, 3)]
 print(json.dumps({
     "workload": "migration", "mode": mode, "connections": sum(r["connections"] for r in runs),
@@ -111,6 +123,8 @@ print(json.dumps({
     "moved": sum(r["moved"] for r in runs), "moved_by_close": sum(r["moved_by_close"] for r in runs),
     "peak_reconnects_per_second": peak,
     "peak_over_cap": round(peak / (rate * 3), 3),
+    "peak_migrate_received_per_second": told,
+    "peak_received_over_cap": round(told / (rate * 3), 3),
     "gap_ms_p50_median_of_loaders": statistics.median(r["gap_ms"]["p50"] for r in runs),
     "gap_ms_p99_worst_loader": max(r["gap_ms"]["p99"] for r in runs),
     "messages_per_connection": runs[0]["messages_expected_per_connection"],

@@ -605,16 +605,25 @@ async fn main() -> Result<()> {
             let mut publisher = Publisher::connect(admin).await?;
             let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
             let mut next = tokio::time::Instant::now();
+            let mut retries = 0u64;
             for n in 1..=count {
                 tokio::time::sleep_until(next).await;
                 next += interval;
-                publisher
-                    .publish(&format!(r#"{{"topic":"{topic}","data":{{"n":{n}}}}}"#))
-                    .await?;
+                let body = format!(r#"{{"topic":"{topic}","data":{{"n":{n}}}}}"#);
+                // A 503 (backplane busy or reconnecting) is retried, as a real
+                // publisher would, on a fresh connection.
+                while let Err(err) = publisher.publish(&body).await {
+                    retries += 1;
+                    if retries > 100 {
+                        return Err(err);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    publisher = Publisher::connect(admin).await?;
+                }
             }
             println!(
                 "{}",
-                serde_json::json!({"workload": "publish", "published": count})
+                serde_json::json!({"workload": "publish", "published": count, "retries": retries})
             );
         }
         Command::Rss { pids } => {

@@ -35,6 +35,8 @@ struct Outcome {
     received: u64,
     duplicates: u64,
     green_connected_unix_ms: Option<u64>,
+    /// When the gateway's `migrate` (or 4000 close) arrived.
+    told_unix_ms: Option<u64>,
 }
 
 fn unix_ms() -> u64 {
@@ -162,6 +164,7 @@ async fn follow(
                 }
                 "migrate" if !outcome.moved => {
                     let started = Instant::now();
+                    outcome.told_unix_ms = Some(unix_ms());
                     match resume_on_green(
                         green,
                         source,
@@ -197,6 +200,7 @@ async fn follow(
             },
             Message::Close(frame) if !outcome.moved => {
                 let started = Instant::now();
+                outcome.told_unix_ms = Some(unix_ms());
                 let retry_ms = frame
                     .as_ref()
                     .and_then(|f| number_after(&f.reason, r#""retry_ms":"#))
@@ -294,6 +298,12 @@ pub async fn run(options: MigrateOptions) -> Result<()> {
             .map(|t| t.to_string())
             .collect();
         std::fs::write(path, times.join("\n"))?;
+        let told: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.told_unix_ms)
+            .map(|t| t.to_string())
+            .collect();
+        std::fs::write(path.with_extension("told"), told.join("\n"))?;
     }
     println!(
         "{}",

@@ -192,10 +192,65 @@ pub fn cancel(gateway: &Gateway) -> Result<Arc<Drain>, DrainRefused> {
     Ok(drain)
 }
 
+/// At most `max` actions in any sliding window of `width`. The schedule
+/// already spaces slots by 1/R, but a drain task that wakes late (a
+/// saturated core) would otherwise send every overdue slot at once; this
+/// holds the cap at the moment frames leave the gateway.
+#[derive(Debug)]
+pub struct RateWindow {
+    max: usize,
+    width: Duration,
+    recent: VecDeque<Instant>,
+}
+
+impl RateWindow {
+    /// A window allowing `max` actions per `width`.
+    pub fn new(max: u64, width: Duration) -> Self {
+        RateWindow {
+            max: max.max(1) as usize,
+            width,
+            recent: VecDeque::new(),
+        }
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.width)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Takes one action's place at `now`, if the window has room.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        self.forget_before(now);
+        if self.recent.len() < self.max {
+            self.recent.push_back(now);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next place frees up (`now` if there is room).
+    pub fn next_free(&mut self, now: Instant) -> Instant {
+        self.forget_before(now);
+        if self.recent.len() < self.max {
+            now
+        } else {
+            self.recent.front().map_or(now, |t| *t + self.width)
+        }
+    }
+}
+
 /// The drain task.
 async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle>, u64)>) {
     let mut slots = plan.into_iter().peekable();
     let mut graces: VecDeque<(Instant, Arc<ConnHandle>)> = VecDeque::new();
+    // Slots whose time has come, waiting for room under the cap.
+    let mut due: VecDeque<Arc<ConnHandle>> = VecDeque::new();
     let deadline = drain.deadline();
     let migrate = Utf8Bytes::from(
         ServerFrame::Migrate {
@@ -205,11 +260,16 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
     );
     // With nothing scheduled, look every 100 ms whether the last connection has gone.
     let idle_check = Duration::from_millis(100);
+    let mut cap = RateWindow::new(drain.request.max_rate, Duration::from_secs(1));
     loop {
         let now = Instant::now();
-        let next_slot = slots
-            .peek()
-            .map(|(_, at)| drain.started + Duration::from_millis(*at));
+        let next_slot = if due.is_empty() {
+            slots
+                .peek()
+                .map(|(_, at)| drain.started + Duration::from_millis(*at))
+        } else {
+            Some(cap.next_free(now))
+        };
         let next_grace = graces.front().map(|(at, _)| *at);
         let wake = [
             next_slot,
@@ -240,9 +300,19 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
         while let Some((handle, _)) =
             slots.next_if(|(_, at)| drain.started + Duration::from_millis(*at) <= now)
         {
+            due.push_back(handle);
+        }
+        // A late wake-up does not release every overdue slot at once: they
+        // leave in order as the one-second window has room.
+        while let Some(handle) = due.front() {
             if handle.outbox.end_request().is_some() {
-                continue; // already leaving
+                due.pop_front(); // already leaving
+                continue;
             }
+            if !cap.try_take(now) {
+                break;
+            }
+            let Some(handle) = due.pop_front() else { break };
             match drain.request.mode {
                 DrainMode::Close => close(&handle, &drain, CLOSED_AT_SLOT),
                 DrainMode::MakeBeforeBreak => {
@@ -257,7 +327,7 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
                 close(&handle, &drain, CLOSED_AT_SLOT);
             }
         }
-        if slots.peek().is_none() && graces.is_empty() && gateway.hub.is_empty() {
+        if slots.peek().is_none() && due.is_empty() && graces.is_empty() && gateway.hub.is_empty() {
             break;
         }
     }
@@ -296,5 +366,27 @@ fn force_remaining(gateway: &Gateway, drain: &Drain) {
         if handle.outbox.end_request().is_none() {
             close(&handle, drain, CLOSED_AT_DEADLINE);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_holds_the_cap_for_late_bursts() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut cap = RateWindow::new(3, Duration::from_secs(1));
+        // A late wake-up with five overdue slots: three go, two wait.
+        let taken: Vec<bool> = (0..5).map(|_| cap.try_take(at(0))).collect();
+        assert_eq!(taken, vec![true, true, true, false, false]);
+        assert_eq!(cap.next_free(at(10)), at(1000));
+        assert!(!cap.try_take(at(999)));
+        assert!(cap.try_take(at(1000)), "room again a second later");
+        assert_eq!(cap.next_free(at(1000)), at(1000), "two places left");
+        assert!(cap.try_take(at(1500)) && cap.try_take(at(1500)));
+        assert!(!cap.try_take(at(1500)));
+        assert_eq!(cap.next_free(at(1500)), at(2000));
     }
 }
