@@ -68,10 +68,7 @@ impl Cursor {
     /// a later offset in the same epoch, or any offset of a new epoch.
     /// Duplicates from a replay or an overlapping connection return false.
     pub fn accept(&mut self, position: Position) -> bool {
-        let new = match self.last {
-            None => true,
-            Some(last) => last.epoch != position.epoch || position.offset > last.offset,
-        };
+        let new = switchyard_protocol::position::is_after(self.last, position);
         if new {
             self.last = Some(position);
         }

@@ -27,8 +27,38 @@ impl Position {
     }
 }
 
+/// Whether a message at `next` comes after `last` (the last one processed):
+/// a later offset in the same epoch, or any offset of another epoch (the log
+/// started over). With no `last`, everything does. This one rule drops
+/// replay and overlap duplicates in gateways and clients alike.
+pub fn is_after(last: Option<Position>, next: Position) -> bool {
+    match last {
+        None => true,
+        Some(last) => last.epoch != next.epoch || next.offset > last.offset,
+    }
+}
+
 impl std::fmt::Display for Position {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.epoch, self.offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_after_table() {
+        let table = [
+            (None, Position::new(42, 1), true),
+            (Some(Position::new(42, 5)), Position::new(42, 6), true),
+            (Some(Position::new(42, 5)), Position::new(42, 5), false),
+            (Some(Position::new(42, 5)), Position::new(42, 3), false),
+            (Some(Position::new(42, 5)), Position::new(43, 1), true),
+        ];
+        for (last, next, expected) in table {
+            assert_eq!(is_after(last, next), expected, "{last:?} {next:?}");
+        }
     }
 }

@@ -180,8 +180,11 @@ fn per_second(times_ms: &[u64]) -> Vec<usize> {
     counts
 }
 
-fn drain_body(request: &DrainRequest) -> String {
-    serde_json::to_string(request).expect("json")
+/// `POST /admin/drain` on `gw`: (status, body).
+fn post_drain(gw: &GatewayProcess, request: &DrainRequest) -> (u16, String) {
+    let body = serde_json::to_string(request).expect("json");
+    gw.admin_request("POST", "/admin/drain", Some(&body))
+        .expect("drain request")
 }
 
 fn status(gw: &GatewayProcess) -> serde_json::Value {
@@ -225,10 +228,7 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
         retry_jitter_ms: 2_000,
         migrate_grace_ms: None,
     };
-    let (code, body) = fleet
-        .blue
-        .admin_request("POST", "/admin/drain", Some(&drain_body(&request)))
-        .expect("drain");
+    let (code, body) = post_drain(&fleet.blue, &request);
     assert_eq!(code, 202, "{body}");
     assert_eq!(
         switchyard_tests::http_request(fleet.blue.public, "GET", "/readyz", None)
@@ -237,10 +237,7 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
         503,
         "not ready from the moment the drain starts"
     );
-    let (code, _) = fleet
-        .blue
-        .admin_request("POST", "/admin/drain", Some(&drain_body(&request)))
-        .expect("second drain");
+    let (code, _) = post_drain(&fleet.blue, &request);
     assert_eq!(code, 409, "one drain at a time");
 
     let took = wait_connections(&fleet.blue, 0, Duration::from_secs(30)).await;
@@ -309,10 +306,7 @@ async fn close_mode_spreads_reconnects_instead_of_a_storm() {
         retry_jitter_ms: 2_000,
         migrate_grace_ms: None,
     };
-    let (code, body) = fleet
-        .blue
-        .admin_request("POST", "/admin/drain", Some(&drain_body(&request)))
-        .expect("drain");
+    let (code, body) = post_drain(&fleet.blue, &request);
     assert_eq!(code, 202, "{body}");
     wait_connections(&fleet.blue, 0, Duration::from_secs(20)).await;
     wait_connections(&fleet.green, CLIENTS as u64, Duration::from_secs(20)).await;
@@ -398,10 +392,7 @@ async fn cancelling_a_drain_keeps_the_rest_on_blue() {
         retry_jitter_ms: 1_000,
         migrate_grace_ms: None,
     };
-    let (code, _) = fleet
-        .blue
-        .admin_request("POST", "/admin/drain", Some(&drain_body(&request)))
-        .expect("drain");
+    let (code, _) = post_drain(&fleet.blue, &request);
     assert_eq!(code, 202);
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let (code, body) = fleet

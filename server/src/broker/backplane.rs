@@ -45,11 +45,12 @@ use switchyard_protocol::{CloseCode, Position, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::log::{is_after, resume_from_snapshot, Resume, Retention};
+use super::log::{resume_from_snapshot, Resume, Retention};
 use super::{Broker, BrokerError, Subscribed};
 use crate::config::RedisSettings;
 use crate::hub::ConnHandle;
 use crate::outbox::Outgoing;
+use switchyard_protocol::position::is_after;
 
 /// The metrics the backplane reports.
 #[derive(Clone)]

@@ -167,16 +167,6 @@ pub fn resume_from_snapshot(since: Option<Position>, head: Position, fetched: &[
     }
 }
 
-/// Whether a message at `incoming` comes after `last` (the last one
-/// delivered): a later offset in the same epoch, or any offset of another
-/// epoch (the log was lost and started over). Drops duplicates and stale copies.
-pub fn is_after(last: Option<Position>, incoming: Position) -> bool {
-    match last {
-        None => true,
-        Some(last) => last.epoch != incoming.epoch || incoming.offset > last.offset,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,32 +196,6 @@ mod tests {
                 expected,
                 "{since:?} {fetched:?}"
             );
-        }
-    }
-
-    #[test]
-    fn is_after_table() {
-        let table = [
-            (None, Position::new(EPOCH, 1), true),
-            (Some(Position::new(EPOCH, 5)), Position::new(EPOCH, 6), true),
-            (
-                Some(Position::new(EPOCH, 5)),
-                Position::new(EPOCH, 5),
-                false,
-            ),
-            (
-                Some(Position::new(EPOCH, 5)),
-                Position::new(EPOCH, 3),
-                false,
-            ),
-            (
-                Some(Position::new(EPOCH, 5)),
-                Position::new(EPOCH + 1, 1),
-                true,
-            ),
-        ];
-        for (last, incoming, expected) in table {
-            assert_eq!(is_after(last, incoming), expected, "{last:?} {incoming:?}");
         }
     }
 
