@@ -343,10 +343,11 @@ impl Driver {
         let mut retry: BTreeSet<String> = BTreeSet::new();
         let retry_wait = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(retry_wait);
+        // Publishes held while disconnected go out first; later ones wake the
+        // loop through `outbox_wake` (its permit is kept while we are busy).
+        // A send error needs no handling here: the close arrives via next_event.
+        let _ = self.flush_outbox(connection).await;
         loop {
-            if self.flush_outbox(connection).await.is_err() {
-                // The close arrives through next_event.
-            }
             tokio::select! {
                 request = self.requests.recv() => match request {
                     None | Some(Command::Close) => {
@@ -362,7 +363,9 @@ impl Driver {
                         let _ = connection.unsubscribe(&topic).await;
                     }
                 },
-                _ = self.shared.outbox_wake.notified() => {}
+                _ = self.shared.outbox_wake.notified() => {
+                    let _ = self.flush_outbox(connection).await;
+                }
                 _ = &mut retry_wait, if !retry.is_empty() => {
                     for topic in std::mem::take(&mut retry) {
                         if let Some(cursor) = self.topics.get(&topic) {

@@ -778,3 +778,16 @@ impl BlueGreen {
         })
     }
 }
+
+/// How long a test waits for any one expected frame.
+pub const STEP: Duration = Duration::from_secs(15);
+
+/// The next frame on `conn`, panicking on a close or after [`STEP`].
+pub async fn next_frame(
+    conn: &mut switchyard_client::Connection,
+) -> switchyard_protocol::ServerFrame {
+    match tokio::time::timeout(STEP, conn.next_event()).await {
+        Ok(Ok(switchyard_client::Event::Frame(frame))) => frame,
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}

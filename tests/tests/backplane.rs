@@ -4,13 +4,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use switchyard_client::{Connection, Event};
+use switchyard_client::Connection;
 use switchyard_protocol::frame::encode_message;
 use switchyard_protocol::{Position, ServerFrame};
-use switchyard_tests::{wait_status, GatewayProcess, RedisServer};
+use switchyard_tests::{next_frame, wait_status, GatewayProcess, RedisServer, STEP};
 use tokio_tungstenite::tungstenite::Message;
-
-const STEP: Duration = Duration::from_secs(15);
 
 fn gateways(redis: &RedisServer, count: usize, extra: &[&str]) -> Vec<GatewayProcess> {
     let url = format!("redis.url={}", redis.url());
@@ -26,13 +24,6 @@ fn gateways(redis: &RedisServer, count: usize, extra: &[&str]) -> Vec<GatewayPro
             gw
         })
         .collect()
-}
-
-async fn next_frame(conn: &mut Connection) -> ServerFrame {
-    match tokio::time::timeout(STEP, conn.next_event()).await {
-        Ok(Ok(Event::Frame(frame))) => frame,
-        other => panic!("expected a frame, got {other:?}"),
-    }
 }
 
 async fn subscribe(

@@ -6,17 +6,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use switchyard_client::{Closed, Connection, Event};
 use switchyard_protocol::{ErrorCode, Position, ServerFrame};
-use switchyard_tests::{opcode, GatewayProcess, RawSocket};
+use switchyard_tests::{next_frame, opcode, GatewayProcess, RawSocket, STEP};
 use tokio_tungstenite::tungstenite::Message;
-
-const STEP: Duration = Duration::from_secs(15);
-
-async fn next_frame(conn: &mut Connection) -> ServerFrame {
-    match tokio::time::timeout(STEP, conn.next_event()).await {
-        Ok(Ok(Event::Frame(frame))) => frame,
-        other => panic!("expected a frame, got {other:?}"),
-    }
-}
 
 async fn expect_closed(conn: &mut Connection) -> Closed {
     loop {
