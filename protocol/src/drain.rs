@@ -133,6 +133,15 @@ pub fn slot_times(n: usize, window_ms: u64, max_rate: u64, deadline_ms: u64) -> 
         .collect()
 }
 
+/// The pace of the schedule in slots per second: `n` spread over the window,
+/// never above the cap. A drain that falls behind releases overdue slots at
+/// this pace — it stretches its schedule rather than compressing it up to R,
+/// which would run it at the cap with no room for any client's jitter.
+pub fn paced_rate(n: usize, window_ms: u64, max_rate: u64) -> u64 {
+    let by_window = (n as u64 * 1000).div_ceil(window_ms.max(1));
+    by_window.clamp(1, max_rate.max(1))
+}
+
 /// The most slots in any window of `width_ms` (an upper bound over all
 /// window positions: a window starting at each slot).
 pub fn max_in_window(slots: &[u64], width_ms: u64) -> usize {
@@ -187,6 +196,21 @@ mod tests {
             );
         }
         assert!(slot_times(0, 1_000, 10, 1_000).is_empty());
+    }
+
+    #[test]
+    fn paced_rate_table() {
+        let table = [
+            (2_000, 10_000, 400, 200),
+            (2_000, 1_000, 400, 400),
+            (10, 1_000, 1_000, 10),
+            (1, 10_000, 400, 1),
+            (0, 10_000, 400, 1),
+            (50_000, 10_000, 700, 700),
+        ];
+        for (n, w, r, expected) in table {
+            assert_eq!(paced_rate(n, w, r), expected, "{n}/{w}/{r}");
+        }
     }
 
     #[test]

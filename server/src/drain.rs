@@ -17,7 +17,9 @@ use std::time::Duration;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use switchyard_protocol::close::CloseReason;
-use switchyard_protocol::drain::{slot_times, DrainMode, DrainRequest, DrainStatus, MigrationKind};
+use switchyard_protocol::drain::{
+    paced_rate, slot_times, DrainMode, DrainRequest, DrainStatus, MigrationKind,
+};
 use switchyard_protocol::{CloseCode, ServerFrame};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -260,7 +262,13 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
     );
     // With nothing scheduled, look every 100 ms whether the last connection has gone.
     let idle_check = Duration::from_millis(100);
-    let mut cap = RateWindow::new(drain.request.max_rate, Duration::from_secs(1));
+    // Late slots leave at the schedule's own pace (N/W, at most R).
+    let pace = paced_rate(
+        drain.total as usize,
+        drain.request.window_ms,
+        drain.request.max_rate,
+    );
+    let mut cap = RateWindow::new(pace, Duration::from_secs(1));
     loop {
         let now = Instant::now();
         let next_slot = if due.is_empty() {
