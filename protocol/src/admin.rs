@@ -52,3 +52,51 @@ pub struct ApiError {
     /// A human-readable explanation.
     pub message: String,
 }
+
+/// `POST /api/tickets` request: the application backend asks for a
+/// single-use ticket for a user it has authenticated, to be passed as
+/// `?ticket=` on the WebSocket URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketRequest {
+    /// The subject (user id) the ticket is bound to.
+    pub sub: String,
+    /// Topic patterns the session may subscribe to; absent: the gateway's
+    /// `auth.default_subscribe`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<Vec<String>>,
+    /// Topic patterns the session may publish on; absent: the gateway's
+    /// `topics.client_publish`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+    /// Unix time (seconds) at which the session opened with the ticket
+    /// expires and is closed with 4001; absent: now + `auth.tickets.session_ttl_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+}
+
+/// `POST /api/tickets` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketResponse {
+    /// The ticket: opaque, single use.
+    pub ticket: String,
+    /// Milliseconds within which it must be redeemed.
+    pub expires_in_ms: u64,
+}
+
+/// `POST /admin/revoke` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// The subject whose sessions end.
+    pub sub: String,
+}
+
+/// `POST /admin/revoke` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// The subject revoked.
+    pub sub: String,
+    /// Connections of that subject closed with 4503 on this gateway.
+    pub closed: u64,
+}

@@ -162,6 +162,10 @@ pub enum ErrorCode {
     InvalidTopic,
     /// Clients may not publish on this topic.
     PublishNotAllowed,
+    /// The session's token does not allow subscribing to this topic.
+    SubscribeNotAllowed,
+    /// Too many publishes per second on this connection; slow down.
+    RateLimited,
     /// The connection already holds the maximum number of subscriptions.
     TooManySubscriptions,
     /// The gateway holds the maximum number of topics.

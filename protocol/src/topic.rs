@@ -48,6 +48,15 @@ pub fn validate_topic(name: &str, max_len: usize) -> Result<(), TopicError> {
 pub struct TopicPattern(String);
 
 impl TopicPattern {
+    /// Checks a pattern: `*`, or a valid topic name, optionally ending in `*`.
+    pub fn parse(pattern: &str, max_len: usize) -> Result<Self, TopicError> {
+        let name = pattern.strip_suffix('*').unwrap_or(pattern);
+        if !name.is_empty() {
+            validate_topic(name, max_len)?;
+        }
+        Ok(TopicPattern(pattern.to_owned()))
+    }
+
     /// Wraps a pattern string.
     pub fn new(pattern: impl Into<String>) -> Self {
         TopicPattern(pattern.into())
@@ -99,6 +108,10 @@ mod tests {
             ("news", "news", true),
             ("news", "news2", false),
         ];
+        assert!(TopicPattern::parse("chat.*", 64).is_ok());
+        assert!(TopicPattern::parse("*", 64).is_ok());
+        assert!(TopicPattern::parse("a b*", 64).is_err());
+        assert!(TopicPattern::parse("a**", 64).is_err());
         for (pattern, topic, expected) in table {
             assert_eq!(
                 TopicPattern::new(pattern).matches(topic),

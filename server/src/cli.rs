@@ -87,7 +87,7 @@ pub fn main() -> ExitCode {
         }
     };
     if args.print_config {
-        match serde_yaml::to_string(&config) {
+        match serde_yaml::to_string(&config.redacted()) {
             Ok(text) => {
                 print!("{text}");
                 return ExitCode::SUCCESS;

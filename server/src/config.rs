@@ -11,7 +11,6 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
-use switchyard_protocol::topic::TopicPattern;
 use thiserror::Error;
 
 /// Prefix of environment variables that override settings.
@@ -105,6 +104,198 @@ pub struct Config {
     pub redis: RedisSettings,
     /// Drain defaults: SIGTERM uses them; `POST /admin/drain` may override.
     pub drain: DrainSettings,
+    /// Which page origins may open WebSockets (against cross-site WebSocket hijacking).
+    pub origin: OriginSettings,
+    /// How clients authenticate, and what an unauthenticated handshake gets.
+    pub auth: AuthSettings,
+    /// The admin listener's bearer token and TLS.
+    pub admin: AdminSettings,
+    /// TLS on the public listener (wss:// and https://).
+    pub tls: TlsSettings,
+}
+
+/// Origin check settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginSettings {
+    /// Allowed origins: exact (`https://app.example.com`, port included when
+    /// not the default) or every subdomain (`https://*.example.com`).
+    pub allowed: Vec<String>,
+    /// Also allow an Origin whose host and port equal the request's `Host`
+    /// (the page was served by the same address as the socket).
+    pub allow_same_host: bool,
+    /// Allow handshakes without an Origin header. Browsers always send one,
+    /// so these are non-browser clients, which carry no ambient cookie.
+    pub allow_missing: bool,
+}
+
+impl Default for OriginSettings {
+    fn default() -> Self {
+        OriginSettings {
+            allowed: Vec::new(),
+            allow_same_host: true,
+            allow_missing: true,
+        }
+    }
+}
+
+/// A kind of credential a handshake may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// A JWT in the session cookie (`auth.cookie_name`), for browsers.
+    Cookie,
+    /// A JWT in `Authorization: Bearer`, for non-browser clients.
+    Bearer,
+    /// A single-use ticket in `?ticket=`, minted by `POST /api/tickets`.
+    Ticket,
+}
+
+/// JWT signature algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum JwtAlgorithm {
+    /// HMAC-SHA256 with a shared secret.
+    Hs256,
+    /// RSA PKCS#1 v1.5 with SHA-256, verified with a public key or JWKS.
+    Rs256,
+    /// ECDSA P-256 with SHA-256, verified with a public key or JWKS.
+    Es256,
+}
+
+/// How JWTs are verified.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSettings {
+    /// The only algorithm accepted.
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret (prefer `secret_file`; this one is for env variables).
+    pub secret: Option<String>,
+    /// HS256: file holding the shared secret (a mounted Secret).
+    pub secret_file: Option<String>,
+    /// RS256/ES256: PEM public key.
+    pub public_key_file: Option<String>,
+    /// RS256/ES256: JSON Web Key Set; the token's `kid` picks the key.
+    pub jwks_file: Option<String>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `nbf` (seconds). `exp` gets none: it is also
+    /// when the connection is closed with 4001.
+    pub leeway_s: u64,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        JwtSettings {
+            algorithm: JwtAlgorithm::Hs256,
+            secret: None,
+            secret_file: None,
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            leeway_s: 5,
+        }
+    }
+}
+
+/// Ticket settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TicketSettings {
+    /// Time within which a ticket must be redeemed.
+    pub ttl_ms: u64,
+    /// Session lifetime when the minting request gives no `exp`.
+    pub session_ttl_ms: u64,
+    /// Most unredeemed tickets held in memory (memory broker).
+    pub max_outstanding: usize,
+}
+
+impl Default for TicketSettings {
+    fn default() -> Self {
+        TicketSettings {
+            ttl_ms: 30_000,
+            session_ttl_ms: 3_600_000,
+            max_outstanding: 100_000,
+        }
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Admit handshakes that carry no credential. Unset: admitted only when
+    /// no JWT key is configured and the public listener is on loopback (a
+    /// developer's machine); anywhere else it must be set explicitly.
+    pub anonymous: Option<bool>,
+    /// Credentials looked for, by precedence ticket, bearer, cookie.
+    pub accept: Vec<CredentialKind>,
+    /// The session cookie's name.
+    pub cookie_name: String,
+    /// Refuse failed authentication with HTTP 401 before the upgrade instead
+    /// of accepting and closing with 4501/4001/4503 (browsers cannot read the
+    /// status of a failed upgrade; non-browser deployments may prefer it).
+    pub reject_with_http: bool,
+    /// JWT verification.
+    pub jwt: JwtSettings,
+    /// Subscribe patterns for sessions whose token or ticket lists none, and for anonymous ones.
+    pub default_subscribe: Vec<String>,
+    /// Single-use tickets.
+    pub tickets: TicketSettings,
+    /// How long a revocation refuses older credentials of its subject; at
+    /// least the longest token lifetime you issue.
+    pub revocation_ttl_ms: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            anonymous: None,
+            accept: vec![
+                CredentialKind::Ticket,
+                CredentialKind::Bearer,
+                CredentialKind::Cookie,
+            ],
+            cookie_name: "switchyard_session".to_owned(),
+            reject_with_http: false,
+            jwt: JwtSettings::default(),
+            default_subscribe: vec!["*".to_owned()],
+            tickets: TicketSettings::default(),
+            revocation_ttl_ms: 24 * 3_600_000,
+        }
+    }
+}
+
+/// Certificate and key files for a TLS listener.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first. With `key_file`, the listener speaks TLS.
+    pub cert_file: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<String>,
+}
+
+impl TlsSettings {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
+/// Admin listener settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// The bearer token (prefer `token_file`; this one is for env variables).
+    pub token: Option<String>,
+    /// File holding the bearer token (a mounted Secret).
+    pub token_file: Option<String>,
+    /// TLS on the admin listener.
+    pub tls: TlsSettings,
 }
 
 /// Drain defaults.
@@ -222,6 +413,11 @@ pub struct WebSocketSettings {
     pub handshake_timeout_ms: u64,
     /// Largest HTTP request head accepted on the public listener.
     pub max_header_bytes: usize,
+    /// Handshakes per second per client IP (token bucket); 0 turns the limit
+    /// off. Behind an L7 proxy every client has the proxy's IP: limit there.
+    pub handshake_rate_per_ip: u32,
+    /// Burst of handshakes one IP may make at once.
+    pub handshake_burst_per_ip: u32,
 }
 
 /// Per-connection settings.
@@ -243,6 +439,14 @@ pub struct ConnectionSettings {
     pub close_timeout_ms: u64,
     /// Most topics one connection may subscribe to.
     pub max_subscriptions: usize,
+    /// Most open connections on this gateway; beyond it a handshake is
+    /// accepted and closed with 4003 (back off, reconnect).
+    pub max_connections: usize,
+    /// Client publishes per second per connection (token bucket); an excess
+    /// publish gets a `rate_limited` error, `max_violations` in a row close 4002.
+    pub publish_rate: u32,
+    /// Burst of publishes one connection may make at once.
+    pub publish_burst: u32,
 }
 
 /// Topic log settings.
@@ -279,6 +483,10 @@ impl Default for Config {
             broker: BrokerKind::Memory,
             redis: RedisSettings::default(),
             drain: DrainSettings::default(),
+            origin: OriginSettings::default(),
+            auth: AuthSettings::default(),
+            admin: AdminSettings::default(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -302,6 +510,8 @@ impl Default for WebSocketSettings {
             max_write_buffer_bytes: 1024 * 1024,
             handshake_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,
+            handshake_rate_per_ip: 0,
+            handshake_burst_per_ip: 100,
         }
     }
 }
@@ -315,6 +525,9 @@ impl Default for ConnectionSettings {
             max_violations: 3,
             close_timeout_ms: 2_000,
             max_subscriptions: 64,
+            max_connections: 100_000,
+            publish_rate: 100,
+            publish_burst: 200,
         }
     }
 }
@@ -412,6 +625,18 @@ impl Config {
             ("drain.max_rate", self.drain.max_rate),
             ("drain.deadline_ms", self.drain.deadline_ms),
             ("drain.grace_period_ms", self.drain.grace_period_ms),
+            ("connection.max_connections", conn.max_connections as u64),
+            ("connection.publish_rate", u64::from(conn.publish_rate)),
+            ("connection.publish_burst", u64::from(conn.publish_burst)),
+            ("auth.tickets.ttl_ms", self.auth.tickets.ttl_ms),
+            (
+                "auth.tickets.session_ttl_ms",
+                self.auth.tickets.session_ttl_ms,
+            ),
+            (
+                "auth.tickets.max_outstanding",
+                self.auth.tickets.max_outstanding as u64,
+            ),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError::field(field, "must be greater than 0"));
@@ -481,23 +706,141 @@ impl Config {
             }
         }
         for pattern in &self.topics.client_publish {
-            let name = pattern.strip_suffix('*').unwrap_or(pattern);
-            if !name.is_empty() {
-                switchyard_protocol::topic::validate_topic(name, self.topics.max_topic_length)
-                    .map_err(|e| ConfigError::field("topics.client_publish", e.to_string()))?;
+            validate_pattern(
+                pattern,
+                self.topics.max_topic_length,
+                "topics.client_publish",
+            )?;
+        }
+        for pattern in &self.auth.default_subscribe {
+            validate_pattern(
+                pattern,
+                self.topics.max_topic_length,
+                "auth.default_subscribe",
+            )?;
+        }
+        self.validate_security()
+    }
+
+    /// Security settings: origins parse, keys fit the algorithm, and nothing
+    /// reachable beyond loopback is left open by default.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        crate::security::origin::OriginPolicy::new(
+            &self.origin.allowed,
+            self.origin.allow_same_host,
+            self.origin.allow_missing,
+        )
+        .map_err(|e| ConfigError::field("origin.allowed", e.to_string()))?;
+        let jwt = &self.auth.jwt;
+        let symmetric = jwt.secret.is_some() || jwt.secret_file.is_some();
+        let asymmetric = jwt.public_key_file.is_some() || jwt.jwks_file.is_some();
+        match jwt.algorithm {
+            JwtAlgorithm::Hs256 if asymmetric => {
+                return Err(ConfigError::field(
+                    "auth.jwt.algorithm",
+                    "HS256 takes secret or secret_file, not a public key",
+                ))
+            }
+            JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 if symmetric => {
+                return Err(ConfigError::field(
+                    "auth.jwt.algorithm",
+                    "RS256/ES256 take public_key_file or jwks_file, not a secret",
+                ))
+            }
+            _ => {}
+        }
+        if jwt.secret.as_deref().is_some_and(|s| s.len() < 32) {
+            return Err(ConfigError::field(
+                "auth.jwt.secret",
+                "must be at least 32 bytes (256 bits) for HS256",
+            ));
+        }
+        if self.auth.accept.is_empty() && self.auth.anonymous != Some(true) {
+            return Err(ConfigError::field(
+                "auth.accept",
+                "accepts no credential and anonymous is not true: nobody could connect",
+            ));
+        }
+        if self.auth.anonymous.is_none()
+            && !self.listen.ip().is_loopback()
+            && !self.jwt_configured()
+        {
+            return Err(ConfigError::field(
+                "auth.anonymous",
+                "set it to true or false: the public listener is not on loopback and no JWT key is configured",
+            ));
+        }
+        if self.auth.cookie_name.is_empty()
+            || !self
+                .auth
+                .cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::field(
+                "auth.cookie_name",
+                "must be 1+ characters of [A-Za-z0-9_-]",
+            ));
+        }
+        let admin_has_token = self.admin.token.is_some() || self.admin.token_file.is_some();
+        if !admin_has_token && !self.admin_listen.ip().is_loopback() {
+            return Err(ConfigError::field(
+                "admin.token_file",
+                "the admin listener is not on loopback: it needs admin.token_file (or admin.token)",
+            ));
+        }
+        if self.admin.token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::field(
+                "admin.token",
+                "must be at least 16 bytes",
+            ));
+        }
+        for (field, tls) in [("tls", &self.tls), ("admin.tls", &self.admin.tls)] {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err(ConfigError::field(
+                    field,
+                    "cert_file and key_file go together",
+                ));
             }
         }
         Ok(())
     }
 
-    /// The topic patterns clients may publish on.
-    pub fn client_publish_patterns(&self) -> Vec<TopicPattern> {
-        self.topics
-            .client_publish
-            .iter()
-            .map(TopicPattern::new)
-            .collect()
+    /// Whether a JWT key is configured.
+    pub fn jwt_configured(&self) -> bool {
+        let jwt = &self.auth.jwt;
+        jwt.secret.is_some()
+            || jwt.secret_file.is_some()
+            || jwt.public_key_file.is_some()
+            || jwt.jwks_file.is_some()
     }
+
+    /// Whether handshakes without a credential are admitted (see [`AuthSettings::anonymous`]).
+    pub fn anonymous_allowed(&self) -> bool {
+        self.auth
+            .anonymous
+            .unwrap_or_else(|| !self.jwt_configured() && self.listen.ip().is_loopback())
+    }
+
+    /// The configuration with every secret value replaced, for printing.
+    pub fn redacted(&self) -> Config {
+        let mut config = self.clone();
+        let hide = |value: &mut Option<String>| {
+            if value.is_some() {
+                *value = Some("REDACTED".to_owned());
+            }
+        };
+        hide(&mut config.auth.jwt.secret);
+        hide(&mut config.admin.token);
+        config
+    }
+}
+
+/// Checks a topic pattern: `*`, or a topic name optionally ending in `*`.
+fn validate_pattern(pattern: &str, max_len: usize, field: &str) -> Result<(), ConfigError> {
+    switchyard_protocol::topic::TopicPattern::parse(pattern, max_len)
+        .map(|_| ())
+        .map_err(|e| ConfigError::field(field, format!("{pattern:?}: {e}")))
 }
 
 /// `SWITCHYARD_CONNECTION__KEEPALIVE_INTERVAL_MS` → `connection.keepalive_interval_ms`;

@@ -33,6 +33,8 @@ use tracing::Instrument;
 use crate::hub::{ConnHandle, Route};
 use crate::metrics::Initiator;
 use crate::outbox::{EndRequest, Outgoing};
+use crate::security::ratelimit::TokenBucket;
+use crate::security::Session;
 use crate::server::Gateway;
 
 /// The close code recorded for a connection that ended without a close frame.
@@ -58,36 +60,60 @@ impl Ending {
 struct Connection {
     gateway: Arc<Gateway>,
     handle: Arc<ConnHandle>,
+    /// Who is connected and what they may do.
+    session: Session,
     /// Topics this connection subscribes to (at most `max_subscriptions`, so a Vec).
     topics: Vec<String>,
     violations: u32,
+    /// Subscribes and publishes on topics the session may not use; enough close 4502.
+    denied: u32,
+    /// Client publishes allowed per second.
+    publish_bucket: TokenBucket,
+    /// Rate-limited publishes since the last accepted one; enough close 4002.
+    rate_limited: u32,
     /// The first way this connection started to end; later ones do not overwrite it.
     ending: Option<Ending>,
 }
 
-/// Serves one upgraded WebSocket until it ends.
+/// Serves one upgraded WebSocket, already admitted to the hub as `handle`,
+/// until it ends.
 pub async fn run<S>(
     gateway: Arc<Gateway>,
     socket: WebSocketStream<S>,
-    route: Route,
+    handle: Arc<ConnHandle>,
+    session: Session,
     peer: SocketAddr,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handle = gateway.hub.register(route);
     gateway.metrics.connections_opened.inc();
     gateway.metrics.connections.inc();
-    let span = tracing::info_span!("conn", id = %handle.label, %peer);
+    let route = handle.route;
+    let subject = session.subject.as_deref().unwrap_or("");
+    let span = tracing::info_span!("conn", id = %handle.label, %peer, sub = subject);
     async move {
-        tracing::debug!(?route, "connected");
+        tracing::debug!(?route, method = session.method.as_str(), "connected");
+        if let Some(at_ms) = session.expires_at_ms {
+            gateway.expiries.insert(at_ms, handle.id);
+        }
         let (sink, stream) = socket.split();
         let writer =
             tokio::spawn(write_loop(sink, handle.clone(), gateway.clone()).in_current_span());
+        let settings = &gateway.config.connection;
+        let publish_bucket = TokenBucket::new(
+            settings.publish_rate,
+            settings.publish_burst,
+            Instant::now(),
+        );
         let mut connection = Connection {
             gateway,
             handle,
+            session,
             topics: Vec::new(),
             violations: 0,
+            denied: 0,
+            publish_bucket,
+            rate_limited: 0,
             ending: None,
         };
         if route == Route::Topics {
@@ -277,6 +303,48 @@ impl Connection {
         }
     }
 
+    /// Refuses a topic the session may not use: an error frame, and after
+    /// `max_violations` refusals a 4502 close (the client keeps asking for
+    /// what its token does not allow; retrying will not help).
+    fn deny(&mut self, action: &'static str, code: ErrorCode, topic: String) {
+        self.gateway
+            .metrics
+            .authorization_denied
+            .with_label_values(&[action])
+            .inc();
+        tracing::debug!(action, %topic, "topic not allowed for this session");
+        self.send_error(
+            code,
+            format!("this session may not {action} on this topic"),
+            Some(topic),
+        );
+        self.denied += 1;
+        if self.denied >= self.gateway.config.connection.max_violations {
+            self.close(CloseCode::NotAllowed, "topic not allowed");
+        }
+    }
+
+    /// Takes a publish token; an empty bucket gets a `rate_limited` error,
+    /// and `max_violations` of them in a row close the connection with 4002.
+    fn publish_allowed(&mut self, topic: &str) -> bool {
+        if self.publish_bucket.try_take(Instant::now()) {
+            self.rate_limited = 0;
+            return true;
+        }
+        self.gateway.metrics.publishes_rate_limited.inc();
+        self.rate_limited += 1;
+        let rate = self.gateway.config.connection.publish_rate;
+        self.send_error(
+            ErrorCode::RateLimited,
+            format!("at most {rate} publishes per second"),
+            Some(topic.to_owned()),
+        );
+        if self.rate_limited >= self.gateway.config.connection.max_violations {
+            self.close(CloseCode::SlowConsumer, "publish rate exceeded");
+        }
+        false
+    }
+
     fn check_topic(&mut self, topic: &str) -> bool {
         match validate_topic(topic, self.gateway.config.topics.max_topic_length) {
             Ok(()) => true,
@@ -296,18 +364,23 @@ impl Connection {
         if !self.check_topic(&topic) {
             return;
         }
+        if !self.session.may_subscribe(&topic) {
+            return self.deny("subscribe", ErrorCode::SubscribeNotAllowed, topic);
+        }
         let already = self.topics.contains(&topic);
         if already {
             // A second subscribe restarts the subscription from its `since`.
             self.gateway.broker.unsubscribe(&topic, self.handle.id);
         } else if self.topics.len() >= self.gateway.config.connection.max_subscriptions {
             let max = self.gateway.config.connection.max_subscriptions;
-            self.send_error(
+            // A client that keeps subscribing past its limit is misbehaving:
+            // it counts towards the 4500 close like any other violation.
+            return self.violation(
+                "too_many_subscriptions",
                 ErrorCode::TooManySubscriptions,
                 format!("at most {max} subscriptions per connection"),
                 Some(topic),
             );
-            return;
         }
         match self
             .gateway
@@ -364,13 +437,10 @@ impl Connection {
         if !self.check_topic(&topic) {
             return;
         }
-        if !self.gateway.client_may_publish(&topic) {
-            self.violation(
-                "publish_not_allowed",
-                ErrorCode::PublishNotAllowed,
-                "clients may not publish on this topic".into(),
-                Some(topic),
-            );
+        if !self.session.may_publish(&topic) {
+            return self.deny("publish", ErrorCode::PublishNotAllowed, topic);
+        }
+        if !self.publish_allowed(&topic) {
             return;
         }
         match self.gateway.publish(&topic, data).await {
@@ -405,6 +475,9 @@ impl Connection {
             }
         }
         let gateway = &self.gateway;
+        if let Some(at_ms) = self.session.expires_at_ms {
+            gateway.expiries.remove(at_ms, self.handle.id);
+        }
         gateway.connection_ended(&self.handle);
         gateway.hub.remove(self.handle.id);
         for topic in &self.topics {

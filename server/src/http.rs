@@ -5,12 +5,20 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::StatusCode;
-use switchyard_protocol::admin::{ApiError, PublishRequest, PublishResponse};
-use switchyard_protocol::topic::validate_topic;
+use std::time::Duration;
+
+use switchyard_protocol::admin::{
+    ApiError, PublishRequest, PublishResponse, RevokeRequest, RevokeResponse, TicketRequest,
+    TicketResponse,
+};
+use switchyard_protocol::topic::{validate_topic, TopicPattern};
 use warp::{Filter, Rejection, Reply};
 
 use crate::broker::BrokerError;
 use crate::drain::DrainRefused;
+use crate::security::tickets::{new_ticket, TicketGrant};
+use crate::security::token::MAX_TOKEN_PATTERNS;
+use crate::security::unix_ms;
 use crate::server::Gateway;
 use switchyard_protocol::drain::DrainRequest;
 
@@ -94,7 +102,9 @@ pub fn public_routes(
         .unify()
 }
 
-/// Admin listener: status and the publish API.
+/// Admin listener: status, drain, revoke, and the publish and ticket APIs.
+/// Every route needs the admin bearer token when one is configured (checked
+/// before routing, in `server::serve_http`).
 pub fn admin_routes(
     gateway: Arc<Gateway>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
@@ -116,6 +126,18 @@ pub fn admin_routes(
         .and(warp::body::bytes())
         .and(with_gateway(gateway.clone()))
         .map(start_drain);
+    let tickets = warp::path!("api" / "tickets")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(64 * 1024))
+        .and(warp::body::bytes())
+        .and(with_gateway(gateway.clone()))
+        .then(mint_ticket);
+    let revoke = warp::path!("admin" / "revoke")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(4096))
+        .and(warp::body::bytes())
+        .and(with_gateway(gateway.clone()))
+        .map(revoke);
     let cancel_drain = warp::path!("admin" / "drain")
         .and(warp::delete())
         .and(with_gateway(gateway))
@@ -134,8 +156,135 @@ pub fn admin_routes(
         .unify()
         .or(cancel_drain)
         .unify()
+        .or(tickets)
+        .unify()
+        .or(revoke)
+        .unify()
         .recover(recover)
         .unify()
+}
+
+/// The 401 every admin route answers without the bearer token.
+pub fn admin_unauthorized(gateway: &Gateway) -> warp::reply::Response {
+    gateway.metrics.admin_unauthorized.inc();
+    let mut response = api_error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "send Authorization: Bearer <admin token>",
+    );
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"switchyard-admin\""),
+    );
+    response
+}
+
+fn parse_patterns(list: &Option<Vec<String>>, max_len: usize, field: &str) -> Result<(), String> {
+    let Some(list) = list else { return Ok(()) };
+    if list.len() > MAX_TOKEN_PATTERNS {
+        return Err(format!("{field}: at most {MAX_TOKEN_PATTERNS} patterns"));
+    }
+    for pattern in list {
+        TopicPattern::parse(pattern, max_len).map_err(|e| format!("{field}: {pattern:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `POST /api/tickets`: mints a single-use ticket for a subject the caller
+/// (the application backend) has authenticated.
+async fn mint_ticket(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Response {
+    let request: TicketRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{sub, subscribe?: [pattern], publish?: [pattern], exp?: unix seconds}}: {err}"),
+            )
+        }
+    };
+    let settings = &gateway.config.auth.tickets;
+    let now_s = unix_ms() / 1000;
+    let max_len = gateway.config.topics.max_topic_length;
+    let checked = if request.sub.is_empty() || request.sub.len() > 256 {
+        Err("sub must be 1 to 256 bytes".to_owned())
+    } else if request.exp.is_some_and(|exp| exp <= now_s) {
+        Err("exp is in the past".to_owned())
+    } else {
+        parse_patterns(&request.subscribe, max_len, "subscribe")
+            .and_then(|()| parse_patterns(&request.publish, max_len, "publish"))
+    };
+    if let Err(message) = checked {
+        return api_error(StatusCode::BAD_REQUEST, "bad_request", message);
+    }
+    let grant = TicketGrant {
+        exp: request
+            .exp
+            .unwrap_or(now_s + settings.session_ttl_ms.div_ceil(1000)),
+        sub: request.sub,
+        subscribe: request.subscribe,
+        publish: request.publish,
+        minted_at: now_s,
+    };
+    let ticket = new_ticket();
+    let ttl = Duration::from_millis(settings.ttl_ms);
+    let grant_json = match serde_json::to_string(&grant) {
+        Ok(json) => json,
+        Err(err) => {
+            return api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                err.to_string(),
+            )
+        }
+    };
+    match gateway.broker.store_ticket(&ticket, grant_json, ttl).await {
+        Ok(()) => {
+            gateway.metrics.tickets_issued.inc();
+            warp::reply::with_status(
+                warp::reply::json(&TicketResponse {
+                    ticket,
+                    expires_in_ms: settings.ttl_ms,
+                }),
+                StatusCode::CREATED,
+            )
+            .into_response()
+        }
+        Err(err @ BrokerError::TicketsFull(_)) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "tickets_full",
+            err.to_string(),
+        ),
+        Err(err) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            err.to_string(),
+        ),
+    }
+}
+
+/// `POST /admin/revoke {sub}`: closes that subject's connections with 4503.
+fn revoke(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Response {
+    match serde_json::from_slice::<RevokeRequest>(&body) {
+        Ok(request) if !request.sub.is_empty() => {
+            let closed = gateway.revoke(&request.sub) as u64;
+            warp::reply::json(&RevokeResponse {
+                sub: request.sub,
+                closed,
+            })
+            .into_response()
+        }
+        Ok(_) => api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "sub must not be empty",
+        ),
+        Err(err) => api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("expected {{\"sub\": string}}: {err}"),
+        ),
+    }
 }
 
 fn start_drain(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Response {
@@ -189,7 +338,7 @@ async fn publish(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Resp
             "too_many_topics",
             err.to_string(),
         ),
-        Err(err @ BrokerError::Unavailable(_)) => api_error(
+        Err(err @ (BrokerError::Unavailable(_) | BrokerError::TicketsFull(_))) => api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             err.to_string(),

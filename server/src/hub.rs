@@ -36,6 +36,8 @@ pub struct ConnHandle {
     pub outbox: Outbox,
     /// What a drain has done to this connection.
     pub drain_mark: crate::drain::DrainMark,
+    /// The session's subject (`None`: anonymous), for revocation.
+    pub subject: Option<String>,
     /// Milliseconds since the hub started when a frame last arrived.
     last_seen_ms: AtomicU64,
 }
@@ -82,19 +84,59 @@ impl Hub {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Registers a new connection and returns its handle.
-    pub fn register(&self, route: Route) -> Arc<ConnHandle> {
+    fn new_handle(&self, route: Route, subject: Option<String>) -> Arc<ConnHandle> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let handle = Arc::new(ConnHandle {
+        Arc::new(ConnHandle {
             id,
             label: format!("{}-{id}", self.server_id),
             route,
             outbox: Outbox::new(self.limits),
             drain_mark: Default::default(),
+            subject,
             last_seen_ms: AtomicU64::new(self.now_ms()),
-        });
-        self.lock().insert(id, handle.clone());
+        })
+    }
+
+    /// Registers a new anonymous connection and returns its handle.
+    pub fn register(&self, route: Route) -> Arc<ConnHandle> {
+        let handle = self.new_handle(route, None);
+        self.lock().insert(handle.id, handle.clone());
         handle
+    }
+
+    /// Registers a new connection of `subject` unless `max` are open already
+    /// (checked and inserted under one lock, so the limit is exact).
+    pub fn admit(
+        &self,
+        route: Route,
+        subject: Option<String>,
+        max: usize,
+    ) -> Option<Arc<ConnHandle>> {
+        let mut map = self.lock();
+        if map.len() >= max {
+            return None;
+        }
+        let handle = self.new_handle(route, subject);
+        map.insert(handle.id, handle.clone());
+        Some(handle)
+    }
+
+    /// The connection `id`, if it is open.
+    pub fn get(&self, id: u64) -> Option<Arc<ConnHandle>> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// Asks every connection of `subject` to close with `code`; returns how many.
+    pub fn close_subject(&self, subject: &str, code: CloseCode, reason: &str) -> usize {
+        let reason = CloseReason::text(reason).to_json();
+        let mut closed = 0;
+        for handle in self.snapshot() {
+            if handle.subject.as_deref() == Some(subject) {
+                handle.outbox.close(code, reason.clone());
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Removes a connection that has ended.
@@ -241,5 +283,37 @@ mod tests {
         };
         assert!(hub.wait_empty(Duration::from_secs(5)).await);
         remover.await.expect("join");
+    }
+
+    #[test]
+    fn admit_is_bounded_and_close_subject_picks_the_subject() {
+        let hub = hub();
+        let alice = hub
+            .admit(Route::Topics, Some("alice".into()), 3)
+            .expect("room");
+        let alice2 = hub
+            .admit(Route::Topics, Some("alice".into()), 3)
+            .expect("room");
+        let bob = hub
+            .admit(Route::Topics, Some("bob".into()), 3)
+            .expect("room");
+        assert!(hub.admit(Route::Topics, None, 3).is_none(), "at capacity");
+        assert_eq!(
+            hub.close_subject("alice", CloseCode::SessionRevoked, "revoked"),
+            2
+        );
+        for handle in [&alice, &alice2] {
+            assert!(matches!(
+                handle.outbox.end_request(),
+                Some(EndRequest::Close {
+                    code: CloseCode::SessionRevoked,
+                    ..
+                })
+            ));
+        }
+        assert_eq!(bob.outbox.end_request(), None);
+        hub.remove(bob.id);
+        assert!(hub.get(bob.id).is_none());
+        assert!(hub.admit(Route::Topics, None, 3).is_some(), "room again");
     }
 }

@@ -12,6 +12,8 @@
 //! - [`upgrade`]: the WebSocket handshake on hyper.
 //! - [`http`]: the HTTP routes of both listeners (warp).
 //! - [`server`]: listeners, accept loops, shutdown.
+//! - [`security`]: origin check, authentication, sessions, rate limits.
+//! - [`tls`]: rustls for both listeners.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the binary's entry point.
 
@@ -24,5 +26,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod security;
 pub mod server;
+pub mod tls;
 pub mod upgrade;

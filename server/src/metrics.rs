@@ -75,6 +75,18 @@ pub struct Metrics {
     /// `switchyard_backplane_recovered_messages_total`: messages a pod missed
     /// on pub/sub and delivered from the stream after reconnecting.
     pub backplane_recovered_messages: IntCounter,
+    /// `switchyard_authorization_denied_total{action="subscribe|publish"}`:
+    /// requests on topics the session may not use.
+    pub authorization_denied: IntCounterVec,
+    /// `switchyard_publishes_rate_limited_total`: client publishes refused by the rate limit.
+    pub publishes_rate_limited: IntCounter,
+    /// `switchyard_sessions_ended_total{reason="expired|revoked"}`: connections
+    /// closed because their session ended (4001, 4503).
+    pub sessions_ended: IntCounterVec,
+    /// `switchyard_admin_unauthorized_total`: admin requests without the bearer token.
+    pub admin_unauthorized: IntCounter,
+    /// `switchyard_tickets_issued_total`.
+    pub tickets_issued: IntCounter,
 }
 
 impl Metrics {
@@ -197,6 +209,28 @@ impl Metrics {
             backplane_recovered_messages: counter(
                 "switchyard_backplane_recovered_messages_total",
                 "Messages missed on pub/sub during a reconnect and delivered from the stream.",
+            )?,
+            authorization_denied: counter_vec(
+                "switchyard_authorization_denied_total",
+                "Subscribes and publishes on topics the session may not use, by action.",
+                &["action"],
+            )?,
+            publishes_rate_limited: counter(
+                "switchyard_publishes_rate_limited_total",
+                "Client publishes refused by the per-connection rate limit.",
+            )?,
+            sessions_ended: counter_vec(
+                "switchyard_sessions_ended_total",
+                "Connections closed because their session ended: expired (4001) or revoked (4503).",
+                &["reason"],
+            )?,
+            admin_unauthorized: counter(
+                "switchyard_admin_unauthorized_total",
+                "Admin listener requests refused with 401 for a missing or wrong bearer token.",
+            )?,
+            tickets_issued: counter(
+                "switchyard_tickets_issued_total",
+                "Single-use connection tickets minted through POST /api/tickets.",
             )?,
             registry,
         })

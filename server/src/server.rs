@@ -15,10 +15,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::value::RawValue;
 use switchyard_protocol::admin::StatusResponse;
-use switchyard_protocol::topic::TopicPattern;
+use switchyard_protocol::close::CloseReason;
 use switchyard_protocol::{CloseCode, Position};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower_service::Service;
 use warp::Filter;
@@ -27,11 +28,16 @@ use crate::broker::backplane::{BackplaneMetrics, RedisBroker, RedisOptions};
 use crate::broker::log::Retention;
 use crate::broker::memory::{MemoryBroker, MemorySettings};
 use crate::broker::{Broker, BrokerError};
-use crate::config::{BrokerKind, Config};
+use crate::config::{AdminSettings, BrokerKind, Config};
 use crate::drain::Drain;
 use crate::hub::{Hub, Route};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxLimits;
+use crate::security::auth::{AdminAuth, Authenticator};
+use crate::security::expiry::SessionExpiries;
+use crate::security::origin::OriginPolicy;
+use crate::security::ratelimit::IpRateLimiter;
+use crate::security::unix_ms;
 use switchyard_protocol::drain::{DrainRequest, MigrationKind};
 
 /// Everything the listeners and connections share.
@@ -53,7 +59,20 @@ pub struct Gateway {
     drain: std::sync::Mutex<Option<Arc<Drain>>>,
     /// Notified when a drain finishes (or is cancelled).
     pub drain_finished: tokio::sync::Notify,
-    client_publish: Vec<TopicPattern>,
+    /// The Origin check of the public listener.
+    pub origin: OriginPolicy,
+    /// Authenticates handshakes; holds the revocations.
+    pub auth: Authenticator,
+    /// The admin listener's bearer token.
+    pub admin_auth: AdminAuth,
+    /// TLS on the public listener, when configured.
+    pub public_tls: Option<TlsAcceptor>,
+    /// TLS on the admin listener, when configured.
+    pub admin_tls: Option<TlsAcceptor>,
+    /// Handshakes per second per IP, when limited.
+    pub handshake_limiter: Option<IpRateLimiter>,
+    /// When each authenticated session expires.
+    pub expiries: SessionExpiries,
 }
 
 impl Gateway {
@@ -78,8 +97,25 @@ impl Gateway {
             max_messages: config.connection.outbox_max_messages,
             max_bytes: config.connection.outbox_max_bytes,
         };
+        let origin = OriginPolicy::new(
+            &config.origin.allowed,
+            config.origin.allow_same_host,
+            config.origin.allow_missing,
+        )
+        .context("origin.allowed")?;
+        let auth = Authenticator::new(&config).context("auth.jwt")?;
+        let admin_auth = AdminAuth::new(admin_token(&config.admin)?);
+        let handshake_limiter = (ws.handshake_rate_per_ip > 0).then(|| {
+            IpRateLimiter::new(ws.handshake_rate_per_ip, ws.handshake_burst_per_ip, 100_000)
+        });
         Ok(Arc::new(Gateway {
-            client_publish: config.client_publish_patterns(),
+            origin,
+            auth,
+            admin_auth,
+            handshake_limiter,
+            public_tls: crate::tls::acceptor(&config.tls, "tls")?,
+            admin_tls: crate::tls::acceptor(&config.admin.tls, "admin.tls")?,
+            expiries: SessionExpiries::default(),
             metrics,
             hub: Hub::new(server_id.clone(), limits),
             broker,
@@ -130,9 +166,19 @@ impl Gateway {
         }
     }
 
-    /// Whether clients may publish on `topic`.
-    pub fn client_may_publish(&self, topic: &str) -> bool {
-        self.client_publish.iter().any(|p| p.matches(topic))
+    /// Closes every connection of `subject` with 4503 and refuses its older
+    /// credentials from now on; returns how many connections were closed.
+    pub fn revoke(&self, subject: &str) -> usize {
+        self.auth.revocations.revoke(subject, unix_ms() / 1000);
+        let closed = self
+            .hub
+            .close_subject(subject, CloseCode::SessionRevoked, "session revoked");
+        self.metrics
+            .sessions_ended
+            .with_label_values(&["revoked"])
+            .inc_by(closed as u64);
+        tracing::info!(closed, "subject revoked");
+        closed
     }
 
     /// Publishes through the broker and counts it. Both publish paths (the
@@ -160,6 +206,22 @@ impl Gateway {
     }
 }
 
+/// The admin token from `admin.token` or `admin.token_file`.
+fn admin_token(settings: &AdminSettings) -> anyhow::Result<Option<String>> {
+    let token = match (&settings.token, &settings.token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading admin.token_file {path}"))?
+            .trim()
+            .to_owned(),
+        (None, None) => return Ok(None),
+    };
+    if token.len() < 16 {
+        anyhow::bail!("admin token: must be at least 16 bytes");
+    }
+    Ok(Some(token))
+}
+
 /// The broker the config asks for.
 fn make_broker(config: &Config, metrics: &Metrics) -> anyhow::Result<Arc<dyn Broker>> {
     let retention = Retention {
@@ -172,6 +234,7 @@ fn make_broker(config: &Config, metrics: &Metrics) -> anyhow::Result<Arc<dyn Bro
             let memory = Arc::new(MemoryBroker::new(MemorySettings {
                 retention,
                 max_topics: config.topics.max_topics,
+                max_tickets: config.auth.tickets.max_outstanding,
             }));
             memory.spawn_janitor(Duration::from_millis(
                 config.topics.history_ttl_ms.clamp(1_000, 60_000),
@@ -272,6 +335,7 @@ pub async fn serve(
         listeners_closed,
     ));
     let keepalive = tokio::spawn(keepalive_loop(gateway.clone()));
+    let expiry = tokio::spawn(session_expiry_loop(gateway.clone()));
 
     // A sender that goes away means the same as "stop now".
     let mut how = Stop::Running;
@@ -291,6 +355,7 @@ pub async fn serve(
     }
     let _ = close_listeners.send(true);
     keepalive.abort();
+    expiry.abort();
     let _ = public.await;
     let _ = admin.await;
     tracing::info!("gateway stopped");
@@ -379,10 +444,15 @@ async fn accept_loop(
         Listener::Admin => crate::http::admin_routes(gateway.clone()).boxed(),
     };
     let routes = warp::service(routes);
+    let tls = match which {
+        Listener::Public => gateway.public_tls.clone(),
+        Listener::Admin => gateway.admin_tls.clone(),
+    };
     let ws = &gateway.config.websocket;
+    let handshake_timeout = Duration::from_millis(ws.handshake_timeout_ms);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(ws.handshake_timeout_ms))
+        .header_read_timeout(handshake_timeout)
         .max_buf_size(ws.max_header_bytes);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -400,34 +470,124 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let gateway = gateway.clone();
         let routes = routes.clone();
-        let service = service_fn(move |request: Request<Incoming>| {
-            let response = match (which, request.method(), request.uri().path()) {
-                (Listener::Public, &Method::GET, "/ws") => Ok(crate::upgrade::upgrade(
-                    &gateway,
-                    request,
-                    Route::Topics,
-                    peer,
-                )),
-                (Listener::Public, &Method::GET, "/echo") if gateway.config.echo => Ok(
-                    crate::upgrade::upgrade(&gateway, request, Route::Echo, peer),
-                ),
-                _ => Err(request),
-            };
-            match response {
-                Ok(response) => futures_util::future::Either::Left(async move {
-                    Ok::<_, std::convert::Infallible>(response)
-                }),
-                Err(request) => futures_util::future::Either::Right(routes.clone().call(request)),
-            }
-        });
-        let connection = http
-            .serve_connection(TokioIo::new(tcp), service)
-            .with_upgrades();
+        let http = http.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%peer, %err, "http connection ended with an error");
+            let Some(tls) = tls else {
+                return serve_http(http, tcp, gateway, routes, which, peer).await;
+            };
+            // The TLS handshake counts against the same slowloris budget as the headers.
+            match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_http(http, stream, gateway, routes, which, peer).await,
+                Ok(Err(err)) => {
+                    count_rejection(&gateway, "tls_failed");
+                    tracing::debug!(%peer, %err, "TLS handshake failed");
+                }
+                Err(_) => {
+                    count_rejection(&gateway, "handshake_timeout");
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
             }
         });
+    }
+}
+
+fn count_rejection(gateway: &Gateway, reason: &str) {
+    gateway
+        .metrics
+        .handshakes_rejected
+        .with_label_values(&[reason])
+        .inc();
+}
+
+/// Serves HTTP/1.1 on one accepted connection (plain or TLS): WebSocket
+/// upgrades go to [`crate::upgrade`], everything else to the warp routes.
+async fn serve_http<IO, R>(
+    http: hyper::server::conn::http1::Builder,
+    io: IO,
+    gateway: Arc<Gateway>,
+    routes: R,
+    which: Listener,
+    peer: SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    R: Service<
+            Request<Incoming>,
+            Response = warp::reply::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    R::Future: Send + 'static,
+{
+    let service_gateway = gateway.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let gateway = service_gateway.clone();
+        let upgrade = match (which, request.method(), request.uri().path()) {
+            (Listener::Public, &Method::GET, "/ws") => Some(Route::Topics),
+            (Listener::Public, &Method::GET, "/echo") if gateway.config.echo => Some(Route::Echo),
+            _ => None,
+        };
+        let authorized = which == Listener::Public
+            || gateway.admin_auth.allows(
+                request
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.as_bytes()),
+            );
+        if upgrade.is_none() && authorized {
+            return futures_util::future::Either::Right(routes.clone().call(request));
+        }
+        futures_util::future::Either::Left(async move {
+            let response = match upgrade {
+                Some(route) => crate::upgrade::upgrade(gateway, request, route, peer).await,
+                None => crate::http::admin_unauthorized(&gateway),
+            };
+            Ok::<_, std::convert::Infallible>(response)
+        })
+    });
+    let connection = http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(err) = connection.await {
+        // hyper answers 431 to an oversized head and closes a connection
+        // whose head does not arrive in time; count both.
+        if err.is_parse_too_large() {
+            count_rejection(&gateway, "header_too_large");
+        } else if err.is_timeout() {
+            count_rejection(&gateway, "handshake_timeout");
+        }
+        tracing::debug!(%peer, %err, "http connection ended with an error");
+    }
+}
+
+/// Closes connections whose session expired with 4001 (the client refreshes
+/// its token and reconnects). One task for the gateway.
+async fn session_expiry_loop(gateway: Arc<Gateway>) {
+    loop {
+        let changed = gateway.expiries.changed.notified();
+        let (due, next) = gateway.expiries.take_due(unix_ms());
+        for id in due {
+            if let Some(handle) = gateway.hub.get(id) {
+                tracing::info!(conn = %handle.label, "session expired");
+                handle.outbox.close(
+                    CloseCode::SessionExpired,
+                    CloseReason::text("session expired").to_json(),
+                );
+                gateway
+                    .metrics
+                    .sessions_ended
+                    .with_label_values(&["expired"])
+                    .inc();
+            }
+        }
+        let wait = next.map_or(Duration::from_secs(3600), |at| {
+            Duration::from_millis(at.saturating_sub(unix_ms()))
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = changed => {}
+        }
     }
 }
 

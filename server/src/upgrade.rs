@@ -7,18 +7,27 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use futures_util::StreamExt;
 use http::header::{
-    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
+    CONNECTION, HOST, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use http::{HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use switchyard_protocol::close::CloseReason;
+use switchyard_protocol::CloseCode;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 use warp::Reply;
 
-use crate::hub::Route;
+use crate::hub::{ConnHandle, Route};
+use crate::security::{redact_target, unix_ms, Session};
 use crate::server::Gateway;
 
 /// Why an upgrade request was refused with an HTTP error.
@@ -86,24 +95,55 @@ pub fn check_handshake(headers: &HeaderMap) -> Result<String, HandshakeRejection
     Ok(derive_accept_key(key))
 }
 
-/// Answers an upgrade request on `route`: 101 and a connection task, or an HTTP error.
-pub fn upgrade<B>(
-    gateway: &Arc<Gateway>,
+/// What the gateway does with a well-formed handshake once it has looked at
+/// its origin, credentials and its own capacity.
+enum Admission {
+    /// Serve the connection.
+    Accept(Arc<ConnHandle>, Session),
+    /// Accept the upgrade, then close at once with this code: a browser
+    /// cannot read the HTTP status of a failed upgrade, but it can read a
+    /// close code.
+    Refuse(CloseCode, CloseReason),
+}
+
+/// Counts and logs an upgrade refused with an HTTP status.
+fn refuse_http(
+    gateway: &Gateway,
+    reason: &'static str,
+    status: StatusCode,
+    peer: SocketAddr,
+    target: &str,
+) -> warp::reply::Response {
+    gateway
+        .metrics
+        .handshakes_rejected
+        .with_label_values(&[reason])
+        .inc();
+    tracing::info!(%peer, %target, reason, status = status.as_u16(), "upgrade refused");
+    warp::reply::with_status(reason, status).into_response()
+}
+
+/// Answers an upgrade request on `route`: checks the handshake, the per-IP
+/// rate, the Origin, the credentials and the connection limit, then answers
+/// 101 and spawns the connection — or an HTTP error.
+pub async fn upgrade<B>(
+    gateway: Arc<Gateway>,
     mut request: Request<B>,
     route: Route,
     peer: SocketAddr,
 ) -> warp::reply::Response {
+    // Never log the query: it may carry a ticket.
+    let target = redact_target(request.uri().path(), request.uri().query());
     let accept = match check_handshake(request.headers()) {
         Ok(accept) => accept,
         Err(rejection) => {
-            gateway
-                .metrics
-                .handshakes_rejected
-                .with_label_values(&[rejection.reason()])
-                .inc();
-            tracing::debug!(%peer, reason = rejection.reason(), "upgrade refused");
-            let mut response =
-                warp::reply::with_status(rejection.reason(), rejection.status()).into_response();
+            let mut response = refuse_http(
+                &gateway,
+                rejection.reason(),
+                rejection.status(),
+                peer,
+                &target,
+            );
             if rejection == HandshakeRejection::BadVersion {
                 response
                     .headers_mut()
@@ -112,22 +152,68 @@ pub fn upgrade<B>(
             return response;
         }
     };
+    if let Some(limiter) = &gateway.handshake_limiter {
+        if !limiter.allow(peer.ip(), std::time::Instant::now()) {
+            let mut response = refuse_http(
+                &gateway,
+                "rate_limited",
+                StatusCode::TOO_MANY_REQUESTS,
+                peer,
+                &target,
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return response;
+        }
+    }
+    let headers = request.headers();
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &http::HeaderValue| v.to_str().ok())
+    };
+    if let Err(rejection) = gateway.origin.check(header(ORIGIN), header(HOST)) {
+        return refuse_http(
+            &gateway,
+            rejection.reason(),
+            StatusCode::FORBIDDEN,
+            peer,
+            &target,
+        );
+    }
+    let admission = match admit(&gateway, &request, route, peer, &target).await {
+        Ok(admission) => admission,
+        Err(response) => return response,
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let gateway = gateway.clone();
     let ws_config = gateway.ws_config;
     tokio::spawn(
         async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let socket = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(ws_config),
-                    )
-                    .await;
-                    crate::connection::run(gateway, socket, route, peer).await;
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(err) => {
+                    tracing::debug!(%peer, %err, "upgrade did not complete");
+                    if let Admission::Accept(handle, _) = admission {
+                        gateway.hub.remove(handle.id);
+                    }
+                    return;
                 }
-                Err(err) => tracing::debug!(%peer, %err, "upgrade did not complete"),
+            };
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(ws_config),
+            )
+            .await;
+            match admission {
+                Admission::Accept(handle, session) => {
+                    crate::connection::run(gateway, socket, handle, session, peer).await
+                }
+                Admission::Refuse(code, reason) => {
+                    let timeout = Duration::from_millis(gateway.config.connection.close_timeout_ms);
+                    close_at_once(socket, code, reason, timeout).await
+                }
             }
         }
         .in_current_span(),
@@ -141,6 +227,104 @@ pub fn upgrade<B>(
         headers.insert(SEC_WEBSOCKET_ACCEPT, value);
     }
     response
+}
+
+/// Authenticates the handshake and takes a connection slot. An error is the
+/// HTTP response to send instead of upgrading (`auth.reject_with_http`).
+async fn admit<B>(
+    gateway: &Arc<Gateway>,
+    request: &Request<B>,
+    route: Route,
+    peer: SocketAddr,
+    target: &str,
+) -> Result<Admission, warp::reply::Response> {
+    let reject_with_http = gateway.config.auth.reject_with_http;
+    let refused = |reason: &'static str, code: CloseCode, message: String| {
+        gateway
+            .metrics
+            .handshakes_rejected
+            .with_label_values(&[reason])
+            .inc();
+        tracing::info!(%peer, %target, reason, code = code.as_u16(), "handshake refused after upgrade");
+        Admission::Refuse(code, CloseReason::text(message))
+    };
+    let session = gateway
+        .auth
+        .authenticate(
+            request.headers(),
+            request.uri().query(),
+            gateway.broker.as_ref(),
+            unix_ms(),
+        )
+        .await;
+    let session = match session {
+        Ok(session) => session,
+        Err(failure) if reject_with_http => {
+            return Err(refuse_http(
+                gateway,
+                failure.reason(),
+                failure.http_status(),
+                peer,
+                target,
+            ))
+        }
+        Err(failure) => {
+            return Ok(refused(
+                failure.reason(),
+                failure.close_code(),
+                failure.to_string(),
+            ))
+        }
+    };
+    let max = gateway.config.connection.max_connections;
+    match gateway.hub.admit(route, session.subject.clone(), max) {
+        Some(handle) => {
+            tracing::debug!(%peer, %target, conn = %handle.label, method = session.method.as_str(), "handshake accepted");
+            Ok(Admission::Accept(handle, session))
+        }
+        None if reject_with_http => Err(refuse_http(
+            gateway,
+            "at_capacity",
+            StatusCode::SERVICE_UNAVAILABLE,
+            peer,
+            target,
+        )),
+        None => {
+            let mut admission = refused(
+                "at_capacity",
+                CloseCode::AtCapacity,
+                format!("at capacity ({max} connections)"),
+            );
+            if let Admission::Refuse(_, reason) = &mut admission {
+                // Spread the retries so a full gateway is not hit by all of them at once.
+                reason.retry_ms = Some(1_000 + rand::random_range(0..4_000));
+            }
+            Ok(admission)
+        }
+    }
+}
+
+/// Sends a close frame on a connection that was accepted only to be refused,
+/// and waits (bounded) for the peer's close.
+async fn close_at_once<S>(
+    mut socket: WebSocketStream<S>,
+    code: CloseCode,
+    reason: CloseReason,
+    timeout: Duration,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code: WireCloseCode::from(code.as_u16()),
+        reason: Utf8Bytes::from(reason.to_json()),
+    };
+    if socket.close(Some(frame)).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(timeout, async {
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -268,6 +268,11 @@ impl Inner {
         format!("{}:{{{topic}}}:log", self.settings().key_prefix)
     }
 
+    /// Where a ticket's grant lives (with a TTL) until redeemed.
+    fn ticket_key(&self, ticket: &str) -> String {
+        format!("{}:ticket:{ticket}", self.settings().key_prefix)
+    }
+
     fn channel(&self, topic: &str) -> String {
         format!("{}:{topic}", self.settings().key_prefix)
     }
@@ -822,6 +827,49 @@ impl Broker for RedisBroker {
         } else {
             Err("Redis backplane down".into())
         }
+    }
+
+    fn store_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+        grant_json: String,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            let mut connection = self.inner.connection()?;
+            let key = self.inner.ticket_key(ticket);
+            let ttl_ms = ttl.as_millis().max(1) as u64;
+            let stored: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(grant_json)
+                .arg("PX")
+                .arg(ttl_ms)
+                .arg("NX")
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            // NX refuses only a collision of 256 random bits: treat it as a failure, not a success.
+            stored
+                .map(|_| ())
+                .ok_or_else(|| unavailable("ticket collision"))
+        }
+        .boxed()
+    }
+
+    fn take_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BrokerError>> {
+        async move {
+            let mut connection = self.inner.connection()?;
+            // GETDEL: a ticket is redeemed once even when two pods race for it.
+            redis::cmd("GETDEL")
+                .arg(self.inner.ticket_key(ticket))
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
     }
 }
 

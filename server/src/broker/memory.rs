@@ -24,6 +24,7 @@ use super::log::{Resume, Retention, TopicLog};
 use super::{Broker, BrokerError, Subscribed};
 use crate::hub::ConnHandle;
 use crate::outbox::Outgoing;
+use crate::security::tickets::TicketBook;
 
 /// Settings of the in-memory broker.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +33,8 @@ pub struct MemorySettings {
     pub retention: Retention,
     /// Most topics held.
     pub max_topics: usize,
+    /// Most unredeemed tickets held.
+    pub max_tickets: usize,
 }
 
 struct Topic {
@@ -43,6 +46,7 @@ struct Topic {
 pub struct MemoryBroker {
     topics: RwLock<HashMap<String, Mutex<Topic>>>,
     settings: MemorySettings,
+    tickets: Mutex<TicketBook<String>>,
 }
 
 fn lock(topic: &Mutex<Topic>) -> MutexGuard<'_, Topic> {
@@ -60,6 +64,7 @@ impl MemoryBroker {
     pub fn new(settings: MemorySettings) -> Self {
         MemoryBroker {
             topics: RwLock::new(HashMap::new()),
+            tickets: Mutex::new(TicketBook::new(settings.max_tickets)),
             settings,
         }
     }
@@ -202,6 +207,33 @@ impl Broker for MemoryBroker {
     fn topic_count(&self) -> usize {
         self.topics.read().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    fn store_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+        grant_json: String,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let stored = self
+            .tickets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ticket.to_owned(), grant_json, ttl, Instant::now())
+            .map_err(|e| BrokerError::TicketsFull(e.to_string()));
+        future::ready(stored).boxed()
+    }
+
+    fn take_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BrokerError>> {
+        let grant = self
+            .tickets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .redeem(ticket, Instant::now());
+        future::ready(Ok(grant)).boxed()
+    }
 }
 
 #[cfg(test)]
@@ -218,6 +250,7 @@ mod tests {
                 max_age: Duration::from_secs(60),
             },
             max_topics,
+            max_tickets: 16,
         })
     }
 

@@ -1,0 +1,147 @@
+//! Handshake security and session lifetime; see docs/security.md for the
+//! threat model. Pure parts, each tested as tables:
+//! - [`origin`]: the Origin allow-list (cross-site WebSocket hijacking).
+//! - [`token`]: JWT verification.
+//! - [`tickets`]: single-use tickets for `?ticket=`.
+//! - [`auth`]: which credential a handshake carries, and the session it opens;
+//!   revocations; the admin listener's bearer token.
+//! - [`expiry`]: when each session ends (one ordered set for the gateway).
+//! - [`ratelimit`]: token buckets (handshakes per IP, publishes per connection).
+
+pub mod auth;
+pub mod expiry;
+pub mod origin;
+pub mod ratelimit;
+pub mod tickets;
+pub mod token;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use switchyard_protocol::topic::TopicPattern;
+
+/// How a session was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// No credential; `auth.anonymous` admitted it.
+    Anonymous,
+    /// A JWT in the session cookie.
+    Cookie,
+    /// A JWT in `Authorization: Bearer`.
+    Bearer,
+    /// A single-use ticket in `?ticket=`.
+    Ticket,
+}
+
+impl AuthMethod {
+    /// The log word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Anonymous => "anonymous",
+            AuthMethod::Cookie => "cookie",
+            AuthMethod::Bearer => "bearer",
+            AuthMethod::Ticket => "ticket",
+        }
+    }
+}
+
+/// Who is on a connection and what they may do, for as long as the
+/// connection lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The subject (`sub`); `None` for anonymous sessions.
+    pub subject: Option<String>,
+    /// How the session was authenticated.
+    pub method: AuthMethod,
+    /// Unix milliseconds at which the session expires (closed with 4001).
+    pub expires_at_ms: Option<u64>,
+    /// Topic patterns the session may subscribe to.
+    pub subscribe: Vec<TopicPattern>,
+    /// Topic patterns the session may publish on.
+    pub publish: Vec<TopicPattern>,
+}
+
+impl Session {
+    /// Whether the session may subscribe to `topic`.
+    pub fn may_subscribe(&self, topic: &str) -> bool {
+        self.subscribe.iter().any(|p| p.matches(topic))
+    }
+
+    /// Whether the session may publish on `topic`.
+    pub fn may_publish(&self, topic: &str) -> bool {
+        self.publish.iter().any(|p| p.matches(topic))
+    }
+}
+
+/// Patterns from a token or ticket, or the configured default when absent.
+pub fn patterns(given: Option<&[String]>, default: &[String]) -> Vec<TopicPattern> {
+    given
+        .unwrap_or(default)
+        .iter()
+        .map(TopicPattern::new)
+        .collect()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A request target for logs: the path with every query value replaced, so
+/// tickets and tokens given in URLs never reach a log line.
+pub fn redact_target(path: &str, query: Option<&str>) -> String {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return path.to_owned();
+    };
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) => format!("{name}=REDACTED"),
+            None => "REDACTED".to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", redacted.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_redacted() {
+        let table = [
+            ("/ws", None, "/ws"),
+            ("/ws", Some(""), "/ws"),
+            ("/ws", Some("ticket=abc123"), "/ws?ticket=REDACTED"),
+            (
+                "/ws",
+                Some("ticket=abc&x=1&token"),
+                "/ws?ticket=REDACTED&x=REDACTED&REDACTED",
+            ),
+        ];
+        for (path, query, expected) in table {
+            assert_eq!(redact_target(path, query), expected);
+        }
+    }
+
+    #[test]
+    fn session_patterns() {
+        let default = vec!["public.*".to_string()];
+        let session = Session {
+            subject: Some("alice".into()),
+            method: AuthMethod::Bearer,
+            expires_at_ms: None,
+            subscribe: patterns(Some(&["chat.*".to_string()]), &default),
+            publish: patterns(None, &[]),
+        };
+        assert!(session.may_subscribe("chat.room1"));
+        assert!(
+            !session.may_subscribe("public.news"),
+            "the token's list replaces the default"
+        );
+        assert!(!session.may_publish("chat.room1"));
+        assert!(patterns(None, &default)[0].matches("public.news"));
+    }
+}

@@ -1,0 +1,336 @@
+//! JWT verification: HS256 with a shared secret, RS256/ES256 with a public
+//! key or a JWKS file. Signature, algorithm, `nbf`, `iss` and `aud` are
+//! checked by `jsonwebtoken`; `exp` is checked here to the second, without
+//! leeway, because the same instant closes the connection later (4001).
+
+use std::collections::HashMap;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::{JwtAlgorithm, JwtSettings};
+
+/// Most topic patterns one token may carry (per list).
+pub const MAX_TOKEN_PATTERNS: usize = 256;
+
+/// The claims Switchyard reads from a token.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Claims {
+    /// The subject (user id).
+    pub sub: String,
+    /// Expiry, Unix seconds. Required: a token without one would outlive every logout.
+    pub exp: u64,
+    /// Issued at, Unix seconds (a revocation applies to tokens issued before it).
+    #[serde(default)]
+    pub iat: Option<u64>,
+    /// Topic patterns the subject may subscribe to; absent: `auth.default_subscribe`.
+    #[serde(default)]
+    pub subscribe: Option<Vec<String>>,
+    /// Topic patterns the subject may publish on; absent: `topics.client_publish`.
+    #[serde(default)]
+    pub publish: Option<Vec<String>>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// `exp` has passed.
+    #[error("token expired")]
+    Expired,
+    /// Bad signature, wrong algorithm, malformed, `nbf` in the future, wrong
+    /// issuer or audience, missing claims.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// Why the verifier could not be built from the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A key file could not be read.
+    #[error("cannot read {field} {path}: {source}")]
+    Read {
+        /// The setting naming the file.
+        field: &'static str,
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A key could not be parsed.
+    #[error("{field}: {message}")]
+    Parse {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+enum Keys {
+    /// One key for every token.
+    Single(DecodingKey),
+    /// JWKS: by `kid`; a token without `kid` is accepted only when the set has one key.
+    Set(HashMap<String, DecodingKey>, Option<DecodingKey>),
+}
+
+/// Verifies tokens with the configured key.
+pub struct JwtVerifier {
+    keys: Keys,
+    validation: Validation,
+}
+
+fn read(field: &'static str, path: &str) -> Result<Vec<u8>, KeyError> {
+    std::fs::read(path).map_err(|source| KeyError::Read {
+        field,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_err(field: &'static str) -> impl Fn(jsonwebtoken::errors::Error) -> KeyError {
+    move |err| KeyError::Parse {
+        field,
+        message: err.to_string(),
+    }
+}
+
+impl JwtVerifier {
+    /// The verifier the settings describe, or `None` when no key is configured.
+    pub fn from_settings(settings: &JwtSettings) -> Result<Option<JwtVerifier>, KeyError> {
+        let algorithm = match settings.algorithm {
+            JwtAlgorithm::Hs256 => Algorithm::HS256,
+            JwtAlgorithm::Rs256 => Algorithm::RS256,
+            JwtAlgorithm::Es256 => Algorithm::ES256,
+        };
+        let keys = match settings.algorithm {
+            JwtAlgorithm::Hs256 => {
+                let secret = match (&settings.secret, &settings.secret_file) {
+                    (Some(secret), _) => secret.as_bytes().to_vec(),
+                    (None, Some(path)) => {
+                        let mut bytes = read("auth.jwt.secret_file", path)?;
+                        // A mounted Secret often ends in a newline that is not part of it.
+                        while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                            bytes.pop();
+                        }
+                        bytes
+                    }
+                    (None, None) => return Ok(None),
+                };
+                Keys::Single(DecodingKey::from_secret(&secret))
+            }
+            JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
+                match (&settings.public_key_file, &settings.jwks_file) {
+                    (Some(path), _) => {
+                        let pem = read("auth.jwt.public_key_file", path)?;
+                        let field = "auth.jwt.public_key_file";
+                        let key = if algorithm == Algorithm::RS256 {
+                            DecodingKey::from_rsa_pem(&pem).map_err(parse_err(field))?
+                        } else {
+                            DecodingKey::from_ec_pem(&pem).map_err(parse_err(field))?
+                        };
+                        Keys::Single(key)
+                    }
+                    (None, Some(path)) => jwks_keys(&read("auth.jwt.jwks_file", path)?)?,
+                    (None, None) => return Ok(None),
+                }
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_exp = false;
+        validation.validate_nbf = true;
+        validation.leeway = settings.leeway_s;
+        match &settings.issuer {
+            Some(issuer) => validation.set_issuer(&[issuer]),
+            None => validation.iss = None,
+        }
+        match &settings.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Some(JwtVerifier { keys, validation }))
+    }
+
+    /// Verifies `token` at Unix time `now` and returns its claims.
+    pub fn verify(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+        let invalid = |err: jsonwebtoken::errors::Error| match err.kind() {
+            ErrorKind::ImmatureSignature => TokenError::Invalid("not valid yet (nbf)".into()),
+            ErrorKind::InvalidSignature => TokenError::Invalid("bad signature".into()),
+            ErrorKind::InvalidAlgorithm => TokenError::Invalid("algorithm not accepted".into()),
+            ErrorKind::MissingRequiredClaim(claim) => {
+                TokenError::Invalid(format!("missing claim {claim}"))
+            }
+            ErrorKind::InvalidIssuer => TokenError::Invalid("wrong issuer".into()),
+            ErrorKind::InvalidAudience => TokenError::Invalid("wrong audience".into()),
+            ErrorKind::Json(err) => TokenError::Invalid(format!("claims: {err}")),
+            _ => TokenError::Invalid("malformed".into()),
+        };
+        let key = match &self.keys {
+            Keys::Single(key) => key,
+            Keys::Set(by_kid, only) => {
+                let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+                match header.kid {
+                    Some(kid) => by_kid
+                        .get(&kid)
+                        .ok_or_else(|| TokenError::Invalid("unknown key id".into()))?,
+                    None => only
+                        .as_ref()
+                        .ok_or_else(|| TokenError::Invalid("no key id (kid)".into()))?,
+                }
+            }
+        };
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+            .map_err(invalid)?
+            .claims;
+        if claims.exp <= now {
+            return Err(TokenError::Expired);
+        }
+        let too_many = |list: &Option<Vec<String>>| {
+            list.as_ref().is_some_and(|l| l.len() > MAX_TOKEN_PATTERNS)
+        };
+        if claims.sub.is_empty() || claims.sub.len() > 256 {
+            return Err(TokenError::Invalid("sub must be 1 to 256 bytes".into()));
+        }
+        if too_many(&claims.subscribe) || too_many(&claims.publish) {
+            return Err(TokenError::Invalid(format!(
+                "at most {MAX_TOKEN_PATTERNS} topic patterns per list"
+            )));
+        }
+        Ok(claims)
+    }
+}
+
+fn jwks_keys(json: &[u8]) -> Result<Keys, KeyError> {
+    let field = "auth.jwt.jwks_file";
+    let set: JwkSet = serde_json::from_slice(json).map_err(|err| KeyError::Parse {
+        field,
+        message: err.to_string(),
+    })?;
+    let mut by_kid = HashMap::new();
+    let mut all = Vec::new();
+    for jwk in &set.keys {
+        let key = DecodingKey::from_jwk(jwk).map_err(parse_err(field))?;
+        if let Some(kid) = &jwk.common.key_id {
+            by_kid.insert(kid.clone(), key.clone());
+        }
+        all.push(key);
+    }
+    if all.is_empty() {
+        return Err(KeyError::Parse {
+            field,
+            message: "the key set is empty".into(),
+        });
+    }
+    let only = (all.len() == 1).then(|| all.remove(0));
+    Ok(Keys::Set(by_kid, only))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn settings() -> JwtSettings {
+        JwtSettings {
+            secret: Some("s3cret".into()),
+            ..JwtSettings::default()
+        }
+    }
+
+    fn sign(claims: serde_json::Value, secret: &str) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("encode")
+    }
+
+    #[test]
+    fn hs256_tokens() {
+        let verifier = JwtVerifier::from_settings(&settings())
+            .expect("settings")
+            .expect("a key is configured");
+        let good = json!({"sub": "alice", "exp": NOW + 60, "subscribe": ["chat.*"]});
+        let claims = verifier
+            .verify(&sign(good.clone(), "s3cret"), NOW)
+            .expect("valid");
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.subscribe, Some(vec!["chat.*".to_string()]));
+
+        let too_many: Vec<String> = (0..=MAX_TOKEN_PATTERNS).map(|i| format!("t{i}")).collect();
+        let table = [
+            (sign(good.clone(), "other"), "bad signature"),
+            (
+                sign(json!({"sub": "a", "exp": NOW}), "s3cret"),
+                "token expired",
+            ),
+            (sign(json!({"sub": "a"}), "s3cret"), "missing field `exp`"),
+            (
+                sign(json!({"sub": "a", "exp": "soon"}), "s3cret"),
+                "claims: invalid type",
+            ),
+            (
+                sign(json!({"exp": NOW + 60}), "s3cret"),
+                "missing field `sub`",
+            ),
+            (
+                sign(
+                    json!({"sub": "a", "exp": NOW + 60, "nbf": NOW + 3600}),
+                    "s3cret",
+                ),
+                "not valid yet (nbf)",
+            ),
+            (
+                sign(
+                    json!({"sub": "a", "exp": NOW + 60, "publish": too_many}),
+                    "s3cret",
+                ),
+                "at most 256 topic patterns per list",
+            ),
+            ("not.a.token".to_string(), "malformed"),
+        ];
+        for (token, expected) in table {
+            let err = verifier.verify(&token, NOW).expect_err(expected);
+            assert!(err.to_string().contains(expected), "{err} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn algorithm_confusion_is_refused() {
+        // A token signed with HS256 must not pass an RS256 verifier, whatever its key.
+        let dir = std::env::temp_dir().join(format!("sy-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let jwks = dir.join("jwks.json");
+        // An RSA public key (RFC 7517 appendix A.1 example).
+        std::fs::write(
+            &jwks,
+            r#"{"keys":[{"kty":"RSA","kid":"2011-04-29","alg":"RS256","e":"AQAB",
+              "n":"0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"}]}"#,
+        )
+        .expect("write");
+        let verifier = JwtVerifier::from_settings(&JwtSettings {
+            algorithm: JwtAlgorithm::Rs256,
+            jwks_file: Some(jwks.display().to_string()),
+            ..JwtSettings::default()
+        })
+        .expect("settings")
+        .expect("a key is configured");
+        let token = sign(json!({"sub": "a", "exp": NOW + 60}), "anything");
+        let err = verifier.verify(&token, NOW).expect_err("wrong algorithm");
+        assert_eq!(err, TokenError::Invalid("algorithm not accepted".into()));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn no_key_means_no_verifier() {
+        assert!(JwtVerifier::from_settings(&JwtSettings::default())
+            .expect("settings")
+            .is_none());
+    }
+}
