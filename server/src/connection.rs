@@ -71,6 +71,8 @@ struct Connection {
     publish_bucket: TokenBucket,
     /// Rate-limited publishes since the last accepted one; enough close 4002.
     rate_limited: u32,
+    /// This reader asked for a close: later data frames are ignored.
+    closing: bool,
     /// The first way this connection started to end; later ones do not overwrite it.
     ending: Option<Ending>,
 }
@@ -114,6 +116,7 @@ pub async fn run<S>(
             denied: 0,
             publish_bucket,
             rate_limited: 0,
+            closing: false,
             ending: None,
         };
         if route == Route::Topics {
@@ -152,8 +155,11 @@ impl Connection {
         });
     }
 
-    /// Asks the writer to close with `code` after what is queued.
-    fn close(&self, code: CloseCode, reason: &str) {
+    /// Asks the writer to close with `code` after what is queued. Frames the
+    /// client sends after that are not acted on: a client closed for flooding
+    /// must not keep subscribing or publishing while the close completes.
+    fn close(&mut self, code: CloseCode, reason: &str) {
+        self.closing = true;
         self.handle
             .outbox
             .close(code, CloseReason::text(reason).to_json());
@@ -172,6 +178,7 @@ impl Connection {
                 end = &mut end_requested, if close_deadline.is_none() => match end {
                     EndRequest::Abort => return self.ending.unwrap_or_else(Ending::abrupt),
                     EndRequest::Close { code, .. } => {
+                        self.closing = true;
                         self.ending.get_or_insert(Ending { code: code.as_u16(), initiator: Initiator::Server });
                         close_deadline = Some(tokio::time::Instant::now() + self.close_timeout());
                     }
@@ -184,7 +191,9 @@ impl Connection {
                     None => return self.ending.unwrap_or_else(Ending::abrupt),
                     Some(Ok(message)) => {
                         self.gateway.hub.touch(&self.handle);
-                        self.on_message(message).await;
+                        if !self.closing || matches!(message, Message::Close(_)) {
+                            self.on_message(message).await;
+                        }
                     }
                     // The stream is unusable after an error: stop reading. If a
                     // close frame was requested, `finish` waits for the writer.

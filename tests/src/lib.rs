@@ -229,12 +229,27 @@ pub fn http_request(
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String)> {
+    http_request_with(addr, method, path, &[], body)
+}
+
+/// Like [`http_request`], with extra request headers.
+pub fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = body.unwrap_or("");
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();
@@ -381,57 +396,25 @@ pub fn python() -> PathBuf {
     root.join(".venv/bin/python")
 }
 
-/// A private `redis-server` (Debian package) on a free loopback port, with no
-/// persistence: killing it loses every topic log, as a flushed backplane would.
-pub struct RedisServer {
-    child: Option<Child>,
-    /// The plain-text port (kept across restarts).
-    pub port: u16,
-    /// The TLS port, when started with [`RedisServer::start_tls`].
-    pub tls_port: Option<u16>,
-    dir: PathBuf,
-    args: Vec<String>,
+/// A test CA and a server certificate for 127.0.0.1 it signed, made with
+/// the `openssl` CLI (PEM files).
+pub struct TestCertificates {
+    /// The CA certificate: what clients trust.
+    pub ca: PathBuf,
+    /// The server certificate.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
 }
 
-fn free_port() -> Result<u16> {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(probe.local_addr()?.port())
-}
-
-impl RedisServer {
-    /// Starts an instance and waits until it answers PING.
-    pub fn start() -> Result<RedisServer> {
-        Self::start_with(&[])
-    }
-
-    /// Starts an instance with extra `redis-server` arguments (e.g. `--requirepass`).
-    pub fn start_with(extra: &[&str]) -> Result<RedisServer> {
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("sy-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let mut server = RedisServer {
-            child: None,
-            port,
-            tls_port: None,
-            dir,
-            args: extra.iter().map(|a| a.to_string()).collect(),
-        };
-        server.spawn()?;
-        Ok(server)
-    }
-
-    /// Starts an instance that also listens with TLS, with a certificate for
-    /// 127.0.0.1 signed by a fresh test CA (made with the `openssl` CLI).
-    /// Returns the server and the CA's PEM file.
-    pub fn start_tls() -> Result<(RedisServer, PathBuf)> {
-        let port = free_port()?;
-        let tls_port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("sy-redis-tls-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+impl TestCertificates {
+    /// Creates the files in `dir`.
+    pub fn create(dir: &std::path::Path) -> Result<TestCertificates> {
+        std::fs::create_dir_all(dir)?;
         let openssl = |args: &[&str]| -> Result<()> {
             let output = Command::new("openssl")
                 .args(args)
-                .current_dir(&dir)
+                .current_dir(dir)
                 .output()?;
             if !output.status.success() {
                 bail!(
@@ -489,20 +472,76 @@ impl RedisServer {
             "-extfile",
             "ext.cnf",
         ])?;
-        let path = |name: &str| dir.join(name).display().to_string();
+        Ok(TestCertificates {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+        })
+    }
+}
+
+/// A private `redis-server` (Debian package) on a free loopback port, with no
+/// persistence: killing it loses every topic log, as a flushed backplane would.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// The plain-text port (kept across restarts).
+    pub port: u16,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    pub tls_port: Option<u16>,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+fn free_port() -> Result<u16> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(probe.local_addr()?.port())
+}
+
+impl RedisServer {
+    /// Starts an instance and waits until it answers PING.
+    pub fn start() -> Result<RedisServer> {
+        Self::start_with(&[])
+    }
+
+    /// Starts an instance with extra `redis-server` arguments (e.g. `--requirepass`).
+    pub fn start_with(extra: &[&str]) -> Result<RedisServer> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("sy-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut server = RedisServer {
+            child: None,
+            port,
+            tls_port: None,
+            dir,
+            args: extra.iter().map(|a| a.to_string()).collect(),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts an instance that also listens with TLS, with a certificate for
+    /// 127.0.0.1 signed by a fresh test CA (made with the `openssl` CLI).
+    /// Returns the server and the CA's PEM file.
+    pub fn start_tls() -> Result<(RedisServer, PathBuf)> {
+        let port = free_port()?;
+        let tls_port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("sy-redis-tls-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let certs = TestCertificates::create(&dir)?;
+        let path = |p: &PathBuf| p.display().to_string();
         let args = vec![
             "--tls-port".to_owned(),
             tls_port.to_string(),
             "--tls-cert-file".to_owned(),
-            path("server.crt"),
+            path(&certs.cert),
             "--tls-key-file".to_owned(),
-            path("server.key"),
+            path(&certs.key),
             "--tls-ca-cert-file".to_owned(),
-            path("ca.crt"),
+            path(&certs.ca),
             "--tls-auth-clients".to_owned(),
             "no".to_owned(),
         ];
-        let ca = dir.join("ca.crt");
+        let ca = certs.ca;
         let mut server = RedisServer {
             child: None,
             port,

@@ -1,0 +1,734 @@
+//! Handshake security and session lifetime, end to end against the real
+//! gateway binary: origins, tokens, tickets, expiry, revocation, limits, the
+//! admin token and TLS. Every rule is checked both ways (allowed and refused)
+//! and against the counter it must move.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{json, Value};
+use switchyard_protocol::{ErrorCode, ServerFrame};
+use switchyard_tests::{http_request_with, GatewayProcess, RedisServer, TestCertificates, STEP};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// 32 bytes: the shortest HS256 secret the gateway accepts.
+const SECRET: &str = "test-secret-0123456789abcdef0123";
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn token(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+fn user_token(sub: &str) -> String {
+    token(json!({"sub": sub, "exp": now() + 3600, "iat": now() - 5}))
+}
+
+/// How a handshake ended.
+#[derive(Debug)]
+enum Outcome<S> {
+    /// Refused with this HTTP status before the upgrade.
+    Http(u16),
+    /// Upgraded and welcomed.
+    Welcome(WebSocketStream<S>),
+    /// Upgraded, then closed at once: (code, reason).
+    Closed(u16, String),
+}
+
+impl<S> Outcome<S> {
+    fn welcome(self) -> WebSocketStream<S> {
+        match self {
+            Outcome::Welcome(ws) => ws,
+            Outcome::Http(status) => panic!("expected a welcome, got HTTP {status}"),
+            Outcome::Closed(code, reason) => {
+                panic!("expected a welcome, got close {code} {reason}")
+            }
+        }
+    }
+
+    fn closed(self) -> (u16, String) {
+        match self {
+            Outcome::Closed(code, reason) => (code, reason),
+            Outcome::Http(status) => panic!("expected a close, got HTTP {status}"),
+            Outcome::Welcome(_) => panic!("expected a close, got a welcome"),
+        }
+    }
+
+    fn http(self) -> u16 {
+        match self {
+            Outcome::Http(status) => status,
+            Outcome::Welcome(_) => panic!("expected an HTTP refusal, got a welcome"),
+            Outcome::Closed(code, reason) => {
+                panic!("expected an HTTP refusal, got close {code} {reason}")
+            }
+        }
+    }
+}
+
+/// Reads the first frame of an upgraded socket: a welcome or a close.
+async fn first_frame<S>(mut ws: WebSocketStream<S>) -> Outcome<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(STEP, ws.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => {
+            match serde_json::from_str::<ServerFrame>(&text).expect("server frame") {
+                ServerFrame::Welcome { .. } => Outcome::Welcome(ws),
+                other => panic!("expected welcome first, got {other:?}"),
+            }
+        }
+        Ok(Some(Ok(Message::Close(frame)))) => {
+            let frame = frame.expect("a close frame with a code");
+            Outcome::Closed(u16::from(frame.code), frame.reason.to_string())
+        }
+        other => panic!("expected welcome or close, got {other:?}"),
+    }
+}
+
+/// Opens `/ws` with extra headers and an optional query.
+async fn open(
+    gw: &GatewayProcess,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> Outcome<MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut request = format!("ws://{}/ws{query}", gw.public)
+        .into_client_request()
+        .expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                .expect("name"),
+            HeaderValue::from_str(value).expect("value"),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => first_frame(ws).await,
+        Err(WsError::Http(response)) => Outcome::Http(response.status().as_u16()),
+        Err(err) => panic!("handshake failed: {err}"),
+    }
+}
+
+async fn bearer(
+    gw: &GatewayProcess,
+    token: &str,
+) -> Outcome<MaybeTlsStream<tokio::net::TcpStream>> {
+    open(gw, "", &[("authorization", &format!("Bearer {token}"))]).await
+}
+
+async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::text(frame.to_string()))
+        .await
+        .expect("send");
+}
+
+/// The next frame, or the close code as `Err`.
+async fn recv(ws: &mut Ws) -> Result<ServerFrame, u16> {
+    loop {
+        match tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let frame: ServerFrame = serde_json::from_str(&text).expect("frame");
+                if frame != ServerFrame::Heartbeat {
+                    return Ok(frame);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(frame.map_or(1005, |f| u16::from(f.code)))
+            }
+            Some(Ok(_)) => {}
+            other => panic!("socket ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+fn error_code(frame: Result<ServerFrame, u16>) -> ErrorCode {
+    match frame {
+        Ok(ServerFrame::Error { code, .. }) => code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+fn rejected(gw: &GatewayProcess, reason: &str) -> f64 {
+    gw.metric(&format!(
+        "switchyard_handshakes_rejected_total{{reason=\"{reason}\"}}"
+    ))
+    .expect("metrics")
+}
+
+fn jwt_gateway(extra: &[&str]) -> GatewayProcess {
+    let secret = format!("auth.jwt.secret={SECRET}");
+    let mut settings = vec![secret.as_str(), "auth.anonymous=false"];
+    settings.extend_from_slice(extra);
+    GatewayProcess::start(&settings).expect("start")
+}
+
+#[tokio::test]
+async fn an_evil_origin_is_refused_even_with_a_valid_cookie() {
+    let gw = jwt_gateway(&[
+        r#"origin.allowed=["https://app.example.com","https://*.example.org"]"#,
+        "origin.allow_missing=false",
+    ]);
+    let cookie = format!("theme=dark; switchyard_session={}", user_token("alice"));
+    let with = |origin: &'static str| vec![("origin", origin), ("cookie", cookie.as_str())];
+    assert_eq!(
+        open(&gw, "", &with("https://evil.example.net"))
+            .await
+            .http(),
+        403
+    );
+    assert_eq!(
+        open(&gw, "", &with("https://app.example.com.evil.net"))
+            .await
+            .http(),
+        403
+    );
+    open(&gw, "", &with("https://app.example.com"))
+        .await
+        .welcome();
+    open(&gw, "", &with("https://chat.example.org"))
+        .await
+        .welcome();
+    assert_eq!(
+        open(&gw, "", &[("cookie", cookie.as_str())]).await.http(),
+        403,
+        "no Origin"
+    );
+    // An allowed origin without credentials gets through the origin check and no further.
+    let (code, reason) = open(&gw, "", &[("origin", "https://app.example.com")])
+        .await
+        .closed();
+    assert_eq!(
+        (code, reason.contains("authentication required")),
+        (4501, true)
+    );
+    assert_eq!(rejected(&gw, "origin_not_allowed"), 2.0);
+    assert_eq!(rejected(&gw, "origin_missing"), 1.0);
+    assert_eq!(rejected(&gw, "missing_credentials"), 1.0);
+}
+
+#[tokio::test]
+async fn tokens_open_sessions_limited_to_their_topics() {
+    let gw = jwt_gateway(&[]);
+    let claims = json!({"sub": "alice", "exp": now() + 3600, "subscribe": ["chat.*"], "publish": ["chat.*"]});
+    let mut ws = bearer(&gw, &token(claims)).await.welcome();
+    send(&mut ws, json!({"op": "subscribe", "topic": "chat.room1"})).await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        Ok(ServerFrame::Subscribed { .. })
+    ));
+    send(
+        &mut ws,
+        json!({"op": "publish", "topic": "chat.room1", "data": 1}),
+    )
+    .await;
+    // Our own message arrives on the subscription, and the publish is acknowledged.
+    let mut got = [recv(&mut ws).await, recv(&mut ws).await];
+    got.sort_by_key(|f| matches!(f, Ok(ServerFrame::Published { .. })));
+    assert!(matches!(got[0], Ok(ServerFrame::Message { .. })), "{got:?}");
+    assert!(
+        matches!(got[1], Ok(ServerFrame::Published { .. })),
+        "{got:?}"
+    );
+    send(&mut ws, json!({"op": "subscribe", "topic": "news"})).await;
+    assert_eq!(
+        error_code(recv(&mut ws).await),
+        ErrorCode::SubscribeNotAllowed
+    );
+    send(
+        &mut ws,
+        json!({"op": "publish", "topic": "news", "data": 1}),
+    )
+    .await;
+    assert_eq!(
+        error_code(recv(&mut ws).await),
+        ErrorCode::PublishNotAllowed
+    );
+    // The third refusal closes with 4502: retrying will not help.
+    send(&mut ws, json!({"op": "subscribe", "topic": "admin"})).await;
+    assert_eq!(
+        error_code(recv(&mut ws).await),
+        ErrorCode::SubscribeNotAllowed
+    );
+    assert_eq!(recv(&mut ws).await, Err(4502));
+    let denied = |action: &str| {
+        gw.metric(&format!(
+            "switchyard_authorization_denied_total{{action=\"{action}\"}}"
+        ))
+        .expect("metrics")
+    };
+    assert_eq!((denied("subscribe"), denied("publish")), (2.0, 1.0));
+
+    // A token without topic claims gets the defaults: subscribe anywhere, publish nowhere.
+    let mut plain = bearer(&gw, &user_token("bob")).await.welcome();
+    send(&mut plain, json!({"op": "subscribe", "topic": "news"})).await;
+    assert!(matches!(
+        recv(&mut plain).await,
+        Ok(ServerFrame::Subscribed { .. })
+    ));
+    send(
+        &mut plain,
+        json!({"op": "publish", "topic": "news", "data": 1}),
+    )
+    .await;
+    assert_eq!(
+        error_code(recv(&mut plain).await),
+        ErrorCode::PublishNotAllowed
+    );
+
+    // Failures a browser can see: accepted, then closed with a reason.
+    let wrong_key = jsonwebtoken::encode(
+        &Header::default(),
+        &json!({"sub": "mallory", "exp": now() + 60}),
+        &EncodingKey::from_secret(b"another-secret-0123456789abcdef0"),
+    )
+    .expect("sign");
+    let table = [
+        (wrong_key, 4501, "bad signature"),
+        (
+            token(json!({"sub": "a", "exp": now() - 10})),
+            4001,
+            "token expired",
+        ),
+        (
+            token(json!({"sub": "a", "exp": now() + 60, "nbf": now() + 600})),
+            4501,
+            "nbf",
+        ),
+        ("garbage".to_owned(), 4501, "malformed"),
+    ];
+    for (token, code, reason) in table {
+        let (got_code, got_reason) = bearer(&gw, &token).await.closed();
+        assert_eq!(got_code, code, "{reason}");
+        assert!(
+            got_reason.contains(reason),
+            "{got_reason:?} should say {reason}"
+        );
+    }
+    assert_eq!(rejected(&gw, "bad_token"), 3.0);
+    assert_eq!(rejected(&gw, "token_expired"), 1.0);
+}
+
+#[tokio::test]
+async fn reject_with_http_answers_401_before_the_upgrade() {
+    let gw = jwt_gateway(&["auth.reject_with_http=true"]);
+    assert_eq!(open(&gw, "", &[]).await.http(), 401);
+    assert_eq!(bearer(&gw, "garbage").await.http(), 401);
+    bearer(&gw, &user_token("alice")).await.welcome();
+    assert_eq!(rejected(&gw, "missing_credentials"), 1.0);
+    assert_eq!(rejected(&gw, "bad_token"), 1.0);
+}
+
+#[tokio::test]
+async fn a_session_is_closed_with_4001_when_its_token_expires() {
+    let gw = jwt_gateway(&[]);
+    let exp = now() + 2;
+    let mut ws = bearer(&gw, &token(json!({"sub": "alice", "exp": exp})))
+        .await
+        .welcome();
+    let mut other = bearer(&gw, &user_token("bob")).await.welcome();
+    assert_eq!(recv(&mut ws).await, Err(4001));
+    let closed_at_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    assert!(
+        closed_at_ms >= exp * 1000,
+        "closed {closed_at_ms} before the expiry {exp}"
+    );
+    assert_eq!(
+        gw.metric("switchyard_sessions_ended_total{reason=\"expired\"}")
+            .expect("metrics"),
+        1.0
+    );
+    // The other session is untouched.
+    send(&mut other, json!({"op": "ping"})).await;
+    assert_eq!(recv(&mut other).await, Ok(ServerFrame::Pong));
+}
+
+fn mint(gw: &GatewayProcess, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let (status, text) =
+        http_request_with(gw.admin, "POST", "/api/tickets", headers, Some(body)).expect("request");
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn ticket(gw: &GatewayProcess, body: &str) -> String {
+    let (status, answer) = mint(gw, body, &[]);
+    assert_eq!(status, 201, "{answer}");
+    answer["ticket"].as_str().expect("ticket").to_owned()
+}
+
+#[tokio::test]
+async fn tickets_are_single_use_short_lived_and_never_logged() {
+    let gw =
+        GatewayProcess::start(&["auth.anonymous=false", "auth.tickets.ttl_ms=400"]).expect("start");
+    let first = ticket(&gw, r#"{"sub": "alice", "subscribe": ["chat.*"]}"#);
+    let mut ws = open(&gw, &format!("?ticket={first}"), &[]).await.welcome();
+    send(&mut ws, json!({"op": "subscribe", "topic": "news"})).await;
+    assert_eq!(
+        error_code(recv(&mut ws).await),
+        ErrorCode::SubscribeNotAllowed
+    );
+    send(&mut ws, json!({"op": "subscribe", "topic": "chat.1"})).await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        Ok(ServerFrame::Subscribed { .. })
+    ));
+
+    let (code, reason) = open(&gw, &format!("?ticket={first}"), &[]).await.closed();
+    assert_eq!(
+        (code, reason.contains("invalid or used ticket")),
+        (4501, true),
+        "replay"
+    );
+    assert_eq!(
+        open(&gw, "?ticket=not-a-ticket", &[]).await.closed().0,
+        4501
+    );
+    let late = ticket(&gw, r#"{"sub": "alice"}"#);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        open(&gw, &format!("?ticket={late}"), &[]).await.closed().0,
+        4501,
+        "expired"
+    );
+    assert_eq!(rejected(&gw, "bad_ticket"), 3.0);
+    assert_eq!(
+        gw.metric("switchyard_tickets_issued_total")
+            .expect("metrics"),
+        2.0
+    );
+
+    for body in [
+        r#"{"sub": ""}"#,
+        r#"{"sub": "a", "subscribe": ["bad topic"]}"#,
+        r#"{"sub": "a", "exp": 1}"#,
+        r#"{"sub": "a", "role": "admin"}"#,
+        "not json",
+    ] {
+        assert_eq!(mint(&gw, body, &[]).0, 400, "{body}");
+    }
+    let logs = gw.logs().join("\n");
+    for secret in [&first, &late] {
+        assert!(!logs.contains(secret.as_str()), "a ticket reached the logs");
+    }
+    assert!(
+        logs.contains("/ws?ticket=REDACTED"),
+        "refusals log the redacted target"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_a_ticket_minted_on_one_pod_is_redeemed_once_on_any() {
+    let redis = RedisServer::start().expect("redis");
+    let url = format!("redis.url={}", redis.url());
+    let settings = ["broker=redis", url.as_str(), "auth.anonymous=false"];
+    let (a, b) = (
+        GatewayProcess::start(&settings).expect("a"),
+        GatewayProcess::start(&settings).expect("b"),
+    );
+    for gw in [&a, &b] {
+        assert!(switchyard_tests::wait_status(
+            gw.public, "/readyz", 200, STEP
+        ));
+    }
+    let shared = ticket(&a, r#"{"sub": "alice"}"#);
+    open(&b, &format!("?ticket={shared}"), &[]).await.welcome();
+    assert_eq!(
+        open(&a, &format!("?ticket={shared}"), &[]).await.closed().0,
+        4501,
+        "replay on the minting pod"
+    );
+    let keys = redis
+        .cli(&["--scan", "--pattern", "switchyard:ticket:*"])
+        .expect("scan");
+    assert_eq!(keys.trim(), "", "a redeemed ticket leaves nothing in Redis");
+}
+
+#[tokio::test]
+async fn revoke_closes_only_that_subjects_connections() {
+    let gw = jwt_gateway(&[]);
+    let alice_token = user_token("alice");
+    let mut alice1 = bearer(&gw, &alice_token).await.welcome();
+    let mut alice2 = bearer(&gw, &alice_token).await.welcome();
+    let mut bob = bearer(&gw, &user_token("bob")).await.welcome();
+    send(&mut bob, json!({"op": "subscribe", "topic": "news"})).await;
+    assert!(matches!(
+        recv(&mut bob).await,
+        Ok(ServerFrame::Subscribed { .. })
+    ));
+
+    let (status, body) = http_request_with(
+        gw.admin,
+        "POST",
+        "/admin/revoke",
+        &[],
+        Some(r#"{"sub":"alice"}"#),
+    )
+    .expect("revoke");
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer, json!({"sub": "alice", "closed": 2}));
+    assert_eq!(recv(&mut alice1).await, Err(4503));
+    assert_eq!(recv(&mut alice2).await, Err(4503));
+    gw.publish("news", r#""still here""#).expect("publish");
+    assert!(
+        matches!(recv(&mut bob).await, Ok(ServerFrame::Message { .. })),
+        "bob is untouched"
+    );
+
+    // The revoked token stays refused; a token issued after the revocation works.
+    assert_eq!(bearer(&gw, &alice_token).await.closed().0, 4503);
+    let fresh = token(json!({"sub": "alice", "exp": now() + 3600, "iat": now() + 1}));
+    bearer(&gw, &fresh).await.welcome();
+    assert_eq!(
+        gw.metric("switchyard_sessions_ended_total{reason=\"revoked\"}")
+            .expect("m"),
+        2.0
+    );
+    assert_eq!(rejected(&gw, "revoked"), 1.0);
+}
+
+#[tokio::test]
+async fn the_admin_listener_requires_its_token() {
+    let token_setting = format!("admin.token={ADMIN_TOKEN}");
+    let gw = GatewayProcess::start(&[token_setting.as_str()]).expect("start");
+    let status = |headers: &[(&str, &str)]| {
+        http_request_with(gw.admin, "GET", "/admin/status", headers, None)
+            .expect("request")
+            .0
+    };
+    let right = format!("Bearer {ADMIN_TOKEN}");
+    assert_eq!(status(&[]), 401);
+    assert_eq!(
+        status(&[("authorization", "Bearer admin-token-0123456788")]),
+        401
+    );
+    assert_eq!(status(&[("authorization", &right)]), 200);
+    assert_eq!(
+        mint(&gw, r#"{"sub":"a"}"#, &[]).0,
+        401,
+        "tickets need the token too"
+    );
+    assert_eq!(
+        mint(&gw, r#"{"sub":"a"}"#, &[("authorization", &right)]).0,
+        201
+    );
+    assert_eq!(
+        gw.metric("switchyard_admin_unauthorized_total")
+            .expect("metrics"),
+        3.0
+    );
+    // The token never reaches the logs, nor --print-config.
+    assert!(!gw.logs().join("\n").contains(ADMIN_TOKEN));
+    let printed = std::process::Command::new(switchyard_tests::gateway_bin())
+        .args(["--set", &token_setting, "--print-config"])
+        .output()
+        .expect("run");
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.contains("token: REDACTED") && !printed.contains(ADMIN_TOKEN),
+        "{printed}"
+    );
+}
+
+#[test]
+fn nothing_beyond_loopback_is_left_open_by_default() {
+    let table: [(&[&str], &str); 3] = [
+        (&["--admin-listen", "0.0.0.0:0"], "admin.token_file"),
+        (&["--listen", "0.0.0.0:0"], "auth.anonymous"),
+        (&["--set", "auth.jwt.secret=short"], "auth.jwt.secret"),
+    ];
+    for (args, field) in table {
+        let output = std::process::Command::new(switchyard_tests::gateway_bin())
+            .args(args)
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(field), "{stderr:?} should name {field}");
+    }
+}
+
+#[tokio::test]
+async fn connection_handshake_and_publish_limits() {
+    // Connections: the third is accepted and closed 4003 with a retry hint.
+    let gw = GatewayProcess::start(&["connection.max_connections=2"]).expect("start");
+    let _a = open(&gw, "", &[]).await.welcome();
+    let _b = open(&gw, "", &[]).await.welcome();
+    let (code, reason) = open(&gw, "", &[]).await.closed();
+    assert_eq!(code, 4003);
+    let reason: Value = serde_json::from_str(&reason).expect("reason JSON");
+    assert!(
+        reason["retry_ms"]
+            .as_u64()
+            .is_some_and(|ms| (1_000..5_000).contains(&ms)),
+        "{reason}"
+    );
+    assert_eq!(rejected(&gw, "at_capacity"), 1.0);
+
+    // Handshakes per IP: a burst of 2, then 429.
+    let gw = GatewayProcess::start(&[
+        "websocket.handshake_rate_per_ip=1",
+        "websocket.handshake_burst_per_ip=2",
+    ])
+    .expect("start");
+    let _a = open(&gw, "", &[]).await.welcome();
+    let _b = open(&gw, "", &[]).await.welcome();
+    assert_eq!(open(&gw, "", &[]).await.http(), 429);
+    assert_eq!(rejected(&gw, "rate_limited"), 1.0);
+
+    // Publishes per connection: the burst passes, then errors, then 4002.
+    let gw = GatewayProcess::start(&[
+        r#"topics.client_publish=["*"]"#,
+        "connection.publish_rate=1",
+        "connection.publish_burst=5",
+    ])
+    .expect("start");
+    let mut ws = open(&gw, "", &[]).await.welcome();
+    for i in 0..20 {
+        send(
+            &mut ws,
+            json!({"op": "publish", "topic": "flood", "data": i}),
+        )
+        .await;
+    }
+    let (mut published, mut limited) = (0, 0);
+    let code = loop {
+        match recv(&mut ws).await {
+            Ok(ServerFrame::Published { .. }) => published += 1,
+            Ok(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }) => limited += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(code) => break code,
+        }
+    };
+    assert_eq!((published, limited, code), (5, 3, 4002));
+    assert_eq!(
+        gw.metric("switchyard_publishes_rate_limited_total")
+            .expect("m"),
+        3.0
+    );
+}
+
+fn tls_connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// One HTTP/1.1 exchange over TLS (the request must say `Connection: close`).
+async fn https(connector: &tokio_rustls::TlsConnector, addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tls_stream(connector, addr).await;
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    // A server closing without close_notify is fine here: the answer is complete.
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+async fn tls_stream(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}
+
+#[tokio::test]
+async fn wss_and_https_with_a_test_certificate() {
+    let dir = std::env::temp_dir().join(format!("sy-gw-tls-{}", std::process::id()));
+    let certs = TestCertificates::create(&dir).expect("certificates");
+    let (cert, key) = (
+        certs.cert.display().to_string(),
+        certs.key.display().to_string(),
+    );
+    let settings = [
+        format!("tls.cert_file={cert}"),
+        format!("tls.key_file={key}"),
+        format!("admin.tls.cert_file={cert}"),
+        format!("admin.tls.key_file={key}"),
+    ];
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let gw = GatewayProcess::start(&settings).expect("start");
+    let connector = tls_connector(&certs.ca);
+
+    let stream = tls_stream(&connector, gw.public).await;
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://{}/ws", gw.public), stream)
+        .await
+        .expect("wss handshake");
+    let mut ws = first_frame(ws).await.welcome();
+    ws.send(Message::text(r#"{"op":"subscribe","topic":"secure"}"#))
+        .await
+        .expect("send");
+    gw.publish("secure", "42")
+        .expect_err("plain HTTP to the TLS admin listener fails");
+
+    // The admin API over https.
+    let body = r#"{"topic":"secure","data":42}"#;
+    let request = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = https(&connector, gw.admin, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    loop {
+        match ws.next().await.expect("frame").expect("ok") {
+            Message::Text(text) if text.contains("\"message\"") => {
+                assert!(text.contains("\"data\":42"), "{text}");
+                break;
+            }
+            _ => {}
+        }
+    }
+    // A plain-text client on the TLS port gets nowhere, and is counted.
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.public))
+            .await
+            .is_err()
+    );
+    let metrics = https(
+        &connector,
+        gw.public,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let failed = switchyard_tests::metric_value(
+        metrics.split_once("\r\n\r\n").map_or("", |(_, body)| body),
+        "switchyard_handshakes_rejected_total{reason=\"tls_failed\"}",
+    );
+    assert_eq!(failed, 2.0, "the plain publish and the plain ws");
+    let _ = std::fs::remove_dir_all(dir);
+}
