@@ -50,7 +50,7 @@ enum Outcome<S> {
     /// Refused with this HTTP status before the upgrade.
     Http(u16),
     /// Upgraded and welcomed.
-    Welcome(WebSocketStream<S>),
+    Welcome(Box<WebSocketStream<S>>),
     /// Upgraded, then closed at once: (code, reason).
     Closed(u16, String),
 }
@@ -58,7 +58,7 @@ enum Outcome<S> {
 impl<S> Outcome<S> {
     fn welcome(self) -> WebSocketStream<S> {
         match self {
-            Outcome::Welcome(ws) => ws,
+            Outcome::Welcome(ws) => *ws,
             Outcome::Http(status) => panic!("expected a welcome, got HTTP {status}"),
             Outcome::Closed(code, reason) => {
                 panic!("expected a welcome, got close {code} {reason}")
@@ -93,7 +93,7 @@ where
     match tokio::time::timeout(STEP, ws.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => {
             match serde_json::from_str::<ServerFrame>(&text).expect("server frame") {
-                ServerFrame::Welcome { .. } => Outcome::Welcome(ws),
+                ServerFrame::Welcome { .. } => Outcome::Welcome(Box::new(ws)),
                 other => panic!("expected welcome first, got {other:?}"),
             }
         }
