@@ -324,6 +324,11 @@ impl RawSocket {
         Ok(RawSocket { stream })
     }
 
+    /// A second handle on the underlying TCP stream, for reading raw bytes.
+    pub fn try_clone_stream(&self) -> Result<TcpStream> {
+        Ok(self.stream.try_clone()?)
+    }
+
     /// Sends raw bytes.
     pub fn send_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         self.stream.write_all(bytes)?;
