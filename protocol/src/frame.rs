@@ -75,11 +75,28 @@ struct WireClientFrame<'a> {
     data: Option<&'a RawValue>,
 }
 
+/// Most bytes of client input an error quotes back. serde_json's messages
+/// quote the offending value, escaped (up to six bytes per byte): unclipped,
+/// a 64 KiB frame could earn a 400 KiB error frame (found by the fuzzer).
+pub const MAX_QUOTED_BYTES: usize = 128;
+
+fn clip(mut text: String) -> String {
+    if text.len() > MAX_QUOTED_BYTES {
+        let mut end = MAX_QUOTED_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 impl ClientFrame {
     /// Parses one text frame.
     pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         let wire: WireClientFrame<'_> =
-            serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| FrameError::Malformed(clip(e.to_string())))?;
         let topic = |op: &'static str, topic: Option<String>| {
             topic.ok_or(FrameError::MissingField { op, field: "topic" })
         };
@@ -102,7 +119,7 @@ impl ClientFrame {
                     .to_owned(),
             }),
             "ping" => Ok(ClientFrame::Ping),
-            other => Err(FrameError::UnknownOp(other.to_owned())),
+            other => Err(FrameError::UnknownOp(clip(other.to_owned()))),
         }
     }
 

@@ -5,6 +5,7 @@
 //! - [`close`]: application close codes and what a client should do on each.
 //! - [`drain`]: the drain schedule (pure arithmetic) and the drain API bodies.
 //! - [`frame`]: the JSON text frames of the WebSocket protocol.
+//! - [`fuzzing`]: the parser property the fuzz target checks.
 //! - [`position`]: where a subscriber stands in a topic log.
 //! - [`admin`]: request and response bodies of the admin API.
 //! - [`topic`]: topic-name validation and publish allow-list patterns.
@@ -13,6 +14,7 @@ pub mod admin;
 pub mod close;
 pub mod drain;
 pub mod frame;
+pub mod fuzzing;
 pub mod position;
 pub mod topic;
 
