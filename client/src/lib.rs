@@ -24,7 +24,7 @@
 pub mod policy;
 pub mod session;
 
-pub use session::{Client, ClientEvent, ClientOptions, ClientStats, OutboxFull};
+pub use session::{Client, ClientEvent, ClientOptions, ClientStats, CredentialSource, OutboxFull};
 
 use std::collections::HashMap;
 
@@ -46,6 +46,10 @@ pub enum ClientError {
     /// The gateway sent something that is not a Switchyard frame.
     #[error("unexpected frame from the gateway: {0}")]
     Protocol(String),
+    /// No credential could be presented (the source failed, or the value
+    /// cannot go in a header or a URL).
+    #[error("credential: {0}")]
+    Credential(String),
     /// The connection closed before the expected frame arrived.
     #[error("connection closed with {code} ({class:?})")]
     Closed {
@@ -93,6 +97,59 @@ pub struct Welcome {
     pub heartbeat_ms: u64,
 }
 
+/// A credential presented in the WebSocket handshake.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A JWT, sent as `Authorization: Bearer`.
+    Bearer(String),
+    /// A single-use ticket from the application backend, sent as `?ticket=`.
+    /// Fetch a new one for every connection.
+    Ticket(String),
+}
+
+impl std::fmt::Debug for Credential {
+    // Never print the secret itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Bearer(_) => f.write_str("Bearer(REDACTED)"),
+            Credential::Ticket(_) => f.write_str("Ticket(REDACTED)"),
+        }
+    }
+}
+
+/// The handshake request for `url` carrying `credential`.
+fn handshake_request(
+    url: &str,
+    credential: Option<&Credential>,
+) -> Result<tungstenite::handshake::client::Request, ClientError> {
+    use tungstenite::client::IntoClientRequest;
+    let url = match credential {
+        Some(Credential::Ticket(ticket)) => {
+            let url_safe = !ticket.is_empty()
+                && ticket
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b));
+            if !url_safe {
+                return Err(ClientError::Credential(
+                    "a ticket must be URL-safe characters".into(),
+                ));
+            }
+            let separator = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{separator}ticket={ticket}")
+        }
+        _ => url.to_owned(),
+    };
+    let mut request = url.into_client_request()?;
+    if let Some(Credential::Bearer(token)) = credential {
+        let value = tungstenite::http::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| ClientError::Credential("a token must be header-safe text".into()))?;
+        request
+            .headers_mut()
+            .insert(tungstenite::http::header::AUTHORIZATION, value);
+    }
+    Ok(request)
+}
+
 /// One WebSocket connection to a gateway.
 pub struct Connection {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -104,7 +161,18 @@ pub struct Connection {
 impl Connection {
     /// Connects to `url` (e.g. `ws://127.0.0.1:8080/ws`) and waits for `welcome`.
     pub async fn connect(url: &str) -> Result<Connection, ClientError> {
-        let (mut socket, _response) = tokio_tungstenite::connect_async(url).await?;
+        Self::connect_with(url, None).await
+    }
+
+    /// Connects presenting `credential`, and waits for `welcome`. A refused
+    /// credential shows as [`ClientError::Closed`] with 4501 (or 4001 for an
+    /// expired token, 4503 for a revoked session).
+    pub async fn connect_with(
+        url: &str,
+        credential: Option<&Credential>,
+    ) -> Result<Connection, ClientError> {
+        let request = handshake_request(url, credential)?;
+        let (mut socket, _response) = tokio_tungstenite::connect_async(request).await?;
         let welcome = loop {
             match socket.next().await {
                 Some(Ok(Message::Text(text))) => match ServerFrame::parse(&text) {

@@ -14,12 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
 use switchyard_protocol::{CloseClass, ErrorCode, Position, ServerFrame};
 use tokio::sync::{mpsc, Notify};
 
 use crate::policy::{after_close, AfterClose, Backoff, Cursor};
-use crate::{ClientError, Closed, Connection, Event};
+use crate::{ClientError, Closed, Connection, Credential, Event};
 
 /// Settings of a [`Client`].
 #[derive(Debug, Clone)]
@@ -32,6 +33,44 @@ pub struct ClientOptions {
     pub outbox_limit: usize,
     /// Time allowed to open a connection.
     pub connect_timeout: Duration,
+    /// Where credentials come from; asked before every connection, so a
+    /// ticket is fresh and a token refreshed after 4001.
+    pub credentials: Option<CredentialSource>,
+}
+
+/// Produces the credential for the next connection.
+#[derive(Clone)]
+pub struct CredentialSource(
+    Arc<dyn Fn() -> BoxFuture<'static, Result<Credential, String>> + Send + Sync>,
+);
+
+impl CredentialSource {
+    /// A source calling `fetch` (e.g. an HTTP call to the application
+    /// backend that mints a ticket or refreshes a token).
+    pub fn new<F>(fetch: F) -> Self
+    where
+        F: Fn() -> BoxFuture<'static, Result<Credential, String>> + Send + Sync + 'static,
+    {
+        CredentialSource(Arc::new(fetch))
+    }
+
+    /// The same credential every time (a long-lived bearer token).
+    pub fn fixed(credential: Credential) -> Self {
+        CredentialSource::new(move || {
+            let credential = credential.clone();
+            Box::pin(async move { Ok(credential) })
+        })
+    }
+
+    async fn fetch(&self) -> Result<Credential, ClientError> {
+        (self.0)().await.map_err(ClientError::Credential)
+    }
+}
+
+impl std::fmt::Debug for CredentialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredentialSource")
+    }
 }
 
 impl ClientOptions {
@@ -45,6 +84,7 @@ impl ClientOptions {
             },
             outbox_limit: 1000,
             connect_timeout: Duration::from_secs(10),
+            credentials: None,
         }
     }
 }
@@ -292,17 +332,23 @@ impl Driver {
         }
     }
 
+    /// Fetches a credential (if the session has a source) and connects.
+    async fn dial(&self) -> Result<Connection, ClientError> {
+        let credential = match &self.options.credentials {
+            Some(source) => Some(source.fetch().await?),
+            None => None,
+        };
+        Connection::connect_with(&self.options.url, credential.as_ref()).await
+    }
+
     /// Connects and resubscribes every topic from its cursor.
     async fn open(&mut self) -> Result<Connection, ClientError> {
-        let mut connection = tokio::time::timeout(
-            self.options.connect_timeout,
-            Connection::connect(&self.options.url),
-        )
-        .await
-        .map_err(|_| ClientError::Closed {
-            code: 1006,
-            class: CloseClass::Reconnect,
-        })??;
+        let mut connection = tokio::time::timeout(self.options.connect_timeout, self.dial())
+            .await
+            .map_err(|_| ClientError::Closed {
+                code: 1006,
+                class: CloseClass::Reconnect,
+            })??;
         self.shared
             .stats
             .connections
@@ -451,8 +497,7 @@ impl Driver {
     async fn migrate(&mut self, old: &mut Connection, grace: Duration) -> BTreeSet<String> {
         let deadline = tokio::time::Instant::now() + grace;
         let from = old.welcome().server_id.clone();
-        let opened =
-            tokio::time::timeout_at(deadline, Connection::connect(&self.options.url)).await;
+        let opened = tokio::time::timeout_at(deadline, self.dial()).await;
         let Ok(Ok(mut new)) = opened else {
             return BTreeSet::new();
         };

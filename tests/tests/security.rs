@@ -732,3 +732,77 @@ async fn wss_and_https_with_a_test_certificate() {
     assert_eq!(failed, 2.0, "the plain publish and the plain ws");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The Rust client fetches a fresh ticket before every connection: when its
+/// session expires (4001) it reconnects with a new one and resumes, and a
+/// publisher running throughout loses nothing.
+#[tokio::test]
+async fn a_client_session_refreshes_its_ticket_after_4001_and_loses_nothing() {
+    use switchyard_client::{Client, ClientEvent, ClientOptions, Credential, CredentialSource};
+    use switchyard_protocol::CloseClass;
+    let gw = Arc::new(GatewayProcess::start(&["auth.anonymous=false"]).expect("start"));
+    let fetches = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let source = {
+        let (gw, fetches) = (gw.clone(), fetches.clone());
+        CredentialSource::new(move || {
+            let (gw, fetches) = (gw.clone(), fetches.clone());
+            Box::pin(async move {
+                fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Each session lasts about 1.5 s (exp is whole seconds).
+                let body = format!(r#"{{"sub": "alice", "exp": {}}}"#, now() + 2);
+                tokio::task::spawn_blocking(move || Ok(Credential::Ticket(ticket(&gw, &body))))
+                    .await
+                    .map_err(|e| e.to_string())?
+            })
+        })
+    };
+    let mut options = ClientOptions::new(gw.ws_url());
+    options.credentials = Some(source);
+    let mut client = Client::start(options);
+    client.subscribe("news");
+    loop {
+        if let Some(ClientEvent::Resumed { .. }) = client.next_event().await {
+            break;
+        }
+    }
+    let publisher = {
+        let gw = gw.clone();
+        tokio::task::spawn_blocking(move || {
+            for i in 1..=50 {
+                gw.publish("news", &i.to_string()).expect("publish");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let (mut received, mut reauthenticated) = (Vec::new(), 0);
+    while received.len() < 50 {
+        match tokio::time::timeout(STEP, client.next_event())
+            .await
+            .expect("events")
+        {
+            Some(ClientEvent::Message { data, .. }) => received.push(data.as_u64().expect("n")),
+            Some(ClientEvent::Disconnected { code, class, .. }) => {
+                assert_eq!((code, class), (4001, CloseClass::Reauthenticate));
+                reauthenticated += 1;
+            }
+            Some(ClientEvent::Stopped { .. }) | None => panic!("the session stopped"),
+            Some(_) => {}
+        }
+    }
+    publisher.await.expect("publisher");
+    assert_eq!(
+        received,
+        (1..=50).collect::<Vec<u64>>(),
+        "every message once, in order"
+    );
+    assert!(
+        reauthenticated >= 2,
+        "5 s of 2 s sessions: {reauthenticated} expiries"
+    );
+    let fetched = fetches.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        fetched,
+        reauthenticated + 1,
+        "one fresh ticket per connection"
+    );
+}
