@@ -45,10 +45,25 @@ function parseReason(reason) {
   }
 }
 
+/** `url` with `?ticket=` (or `&ticket=`) added, the ticket URL-encoded. */
+export function withTicket(url, ticket) {
+  const hashAt = url.indexOf("#");
+  const base = hashAt === -1 ? url : url.slice(0, hashAt);
+  const separator = base.includes("?") ? "&" : "?";
+  return `${base}${separator}ticket=${encodeURIComponent(ticket)}`;
+}
+
 export class SwitchyardClient extends EventTarget {
-  constructor(url, { backoffBaseMs = 100, backoffCapMs = 10000, outboxLimit = 1000 } = {}) {
+  /**
+   * `getTicket`: optional async function returning a single-use ticket from
+   * your backend (which mints it with the gateway's POST /api/tickets); it is
+   * called before every connection, so reconnects and migrations present a
+   * fresh one. Without it the browser's cookies authenticate the handshake.
+   */
+  constructor(url, { backoffBaseMs = 100, backoffCapMs = 10000, outboxLimit = 1000, getTicket = null } = {}) {
     super();
     this.url = url;
+    this.getTicket = getTicket;
     this.backoffBaseMs = backoffBaseMs;
     this.backoffCapMs = backoffCapMs;
     this.outboxLimit = outboxLimit;
@@ -116,9 +131,39 @@ export class SwitchyardClient extends EventTarget {
     if (this.#ready(socket)) socket.send(JSON.stringify(frame));
   }
 
-  /** Opens a connection; `migrating` keeps the current one until this one has resumed. */
+  /**
+   * Opens a connection; `migrating` keeps the current one until this one has
+   * resumed. With `getTicket`, the socket opens once the ticket arrives; a
+   * placeholder stands for it meanwhile so a second `migrate` starts nothing.
+   */
   #open(migrating) {
-    const socket = new WebSocket(this.url);
+    if (!this.getTicket) return this.#openAt(this.url, migrating);
+    const pending = { pending: true };
+    this.getTicket().then(
+      (ticket) => {
+        if (this.stopped) return;
+        const socket = this.#openAt(withTicket(this.url, ticket), migrating);
+        if (migrating && this.migration === pending) this.migration = socket;
+      },
+      (err) => {
+        this.#emit("error", { code: "credential", message: String(err) });
+        if (migrating) {
+          // Stay on the current connection; its 4000 close takes the reconnect path.
+          if (this.migration === pending) this.migration = null;
+          return;
+        }
+        const retryMs = backoffDelay(this.attempt, this.backoffBaseMs, this.backoffCapMs);
+        this.attempt += 1;
+        this.retryTimer = setTimeout(() => {
+          if (!this.stopped) this.#open(false);
+        }, retryMs);
+      },
+    );
+    return pending;
+  }
+
+  #openAt(url, migrating) {
+    const socket = new WebSocket(url);
     socket.welcomed = false;
     socket.waiting = new Set();
     socket.onmessage = (event) => this.#onFrame(socket, event.data, migrating);

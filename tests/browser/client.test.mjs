@@ -2,7 +2,7 @@
 // client/src/policy.rs so both clients behave the same.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { backoffDelay, closeClass, isAfter } from "../../client/js/switchyard.js";
+import { backoffDelay, closeClass, isAfter, withTicket } from "../../client/js/switchyard.js";
 
 test("close classes", () => {
   const table = [
@@ -28,4 +28,15 @@ test("duplicates and new epochs", () => {
   assert.equal(isAfter({ epoch: 7, offset: 5 }, 7, 5), false);
   assert.equal(isAfter({ epoch: 7, offset: 5 }, 7, 3), false);
   assert.equal(isAfter({ epoch: 7, offset: 5 }, 9, 1), true);
+});
+
+test("withTicket adds the ticket to the query, encoded, before any fragment", () => {
+  const table = [
+    ["wss://gw.example.com/ws", "abc123", "wss://gw.example.com/ws?ticket=abc123"],
+    ["ws://127.0.0.1:8080/ws?x=1", "abc", "ws://127.0.0.1:8080/ws?x=1&ticket=abc"],
+    ["ws://h/ws#frag", "a b&c", "ws://h/ws?ticket=a%20b%26c"],
+  ];
+  for (const [url, ticket, expected] of table) {
+    assert.equal(withTicket(url, ticket), expected, url);
+  }
 });
