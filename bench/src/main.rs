@@ -24,6 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -34,9 +35,17 @@ use tokio_tungstenite::WebSocketStream;
     about = "Load generator for Switchyard and its peers"
 )]
 struct Args {
+    /// A JWT sent as `Authorization: Bearer` on every WebSocket handshake
+    /// (measures handshakes against a gateway that verifies tokens).
+    #[arg(long, global = true, env = "SWITCHYARD_LOAD_BEARER")]
+    bearer: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The `Authorization` header every handshake carries, when `--bearer` is given.
+static AUTHORIZATION: std::sync::OnceLock<tokio_tungstenite::tungstenite::http::HeaderValue> =
+    std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Command {
@@ -206,9 +215,15 @@ async fn open(
     socket.bind(SocketAddr::new(source, 0))?;
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
-    let url = format!("ws://{target}{path}");
+    let mut request = format!("ws://{target}{path}").into_client_request()?;
+    if let Some(value) = AUTHORIZATION.get() {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
+            value.clone(),
+        );
+    }
     let (ws, _) =
-        tokio_tungstenite::client_async_with_config(url, stream, Some(client_config())).await?;
+        tokio_tungstenite::client_async_with_config(request, stream, Some(client_config())).await?;
     Ok(ws)
 }
 
@@ -521,7 +536,14 @@ async fn fanout(
 #[tokio::main]
 async fn main() -> Result<()> {
     raise_fd_limit();
-    match Args::parse().command {
+    let args = Args::parse();
+    if let Some(token) = &args.bearer {
+        let value =
+            tokio_tungstenite::tungstenite::http::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("--bearer must be header-safe text")?;
+        let _ = AUTHORIZATION.set(value);
+    }
+    match args.command {
         Command::Idle {
             target,
             path,
