@@ -982,6 +982,43 @@ mod tests {
     }
 
     #[test]
+    fn security_settings_are_checked_and_nothing_is_open_off_loopback() {
+        let secret = "auth.jwt.secret=0123456789abcdef0123456789abcdef";
+        let refused: [(&[&str], &str); 8] = [
+            (&["listen=0.0.0.0:8080"], "auth.anonymous"),
+            (&["admin_listen=0.0.0.0:9090"], "admin.token_file"),
+            (&["auth.jwt.secret=short"], "auth.jwt.secret"),
+            (&["auth.jwt.algorithm=RS256", secret], "auth.jwt.algorithm"),
+            (&["auth.jwt.public_key_file=/k.pem"], "auth.jwt.algorithm"),
+            (&["origin.allowed=[example.com]"], "origin.allowed"),
+            (&["tls.cert_file=/c.pem"], "tls"),
+            (&["auth.accept=[]", "auth.anonymous=false"], "auth.accept"),
+        ];
+        for (overrides, field) in refused {
+            let err = load(&[], overrides).expect_err(field).to_string();
+            assert!(err.contains(field), "{err:?} should name {field}");
+        }
+        // Anonymous unset: admitted only on loopback without a JWT key.
+        let table: [(&[&str], bool); 4] = [
+            (&[], true),
+            (&[secret], false),
+            (&["listen=0.0.0.0:8080", secret], false),
+            (&["listen=0.0.0.0:8080", "auth.anonymous=true"], true),
+        ];
+        for (overrides, anonymous) in table {
+            let config = load(&[], overrides).expect("valid");
+            assert_eq!(config.anonymous_allowed(), anonymous, "{overrides:?}");
+        }
+        let printed = serde_yaml::to_string(
+            &load(&[], &[secret, "admin.token=0123456789abcdef"])
+                .expect("valid")
+                .redacted(),
+        )
+        .expect("yaml");
+        assert!(!printed.contains("0123456789abcdef"), "{printed}");
+    }
+
+    #[test]
     fn file_layer_is_read() {
         let dir = std::env::temp_dir().join(format!("sy-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");

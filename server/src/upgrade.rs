@@ -331,13 +331,7 @@ async fn close_at_once<S>(
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(*name, http::HeaderValue::from_static(value));
-        }
-        map
-    }
+    use crate::security::header_map as headers;
 
     const GOOD: [(&str, &str); 4] = [
         ("upgrade", "websocket"),

@@ -322,13 +322,7 @@ impl AdminAuth {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(*name, http::HeaderValue::from_static(value));
-        }
-        map
-    }
+    use crate::security::header_map as headers;
 
     #[test]
     fn credential_precedence_and_acceptance() {

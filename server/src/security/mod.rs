@@ -105,6 +105,16 @@ pub fn redact_target(path: &str, query: Option<&str>) -> String {
     format!("{path}?{}", redacted.join("&"))
 }
 
+/// A header map from static pairs, for table tests.
+#[cfg(test)]
+pub(crate) fn header_map(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(*name, http::HeaderValue::from_static(value));
+    }
+    map
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
