@@ -806,3 +806,68 @@ async fn a_client_session_refreshes_its_ticket_after_4001_and_loses_nothing() {
         "one fresh ticket per connection"
     );
 }
+
+/// ES256 with a PEM public key: a token signed by the matching private key
+/// opens a session, one signed by another key does not.
+#[tokio::test]
+async fn es256_tokens_verify_against_a_public_key_file() {
+    let dir = std::env::temp_dir().join(format!("sy-es256-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    for name in ["good", "other"] {
+        let key = format!("{name}.key");
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &key,
+        ]);
+        openssl(&[
+            "pkey",
+            "-in",
+            &key,
+            "-pubout",
+            "-out",
+            &format!("{name}.pub"),
+        ]);
+    }
+    let sign = |name: &str| {
+        let pem = std::fs::read(dir.join(format!("{name}.key"))).expect("key");
+        jsonwebtoken::encode(
+            &Header::new(jsonwebtoken::Algorithm::ES256),
+            &json!({"sub": "alice", "exp": now() + 60}),
+            &EncodingKey::from_ec_pem(&pem).expect("ec key"),
+        )
+        .expect("sign")
+    };
+    let public_key = format!(
+        "auth.jwt.public_key_file={}",
+        dir.join("good.pub").display()
+    );
+    let gw = GatewayProcess::start(&[
+        "auth.jwt.algorithm=ES256",
+        &public_key,
+        "auth.anonymous=false",
+    ])
+    .expect("start");
+    bearer(&gw, &sign("good")).await.welcome();
+    let (code, reason) = bearer(&gw, &sign("other")).await.closed();
+    assert_eq!(
+        (code, reason.contains("bad signature")),
+        (4501, true),
+        "{reason}"
+    );
+    // An HS256 token must not pass, whatever it is signed with.
+    assert_eq!(bearer(&gw, &user_token("alice")).await.closed().0, 4501);
+    let _ = std::fs::remove_dir_all(dir);
+}
