@@ -118,6 +118,16 @@ impl JwtVerifier {
                     }
                     (None, None) => return Ok(None),
                 };
+                if secret.len() < 32 {
+                    return Err(KeyError::Parse {
+                        field: if settings.secret.is_some() {
+                            "auth.jwt.secret"
+                        } else {
+                            "auth.jwt.secret_file"
+                        },
+                        message: "an HS256 secret must be at least 32 bytes (256 bits)".into(),
+                    });
+                }
                 Keys::Single(DecodingKey::from_secret(&secret))
             }
             JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
@@ -234,10 +244,11 @@ mod tests {
     use serde_json::json;
 
     const NOW: u64 = 1_800_000_000;
+    const SECRET: &str = "unit-test-secret-0123456789abcdef";
 
     fn settings() -> JwtSettings {
         JwtSettings {
-            secret: Some("s3cret".into()),
+            secret: Some(SECRET.into()),
             ..JwtSettings::default()
         }
     }
@@ -258,7 +269,7 @@ mod tests {
             .expect("a key is configured");
         let good = json!({"sub": "alice", "exp": NOW + 60, "subscribe": ["chat.*"]});
         let claims = verifier
-            .verify(&sign(good.clone(), "s3cret"), NOW)
+            .verify(&sign(good.clone(), SECRET), NOW)
             .expect("valid");
         assert_eq!(claims.sub, "alice");
         assert_eq!(claims.subscribe, Some(vec!["chat.*".to_string()]));
@@ -267,29 +278,29 @@ mod tests {
         let table = [
             (sign(good.clone(), "other"), "bad signature"),
             (
-                sign(json!({"sub": "a", "exp": NOW}), "s3cret"),
+                sign(json!({"sub": "a", "exp": NOW}), SECRET),
                 "token expired",
             ),
-            (sign(json!({"sub": "a"}), "s3cret"), "missing field `exp`"),
+            (sign(json!({"sub": "a"}), SECRET), "missing field `exp`"),
             (
-                sign(json!({"sub": "a", "exp": "soon"}), "s3cret"),
+                sign(json!({"sub": "a", "exp": "soon"}), SECRET),
                 "claims: invalid type",
             ),
             (
-                sign(json!({"exp": NOW + 60}), "s3cret"),
+                sign(json!({"exp": NOW + 60}), SECRET),
                 "missing field `sub`",
             ),
             (
                 sign(
                     json!({"sub": "a", "exp": NOW + 60, "nbf": NOW + 3600}),
-                    "s3cret",
+                    SECRET,
                 ),
                 "not valid yet (nbf)",
             ),
             (
                 sign(
                     json!({"sub": "a", "exp": NOW + 60, "publish": too_many}),
-                    "s3cret",
+                    SECRET,
                 ),
                 "at most 256 topic patterns per list",
             ),
@@ -325,6 +336,24 @@ mod tests {
         let err = verifier.verify(&token, NOW).expect_err("wrong algorithm");
         assert_eq!(err, TokenError::Invalid("algorithm not accepted".into()));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_short_secret_file_is_refused() {
+        let path = std::env::temp_dir().join(format!("sy-short-secret-{}", std::process::id()));
+        std::fs::write(&path, "too-short\n").expect("write");
+        let result = JwtVerifier::from_settings(&JwtSettings {
+            secret_file: Some(path.display().to_string()),
+            ..JwtSettings::default()
+        });
+        assert!(matches!(
+            result,
+            Err(KeyError::Parse {
+                field: "auth.jwt.secret_file",
+                ..
+            })
+        ));
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]
