@@ -134,7 +134,7 @@ export class SwitchyardClient extends EventTarget {
   /**
    * Opens a connection; `migrating` keeps the current one until this one has
    * resumed. With `getTicket`, the socket opens once the ticket arrives; a
-   * placeholder stands for it meanwhile so a second `migrate` starts nothing.
+   * pending marker stands for it meanwhile so a second `migrate` starts nothing.
    */
   #open(migrating) {
     if (!this.getTicket) return this.#openAt(this.url, migrating);

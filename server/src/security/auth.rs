@@ -2,16 +2,17 @@
 //! and the admin listener's bearer token.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, StatusCode};
 use subtle::ConstantTimeEq;
+use switchyard_protocol::topic::TopicPattern;
 use switchyard_protocol::CloseCode;
 
 use super::tickets::{is_well_formed, TicketGrant};
 use super::token::{JwtVerifier, KeyError, TokenError};
-use super::{patterns, AuthMethod, Session};
+use super::{pattern_list, patterns, AuthMethod, Session};
 use crate::broker::Broker;
 use crate::config::{Config, CredentialKind};
 
@@ -185,8 +186,8 @@ pub struct Authenticator {
     accept: Vec<CredentialKind>,
     cookie_name: String,
     anonymous: bool,
-    default_subscribe: Vec<String>,
-    default_publish: Vec<String>,
+    default_subscribe: Arc<[TopicPattern]>,
+    default_publish: Arc<[TopicPattern]>,
     /// Revoked subjects.
     pub revocations: Revocations,
 }
@@ -200,8 +201,8 @@ impl Authenticator {
             accept: auth.accept.clone(),
             cookie_name: auth.cookie_name.clone(),
             anonymous: config.anonymous_allowed(),
-            default_subscribe: auth.default_subscribe.clone(),
-            default_publish: config.topics.client_publish.clone(),
+            default_subscribe: pattern_list(&auth.default_subscribe),
+            default_publish: pattern_list(&config.topics.client_publish),
             revocations: Revocations::new(auth.revocation_ttl_ms / 1000, 100_000),
         })
     }

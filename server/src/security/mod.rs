@@ -15,6 +15,7 @@ pub mod ratelimit;
 pub mod tickets;
 pub mod token;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use switchyard_protocol::topic::TopicPattern;
@@ -54,10 +55,11 @@ pub struct Session {
     pub method: AuthMethod,
     /// Unix milliseconds at which the session expires (closed with 4001).
     pub expires_at_ms: Option<u64>,
-    /// Topic patterns the session may subscribe to.
-    pub subscribe: Vec<TopicPattern>,
+    /// Topic patterns the session may subscribe to (the configured default
+    /// is one allocation shared by every session that uses it).
+    pub subscribe: Arc<[TopicPattern]>,
     /// Topic patterns the session may publish on.
-    pub publish: Vec<TopicPattern>,
+    pub publish: Arc<[TopicPattern]>,
 }
 
 impl Session {
@@ -72,13 +74,14 @@ impl Session {
     }
 }
 
+/// Topic patterns from strings.
+pub fn pattern_list(list: &[String]) -> Arc<[TopicPattern]> {
+    list.iter().map(TopicPattern::new).collect()
+}
+
 /// Patterns from a token or ticket, or the configured default when absent.
-pub fn patterns(given: Option<&[String]>, default: &[String]) -> Vec<TopicPattern> {
-    given
-        .unwrap_or(default)
-        .iter()
-        .map(TopicPattern::new)
-        .collect()
+pub fn patterns(given: Option<&[String]>, default: &Arc<[TopicPattern]>) -> Arc<[TopicPattern]> {
+    given.map_or_else(|| default.clone(), pattern_list)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -138,13 +141,13 @@ mod tests {
 
     #[test]
     fn session_patterns() {
-        let default = vec!["public.*".to_string()];
+        let default = pattern_list(&["public.*".to_string()]);
         let session = Session {
             subject: Some("alice".into()),
             method: AuthMethod::Bearer,
             expires_at_ms: None,
             subscribe: patterns(Some(&["chat.*".to_string()]), &default),
-            publish: patterns(None, &[]),
+            publish: patterns(None, &pattern_list(&[])),
         };
         assert!(session.may_subscribe("chat.room1"));
         assert!(
