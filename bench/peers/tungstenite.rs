@@ -1,0 +1,146 @@
+//! Reference peer: a bare tokio-tungstenite broadcast server, the floor of
+//! what the library costs, to compare Switchyard against (bench/compare.sh).
+//!
+//! Every connection receives every message published with
+//! `POST /api/publish {"topic": ..., "data": ...}` on the admin port (the
+//! `data` JSON, as text). No topics, no history, no limits. Variants:
+//! `--read-buffer 0` keeps tungstenite's default 128 KiB read buffer;
+//! `--batch` writes whatever is queued and flushes once, otherwise each
+//! message is one `send` (write + flush).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+#[derive(Parser)]
+struct Args {
+    /// WebSocket listener.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Publish listener (`POST /api/publish`).
+    #[arg(long)]
+    admin: SocketAddr,
+    /// Read and write buffer bytes per connection; 0 keeps tungstenite's defaults.
+    #[arg(long, default_value_t = 4096)]
+    buffer: usize,
+    /// Batch queued messages into one flush.
+    #[arg(long)]
+    batch: bool,
+}
+
+type Subscribers = Arc<Mutex<Vec<mpsc::UnboundedSender<Utf8Bytes>>>>;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let config = if args.buffer == 0 {
+        WebSocketConfig::default()
+    } else {
+        WebSocketConfig::default()
+            .read_buffer_size(args.buffer)
+            .write_buffer_size(args.buffer)
+    };
+    let subscribers: Subscribers = Arc::default();
+    let listener = TcpListener::bind(args.listen).await.context("listen")?;
+    let admin = TcpListener::bind(args.admin).await.context("admin")?;
+    tokio::spawn(publish_loop(admin, subscribers.clone()));
+    eprintln!("peer listening on {} (admin {})", args.listen, args.admin);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let (subscribers, batch) = (subscribers.clone(), args.batch);
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await
+            else {
+                return;
+            };
+            let (mut sink, mut stream) = ws.split();
+            let (tx, mut rx) = mpsc::unbounded_channel::<Utf8Bytes>();
+            subscribers.lock().expect("subscribers").push(tx);
+            let writer = tokio::spawn(async move {
+                while let Some(text) = rx.recv().await {
+                    let sent = if batch {
+                        let mut result = sink.feed(Message::Text(text)).await;
+                        while let (Ok(()), Ok(more)) = (&result, rx.try_recv()) {
+                            result = sink.feed(Message::Text(more)).await;
+                        }
+                        match result {
+                            Ok(()) => sink.flush().await,
+                            err => err,
+                        }
+                    } else {
+                        sink.send(Message::Text(text)).await
+                    };
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            });
+            // Reading answers pings (tungstenite queues the pong) and notices the end.
+            while let Some(Ok(_)) = stream.next().await {}
+            writer.abort();
+        });
+    }
+}
+
+/// Minimal HTTP/1.1 keep-alive server for `POST /api/publish`.
+async fn publish_loop(admin: TcpListener, subscribers: Subscribers) {
+    while let Ok((stream, _)) = admin.accept().await {
+        tokio::spawn(serve_publisher(stream, subscribers.clone()));
+    }
+}
+
+async fn serve_publisher(mut stream: TcpStream, subscribers: Subscribers) -> Result<()> {
+    let mut buf = Vec::with_capacity(8192);
+    let mut chunk = [0u8; 8192];
+    loop {
+        let head_end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body: serde_json::Value = serde_json::from_slice(&buf[head_end..head_end + length])?;
+        buf.drain(..head_end + length);
+        let text = Utf8Bytes::from(body["data"].to_string());
+        subscribers
+            .lock()
+            .expect("subscribers")
+            .retain(|tx| tx.send(text.clone()).is_ok());
+        let reply = "{}";
+        stream
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                )
+                .as_bytes(),
+            )
+            .await?;
+    }
+}
