@@ -119,7 +119,18 @@ fn refuse_http(
         .handshakes_rejected
         .with_label_values(&[reason])
         .inc();
-    tracing::info!(%peer, %target, reason, status = status.as_u16(), "upgrade refused");
+    // Malformed and rate-limited handshakes are what a flood looks like: they
+    // are counted, and logged only at debug so a flood cannot fill the logs.
+    // Origin and credential refusals are an audit trail: info.
+    let flood = matches!(
+        reason,
+        "rate_limited" | "not_upgrade" | "bad_version" | "bad_key"
+    );
+    if flood {
+        tracing::debug!(%peer, %target, reason, status = status.as_u16(), "upgrade refused");
+    } else {
+        tracing::info!(%peer, %target, reason, status = status.as_u16(), "upgrade refused");
+    }
     warp::reply::with_status(reason, status).into_response()
 }
 
