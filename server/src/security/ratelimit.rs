@@ -55,12 +55,22 @@ impl TokenBucket {
 /// `max_tracked` addresses, full buckets (idle addresses) are dropped first;
 /// if every tracked address is busy, an unknown address is refused rather
 /// than let the table grow (a flood from many addresses is still bounded).
+/// The sweep walks the whole table, so it runs at most once a second: a
+/// flood of new addresses against a full table costs a lookup each, not a walk.
 pub struct IpRateLimiter {
     rate: u32,
     burst: u32,
     max_tracked: usize,
-    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    table: Mutex<Table>,
 }
+
+struct Table {
+    buckets: HashMap<IpAddr, TokenBucket>,
+    last_sweep: Option<Instant>,
+}
+
+/// Least time between two sweeps of a full table.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl IpRateLimiter {
     /// A limiter of `rate` handshakes per second and `burst` per address.
@@ -69,20 +79,30 @@ impl IpRateLimiter {
             rate,
             burst,
             max_tracked: max_tracked.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table {
+                buckets: HashMap::new(),
+                last_sweep: None,
+            }),
         }
     }
 
     /// Whether `ip` may start a handshake now.
     pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if !buckets.contains_key(&ip) && buckets.len() >= self.max_tracked {
-            buckets.retain(|_, bucket| !bucket.is_full(now));
-            if buckets.len() >= self.max_tracked {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if !table.buckets.contains_key(&ip) && table.buckets.len() >= self.max_tracked {
+            let due = table
+                .last_sweep
+                .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_INTERVAL);
+            if due {
+                table.last_sweep = Some(now);
+                table.buckets.retain(|_, bucket| !bucket.is_full(now));
+            }
+            if table.buckets.len() >= self.max_tracked {
                 return false;
             }
         }
-        buckets
+        table
+            .buckets
             .entry(ip)
             .or_insert_with(|| TokenBucket::new(self.rate, self.burst, now))
             .try_take(now)
@@ -90,7 +110,11 @@ impl IpRateLimiter {
 
     /// Addresses currently tracked.
     pub fn tracked(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .buckets
+            .len()
     }
 }
 
@@ -142,5 +166,18 @@ mod tests {
         let later = t0 + Duration::from_secs(5);
         assert!(limiter.allow(c, later));
         assert_eq!(limiter.tracked(), 1);
+    }
+
+    #[test]
+    fn a_full_table_is_swept_at_most_once_a_second() {
+        let t0 = Instant::now();
+        let limiter = IpRateLimiter::new(100, 1, 1);
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert!(limiter.allow(a, t0));
+        assert!(!limiter.allow(b, t0), "swept at t0: a is busy");
+        // a has refilled, but the next sweep is not due before t0 + 1 s.
+        assert!(!limiter.allow(b, t0 + Duration::from_millis(500)));
+        assert!(limiter.allow(b, t0 + Duration::from_secs(1)));
     }
 }
