@@ -129,6 +129,14 @@ impl Gateway {
         }))
     }
 
+    /// Counts a handshake refused for `reason` (every refusal, at any layer, comes here).
+    pub fn count_rejection(&self, reason: &str) {
+        self.metrics
+            .handshakes_rejected
+            .with_label_values(&[reason])
+            .inc();
+    }
+
     /// Whether the gateway refuses new work (readiness is 503): a drain
     /// runs, or the process is shutting down.
     pub fn is_draining(&self) -> bool {
@@ -480,24 +488,16 @@ async fn accept_loop(
             match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
                 Ok(Ok(stream)) => serve_http(http, stream, gateway, routes, which, peer).await,
                 Ok(Err(err)) => {
-                    count_rejection(&gateway, "tls_failed");
+                    gateway.count_rejection("tls_failed");
                     tracing::debug!(%peer, %err, "TLS handshake failed");
                 }
                 Err(_) => {
-                    count_rejection(&gateway, "handshake_timeout");
+                    gateway.count_rejection("handshake_timeout");
                     tracing::debug!(%peer, "TLS handshake timed out");
                 }
             }
         });
     }
-}
-
-fn count_rejection(gateway: &Gateway, reason: &str) {
-    gateway
-        .metrics
-        .handshakes_rejected
-        .with_label_values(&[reason])
-        .inc();
 }
 
 /// Serves HTTP/1.1 on one accepted connection (plain or TLS): WebSocket
@@ -553,9 +553,9 @@ async fn serve_http<IO, R>(
         // hyper answers 431 to an oversized head and closes a connection
         // whose head does not arrive in time; count both.
         if err.is_parse_too_large() {
-            count_rejection(&gateway, "header_too_large");
+            gateway.count_rejection("header_too_large");
         } else if err.is_timeout() {
-            count_rejection(&gateway, "handshake_timeout");
+            gateway.count_rejection("handshake_timeout");
         }
         tracing::debug!(%peer, %err, "http connection ended with an error");
     }

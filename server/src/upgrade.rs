@@ -27,7 +27,7 @@ use tracing::Instrument;
 use warp::Reply;
 
 use crate::hub::{ConnHandle, Route};
-use crate::security::{redact_target, unix_ms, Session};
+use crate::security::{unix_ms, RedactedTarget, Session};
 use crate::server::Gateway;
 
 /// Why an upgrade request was refused with an HTTP error.
@@ -112,13 +112,9 @@ fn refuse_http(
     reason: &'static str,
     status: StatusCode,
     peer: SocketAddr,
-    target: &str,
+    target: &RedactedTarget<'_>,
 ) -> warp::reply::Response {
-    gateway
-        .metrics
-        .handshakes_rejected
-        .with_label_values(&[reason])
-        .inc();
+    gateway.count_rejection(reason);
     // Malformed and rate-limited handshakes are what a flood looks like: they
     // are counted, and logged only at debug so a flood cannot fill the logs.
     // Origin and credential refusals are an audit trail: info.
@@ -144,7 +140,11 @@ pub async fn upgrade<B>(
     peer: SocketAddr,
 ) -> warp::reply::Response {
     // Never log the query: it may carry a ticket.
-    let target = redact_target(request.uri().path(), request.uri().query());
+    let uri = request.uri().clone();
+    let target = RedactedTarget {
+        path: uri.path(),
+        query: uri.query(),
+    };
     let accept = match check_handshake(request.headers()) {
         Ok(accept) => accept,
         Err(rejection) => {
@@ -247,15 +247,11 @@ async fn admit<B>(
     request: &Request<B>,
     route: Route,
     peer: SocketAddr,
-    target: &str,
+    target: &RedactedTarget<'_>,
 ) -> Result<Admission, warp::reply::Response> {
     let reject_with_http = gateway.config.auth.reject_with_http;
     let refused = |reason: &'static str, code: CloseCode, message: String| {
-        gateway
-            .metrics
-            .handshakes_rejected
-            .with_label_values(&[reason])
-            .inc();
+        gateway.count_rejection(reason);
         tracing::info!(%peer, %target, reason, code = code.as_u16(), "handshake refused after upgrade");
         Admission::Refuse(code, CloseReason::text(message))
     };
