@@ -29,31 +29,12 @@ pub const ABORT_ANNOTATION: &str = "switchyard.dev/abort";
     namespaced,
     shortname = "csvc",
     status = "ConnectionServiceStatus",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Active", type_ = "string", json_path = ".status.activeColor"),
-    printcolumn(
-        name = "Blue",
-        type_ = "integer",
-        json_path = ".status.connections.blue",
-        description = "open connections on the blue pods"
-    ),
-    printcolumn(
-        name = "Green",
-        type_ = "integer",
-        json_path = ".status.connections.green",
-        description = "open connections on the green pods"
-    ),
-    printcolumn(
-        name = "Revision",
-        type_ = "string",
-        json_path = ".status.activeRevision",
-        priority = "1"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activeColor"}"#,
+    printcolumn = r#"{"name":"Blue","type":"integer","jsonPath":".status.connections.blue","description":"open connections on the blue pods"}"#,
+    printcolumn = r#"{"name":"Green","type":"integer","jsonPath":".status.connections.green","description":"open connections on the green pods"}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.activeRevision","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionServiceSpec {

@@ -8,6 +8,14 @@
 //! - [`leader`], [`metrics`], [`serve`], [`telemetry`]: running it.
 //! - [`plugin`]: the `kubectl switchyard` plugin.
 
+pub mod cli;
 pub mod crd;
+pub mod gateway;
+pub mod leader;
+pub mod metrics;
+pub mod plugin;
+pub mod reconcile;
 pub mod resources;
 pub mod rollout;
+pub mod serve;
+pub mod telemetry;

@@ -597,11 +597,14 @@ impl Planner<'_> {
         }
     }
 
-    /// Old pods that have an address, answered, and are not draining yet.
+    /// Old pods that answered, hold connections and are not draining: the
+    /// ones to tell. A gateway whose drain has finished reports not draining
+    /// again, but it has no connections left, so it is not told twice.
     fn undrained(&self, color: Color) -> Vec<PodTarget> {
-        self.o
-            .color(color)
-            .targets(|pod| pod.report.is_some_and(|report| !report.draining))
+        self.o.color(color).targets(|pod| {
+            pod.report
+                .is_some_and(|report| !report.draining && report.connections > 0)
+        })
     }
 
     fn switching(&mut self, mut rollout: RolloutProgress) {

@@ -1,1 +1,5 @@
-fn main() {}
+//! `switchyard-operator`: runs the controller, or prints the CRD.
+
+fn main() -> std::process::ExitCode {
+    switchyard_operator::cli::main()
+}

@@ -231,7 +231,9 @@ fn transitions() {
     unswitched.service_color = Some(Blue);
 
     let mut restarted_pod = draining(3, 0);
-    restarted_pod.blue.pods[1] = pod("b-2", "10.0.0.2", 0, false);
+    restarted_pod.blue.pods[1] = pod("b-2", "10.0.0.2", 2, false);
+    let mut finished_pod = draining(3, 0);
+    finished_pod.blue.pods[1] = pod("b-2", "10.0.0.2", 0, false);
 
     let mut unreachable = draining(0, 0);
     unreachable.blue.pods[1].report = None;
@@ -455,6 +457,14 @@ fn transitions() {
                 pods: vec![target("b-2", "10.0.0.2")],
                 request: drain_request(50),
             }],
+            events: vec![],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "draining, a pod whose drain finished is not told again",
+            observed: finished_pod,
+            steps: vec![],
             events: vec![],
             phase: Phase::Draining,
             active: Green,
@@ -777,7 +787,7 @@ impl Sim {
 
     /// One second passes: the new color becomes Ready, draining pods lose a connection.
     fn tick(&mut self) {
-        self.o.now = self.o.now + SignedDuration::from_secs(1);
+        self.o.now += SignedDuration::from_secs(1);
         for view in [&mut self.o.blue, &mut self.o.green] {
             if let Some(d) = view.deployment.as_mut() {
                 d.ready = d.replicas > 0;

@@ -1,0 +1,226 @@
+//! The operator binary: `run` (the default) starts the controller with
+//! leader election, metrics and JSON logs; `crd` prints the CRD.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::crd::{crd_yaml, ConnectionService};
+use crate::gateway::HttpGatewayAdmin;
+use crate::leader::LeaderElector;
+use crate::metrics::Metrics;
+use crate::reconcile::{error_policy, reconcile, Context};
+use crate::resources::{FIELD_MANAGER, MANAGED_BY_LABEL};
+use crate::telemetry::{self, LogFormat};
+
+/// Switchyard's Kubernetes operator.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-operator", version)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller (the default).
+    Run,
+    /// Print the ConnectionService CRD as YAML.
+    Crd,
+}
+
+/// Settings of `run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Address of /metrics and /healthz.
+    #[arg(
+        long,
+        env = "SWITCHYARD_OPERATOR_METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "SWITCHYARD_OPERATOR_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the leader-election Lease (default: POD_NAMESPACE, else "default").
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "switchyard-operator")]
+    lease_name: String,
+    /// Seconds a leader holds the Lease without renewing it.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+    /// Run without leader election (a single replica, or local development).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Timeout of each call to a gateway's admin API, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    admin_timeout_ms: u64,
+    /// Log format.
+    #[arg(
+        long,
+        env = "SWITCHYARD_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    log_format: LogFormat,
+}
+
+/// Parses arguments and runs. Exit codes: 0 after a clean shutdown, 1 on an
+/// error or a lost leader Lease (the pod restarts and campaigns again).
+pub fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Some(Command::Crd) = args.command {
+        print!("{}", crd_yaml());
+        return std::process::ExitCode::SUCCESS;
+    }
+    telemetry::init(args.run.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: starting the runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args.run)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            error!(error = format!("{err:#}"), "operator stopped");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+async fn until_true(mut receiver: watch::Receiver<bool>) {
+    let _ = receiver.wait_for(|stop| *stop).await;
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = Metrics::new().context("registering metrics")?;
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    info!(addr = %listener.local_addr()?, "metrics listening");
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(crate::serve::serve(
+        listener,
+        metrics.clone(),
+        until_true(stopped.clone()),
+    ));
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+
+    let elector = if args.no_leader_election {
+        None
+    } else {
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let identity = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("switchyard-operator-{}", std::process::id()));
+        let elector = Arc::new(LeaderElector::new(
+            Api::<Lease>::namespaced(client.clone(), &namespace),
+            &args.lease_name,
+            &identity,
+            Duration::from_secs(args.lease_seconds),
+        ));
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
+        Some(elector)
+    };
+    metrics.set_leader(true);
+
+    let (lost_tx, lost) = watch::channel(false);
+    if let Some(elector) = elector.clone() {
+        tokio::spawn(async move {
+            elector.hold().await;
+            let _ = lost_tx.send(true);
+        });
+    }
+    {
+        let stop = stop.clone();
+        let lost = lost.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown_signal() => info!("shutting down"),
+                _ = until_true(lost) => warn!("leadership lost; stopping"),
+            }
+            let _ = stop.send(true);
+        });
+    }
+
+    let (resources, deployments) = match &args.watch_namespace {
+        Some(ns) => (
+            Api::<ConnectionService>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let admin = Arc::new(HttpGatewayAdmin::new(Duration::from_millis(
+        args.admin_timeout_ms,
+    )));
+    let context = Arc::new(Context::new(client, admin, metrics.clone()));
+    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={FIELD_MANAGER}"));
+    // Debounce: the operator's own status writes trigger a reconcile; without
+    // it a drain (whose counts change constantly) would poll the gateways in
+    // a tight loop instead of about once a second.
+    let config = ControllerConfig::default().debounce(Duration::from_secs(1));
+    Controller::new(resources, watcher::Config::default())
+        .owns(deployments, owned)
+        .with_config(config)
+        .graceful_shutdown_on(until_true(stopped))
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                warn!(error = %err, "controller event");
+            }
+        })
+        .await;
+
+    metrics.set_leader(false);
+    if *lost.borrow() {
+        anyhow::bail!("leader Lease lost");
+    }
+    if let Some(elector) = elector {
+        elector.release().await;
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,658 @@
+//! The thin I/O layer around [`crate::rollout`]: observe the cluster and the
+//! gateways, ask the state machine for a plan, apply its steps in order, and
+//! write the status last (server-side apply, one field manager).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::crd::{Color, ConnectionService, ABORT_ANNOTATION, PROMOTE_ANNOTATION};
+use crate::gateway::{AdminEndpoint, GatewayAdmin};
+use crate::metrics::Metrics;
+use crate::resources::{self, ADMIN_PORT, COLOR_LABEL, FIELD_MANAGER, REVISION_LABEL, TOKEN_KEY};
+use crate::rollout::{
+    self, ColorView, DeploymentView, GatewayReport, Observed, Plan, PodTarget, PodView, Step,
+};
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What was being done.
+        action: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The spec cannot be turned into objects.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    /// The admin Secret exists but holds no usable token.
+    #[error("secret {0} has no `token` key")]
+    MissingToken(String),
+}
+
+impl Error {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::MissingToken(_) => "missing_token",
+        }
+    }
+}
+
+fn kube_error(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+fn is_status(err: &kube::Error, code: u16) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == code)
+}
+
+/// A clock, so request-level tests can fix "now".
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// What every reconcile needs.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// The gateways' admin API.
+    pub admin: Arc<dyn GatewayAdmin>,
+    /// The operator's metrics.
+    pub metrics: Metrics,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// The gateways' admin port.
+    pub admin_port: u16,
+    /// The time source.
+    pub clock: Clock,
+    /// Consecutive failures per object, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context with the real clock and the standard admin port.
+    pub fn new(client: Client, admin: Arc<dyn GatewayAdmin>, metrics: Metrics) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            admin,
+            metrics,
+            admin_port: ADMIN_PORT,
+            clock: Arc::new(Timestamp::now),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Replaces the clock (tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn record_failure(&self, key: &str) -> u32 {
+        let mut failures = self.failures.lock().expect("failures lock");
+        let count = failures.entry(key.to_string()).or_insert(0);
+        *count += 1;
+        *count
+    }
+
+    fn clear_failures(&self, key: &str) {
+        self.failures.lock().expect("failures lock").remove(key);
+    }
+}
+
+fn object_key(cs: &ConnectionService) -> String {
+    format!("{}/{}", cs.namespace().unwrap_or_default(), cs.name_any())
+}
+
+/// The wait before retrying after `failures` consecutive failures: 1 s
+/// doubling to a 5-minute cap.
+pub fn error_backoff(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(9);
+    Duration::from_secs(1 << exponent).min(Duration::from_secs(300))
+}
+
+/// Called by the controller when [`reconcile`] fails.
+pub fn error_policy(cs: Arc<ConnectionService>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.record_failure(&object_key(&cs));
+    ctx.metrics.reconcile_failed(error.kind());
+    let wait = error_backoff(failures);
+    warn!(
+        name = %cs.name_any(),
+        namespace = %cs.namespace().unwrap_or_default(),
+        %error,
+        failures,
+        retry_in_ms = wait.as_millis() as u64,
+        "reconcile failed"
+    );
+    Action::requeue(wait)
+}
+
+/// One reconcile of one `ConnectionService`.
+#[tracing::instrument(skip_all, fields(name = %cs.name_any(), namespace = %cs.namespace().unwrap_or_default()))]
+pub async fn reconcile(cs: Arc<ConnectionService>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&cs, &ctx).await;
+    ctx.metrics
+        .reconcile_finished(started.elapsed(), result.is_ok());
+    if result.is_ok() {
+        ctx.clear_failures(&object_key(&cs));
+    }
+    result
+}
+
+async fn reconcile_inner(cs: &ConnectionService, ctx: &Context) -> Result<Action, Error> {
+    let namespace = cs
+        .namespace()
+        .ok_or_else(|| Error::InvalidSpec("a ConnectionService is namespaced".into()))?;
+    if let Err(err) = serde_yaml::from_str::<serde_yaml::Value>(&cs.spec.config) {
+        return Err(Error::InvalidSpec(format!(
+            "spec.config is not YAML: {err}"
+        )));
+    }
+    let io = ObjectIo::new(ctx, cs, &namespace);
+    let token = io.admin_token().await?;
+    if cs.status.as_ref().and_then(|s| s.observed_generation) != cs.metadata.generation {
+        // Once per spec generation: objects that follow the spec but not the
+        // rollout (the Service's port and type, the PDB).
+        io.apply(&io.pdbs, &resources::pod_disruption_budget(cs))
+            .await?;
+        if let Some(color) = cs.status.as_ref().and_then(|s| s.active_color) {
+            io.apply(&io.services, &resources::service(cs, color))
+                .await?;
+        }
+    }
+    let observed = io.observe(&token).await?;
+    let plan = rollout::plan(&observed);
+    for step in &plan.steps {
+        io.run(step, &token).await?;
+    }
+    io.write_status(&plan).await?;
+    if let Some(phase) = plan.status.phase {
+        ctx.metrics
+            .set_phase(&namespace, &cs.name_any(), phase, &plan.status.connections);
+    }
+    if let Some((outcome, took)) = plan.finished {
+        ctx.metrics.rollout_finished(outcome, took);
+    }
+    Ok(Action::requeue(plan.requeue))
+}
+
+/// A call made to every pod of a step.
+#[derive(Clone, Copy)]
+enum PodCall<'r> {
+    Drain(&'r switchyard_protocol::drain::DrainRequest),
+    CancelDrain,
+}
+
+impl PodCall<'_> {
+    fn name(self) -> &'static str {
+        match self {
+            PodCall::Drain(_) => "drain",
+            PodCall::CancelDrain => "cancel_drain",
+        }
+    }
+}
+
+/// The API handles and identity of one reconcile.
+struct ObjectIo<'a> {
+    ctx: &'a Context,
+    cs: &'a ConnectionService,
+    name: String,
+    resources: Api<ConnectionService>,
+    deployments: Api<Deployment>,
+    pods: Api<Pod>,
+    services: Api<Service>,
+    config_maps: Api<ConfigMap>,
+    secrets: Api<Secret>,
+    pdbs: Api<PodDisruptionBudget>,
+}
+
+impl<'a> ObjectIo<'a> {
+    fn new(ctx: &'a Context, cs: &'a ConnectionService, namespace: &str) -> Self {
+        let client = ctx.client.clone();
+        ObjectIo {
+            ctx,
+            cs,
+            name: cs.name_any(),
+            resources: Api::namespaced(client.clone(), namespace),
+            deployments: Api::namespaced(client.clone(), namespace),
+            pods: Api::namespaced(client.clone(), namespace),
+            services: Api::namespaced(client.clone(), namespace),
+            config_maps: Api::namespaced(client.clone(), namespace),
+            secrets: Api::namespaced(client.clone(), namespace),
+            pdbs: Api::namespaced(client, namespace),
+        }
+    }
+
+    async fn apply<K>(&self, api: &Api<K>, object: &K) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let name = object.meta().name.clone().unwrap_or_default();
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch(&name, &params, &Patch::Apply(object))
+            .await
+            .map_err(kube_error(format!("applying {} {name}", K::kind(&()))))?;
+        Ok(())
+    }
+
+    /// The admin token, from the Secret; created (once) when missing.
+    async fn admin_token(&self) -> Result<String, Error> {
+        let secret_name = resources::admin_secret_name(&self.name);
+        let existing = self
+            .secrets
+            .get_opt(&secret_name)
+            .await
+            .map_err(kube_error(format!("reading secret {secret_name}")))?;
+        let secret = match existing {
+            Some(secret) => secret,
+            None => {
+                let fresh = resources::admin_secret(self.cs, &resources::new_admin_token());
+                let params = PostParams {
+                    field_manager: Some(FIELD_MANAGER.to_string()),
+                    ..PostParams::default()
+                };
+                match self.secrets.create(&params, &fresh).await {
+                    Ok(created) => created,
+                    // Created concurrently (a previous leader): use theirs.
+                    Err(err) if is_status(&err, 409) => self
+                        .secrets
+                        .get(&secret_name)
+                        .await
+                        .map_err(kube_error(format!("reading secret {secret_name}")))?,
+                    Err(err) => {
+                        return Err(kube_error(format!("creating secret {secret_name}"))(err))
+                    }
+                }
+            }
+        };
+        secret
+            .data
+            .as_ref()
+            .and_then(|data| data.get(TOKEN_KEY))
+            .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
+            .filter(|token| !token.is_empty())
+            .ok_or(Error::MissingToken(secret_name))
+    }
+
+    async fn observe(&self, token: &str) -> Result<Observed, Error> {
+        let selector = ListParams::default().labels(&resources::instance_selector(&self.name));
+        let deployments = self
+            .deployments
+            .list(&selector)
+            .await
+            .map_err(kube_error("listing deployments"))?;
+        let pod_selector =
+            ListParams::default().labels(&format!("{}={}", resources::INSTANCE_LABEL, self.name));
+        let pods = self
+            .pods
+            .list(&pod_selector)
+            .await
+            .map_err(kube_error("listing pods"))?;
+        let service_color = self.selected_color(&self.name).await?;
+        let preview_color = self
+            .selected_color(&resources::preview_service_name(&self.name))
+            .await?;
+        let reports = self.gateway_reports(&pods.items, token).await;
+        let mut views: HashMap<Color, ColorView> = HashMap::new();
+        for deployment in &deployments.items {
+            if let Some(color) = label_color(deployment.labels()) {
+                views.entry(color).or_default().deployment = Some(deployment_view(deployment));
+            }
+        }
+        for (pod, report) in pods.items.iter().zip(reports) {
+            if let Some(color) = label_color(pod.labels()) {
+                views.entry(color).or_default().pods.push(PodView {
+                    name: pod.name_any(),
+                    ip: pod_ip(pod),
+                    report,
+                });
+            }
+        }
+        let annotations = self.cs.annotations();
+        Ok(Observed {
+            now: (self.ctx.clock)(),
+            generation: self.cs.metadata.generation,
+            revision: resources::revision(self.cs),
+            replicas: self.cs.spec.replicas,
+            policy: self.cs.spec.rollout.clone(),
+            status: self.cs.status.clone().unwrap_or_default(),
+            blue: views.remove(&Color::Blue).unwrap_or_default(),
+            green: views.remove(&Color::Green).unwrap_or_default(),
+            service_color,
+            preview_color,
+            promote: annotations.contains_key(PROMOTE_ANNOTATION),
+            abort: annotations.contains_key(ABORT_ANNOTATION),
+        })
+    }
+
+    async fn selected_color(&self, service: &str) -> Result<Option<Color>, Error> {
+        let found = self
+            .services
+            .get_opt(service)
+            .await
+            .map_err(kube_error(format!("reading service {service}")))?;
+        Ok(found
+            .and_then(|s| s.spec)
+            .and_then(|spec| spec.selector)
+            .and_then(|selector| selector.get(COLOR_LABEL).and_then(|c| Color::parse(c))))
+    }
+
+    /// Asks every pod with an address for its status, all at once.
+    async fn gateway_reports(&self, pods: &[Pod], token: &str) -> Vec<Option<GatewayReport>> {
+        let calls = pods.iter().map(|pod| async move {
+            let ip = pod_ip(pod)?;
+            let endpoint = self.endpoint(&ip, token);
+            match self.ctx.admin.status(&endpoint).await {
+                Ok(status) => {
+                    self.ctx.metrics.gateway_call("status", true);
+                    Some(GatewayReport {
+                        connections: status.connections,
+                        draining: status.draining,
+                    })
+                }
+                Err(err) => {
+                    self.ctx.metrics.gateway_call("status", false);
+                    debug!(pod = %pod.name_any(), error = %err, "gateway status unavailable");
+                    None
+                }
+            }
+        });
+        join_all(calls).await
+    }
+
+    fn endpoint(&self, ip: &str, token: &str) -> AdminEndpoint {
+        AdminEndpoint {
+            ip: ip.to_string(),
+            port: self.ctx.admin_port,
+            token: token.to_string(),
+        }
+    }
+
+    async fn run(&self, step: &Step, token: &str) -> Result<(), Error> {
+        match step {
+            Step::ApplyDeployment {
+                color,
+                revision,
+                replicas,
+            } => {
+                self.apply(&self.config_maps, &resources::config_map(self.cs, revision))
+                    .await?;
+                let deployment = resources::deployment(self.cs, *color, revision, *replicas);
+                self.apply(&self.deployments, &deployment).await
+            }
+            Step::Scale { color, replicas } => self.scale(*color, *replicas).await,
+            Step::RouteService { color } => {
+                self.apply(&self.services, &resources::service(self.cs, *color))
+                    .await
+            }
+            Step::RoutePreview { color } => {
+                self.apply(&self.services, &resources::preview_service(self.cs, *color))
+                    .await
+            }
+            Step::StartDrain { pods, request } => {
+                self.each_pod(pods, token, PodCall::Drain(request)).await;
+                Ok(())
+            }
+            Step::CancelDrain { pods } => {
+                self.each_pod(pods, token, PodCall::CancelDrain).await;
+                Ok(())
+            }
+            Step::ClearAnnotation { key } => {
+                let patch = json!({ "metadata": { "annotations": { *key: null } } });
+                self.resources
+                    .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(kube_error(format!("removing annotation {key}")))?;
+                Ok(())
+            }
+            Step::PruneConfigMaps { keep } => self.prune_config_maps(keep).await,
+            Step::Record(notice) => {
+                info!(reason = notice.reason, note = %notice.note, "rollout event");
+                let event = Event {
+                    type_: if notice.warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: notice.reason.to_string(),
+                    note: Some(notice.note.clone()),
+                    action: "Rollout".to_string(),
+                    secondary: None,
+                };
+                // An Event that cannot be written must not stop a rollout.
+                if let Err(err) = self
+                    .ctx
+                    .recorder
+                    .publish(&event, &self.cs.object_ref(&()))
+                    .await
+                {
+                    warn!(error = %err, reason = notice.reason, "event not recorded");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn scale(&self, color: Color, replicas: i32) -> Result<(), Error> {
+        let name = resources::deployment_name(&self.name, color);
+        let patch = json!({ "spec": { "replicas": replicas } });
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
+        match self
+            .deployments
+            .patch(&name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err) if is_status(&err, 404) => Ok(()), // nothing to scale
+            Err(err) => Err(kube_error(format!("scaling {name} to {replicas}"))(err)),
+        }
+    }
+
+    /// Calls every pod at once. A failure is logged and counted, not fatal:
+    /// the next reconcile sees the pod still undrained (or draining) and
+    /// calls it again.
+    async fn each_pod(&self, pods: &[PodTarget], token: &str, call: PodCall<'_>) {
+        let admin = self.ctx.admin.as_ref();
+        let calls = pods.iter().map(|pod| {
+            let endpoint = self.endpoint(&pod.ip, token);
+            async move {
+                match call {
+                    PodCall::Drain(request) => admin.start_drain(&endpoint, request).await,
+                    PodCall::CancelDrain => admin.cancel_drain(&endpoint).await,
+                }
+            }
+        });
+        let results = join_all(calls).await;
+        for (pod, result) in pods.iter().zip(results) {
+            let name = call.name();
+            match result {
+                Ok(()) => {
+                    self.ctx.metrics.gateway_call(name, true);
+                    info!(pod = %pod.name, call = name, "gateway told");
+                }
+                Err(err) => {
+                    self.ctx.metrics.gateway_call(name, false);
+                    warn!(pod = %pod.name, call = name, error = %err, "gateway call failed");
+                }
+            }
+        }
+    }
+
+    async fn prune_config_maps(&self, keep: &[String]) -> Result<(), Error> {
+        let selector = ListParams::default().labels(&resources::instance_selector(&self.name));
+        let maps = self
+            .config_maps
+            .list(&selector)
+            .await
+            .map_err(kube_error("listing configmaps"))?;
+        for map in maps.items {
+            let revision = map
+                .labels()
+                .get(REVISION_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            if keep.contains(&revision) {
+                continue;
+            }
+            let name = map.name_any();
+            match self
+                .config_maps
+                .delete(&name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(err) if is_status(&err, 404) => {}
+                Err(err) => return Err(kube_error(format!("deleting configmap {name}"))(err)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_status(&self, plan: &Plan) -> Result<(), Error> {
+        if self.cs.status.as_ref() == Some(&plan.status) {
+            return Ok(());
+        }
+        let body = json!({
+            "apiVersion": "switchyard.dev/v1alpha1",
+            "kind": "ConnectionService",
+            "status": plan.status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.resources
+            .patch_status(&self.name, &params, &Patch::Apply(&body))
+            .await
+            .map_err(kube_error("writing status"))?;
+        Ok(())
+    }
+}
+
+fn label_color(labels: &std::collections::BTreeMap<String, String>) -> Option<Color> {
+    labels.get(COLOR_LABEL).and_then(|c| Color::parse(c))
+}
+
+fn pod_ip(pod: &Pod) -> Option<String> {
+    if pod.metadata.deletion_timestamp.is_some()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_ref())
+            .is_none()
+    {
+        return None;
+    }
+    pod.status
+        .as_ref()
+        .and_then(|status| status.pod_ip.clone())
+        .filter(|ip| !ip.is_empty())
+}
+
+/// A Deployment is ready when its controller has seen the latest spec and
+/// every replica is updated, available and ready, with no old pods left.
+fn deployment_view(deployment: &Deployment) -> DeploymentView {
+    let replicas = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let revision = deployment
+        .labels()
+        .get(REVISION_LABEL)
+        .cloned()
+        .unwrap_or_default();
+    let ready = deployment.status.as_ref().is_some_and(|status| {
+        let seen =
+            status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+        seen && status.updated_replicas.unwrap_or(0) >= replicas
+            && status.ready_replicas.unwrap_or(0) >= replicas
+            && status.replicas.unwrap_or(0) == replicas
+    });
+    DeploymentView {
+        revision,
+        replicas,
+        ready,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let table = [
+            (1, 1),
+            (2, 2),
+            (3, 4),
+            (5, 16),
+            (9, 256),
+            (10, 300),
+            (50, 300),
+        ];
+        for (failures, seconds) in table {
+            assert_eq!(
+                error_backoff(failures),
+                Duration::from_secs(seconds),
+                "{failures}"
+            );
+        }
+    }
+
+    #[test]
+    fn deployment_readiness_needs_every_replica_updated_and_the_latest_generation() {
+        let ready = |generation: i64,
+                     observed: i64,
+                     replicas: i32,
+                     updated: i32,
+                     ready: i32,
+                     total: i32| {
+            let deployment: Deployment = serde_json::from_value(json!({
+                "metadata": {"name": "d", "generation": generation, "labels": {REVISION_LABEL: "r9"}},
+                "spec": {"replicas": replicas, "selector": {}, "template": {}},
+                "status": {"observedGeneration": observed, "updatedReplicas": updated, "readyReplicas": ready, "replicas": total}
+            }))
+            .expect("deployment");
+            let view = deployment_view(&deployment);
+            assert_eq!(view.revision, "r9");
+            view.ready
+        };
+        assert!(ready(2, 2, 3, 3, 3, 3));
+        assert!(!ready(3, 2, 3, 3, 3, 3), "controller has not seen the spec");
+        assert!(
+            !ready(2, 2, 3, 2, 3, 3),
+            "an old pod is still in the template's place"
+        );
+        assert!(!ready(2, 2, 3, 3, 2, 3), "one pod not ready");
+        assert!(!ready(2, 2, 3, 3, 3, 4), "an old pod is still terminating");
+    }
+}
