@@ -1,0 +1,463 @@
+//! Request-level tests: one reconcile against kube's `Client` over a
+//! tower-test mock (the pattern kube-rs documents), asserting the exact
+//! requests the operator sends for a first install, a rollout step (the
+//! switch to Draining) and an abort. Gateways are a recording double here;
+//! the real gateway API is exercised by the end-to-end emulator tests.
+
+use std::collections::BTreeMap;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::{Client, ResourceExt};
+use serde_json::{json, Value};
+use switchyard_operator::crd::ConnectionService;
+use switchyard_operator::gateway::{AdminEndpoint, AdminError, GatewayAdmin};
+use switchyard_operator::metrics::Metrics;
+use switchyard_operator::reconcile::{reconcile, Context};
+use switchyard_operator::resources::revision;
+use switchyard_protocol::admin::StatusResponse;
+use switchyard_protocol::drain::DrainRequest;
+
+const NS: &str = "/namespaces/prod";
+
+/// One request as the API server saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    uri: String,
+    content_type: String,
+    body: Value,
+}
+
+impl Seen {
+    fn line(&self) -> String {
+        format!("{} {}", self.method, self.uri)
+    }
+}
+
+/// Gateways that answer from a table and record what they were told.
+#[derive(Default)]
+struct RecordingGateways {
+    connections: BTreeMap<String, (u64, bool)>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl GatewayAdmin for RecordingGateways {
+    fn status<'a>(
+        &'a self,
+        endpoint: &'a AdminEndpoint,
+    ) -> BoxFuture<'a, Result<StatusResponse, AdminError>> {
+        Box::pin(async move {
+            let (connections, draining) = self.connections[&endpoint.ip];
+            Ok(StatusResponse {
+                server_id: endpoint.ip.clone(),
+                connections,
+                subscriptions: 0,
+                topics: 0,
+                draining,
+                uptime_seconds: 1,
+                drain: None,
+            })
+        })
+    }
+
+    fn start_drain<'a>(
+        &'a self,
+        endpoint: &'a AdminEndpoint,
+        request: &'a DrainRequest,
+    ) -> BoxFuture<'a, Result<(), AdminError>> {
+        Box::pin(async move {
+            self.calls.lock().expect("calls").push(format!(
+                "drain {}:{} token={} rate={} window={} deadline={}",
+                endpoint.ip,
+                endpoint.port,
+                endpoint.token,
+                request.max_rate,
+                request.window_ms,
+                request.deadline_ms
+            ));
+            Ok(())
+        })
+    }
+
+    fn cancel_drain<'a>(
+        &'a self,
+        endpoint: &'a AdminEndpoint,
+    ) -> BoxFuture<'a, Result<(), AdminError>> {
+        Box::pin(async move {
+            self.calls
+                .lock()
+                .expect("calls")
+                .push(format!("cancel {}", endpoint.ip));
+            Ok(())
+        })
+    }
+}
+
+fn resource(status: Value, annotations: Value) -> ConnectionService {
+    serde_json::from_value(json!({
+        "apiVersion": "switchyard.dev/v1alpha1",
+        "kind": "ConnectionService",
+        "metadata": {
+            "name": "chat", "namespace": "prod", "uid": "uid-1",
+            "generation": 1, "resourceVersion": "10",
+            "annotations": annotations,
+        },
+        "spec": {"image": "gw:2", "config": "auth:\n  anonymous: true\n"},
+        "status": status,
+    }))
+    .expect("resource")
+}
+
+fn not_found() -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
+}
+
+fn list(kind: &str, items: Value) -> (u16, Value) {
+    (
+        200,
+        json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "5"}, "items": items}),
+    )
+}
+
+fn service(color: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+           "spec": {"selector": {"switchyard.dev/color": color}}})
+}
+
+fn secret() -> (u16, Value) {
+    (
+        200,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "chat-admin"},
+               "data": {"token": "c2VjcmV0LXRva2Vu"}}),
+    )
+}
+
+fn deployment(color: &str, revision: &str, replicas: i32) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": format!("chat-{color}"), "generation": 1,
+                        "labels": {"switchyard.dev/color": color, "switchyard.dev/revision": revision}},
+           "spec": {"replicas": replicas, "selector": {}, "template": {}},
+           "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
+                      "readyReplicas": replicas, "availableReplicas": replicas}})
+}
+
+fn pod(name: &str, color: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "labels": {"switchyard.dev/color": color}},
+           "status": {"podIP": ip}})
+}
+
+/// Runs one reconcile against an API server that answers with `route`
+/// (PATCH, POST and PUT are echoed unless `route` says otherwise) and returns
+/// every request it received, in order.
+async fn reconcile_once(
+    cs: ConnectionService,
+    gateways: Arc<RecordingGateways>,
+    route: impl Fn(&str, &str) -> Option<(u16, Value)> + Send + 'static,
+) -> Vec<Seen> {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let cs_json = serde_json::to_value(&cs).expect("json");
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let mut seen = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let method = request.method().to_string();
+            let uri = request.uri().to_string();
+            let content_type = request
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let bytes = request.into_body().collect_bytes().await.expect("body");
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let (status, answer) = route(&method, &uri).unwrap_or_else(|| {
+                if uri.contains("/connectionservices/") {
+                    (200, cs_json.clone())
+                } else {
+                    (200, body.clone())
+                }
+            });
+            seen.push(Seen {
+                method,
+                uri,
+                content_type,
+                body,
+            });
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&answer).expect("answer")))
+                .expect("response");
+            send.send_response(response);
+        }
+        seen
+    });
+    let client = Client::new(service, "default");
+    let now = Timestamp::from_second(1_800_000_100).expect("now");
+    let ctx = Context::new(client, gateways, Metrics::new().expect("metrics"))
+        .with_clock(Arc::new(move || now));
+    let result = reconcile(Arc::new(cs), Arc::new(ctx)).await;
+    assert!(result.is_ok(), "reconcile failed: {:?}", result.err());
+    server.await.expect("api server")
+}
+
+fn lines(seen: &[Seen]) -> Vec<String> {
+    seen.iter().map(Seen::line).collect()
+}
+
+const APPLY: &str = "?&force=true&fieldManager=switchyard-operator";
+
+fn apply_uri(path: &str) -> String {
+    format!("{path}{APPLY}")
+}
+
+fn find<'a>(seen: &'a [Seen], method: &str, uri_prefix: &str) -> &'a Seen {
+    seen.iter()
+        .find(|s| s.method == method && s.uri.starts_with(uri_prefix))
+        .unwrap_or_else(|| panic!("no {method} {uri_prefix} in {:#?}", lines(seen)))
+}
+
+#[tokio::test]
+async fn first_install() {
+    let cs = resource(Value::Null, json!({}));
+    let rev = revision(&cs);
+    let gateways = Arc::new(RecordingGateways::default());
+    let seen = reconcile_once(cs, gateways.clone(), |method, uri| match (method, uri) {
+        ("GET", u) if u.contains("/secrets/") || u.contains("/services/") => Some(not_found()),
+        ("GET", u) if u.contains("/deployments?") => Some(list("DeploymentList", json!([]))),
+        ("GET", u) if u.contains("/pods?") => Some(list("PodList", json!([]))),
+        _ => None,
+    })
+    .await;
+    let selector = "labelSelector=app.kubernetes.io%2Finstance%3Dchat%2Capp.kubernetes.io%2Fmanaged-by%3Dswitchyard-operator";
+    assert_eq!(
+        lines(&seen),
+        vec![
+            format!("GET /api/v1{NS}/secrets/chat-admin"),
+            format!("POST /api/v1{NS}/secrets?&fieldManager=switchyard-operator"),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!("/apis/policy/v1{NS}/poddisruptionbudgets/chat"))
+            ),
+            format!("GET /apis/apps/v1{NS}/deployments?&{selector}"),
+            format!("GET /api/v1{NS}/pods?&labelSelector=app.kubernetes.io%2Finstance%3Dchat"),
+            format!("GET /api/v1{NS}/services/chat"),
+            format!("GET /api/v1{NS}/services/chat-preview"),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!("/api/v1{NS}/configmaps/chat-config-{rev}"))
+            ),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!("/apis/apps/v1{NS}/deployments/chat-blue"))
+            ),
+            format!("PATCH {}", apply_uri(&format!("/api/v1{NS}/services/chat"))),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!("/api/v1{NS}/services/chat-preview"))
+            ),
+            format!("POST /apis/events.k8s.io/v1{NS}/events?"),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!(
+                    "/apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat/status"
+                ))
+            ),
+        ]
+    );
+    let secret = find(&seen, "POST", &format!("/api/v1{NS}/secrets"));
+    let token = secret.body["data"]["token"].as_str().expect("token");
+    assert_eq!(token.len(), 88, "base64 of 64 hex characters");
+    assert_eq!(
+        secret.body["metadata"]["ownerReferences"][0]["uid"],
+        "uid-1"
+    );
+
+    let deployment = find(
+        &seen,
+        "PATCH",
+        &format!("/apis/apps/v1{NS}/deployments/chat-blue"),
+    );
+    assert_eq!(deployment.content_type, "application/apply-patch+yaml");
+    assert_eq!(deployment.body["spec"]["replicas"], 2);
+    assert_eq!(
+        deployment.body["spec"]["template"]["metadata"]["labels"]["switchyard.dev/revision"],
+        rev.as_str()
+    );
+    assert_eq!(
+        deployment.body["spec"]["template"]["spec"]["containers"][0]["image"],
+        "gw:2"
+    );
+    let config = find(&seen, "PATCH", &format!("/api/v1{NS}/configmaps/"));
+    assert_eq!(
+        config.body["data"]["config.yaml"],
+        "auth:\n  anonymous: true\n"
+    );
+    let service = find(&seen, "PATCH", &format!("/api/v1{NS}/services/chat?"));
+    assert_eq!(
+        service.body["spec"]["selector"]["switchyard.dev/color"],
+        "blue"
+    );
+    let event = find(&seen, "POST", "/apis/events.k8s.io/v1");
+    assert_eq!(event.body["reason"], "Installed");
+    assert_eq!(event.body["regarding"]["name"], "chat");
+    let status = seen.last().expect("status").body["status"].clone();
+    assert_eq!(status["phase"], "Stable");
+    assert_eq!(status["activeColor"], "blue");
+    assert_eq!(status["activeRevision"], rev.as_str());
+    assert_eq!(status["observedGeneration"], 1);
+    assert!(gateways.calls.lock().expect("calls").is_empty());
+}
+
+fn rollout_status(phase: &str, rev: &str) -> Value {
+    json!({
+        "phase": phase, "activeColor": "green", "activeRevision": rev,
+        "targetRevision": rev, "observedGeneration": 1,
+        "rollout": {
+            "fromColor": "blue", "fromRevision": "r1", "toColor": "green", "toRevision": rev,
+            "started": "2027-01-15T08:00:00Z", "phaseSince": "2027-01-15T08:01:00Z",
+            "drainStarted": if phase == "Draining" { json!("2027-01-15T08:01:00Z") } else { Value::Null },
+            "total": 10, "drained": 0, "remaining": 10
+        }
+    })
+}
+
+fn fleet_routes(rev: String) -> impl Fn(&str, &str) -> Option<(u16, Value)> + Send + 'static {
+    move |method, uri| match (method, uri) {
+        ("GET", u) if u.contains("/secrets/chat-admin") => Some(secret()),
+        ("GET", u) if u.contains("/deployments?") => Some(list(
+            "DeploymentList",
+            json!([deployment("blue", "r1", 2), deployment("green", &rev, 2)]),
+        )),
+        ("GET", u) if u.contains("/pods?") => Some(list(
+            "PodList",
+            json!([
+                pod("chat-blue-1", "blue", "10.0.0.1"),
+                pod("chat-blue-2", "blue", "10.0.0.2"),
+                pod("chat-green-1", "green", "10.0.1.1")
+            ]),
+        )),
+        ("GET", u) if u.contains("/services/") => Some((200, service("green"))),
+        _ => None,
+    }
+}
+
+fn fleet() -> Arc<RecordingGateways> {
+    Arc::new(RecordingGateways {
+        connections: BTreeMap::from([
+            ("10.0.0.1".to_string(), (6, false)),
+            ("10.0.0.2".to_string(), (4, false)),
+            ("10.0.1.1".to_string(), (0, false)),
+        ]),
+        calls: Mutex::default(),
+    })
+}
+
+#[tokio::test]
+async fn rollout_step_switching_to_draining() {
+    let probe = resource(Value::Null, json!({}));
+    let rev = revision(&probe);
+    let cs = resource(rollout_status("Switching", &rev), json!({}));
+    let gateways = fleet();
+    let seen = reconcile_once(cs, gateways.clone(), fleet_routes(rev.clone())).await;
+    assert_eq!(
+        lines(&seen),
+        vec![
+            format!("GET /api/v1{NS}/secrets/chat-admin"),
+            format!("GET /apis/apps/v1{NS}/deployments?&labelSelector=app.kubernetes.io%2Finstance%3Dchat%2Capp.kubernetes.io%2Fmanaged-by%3Dswitchyard-operator"),
+            format!("GET /api/v1{NS}/pods?&labelSelector=app.kubernetes.io%2Finstance%3Dchat"),
+            format!("GET /api/v1{NS}/services/chat"),
+            format!("GET /api/v1{NS}/services/chat-preview"),
+            format!("POST /apis/events.k8s.io/v1{NS}/events?"),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!(
+                    "/apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat/status"
+                ))
+            ),
+        ]
+    );
+    // Each of the two old pods gets half of the default 100 closes/s.
+    assert_eq!(
+        *gateways.calls.lock().expect("calls"),
+        vec![
+            "drain 10.0.0.1:9090 token=secret-token rate=50 window=60000 deadline=300000",
+            "drain 10.0.0.2:9090 token=secret-token rate=50 window=60000 deadline=300000",
+        ]
+    );
+    let event = find(&seen, "POST", "/apis/events.k8s.io/v1");
+    assert_eq!(event.body["reason"], "DrainStarted");
+    let status = &seen.last().expect("status").body["status"];
+    assert_eq!(status["phase"], "Draining");
+    assert_eq!(status["connections"], json!({"blue": 10, "green": 0}));
+    assert_eq!(status["rollout"]["total"], 10);
+    assert_eq!(status["rollout"]["drainStarted"], "2027-01-15T08:01:40Z");
+}
+
+#[tokio::test]
+async fn abort_while_draining() {
+    let probe = resource(Value::Null, json!({}));
+    let rev = revision(&probe);
+    let cs = resource(
+        rollout_status("Draining", &rev),
+        json!({"switchyard.dev/abort": "now"}),
+    );
+    assert_eq!(cs.annotations().len(), 1);
+    let gateways = fleet();
+    let seen = reconcile_once(cs, gateways.clone(), fleet_routes(rev)).await;
+    assert_eq!(
+        lines(&seen)[5..],
+        vec![
+            format!("PATCH {}", apply_uri(&format!("/api/v1{NS}/services/chat"))),
+            format!(
+                "PATCH /apis/apps/v1{NS}/deployments/chat-green?&fieldManager=switchyard-operator"
+            ),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!("/api/v1{NS}/services/chat-preview"))
+            ),
+            format!("PATCH /apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat?"),
+            format!("POST /apis/events.k8s.io/v1{NS}/events?"),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!(
+                    "/apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat/status"
+                ))
+            ),
+        ]
+    );
+    let back = &seen[5];
+    assert_eq!(
+        back.body["spec"]["selector"]["switchyard.dev/color"],
+        "blue"
+    );
+    let scale = &seen[6];
+    assert_eq!(scale.content_type, "application/merge-patch+json");
+    assert_eq!(scale.body, json!({"spec": {"replicas": 0}}));
+    let annotation = &seen[8];
+    assert_eq!(
+        annotation.body,
+        json!({"metadata": {"annotations": {"switchyard.dev/abort": null}}})
+    );
+    assert_eq!(seen[9].body["reason"], "RolloutAborted");
+    assert_eq!(seen[9].body["type"], "Warning");
+    assert_eq!(
+        *gateways.calls.lock().expect("calls"),
+        vec!["cancel 10.0.0.1", "cancel 10.0.0.2"]
+    );
+    let status = &seen.last().expect("status").body["status"];
+    assert_eq!(status["phase"], "Stable");
+    assert_eq!(status["activeColor"], "blue");
+    assert_eq!(status["activeRevision"], "r1");
+    assert_eq!(status["failedRevision"], status["targetRevision"]);
+}
