@@ -13,6 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use switchyard_protocol::admin::PublishResponse;
 use switchyard_protocol::Position;
 
+pub mod kube;
+
 /// The gateway binary built by this package (`src/bin/sy-gateway.rs`), next
 /// to the test executable's `deps/` directory.
 pub fn gateway_bin() -> PathBuf {

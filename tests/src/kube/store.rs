@@ -1,0 +1,646 @@
+//! The emulator's object store: one global, monotonic resourceVersion; a
+//! bounded history of changes for watches (older versions answer 410 Gone);
+//! generation bumped on spec changes only; status kept apart where a kind has
+//! a status subresource; field managers per object for server-side apply;
+//! ownerReference garbage collection on delete.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Mutex;
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::patch::{self, FieldPath};
+use super::selector::Selector;
+
+/// Changes kept for watches; a watch from before the oldest gets 410 Gone.
+const HISTORY: usize = 100_000;
+
+/// A kind the emulator serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceType {
+    /// API group ("" for core).
+    pub group: String,
+    /// Version.
+    pub version: String,
+    /// Plural resource name (URL segment).
+    pub plural: String,
+    /// Singular name.
+    pub singular: String,
+    /// Kind.
+    pub kind: String,
+    /// Namespaced or cluster-scoped.
+    pub namespaced: bool,
+    /// Has a status subresource.
+    pub status: bool,
+    /// kubectl short names.
+    pub short_names: Vec<String>,
+    /// additionalPrinterColumns (custom resources).
+    pub columns: Vec<Value>,
+}
+
+impl ResourceType {
+    fn builtin(group: &str, version: &str, plural: &str, kind: &str, namespaced: bool, status: bool) -> Self {
+        ResourceType {
+            group: group.into(),
+            version: version.into(),
+            plural: plural.into(),
+            singular: kind.to_lowercase(),
+            kind: kind.into(),
+            namespaced,
+            status,
+            short_names: Vec::new(),
+            columns: Vec::new(),
+        }
+    }
+
+    /// `v1` or `group/version`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The store's key for this kind.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.group, self.plural)
+    }
+}
+
+/// An error the API answers with a `Status` object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub code: u16,
+    /// Kubernetes reason.
+    pub reason: &'static str,
+    /// Message.
+    pub message: String,
+}
+
+impl ApiError {
+    /// 404.
+    pub fn not_found(what: &str) -> Self {
+        Self::new(404, "NotFound", format!("{what} not found"))
+    }
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message.into())
+    }
+    /// An error with any code.
+    pub fn new(code: u16, reason: &'static str, message: String) -> Self {
+        ApiError {
+            code,
+            reason,
+            message,
+        }
+    }
+    /// The `Status` body.
+    pub fn status(&self) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": self.message, "reason": self.reason, "code": self.code})
+    }
+}
+
+/// One change, as a watch sends it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The resourceVersion it created.
+    pub rv: u64,
+    /// The kind's key.
+    pub type_key: String,
+    /// Namespace ("" for cluster-scoped).
+    pub namespace: String,
+    /// ADDED, MODIFIED or DELETED.
+    pub event: &'static str,
+    /// The object after the change (before, for DELETED).
+    pub object: Value,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    object: Value,
+    /// (manager, status subresource) → owned fields.
+    managed: BTreeMap<(String, bool), BTreeSet<FieldPath>>,
+}
+
+type ObjectKey = (String, String, String);
+
+struct Inner {
+    rv: u64,
+    types: BTreeMap<String, ResourceType>,
+    objects: BTreeMap<ObjectKey, Entry>,
+    history: VecDeque<Change>,
+    compacted_to: u64,
+    next_uid: u64,
+}
+
+/// The store.
+pub struct Store {
+    inner: Mutex<Inner>,
+    notify: watch::Sender<u64>,
+}
+
+/// Labels of an object.
+pub fn labels(object: &Value) -> BTreeMap<String, String> {
+    object["metadata"]["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn now_rfc3339() -> String {
+    k8s_time(std::time::SystemTime::now())
+}
+
+/// RFC 3339 in UTC, seconds precision.
+pub fn k8s_time(at: std::time::SystemTime) -> String {
+    let secs = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl Store {
+    /// A store serving the built-in kinds the operator uses.
+    pub fn new() -> Store {
+        let mut types = BTreeMap::new();
+        for rt in [
+            ResourceType::builtin("", "v1", "pods", "Pod", true, true),
+            ResourceType::builtin("", "v1", "services", "Service", true, true),
+            ResourceType::builtin("", "v1", "configmaps", "ConfigMap", true, false),
+            ResourceType::builtin("", "v1", "secrets", "Secret", true, false),
+            ResourceType::builtin("apps", "v1", "deployments", "Deployment", true, true),
+            ResourceType::builtin("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true, true),
+            ResourceType::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, false),
+            ResourceType::builtin("events.k8s.io", "v1", "events", "Event", true, false),
+            ResourceType::builtin(
+                "apiextensions.k8s.io",
+                "v1",
+                "customresourcedefinitions",
+                "CustomResourceDefinition",
+                false,
+                true,
+            ),
+        ] {
+            types.insert(rt.key(), rt);
+        }
+        let (notify, _) = watch::channel(0);
+        Store {
+            inner: Mutex::new(Inner {
+                rv: 0,
+                types,
+                objects: BTreeMap::new(),
+                history: VecDeque::new(),
+                compacted_to: 0,
+                next_uid: 1,
+            }),
+            notify,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("store lock")
+    }
+
+    /// Every kind served.
+    pub fn types(&self) -> Vec<ResourceType> {
+        self.lock().types.values().cloned().collect()
+    }
+
+    /// The kind at `group/version/plural`.
+    pub fn resource_type(&self, group: &str, version: &str, plural: &str) -> Option<ResourceType> {
+        self.lock()
+            .types
+            .get(&format!("{group}/{plural}"))
+            .filter(|rt| rt.version == version)
+            .cloned()
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// A receiver that changes on every write.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    /// Drops the watch history (tests of 410 Gone).
+    pub fn compact(&self) {
+        let mut inner = self.lock();
+        inner.compacted_to = inner.rv;
+        inner.history.clear();
+    }
+
+    /// One object.
+    pub fn get(&self, rt: &ResourceType, namespace: &str, name: &str) -> Result<Value, ApiError> {
+        self.lock()
+            .objects
+            .get(&(rt.key(), namespace.to_string(), name.to_string()))
+            .map(|e| e.object.clone())
+            .ok_or_else(|| ApiError::not_found(&format!("{} {namespace}/{name}", rt.plural)))
+    }
+
+    /// Objects of a kind (in a namespace, or all) matching a selector, and the
+    /// resourceVersion of the list.
+    pub fn list(&self, rt: &ResourceType, namespace: Option<&str>, selector: &Selector) -> (Vec<Value>, u64) {
+        let inner = self.lock();
+        let key = rt.key();
+        let items = inner
+            .objects
+            .iter()
+            .filter(|((k, ns, _), _)| *k == key && namespace.is_none_or(|n| n == ns))
+            .filter(|(_, e)| selector.matches(&labels(&e.object)))
+            .map(|(_, e)| e.object.clone())
+            .collect();
+        (items, inner.rv)
+    }
+
+    /// Changes after `rv` to a kind (in a namespace, or all).
+    pub fn changes_since(&self, rv: u64, type_key: &str, namespace: Option<&str>) -> Result<Vec<Change>, ApiError> {
+        let inner = self.lock();
+        if rv < inner.compacted_to {
+            return Err(ApiError::new(
+                410,
+                "Expired",
+                format!("too old resource version: {rv} ({})", inner.compacted_to),
+            ));
+        }
+        Ok(inner
+            .history
+            .iter()
+            .filter(|c| c.rv > rv && c.type_key == type_key && namespace.is_none_or(|n| n == c.namespace))
+            .cloned()
+            .collect())
+    }
+
+    /// Creates an object.
+    pub fn create(&self, rt: &ResourceType, namespace: &str, mut object: Value, manager: Option<&str>) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .or_else(|| {
+                object["metadata"]["generateName"]
+                    .as_str()
+                    .map(|prefix| format!("{prefix}{:05x}", inner.next_uid))
+            })
+            .ok_or_else(|| ApiError::bad_request("metadata.name is required"))?;
+        let key = (rt.key(), namespace.to_string(), name.clone());
+        if inner.objects.contains_key(&key) {
+            return Err(ApiError::new(409, "AlreadyExists", format!("{} {namespace}/{name} already exists", rt.plural)));
+        }
+        if rt.key() == "apiextensions.k8s.io/customresourcedefinitions" {
+            let custom = custom_type(&object)?;
+            inner.types.insert(custom.key(), custom);
+        }
+        let uid = format!("uid-{:08}", inner.next_uid);
+        inner.next_uid += 1;
+        object["apiVersion"] = json!(rt.api_version());
+        object["kind"] = json!(rt.kind);
+        let metadata = &mut object["metadata"];
+        metadata["name"] = json!(name);
+        if rt.namespaced {
+            metadata["namespace"] = json!(namespace);
+        }
+        metadata["uid"] = json!(uid);
+        metadata["creationTimestamp"] = json!(now_rfc3339());
+        metadata["generation"] = json!(1);
+        let mut entry = Entry::default();
+        if let Some(manager) = manager {
+            entry.managed.insert((manager.to_string(), false), patch::leaf_paths(&object));
+        }
+        entry.object = object;
+        Ok(inner.commit(key, "ADDED", entry, &self.notify))
+    }
+
+    fn existing(inner: &Inner, rt: &ResourceType, namespace: &str, name: &str) -> Result<(ObjectKey, Entry), ApiError> {
+        let key = (rt.key(), namespace.to_string(), name.to_string());
+        let entry = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(&format!("{} {namespace}/{name}", rt.plural)))?;
+        Ok((key, entry))
+    }
+
+    /// PUT: replaces an object (or its status), refusing a stale resourceVersion.
+    pub fn replace(&self, rt: &ResourceType, namespace: &str, name: &str, object: Value, status_only: bool) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
+        let sent = object["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+        let current = entry.object["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+        if !sent.is_empty() && sent != current {
+            return Err(ApiError::new(409, "Conflict", format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified (resourceVersion {sent} is not {current})",
+                rt.plural
+            )));
+        }
+        entry.object = settle(rt, &entry.object, object, status_only);
+        Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
+    }
+
+    /// PATCH with application/merge-patch+json.
+    pub fn merge(&self, rt: &ResourceType, namespace: &str, name: &str, patch_body: &Value, status_only: bool) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
+        let mut patched = entry.object.clone();
+        patch::merge_patch(&mut patched, patch_body);
+        entry.object = settle(rt, &entry.object, patched, status_only);
+        Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
+    }
+
+    /// PATCH with application/apply-patch+yaml (server-side apply).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(&self, rt: &ResourceType, namespace: &str, name: &str, applied: &Value, manager: &str, force: bool, status_only: bool) -> Result<Value, ApiError> {
+        let exists = self.lock().objects.contains_key(&(rt.key(), namespace.to_string(), name.to_string()));
+        if !exists {
+            if status_only {
+                return Err(ApiError::not_found(&format!("{} {namespace}/{name}", rt.plural)));
+            }
+            let mut object = applied.clone();
+            object["metadata"]["name"] = json!(name);
+            if rt.status {
+                strip_status(&mut object);
+            }
+            return self.create(rt, namespace, object, Some(manager));
+        }
+        let mut inner = self.lock();
+        let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
+        let scope = if status_only {
+            json!({"status": applied.get("status").cloned().unwrap_or(Value::Null)})
+        } else {
+            let mut main = applied.clone();
+            if rt.status {
+                strip_status(&mut main);
+            }
+            main
+        };
+        let others: Vec<(&str, &BTreeSet<FieldPath>)> = entry
+            .managed
+            .iter()
+            .filter(|((m, s), _)| m != manager && *s == status_only)
+            .map(|((m, _), owned)| (m.as_str(), owned))
+            .collect();
+        let conflicts = patch::conflicts(&entry.object, &scope, others);
+        if !conflicts.is_empty() && !force {
+            return Err(ApiError::new(409, "Conflict", format!("Apply failed with conflicts: {}", conflicts.join(", "))));
+        }
+        if force {
+            let wanted = patch::leaf_paths(&scope);
+            for ((m, s), owned) in entry.managed.iter_mut() {
+                if m != manager && *s == status_only {
+                    owned.retain(|p| !wanted.contains(p));
+                }
+            }
+        }
+        let previously = entry.managed.get(&(manager.to_string(), status_only)).cloned().unwrap_or_default();
+        let mut next = entry.object.clone();
+        let owned = patch::apply(&mut next, &scope, &previously);
+        entry.managed.insert((manager.to_string(), status_only), owned);
+        entry.object = settle(rt, &entry.object, next, status_only);
+        Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
+    }
+
+    /// DELETE, then garbage-collects every object owned (transitively) by it.
+    pub fn delete(&self, rt: &ResourceType, namespace: &str, name: &str) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let (key, entry) = Self::existing(&inner, rt, namespace, name)?;
+        let deleted = entry.object.clone();
+        inner.remove(key, &self.notify);
+        let mut gone: Vec<String> = deleted["metadata"]["uid"].as_str().map(str::to_string).into_iter().collect();
+        while let Some(uid) = gone.pop() {
+            let owned: Vec<ObjectKey> = inner
+                .objects
+                .iter()
+                .filter(|(_, e)| {
+                    e.object["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid.as_str()))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in owned {
+                if let Some(entry) = inner.objects.get(&key) {
+                    if let Some(uid) = entry.object["metadata"]["uid"].as_str() {
+                        gone.push(uid.to_string());
+                    }
+                }
+                inner.remove(key, &self.notify);
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::new()
+    }
+}
+
+impl Inner {
+    fn commit(&mut self, key: ObjectKey, event: &'static str, mut entry: Entry, notify: &watch::Sender<u64>) -> Value {
+        self.rv += 1;
+        entry.object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let object = entry.object.clone();
+        self.record(&key, event, object.clone());
+        self.objects.insert(key, entry);
+        notify.send_replace(self.rv);
+        object
+    }
+
+    fn remove(&mut self, key: ObjectKey, notify: &watch::Sender<u64>) {
+        if let Some(entry) = self.objects.remove(&key) {
+            self.rv += 1;
+            let mut object = entry.object;
+            object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+            self.record(&key, "DELETED", object);
+            notify.send_replace(self.rv);
+        }
+    }
+
+    fn record(&mut self, key: &ObjectKey, event: &'static str, object: Value) {
+        self.history.push_back(Change {
+            rv: self.rv,
+            type_key: key.0.clone(),
+            namespace: key.1.clone(),
+            event,
+            object,
+        });
+        while self.history.len() > HISTORY {
+            if let Some(old) = self.history.pop_front() {
+                self.compacted_to = old.rv;
+            }
+        }
+    }
+}
+
+fn strip_status(object: &mut Value) {
+    if let Some(map) = object.as_object_mut() {
+        map.remove("status");
+    }
+}
+
+/// The stored form of an update: identity and server-owned metadata kept;
+/// status from the right place; generation bumped when the spec changed.
+fn settle(rt: &ResourceType, old: &Value, mut new: Value, status_only: bool) -> Value {
+    if status_only {
+        let mut kept = old.clone();
+        kept["status"] = new.get("status").cloned().unwrap_or(Value::Null);
+        return kept;
+    }
+    if rt.status {
+        match old.get("status") {
+            Some(status) => new["status"] = status.clone(),
+            None => strip_status(&mut new),
+        }
+    }
+    new["apiVersion"] = old["apiVersion"].clone();
+    new["kind"] = old["kind"].clone();
+    for field in ["name", "namespace", "uid", "creationTimestamp"] {
+        if let Some(value) = old["metadata"].get(field) {
+            new["metadata"][field] = value.clone();
+        }
+    }
+    let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+    let changed = old.get("spec") != new.get("spec");
+    new["metadata"]["generation"] = json!(generation + i64::from(changed));
+    new
+}
+
+/// The kind a CustomResourceDefinition defines (its first served version).
+fn custom_type(crd: &Value) -> Result<ResourceType, ApiError> {
+    let spec = &crd["spec"];
+    let version = spec["versions"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["served"].as_bool() != Some(false)))
+        .ok_or_else(|| ApiError::bad_request("a CRD needs a served version"))?;
+    let text = |v: &Value, what: &str| {
+        v.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request(format!("CRD {what} is required")))
+    };
+    Ok(ResourceType {
+        group: text(&spec["group"], "spec.group")?,
+        version: text(&version["name"], "version name")?,
+        plural: text(&spec["names"]["plural"], "spec.names.plural")?,
+        singular: spec["names"]["singular"].as_str().unwrap_or_default().to_string(),
+        kind: text(&spec["names"]["kind"], "spec.names.kind")?,
+        namespaced: spec["scope"] == "Namespaced",
+        status: version["subresources"]["status"].is_object(),
+        short_names: spec["names"]["shortNames"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+        columns: version["additionalPrinterColumns"].as_array().cloned().unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployments(store: &Store) -> ResourceType {
+        store.resource_type("apps", "v1", "deployments").expect("type")
+    }
+
+    #[test]
+    fn versions_generation_status_and_conflicts() {
+        let store = Store::new();
+        let rt = deployments(&store);
+        let created = store
+            .create(&rt, "ns", json!({"metadata": {"name": "d"}, "spec": {"replicas": 1}}), None)
+            .expect("create");
+        assert_eq!(created["metadata"]["resourceVersion"], "1");
+        assert_eq!(created["metadata"]["generation"], 1);
+        // A status write does not bump the generation; a spec change does.
+        let status = store.merge(&rt, "ns", "d", &json!({"status": {"readyReplicas": 1}}), true).expect("status");
+        assert_eq!(status["metadata"]["generation"], 1);
+        assert_eq!(status["status"]["readyReplicas"], 1);
+        let scaled = store.merge(&rt, "ns", "d", &json!({"spec": {"replicas": 2}, "status": {"readyReplicas": 9}}), false).expect("scale");
+        assert_eq!(scaled["metadata"]["generation"], 2);
+        assert_eq!(scaled["status"]["readyReplicas"], 1, "status only through /status");
+        // A replace carrying an old resourceVersion is refused.
+        let mut stale = created.clone();
+        stale["spec"]["replicas"] = json!(5);
+        let err = store.replace(&rt, "ns", "d", stale, false).expect_err("stale");
+        assert_eq!(err.code, 409);
+        assert_eq!(store.create(&rt, "ns", created, None).expect_err("exists").code, 409);
+    }
+
+    #[test]
+    fn watch_history_and_gone() {
+        let store = Store::new();
+        let rt = deployments(&store);
+        store.create(&rt, "ns", json!({"metadata": {"name": "a"}}), None).expect("a");
+        store.create(&rt, "other", json!({"metadata": {"name": "b"}}), None).expect("b");
+        let changes = store.changes_since(0, &rt.key(), Some("ns")).expect("changes");
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].event, "ADDED");
+        store.compact();
+        assert_eq!(store.changes_since(1, &rt.key(), None).expect_err("gone").code, 410);
+        assert!(store.changes_since(2, &rt.key(), None).expect("current").is_empty());
+    }
+
+    #[test]
+    fn owner_references_are_collected() {
+        let store = Store::new();
+        let rt = deployments(&store);
+        let pods = store.resource_type("", "v1", "pods").expect("pods");
+        let owner = store.create(&rt, "ns", json!({"metadata": {"name": "d"}}), None).expect("d");
+        let uid = owner["metadata"]["uid"].clone();
+        store
+            .create(&pods, "ns", json!({"metadata": {"name": "p", "ownerReferences": [{"uid": uid}]}}), None)
+            .expect("p");
+        store.create(&pods, "ns", json!({"metadata": {"name": "q"}}), None).expect("q");
+        store.delete(&rt, "ns", "d").expect("delete");
+        assert_eq!(store.get(&pods, "ns", "p").expect_err("collected").code, 404);
+        assert!(store.get(&pods, "ns", "q").is_ok(), "not owned");
+    }
+
+    #[test]
+    fn server_side_apply_creates_then_removes_dropped_fields() {
+        let store = Store::new();
+        let rt = deployments(&store);
+        let applied = json!({"metadata": {"name": "d", "labels": {"a": "1", "b": "2"}}, "spec": {"replicas": 1}});
+        store.apply(&rt, "ns", "d", &applied, "op", true, false).expect("create");
+        let applied = json!({"metadata": {"name": "d", "labels": {"a": "1"}}, "spec": {"replicas": 1}});
+        let after = store.apply(&rt, "ns", "d", &applied, "op", true, false).expect("apply");
+        assert_eq!(after["metadata"]["labels"], json!({"a": "1"}));
+        let theirs = json!({"metadata": {"name": "d"}, "spec": {"replicas": 3}});
+        let err = store.apply(&rt, "ns", "d", &theirs, "kubectl", false, false).expect_err("conflict");
+        assert_eq!(err.code, 409);
+        assert!(store.apply(&rt, "ns", "d", &theirs, "kubectl", true, false).is_ok());
+    }
+
+    #[test]
+    fn times_are_rfc3339() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        assert_eq!(k8s_time(at), "2023-11-14T22:13:20Z");
+    }
+}
