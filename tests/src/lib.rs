@@ -26,6 +26,11 @@ pub fn gateway_bin() -> PathBuf {
     dir.join("sy-gateway")
 }
 
+/// The operator binary built by this package (`src/bin/sy-operator.rs`).
+pub fn operator_bin() -> PathBuf {
+    gateway_bin().with_file_name("sy-operator")
+}
+
 /// A running gateway process. Killed when dropped.
 pub struct GatewayProcess {
     child: Child,

@@ -147,8 +147,13 @@ async fn route(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segments.as_slice() {
         ["version"] => return Ok(json_response(200, &version_info())),
-        ["api"] => return Ok(json_response(200, &json!({"kind": "APIVersions", "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}))),
+        ["api"] => {
+            return Ok(json_response(
+                200,
+                &json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}),
+            ))
+        }
         ["apis"] => return Ok(json_response(200, &group_list(store))),
         ["api", version, rest @ ..] => ("", *version, rest),
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
@@ -168,16 +173,20 @@ async fn route(
         [plural, name, sub] => (*plural, Some(name.to_string()), Some(*sub)),
         _ => return Err(ApiError::not_found(&format!("path {path}"))),
     };
-    let rt = store
-        .resource_type(group, version, plural)
-        .ok_or_else(|| ApiError::not_found(&format!("the server could not find the resource {group}/{version}/{plural}")))?;
+    let rt = store.resource_type(group, version, plural).ok_or_else(|| {
+        ApiError::not_found(&format!(
+            "the server could not find the resource {group}/{version}/{plural}"
+        ))
+    })?;
     let status = match sub {
         None => false,
         Some("status") if rt.status => true,
         Some(other) => {
-            return Err(ApiError::new(405, "MethodNotAllowed", format!(
-                "the emulator does not serve the subresource {plural}/{other}"
-            )))
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!("the emulator does not serve the subresource {plural}/{other}"),
+            ))
         }
     };
     if rt.namespaced && namespace.is_none() && (name.is_some() || *method != Method::GET) {
@@ -203,10 +212,14 @@ fn serve_target(
     let rt = &target.rt;
     let ns = target.namespace.clone().unwrap_or_default();
     if query.get("fieldSelector").is_some() {
-        return Err(ApiError::bad_request("the emulator does not support field selectors"));
+        return Err(ApiError::bad_request(
+            "the emulator does not support field selectors",
+        ));
     }
     if query.get("continue").is_some() {
-        return Err(ApiError::bad_request("the emulator never returns a continue token"));
+        return Err(ApiError::bad_request(
+            "the emulator never returns a continue token",
+        ));
     }
     let table = headers
         .get("accept")
@@ -240,10 +253,13 @@ fn serve_target(
             if table {
                 return Ok(json_response(200, &super::table::table(rt, &items, rv)));
             }
-            Ok(json_response(200, &json!({
-                "kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(),
-                "metadata": {"resourceVersion": rv.to_string()}, "items": items,
-            })))
+            Ok(json_response(
+                200,
+                &json!({
+                    "kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(),
+                    "metadata": {"resourceVersion": rv.to_string()}, "items": items,
+                }),
+            ))
         }
         (Method::GET, Some(name)) => {
             let object = store.get(rt, &ns, name)?;
@@ -260,7 +276,10 @@ fn serve_target(
         }
         (Method::PUT, Some(name)) => {
             let object = parse_body(body)?;
-            Ok(json_response(200, &store.replace(rt, &ns, name, object, target.status)?))
+            Ok(json_response(
+                200,
+                &store.replace(rt, &ns, name, object, target.status)?,
+            ))
         }
         (Method::PATCH, Some(name)) => {
             let content_type = headers
@@ -269,32 +288,47 @@ fn serve_target(
                 .unwrap_or_default();
             let patch = parse_body(body)?;
             let patched = match content_type.split(';').next().unwrap_or_default() {
-                "application/merge-patch+json" => store.merge(rt, &ns, name, &patch, target.status)?,
+                "application/merge-patch+json" => {
+                    store.merge(rt, &ns, name, &patch, target.status)?
+                }
                 "application/apply-patch+yaml" => {
                     let manager = query.get("fieldManager").ok_or_else(|| {
                         ApiError::bad_request("fieldManager is required for apply patch")
                     })?;
-                    store.apply(rt, &ns, name, &patch, manager, query.flag("force"), target.status)?
+                    store.apply(
+                        rt,
+                        &ns,
+                        name,
+                        &patch,
+                        manager,
+                        query.flag("force"),
+                        target.status,
+                    )?
                 }
                 other => {
-                    return Err(ApiError::new(415, "UnsupportedMediaType", format!(
-                        "the emulator does not support patches of type {other:?}"
-                    )))
+                    return Err(ApiError::new(
+                        415,
+                        "UnsupportedMediaType",
+                        format!("the emulator does not support patches of type {other:?}"),
+                    ))
                 }
             };
             Ok(json_response(200, &patched))
         }
         (Method::DELETE, Some(name)) => Ok(json_response(200, &store.delete(rt, &ns, name)?)),
-        (method, _) => Err(ApiError::new(405, "MethodNotAllowed", format!(
-            "the emulator does not support {method} here"
-        ))),
+        (method, _) => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("the emulator does not support {method} here"),
+        )),
     }
 }
 
 /// JSON, or YAML (kubectl sends apply patches as YAML).
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).or_else(|_| {
-        serde_yaml::from_slice(body).map_err(|err| ApiError::bad_request(format!("body is neither JSON nor YAML: {err}")))
+        serde_yaml::from_slice(body)
+            .map_err(|err| ApiError::bad_request(format!("body is neither JSON nor YAML: {err}")))
     })
 }
 
@@ -416,8 +450,10 @@ fn resource_list(store: &Store, group: &str, version: &str) -> Value {
             "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
         }));
         if rt.status {
-            resources.push(json!({"name": format!("{}/status", rt.plural), "singularName": "",
-                "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["get", "patch", "update"]}));
+            resources.push(
+                json!({"name": format!("{}/status", rt.plural), "singularName": "",
+                "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["get", "patch", "update"]}),
+            );
         }
     }
     let group_version = if group.is_empty() {
@@ -434,7 +470,10 @@ mod tests {
 
     #[test]
     fn query_strings() {
-        let query = Query::parse(Some("labelSelector=a%3Db%2Cc%20in%20(x)&watch=true&resourceVersion=12")).expect("query");
+        let query = Query::parse(Some(
+            "labelSelector=a%3Db%2Cc%20in%20(x)&watch=true&resourceVersion=12",
+        ))
+        .expect("query");
         assert_eq!(query.get("labelSelector"), Some("a=b,c in (x)"));
         assert!(query.flag("watch"));
         assert_eq!(query.get("resourceVersion"), Some("12"));

@@ -37,6 +37,11 @@ fn release_ip(octet: u8) {
     POD_IPS.lock().expect("ip pool").remove(&octet);
 }
 
+/// (namespace, name) of a pod or Service.
+type PodKey = (String, String);
+/// A readiness probe: port and path.
+type Probe = (u16, String);
+
 /// One pod's gateway process.
 struct PodProcess {
     namespace: String,
@@ -48,7 +53,7 @@ struct PodProcess {
     ready: bool,
     restarts: u32,
     grace: Duration,
-    probe: Option<(u16, String)>,
+    probe: Option<Probe>,
     labels: BTreeMap<String, String>,
     ports: BTreeMap<String, u16>,
 }
@@ -63,8 +68,8 @@ impl PodProcess {
 pub struct Cluster {
     store: Arc<Store>,
     dir: PathBuf,
-    pods: Mutex<HashMap<(String, String), PodProcess>>,
-    services: Mutex<HashMap<(String, String), (Arc<ServiceProxy>, Vec<SocketAddr>)>>,
+    pods: Mutex<HashMap<PodKey, PodProcess>>,
+    services: Mutex<HashMap<PodKey, (Arc<ServiceProxy>, Vec<SocketAddr>)>>,
 }
 
 fn template_hash(template: &Value) -> String {
@@ -74,7 +79,9 @@ fn template_hash(template: &Value) -> String {
 }
 
 fn kind(store: &Store, group: &str, plural: &str) -> ResourceType {
-    store.resource_type(group, "v1", plural).expect("built-in kind")
+    store
+        .resource_type(group, "v1", plural)
+        .expect("built-in kind")
 }
 
 impl Cluster {
@@ -154,7 +161,9 @@ impl Cluster {
         // Pods whose Deployment is gone stop; so do processes whose Pod
         // object was deleted (garbage collection, kubectl delete).
         for pod in &pods {
-            let owner = pod["metadata"]["ownerReferences"][0]["uid"].as_str().unwrap_or_default();
+            let owner = pod["metadata"]["ownerReferences"][0]["uid"]
+                .as_str()
+                .unwrap_or_default();
             if !owner.is_empty() && !live.contains(owner) {
                 self.stop_pod(pod)?;
             }
@@ -188,7 +197,9 @@ impl Cluster {
 
     fn reconcile_deployment(&self, deployment: &Value, pods: &[Value]) -> Result<()> {
         let uid = deployment["metadata"]["uid"].as_str().unwrap_or_default();
-        let namespace = deployment["metadata"]["namespace"].as_str().unwrap_or_default();
+        let namespace = deployment["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default();
         let name = deployment["metadata"]["name"].as_str().unwrap_or_default();
         let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1) as usize;
         let template = &deployment["spec"]["template"];
@@ -197,7 +208,12 @@ impl Cluster {
             .iter()
             .filter(|p| p["metadata"]["ownerReferences"][0]["uid"] == uid)
             .collect();
-        owned.sort_by_key(|p| p["metadata"]["name"].as_str().unwrap_or_default().to_string());
+        owned.sort_by_key(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        });
         // A changed template replaces the pods (the operator only changes a
         // color's template while that color is at zero replicas).
         let (current, stale): (Vec<&Value>, Vec<&Value>) = owned
@@ -222,9 +238,7 @@ impl Cluster {
             .values()
             .filter(|p| p.namespace == namespace && p.ready)
             .filter(|p| p.labels.get("pod-template-hash") == Some(&hash))
-            .filter(|p| {
-                p.name.starts_with(&format!("{name}-"))
-            })
+            .filter(|p| p.name.starts_with(&format!("{name}-")))
             .count()
             .min(replicas);
         let status = json!({"status": {
@@ -232,9 +246,14 @@ impl Cluster {
             "replicas": count, "updatedReplicas": count,
             "readyReplicas": ready, "availableReplicas": ready,
         }});
-        let same = ["observedGeneration", "replicas", "updatedReplicas", "readyReplicas"]
-            .iter()
-            .all(|k| deployment["status"][k] == status["status"][k]);
+        let same = [
+            "observedGeneration",
+            "replicas",
+            "updatedReplicas",
+            "readyReplicas",
+        ]
+        .iter()
+        .all(|k| deployment["status"][k] == status["status"][k]);
         if !same {
             let deployments = kind(&self.store, "apps", "deployments");
             self.store
@@ -294,9 +313,9 @@ impl Cluster {
                 .flatten()
                 .find(|v| v["name"] == volume_name)
                 .with_context(|| format!("volume {volume_name} not in the pod"))?;
-            let config_map = volume["configMap"]["name"]
-                .as_str()
-                .with_context(|| format!("volume {volume_name}: only configMap volumes are emulated"))?;
+            let config_map = volume["configMap"]["name"].as_str().with_context(|| {
+                format!("volume {volume_name}: only configMap volumes are emulated")
+            })?;
             let maps = kind(&self.store, "", "configmaps");
             let data = self
                 .store
@@ -326,21 +345,32 @@ impl Cluster {
             .collect();
         let log = root.join("gateway.log");
         let mut command = Command::new(gateway_bin());
-        command.args(&args).env_clear().envs(env).stdin(Stdio::null());
+        command
+            .args(&args)
+            .env_clear()
+            .envs(env)
+            .stdin(Stdio::null());
         command.env("PATH", std::env::var("PATH").unwrap_or_default());
         let ports: BTreeMap<String, u16> = container["ports"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|p| Some((p["name"].as_str()?.to_string(), p["containerPort"].as_u64()? as u16)))
+            .filter_map(|p| {
+                Some((
+                    p["name"].as_str()?.to_string(),
+                    p["containerPort"].as_u64()? as u16,
+                ))
+            })
             .collect();
-        let probe = container["readinessProbe"]["httpGet"].as_object().map(|get| {
-            let port = match &get["port"] {
-                Value::String(name) => ports.get(name).copied().unwrap_or(0),
-                other => other.as_u64().unwrap_or(0) as u16,
-            };
-            (port, get["path"].as_str().unwrap_or("/").to_string())
-        });
+        let probe = container["readinessProbe"]["httpGet"]
+            .as_object()
+            .map(|get| {
+                let port = match &get["port"] {
+                    Value::String(name) => ports.get(name).copied().unwrap_or(0),
+                    other => other.as_u64().unwrap_or(0) as u16,
+                };
+                (port, get["path"].as_str().unwrap_or("/").to_string())
+            });
         let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
         let mut process = PodProcess {
             namespace: namespace.to_string(),
@@ -363,7 +393,13 @@ impl Cluster {
     /// The container's environment as a kubelet builds it: literal values
     /// with `$(VAR)` expanded from earlier variables, the downward API, and
     /// Secret and ConfigMap keys.
-    fn environment(&self, pod: &Value, container: &Value, namespace: &str, octet: u8) -> Result<Vec<(String, String)>> {
+    fn environment(
+        &self,
+        pod: &Value,
+        container: &Value,
+        namespace: &str,
+        octet: u8,
+    ) -> Result<Vec<(String, String)>> {
         let mut env: Vec<(String, String)> = Vec::new();
         for var in container["env"].as_array().into_iter().flatten() {
             let name = var["name"].as_str().unwrap_or_default().to_string();
@@ -371,7 +407,10 @@ impl Cluster {
                 expand(value, &env)
             } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                 match field {
-                    "metadata.name" => pod["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                    "metadata.name" => pod["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                     "metadata.namespace" => namespace.to_string(),
                     "status.podIP" => Ipv4Addr::new(127, 0, 0, octet).to_string(),
                     other => anyhow::bail!("fieldRef {other} is not emulated"),
@@ -379,7 +418,11 @@ impl Cluster {
             } else if let Some(secret) = var["valueFrom"]["secretKeyRef"].as_object() {
                 let object = self
                     .store
-                    .get(&kind(&self.store, "", "secrets"), namespace, secret["name"].as_str().unwrap_or_default())
+                    .get(
+                        &kind(&self.store, "", "secrets"),
+                        namespace,
+                        secret["name"].as_str().unwrap_or_default(),
+                    )
                     .map_err(|e| anyhow::anyhow!("{}", e.message))?;
                 let encoded = object["data"][secret["key"].as_str().unwrap_or_default()]
                     .as_str()
@@ -389,7 +432,11 @@ impl Cluster {
             } else if let Some(map) = var["valueFrom"]["configMapKeyRef"].as_object() {
                 let object = self
                     .store
-                    .get(&kind(&self.store, "", "configmaps"), namespace, map["name"].as_str().unwrap_or_default())
+                    .get(
+                        &kind(&self.store, "", "configmaps"),
+                        namespace,
+                        map["name"].as_str().unwrap_or_default(),
+                    )
                     .map_err(|e| anyhow::anyhow!("{}", e.message))?;
                 object["data"][map["key"].as_str().unwrap_or_default()]
                     .as_str()
@@ -409,8 +456,14 @@ impl Cluster {
     /// Deletes a pod object and stops its process like a kubelet: SIGTERM,
     /// SIGKILL after the grace period; the address is free once it exited.
     fn stop_pod(&self, pod: &Value) -> Result<()> {
-        let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-        let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let namespace = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = pod["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let pods_kind = kind(&self.store, "", "pods");
         let _ = self.store.delete(&pods_kind, &namespace, &name);
         let process = self.pods.lock().expect("pods").remove(&(namespace, name));
@@ -442,7 +495,7 @@ impl Cluster {
 
     /// Restarts exited processes, probes readiness, reflects it in the Pod.
     async fn kubelet(&self) -> Result<()> {
-        let probes: Vec<((String, String), Ipv4Addr, Option<(u16, String)>)> = {
+        let probes: Vec<(PodKey, Ipv4Addr, Option<Probe>)> = {
             let mut pods = self.pods.lock().expect("pods");
             for pod in pods.values_mut() {
                 let exited = pod
@@ -459,14 +512,15 @@ impl Cluster {
                 .map(|(key, p)| (key.clone(), p.ip(), p.probe.clone()))
                 .collect()
         };
-        let results = futures_util::future::join_all(probes.into_iter().map(|(key, ip, probe)| async move {
-            let ready = match probe {
-                Some((port, path)) => http_ok(SocketAddr::from((ip, port)), &path).await,
-                None => true,
-            };
-            (key, ready)
-        }))
-        .await;
+        let results =
+            futures_util::future::join_all(probes.into_iter().map(|(key, ip, probe)| async move {
+                let ready = match probe {
+                    Some((port, path)) => http_ok(SocketAddr::from((ip, port)), &path).await,
+                    None => true,
+                };
+                (key, ready)
+            }))
+            .await;
         let pods_kind = kind(&self.store, "", "pods");
         for (key, ready) in results {
             let (changed, restarts) = {
@@ -496,11 +550,21 @@ impl Cluster {
         let (services, _) = self.store.list(&services_kind, None, &Selector::default());
         let mut seen = BTreeSet::new();
         for service in services {
-            let namespace = service["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-            let name = service["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let namespace = service["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let name = service["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let selector: BTreeMap<String, String> = service["spec"]["selector"]
                 .as_object()
-                .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
                 .unwrap_or_default();
             let target = service["spec"]["ports"][0]["targetPort"].clone();
             let selector = Selector::from_labels(&selector);
@@ -521,20 +585,34 @@ impl Cluster {
             backends.sort();
             let key = (namespace, name);
             seen.insert(key.clone());
-            let existing = self.services.lock().expect("services").get(&key).map(|(p, b)| (p.clone(), b.clone()));
+            let existing = self
+                .services
+                .lock()
+                .expect("services")
+                .get(&key)
+                .map(|(p, b)| (p.clone(), b.clone()));
             match existing {
                 Some((proxy, current)) if current == backends => drop(proxy),
                 Some((proxy, _)) => {
                     proxy.switch(backends.clone());
-                    self.services.lock().expect("services").insert(key, (proxy, backends));
+                    self.services
+                        .lock()
+                        .expect("services")
+                        .insert(key, (proxy, backends));
                 }
                 None => {
                     let proxy = Arc::new(ServiceProxy::start(backends.clone()).await?);
-                    self.services.lock().expect("services").insert(key, (proxy, backends));
+                    self.services
+                        .lock()
+                        .expect("services")
+                        .insert(key, (proxy, backends));
                 }
             }
         }
-        self.services.lock().expect("services").retain(|key, _| seen.contains(key));
+        self.services
+            .lock()
+            .expect("services")
+            .retain(|key, _| seen.contains(key));
         Ok(())
     }
 }

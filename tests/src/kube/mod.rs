@@ -126,7 +126,14 @@ impl Emulator {
     }
 
     /// Merge-patches an object (like `kubectl patch --type merge`).
-    pub fn patch(&self, group: &str, plural: &str, namespace: &str, name: &str, patch: &Value) -> Result<Value> {
+    pub fn patch(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        patch: &Value,
+    ) -> Result<Value> {
         let rt = self.kind(group, plural)?;
         self.store
             .merge(&rt, namespace, name, patch, false)

@@ -33,8 +33,22 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 /// Identity fields that no manager owns.
 fn is_identity(path: &[String]) -> bool {
     matches!(
-        path.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
-        ["apiVersion"] | ["kind"] | ["metadata", "name" | "namespace" | "resourceVersion" | "uid" | "generation" | "creationTimestamp" | "managedFields"]
+        path.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["apiVersion"]
+            | ["kind"]
+            | [
+                "metadata",
+                "name"
+                    | "namespace"
+                    | "resourceVersion"
+                    | "uid"
+                    | "generation"
+                    | "creationTimestamp"
+                    | "managedFields"
+            ]
     )
 }
 
@@ -120,7 +134,11 @@ pub fn conflicts<'a>(
 
 /// Applies `applied` for a manager that owned `previously` and returns what
 /// it owns now.
-pub fn apply(live: &mut Value, applied: &Value, previously: &BTreeSet<FieldPath>) -> BTreeSet<FieldPath> {
+pub fn apply(
+    live: &mut Value,
+    applied: &Value,
+    previously: &BTreeSet<FieldPath>,
+) -> BTreeSet<FieldPath> {
     let now = leaf_paths(applied);
     for path in previously.difference(&now) {
         remove_path(live, path);
@@ -137,8 +155,14 @@ mod tests {
     #[test]
     fn merge_patch_follows_rfc_7386() {
         let mut doc = json!({"a": "b", "c": {"d": "e", "f": "g"}, "l": [1, 2]});
-        merge_patch(&mut doc, &json!({"a": "z", "c": {"f": null}, "l": [3], "n": {"x": 1}}));
-        assert_eq!(doc, json!({"a": "z", "c": {"d": "e"}, "l": [3], "n": {"x": 1}}));
+        merge_patch(
+            &mut doc,
+            &json!({"a": "z", "c": {"f": null}, "l": [3], "n": {"x": 1}}),
+        );
+        assert_eq!(
+            doc,
+            json!({"a": "z", "c": {"d": "e"}, "l": [3], "n": {"x": 1}})
+        );
     }
 
     #[test]
@@ -149,10 +173,16 @@ mod tests {
         let owned = apply(&mut live, &first, &BTreeSet::new());
         let second = json!({"status": {"phase": "Stable", "rollout": {"total": 10}}});
         let owned = apply(&mut live, &second, &owned);
-        assert_eq!(live["status"], json!({"phase": "Stable", "rollout": {"total": 10}}));
+        assert_eq!(
+            live["status"],
+            json!({"phase": "Stable", "rollout": {"total": 10}})
+        );
         assert_eq!(live["metadata"]["labels"]["other"], "kept", "not ours");
         assert!(owned.contains(&vec!["status".to_string(), "phase".to_string()]));
-        assert!(!owned.iter().any(|p| p[0] == "metadata"), "identity is not owned");
+        assert!(
+            !owned.iter().any(|p| p[0] == "metadata"),
+            "identity is not owned"
+        );
     }
 
     #[test]

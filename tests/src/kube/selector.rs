@@ -67,7 +67,10 @@ impl Selector {
                 Requirement::Equals(key.trim().to_string(), value.trim().to_string())
             } else if let Some(key) = part.strip_prefix('!') {
                 Requirement::NotExists(key.trim().to_string())
-            } else if part.chars().all(|c| c.is_alphanumeric() || "-_./".contains(c)) {
+            } else if part
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-_./".contains(c))
+            {
                 Requirement::Exists(part.to_string())
             } else {
                 return Err(format!("unsupported selector term {part:?}"));

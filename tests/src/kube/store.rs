@@ -40,7 +40,14 @@ pub struct ResourceType {
 }
 
 impl ResourceType {
-    fn builtin(group: &str, version: &str, plural: &str, kind: &str, namespaced: bool, status: bool) -> Self {
+    fn builtin(
+        group: &str,
+        version: &str,
+        plural: &str,
+        kind: &str,
+        namespaced: bool,
+        status: bool,
+    ) -> Self {
         ResourceType {
             group: group.into(),
             version: version.into(),
@@ -194,7 +201,14 @@ impl Store {
             ResourceType::builtin("", "v1", "configmaps", "ConfigMap", true, false),
             ResourceType::builtin("", "v1", "secrets", "Secret", true, false),
             ResourceType::builtin("apps", "v1", "deployments", "Deployment", true, true),
-            ResourceType::builtin("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true, true),
+            ResourceType::builtin(
+                "policy",
+                "v1",
+                "poddisruptionbudgets",
+                "PodDisruptionBudget",
+                true,
+                true,
+            ),
             ResourceType::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, false),
             ResourceType::builtin("events.k8s.io", "v1", "events", "Event", true, false),
             ResourceType::builtin(
@@ -268,7 +282,12 @@ impl Store {
 
     /// Objects of a kind (in a namespace, or all) matching a selector, and the
     /// resourceVersion of the list.
-    pub fn list(&self, rt: &ResourceType, namespace: Option<&str>, selector: &Selector) -> (Vec<Value>, u64) {
+    pub fn list(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        selector: &Selector,
+    ) -> (Vec<Value>, u64) {
         let inner = self.lock();
         let key = rt.key();
         let items = inner
@@ -282,7 +301,12 @@ impl Store {
     }
 
     /// Changes after `rv` to a kind (in a namespace, or all).
-    pub fn changes_since(&self, rv: u64, type_key: &str, namespace: Option<&str>) -> Result<Vec<Change>, ApiError> {
+    pub fn changes_since(
+        &self,
+        rv: u64,
+        type_key: &str,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Change>, ApiError> {
         let inner = self.lock();
         if rv < inner.compacted_to {
             return Err(ApiError::new(
@@ -294,13 +318,21 @@ impl Store {
         Ok(inner
             .history
             .iter()
-            .filter(|c| c.rv > rv && c.type_key == type_key && namespace.is_none_or(|n| n == c.namespace))
+            .filter(|c| {
+                c.rv > rv && c.type_key == type_key && namespace.is_none_or(|n| n == c.namespace)
+            })
             .cloned()
             .collect())
     }
 
     /// Creates an object.
-    pub fn create(&self, rt: &ResourceType, namespace: &str, mut object: Value, manager: Option<&str>) -> Result<Value, ApiError> {
+    pub fn create(
+        &self,
+        rt: &ResourceType,
+        namespace: &str,
+        mut object: Value,
+        manager: Option<&str>,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let name = object["metadata"]["name"]
             .as_str()
@@ -314,7 +346,11 @@ impl Store {
             .ok_or_else(|| ApiError::bad_request("metadata.name is required"))?;
         let key = (rt.key(), namespace.to_string(), name.clone());
         if inner.objects.contains_key(&key) {
-            return Err(ApiError::new(409, "AlreadyExists", format!("{} {namespace}/{name} already exists", rt.plural)));
+            return Err(ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{} {namespace}/{name} already exists", rt.plural),
+            ));
         }
         if rt.key() == "apiextensions.k8s.io/customresourcedefinitions" {
             let custom = custom_type(&object)?;
@@ -334,13 +370,20 @@ impl Store {
         metadata["generation"] = json!(1);
         let mut entry = Entry::default();
         if let Some(manager) = manager {
-            entry.managed.insert((manager.to_string(), false), patch::leaf_paths(&object));
+            entry
+                .managed
+                .insert((manager.to_string(), false), patch::leaf_paths(&object));
         }
         entry.object = object;
         Ok(inner.commit(key, "ADDED", entry, &self.notify))
     }
 
-    fn existing(inner: &Inner, rt: &ResourceType, namespace: &str, name: &str) -> Result<(ObjectKey, Entry), ApiError> {
+    fn existing(
+        inner: &Inner,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(ObjectKey, Entry), ApiError> {
         let key = (rt.key(), namespace.to_string(), name.to_string());
         let entry = inner
             .objects
@@ -351,11 +394,22 @@ impl Store {
     }
 
     /// PUT: replaces an object (or its status), refusing a stale resourceVersion.
-    pub fn replace(&self, rt: &ResourceType, namespace: &str, name: &str, object: Value, status_only: bool) -> Result<Value, ApiError> {
+    pub fn replace(
+        &self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        object: Value,
+        status_only: bool,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
-        let sent = object["metadata"]["resourceVersion"].as_str().unwrap_or_default();
-        let current = entry.object["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+        let sent = object["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default();
+        let current = entry.object["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default();
         if !sent.is_empty() && sent != current {
             return Err(ApiError::new(409, "Conflict", format!(
                 "Operation cannot be fulfilled on {} \"{name}\": the object has been modified (resourceVersion {sent} is not {current})",
@@ -367,7 +421,14 @@ impl Store {
     }
 
     /// PATCH with application/merge-patch+json.
-    pub fn merge(&self, rt: &ResourceType, namespace: &str, name: &str, patch_body: &Value, status_only: bool) -> Result<Value, ApiError> {
+    pub fn merge(
+        &self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        patch_body: &Value,
+        status_only: bool,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
         let mut patched = entry.object.clone();
@@ -378,11 +439,26 @@ impl Store {
 
     /// PATCH with application/apply-patch+yaml (server-side apply).
     #[allow(clippy::too_many_arguments)]
-    pub fn apply(&self, rt: &ResourceType, namespace: &str, name: &str, applied: &Value, manager: &str, force: bool, status_only: bool) -> Result<Value, ApiError> {
-        let exists = self.lock().objects.contains_key(&(rt.key(), namespace.to_string(), name.to_string()));
+    pub fn apply(
+        &self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        applied: &Value,
+        manager: &str,
+        force: bool,
+        status_only: bool,
+    ) -> Result<Value, ApiError> {
+        let exists =
+            self.lock()
+                .objects
+                .contains_key(&(rt.key(), namespace.to_string(), name.to_string()));
         if !exists {
             if status_only {
-                return Err(ApiError::not_found(&format!("{} {namespace}/{name}", rt.plural)));
+                return Err(ApiError::not_found(&format!(
+                    "{} {namespace}/{name}",
+                    rt.plural
+                )));
             }
             let mut object = applied.clone();
             object["metadata"]["name"] = json!(name);
@@ -410,7 +486,11 @@ impl Store {
             .collect();
         let conflicts = patch::conflicts(&entry.object, &scope, others);
         if !conflicts.is_empty() && !force {
-            return Err(ApiError::new(409, "Conflict", format!("Apply failed with conflicts: {}", conflicts.join(", "))));
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!("Apply failed with conflicts: {}", conflicts.join(", ")),
+            ));
         }
         if force {
             let wanted = patch::leaf_paths(&scope);
@@ -420,21 +500,36 @@ impl Store {
                 }
             }
         }
-        let previously = entry.managed.get(&(manager.to_string(), status_only)).cloned().unwrap_or_default();
+        let previously = entry
+            .managed
+            .get(&(manager.to_string(), status_only))
+            .cloned()
+            .unwrap_or_default();
         let mut next = entry.object.clone();
         let owned = patch::apply(&mut next, &scope, &previously);
-        entry.managed.insert((manager.to_string(), status_only), owned);
+        entry
+            .managed
+            .insert((manager.to_string(), status_only), owned);
         entry.object = settle(rt, &entry.object, next, status_only);
         Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
     }
 
     /// DELETE, then garbage-collects every object owned (transitively) by it.
-    pub fn delete(&self, rt: &ResourceType, namespace: &str, name: &str) -> Result<Value, ApiError> {
+    pub fn delete(
+        &self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let (key, entry) = Self::existing(&inner, rt, namespace, name)?;
         let deleted = entry.object.clone();
         inner.remove(key, &self.notify);
-        let mut gone: Vec<String> = deleted["metadata"]["uid"].as_str().map(str::to_string).into_iter().collect();
+        let mut gone: Vec<String> = deleted["metadata"]["uid"]
+            .as_str()
+            .map(str::to_string)
+            .into_iter()
+            .collect();
         while let Some(uid) = gone.pop() {
             let owned: Vec<ObjectKey> = inner
                 .objects
@@ -466,7 +561,13 @@ impl Default for Store {
 }
 
 impl Inner {
-    fn commit(&mut self, key: ObjectKey, event: &'static str, mut entry: Entry, notify: &watch::Sender<u64>) -> Value {
+    fn commit(
+        &mut self,
+        key: ObjectKey,
+        event: &'static str,
+        mut entry: Entry,
+        notify: &watch::Sender<u64>,
+    ) -> Value {
         self.rv += 1;
         entry.object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let object = entry.object.clone();
@@ -543,21 +644,33 @@ fn custom_type(crd: &Value) -> Result<ResourceType, ApiError> {
         .and_then(|v| v.iter().find(|v| v["served"].as_bool() != Some(false)))
         .ok_or_else(|| ApiError::bad_request("a CRD needs a served version"))?;
     let text = |v: &Value, what: &str| {
-        v.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request(format!("CRD {what} is required")))
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::bad_request(format!("CRD {what} is required")))
     };
     Ok(ResourceType {
         group: text(&spec["group"], "spec.group")?,
         version: text(&version["name"], "version name")?,
         plural: text(&spec["names"]["plural"], "spec.names.plural")?,
-        singular: spec["names"]["singular"].as_str().unwrap_or_default().to_string(),
+        singular: spec["names"]["singular"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
         kind: text(&spec["names"]["kind"], "spec.names.kind")?,
         namespaced: spec["scope"] == "Namespaced",
         status: version["subresources"]["status"].is_object(),
         short_names: spec["names"]["shortNames"]
             .as_array()
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default(),
-        columns: version["additionalPrinterColumns"].as_array().cloned().unwrap_or_default(),
+        columns: version["additionalPrinterColumns"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
     })
 }
 
@@ -566,7 +679,9 @@ mod tests {
     use super::*;
 
     fn deployments(store: &Store) -> ResourceType {
-        store.resource_type("apps", "v1", "deployments").expect("type")
+        store
+            .resource_type("apps", "v1", "deployments")
+            .expect("type")
     }
 
     #[test]
@@ -574,37 +689,84 @@ mod tests {
         let store = Store::new();
         let rt = deployments(&store);
         let created = store
-            .create(&rt, "ns", json!({"metadata": {"name": "d"}, "spec": {"replicas": 1}}), None)
+            .create(
+                &rt,
+                "ns",
+                json!({"metadata": {"name": "d"}, "spec": {"replicas": 1}}),
+                None,
+            )
             .expect("create");
         assert_eq!(created["metadata"]["resourceVersion"], "1");
         assert_eq!(created["metadata"]["generation"], 1);
         // A status write does not bump the generation; a spec change does.
-        let status = store.merge(&rt, "ns", "d", &json!({"status": {"readyReplicas": 1}}), true).expect("status");
+        let status = store
+            .merge(
+                &rt,
+                "ns",
+                "d",
+                &json!({"status": {"readyReplicas": 1}}),
+                true,
+            )
+            .expect("status");
         assert_eq!(status["metadata"]["generation"], 1);
         assert_eq!(status["status"]["readyReplicas"], 1);
-        let scaled = store.merge(&rt, "ns", "d", &json!({"spec": {"replicas": 2}, "status": {"readyReplicas": 9}}), false).expect("scale");
+        let scaled = store
+            .merge(
+                &rt,
+                "ns",
+                "d",
+                &json!({"spec": {"replicas": 2}, "status": {"readyReplicas": 9}}),
+                false,
+            )
+            .expect("scale");
         assert_eq!(scaled["metadata"]["generation"], 2);
-        assert_eq!(scaled["status"]["readyReplicas"], 1, "status only through /status");
+        assert_eq!(
+            scaled["status"]["readyReplicas"], 1,
+            "status only through /status"
+        );
         // A replace carrying an old resourceVersion is refused.
         let mut stale = created.clone();
         stale["spec"]["replicas"] = json!(5);
-        let err = store.replace(&rt, "ns", "d", stale, false).expect_err("stale");
+        let err = store
+            .replace(&rt, "ns", "d", stale, false)
+            .expect_err("stale");
         assert_eq!(err.code, 409);
-        assert_eq!(store.create(&rt, "ns", created, None).expect_err("exists").code, 409);
+        assert_eq!(
+            store
+                .create(&rt, "ns", created, None)
+                .expect_err("exists")
+                .code,
+            409
+        );
     }
 
     #[test]
     fn watch_history_and_gone() {
         let store = Store::new();
         let rt = deployments(&store);
-        store.create(&rt, "ns", json!({"metadata": {"name": "a"}}), None).expect("a");
-        store.create(&rt, "other", json!({"metadata": {"name": "b"}}), None).expect("b");
-        let changes = store.changes_since(0, &rt.key(), Some("ns")).expect("changes");
+        store
+            .create(&rt, "ns", json!({"metadata": {"name": "a"}}), None)
+            .expect("a");
+        store
+            .create(&rt, "other", json!({"metadata": {"name": "b"}}), None)
+            .expect("b");
+        let changes = store
+            .changes_since(0, &rt.key(), Some("ns"))
+            .expect("changes");
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].event, "ADDED");
         store.compact();
-        assert_eq!(store.changes_since(1, &rt.key(), None).expect_err("gone").code, 410);
-        assert!(store.changes_since(2, &rt.key(), None).expect("current").is_empty());
+        assert_eq!(
+            store
+                .changes_since(1, &rt.key(), None)
+                .expect_err("gone")
+                .code,
+            410
+        );
+        assert!(store
+            .changes_since(2, &rt.key(), None)
+            .expect("current")
+            .is_empty());
     }
 
     #[test]
@@ -612,14 +774,26 @@ mod tests {
         let store = Store::new();
         let rt = deployments(&store);
         let pods = store.resource_type("", "v1", "pods").expect("pods");
-        let owner = store.create(&rt, "ns", json!({"metadata": {"name": "d"}}), None).expect("d");
+        let owner = store
+            .create(&rt, "ns", json!({"metadata": {"name": "d"}}), None)
+            .expect("d");
         let uid = owner["metadata"]["uid"].clone();
         store
-            .create(&pods, "ns", json!({"metadata": {"name": "p", "ownerReferences": [{"uid": uid}]}}), None)
+            .create(
+                &pods,
+                "ns",
+                json!({"metadata": {"name": "p", "ownerReferences": [{"uid": uid}]}}),
+                None,
+            )
             .expect("p");
-        store.create(&pods, "ns", json!({"metadata": {"name": "q"}}), None).expect("q");
+        store
+            .create(&pods, "ns", json!({"metadata": {"name": "q"}}), None)
+            .expect("q");
         store.delete(&rt, "ns", "d").expect("delete");
-        assert_eq!(store.get(&pods, "ns", "p").expect_err("collected").code, 404);
+        assert_eq!(
+            store.get(&pods, "ns", "p").expect_err("collected").code,
+            404
+        );
         assert!(store.get(&pods, "ns", "q").is_ok(), "not owned");
     }
 
@@ -628,14 +802,23 @@ mod tests {
         let store = Store::new();
         let rt = deployments(&store);
         let applied = json!({"metadata": {"name": "d", "labels": {"a": "1", "b": "2"}}, "spec": {"replicas": 1}});
-        store.apply(&rt, "ns", "d", &applied, "op", true, false).expect("create");
-        let applied = json!({"metadata": {"name": "d", "labels": {"a": "1"}}, "spec": {"replicas": 1}});
-        let after = store.apply(&rt, "ns", "d", &applied, "op", true, false).expect("apply");
+        store
+            .apply(&rt, "ns", "d", &applied, "op", true, false)
+            .expect("create");
+        let applied =
+            json!({"metadata": {"name": "d", "labels": {"a": "1"}}, "spec": {"replicas": 1}});
+        let after = store
+            .apply(&rt, "ns", "d", &applied, "op", true, false)
+            .expect("apply");
         assert_eq!(after["metadata"]["labels"], json!({"a": "1"}));
         let theirs = json!({"metadata": {"name": "d"}, "spec": {"replicas": 3}});
-        let err = store.apply(&rt, "ns", "d", &theirs, "kubectl", false, false).expect_err("conflict");
+        let err = store
+            .apply(&rt, "ns", "d", &theirs, "kubectl", false, false)
+            .expect_err("conflict");
         assert_eq!(err.code, 409);
-        assert!(store.apply(&rt, "ns", "d", &theirs, "kubectl", true, false).is_ok());
+        assert!(store
+            .apply(&rt, "ns", "d", &theirs, "kubectl", true, false)
+            .is_ok());
     }
 
     #[test]

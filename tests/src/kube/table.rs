@@ -56,7 +56,8 @@ fn cell(object: &Value, json_path: &str, type_: &str, now: SystemTime) -> Value 
 /// The Table for `items`: Name, then the kind's printer columns (or Age).
 pub fn table(rt: &ResourceType, items: &[Value], rv: u64) -> Value {
     let now = SystemTime::now();
-    let age_column = json!({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"});
+    let age_column =
+        json!({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"});
     let columns: Vec<Value> = if rt.columns.is_empty() {
         vec![age_column]
     } else {

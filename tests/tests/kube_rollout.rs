@@ -1,0 +1,499 @@
+//! End-to-end rollouts in the Kubernetes emulator: the unmodified operator
+//! binary (through a kubeconfig), pods that are real gateway processes on
+//! their own loopback addresses sharing a real Redis, a proxy per Service,
+//! and real Rust clients subscribed through the Service while a publisher
+//! runs. Each test is bounded in time and size and runs alone (they share
+//! two cores).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use switchyard_client::{Client, ClientEvent, ClientOptions};
+use switchyard_tests::kube::Emulator;
+use switchyard_tests::{operator_bin, raise_fd_limit, GatewayProcess, RedisServer};
+
+/// The rollout tests hold hundreds of clients and a dozen processes each.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const NS: &str = "prod";
+const TOPIC: &str = "chat";
+/// How long any one phase may take before the test fails.
+const PHASE: Duration = Duration::from_secs(90);
+
+fn clients() -> usize {
+    std::env::var("KUBE_E2E_CLIENTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(500)
+}
+
+/// The operator process, killed when dropped.
+struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(kubeconfig: &std::path::Path, log: PathBuf) -> Operator {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("operator log");
+        let child = Command::new(operator_bin())
+            .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", "switchyard-operator-0")
+            .env("POD_NAMESPACE", NS)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawning the operator");
+        Operator { child, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Everything one test runs.
+struct Fleet {
+    emu: Emulator,
+    operator: Operator,
+    _redis: RedisServer,
+    /// A gateway outside the fleet on the same Redis: the application's
+    /// publishing service, which keeps running whatever the rollout does.
+    publisher: GatewayProcess,
+    kubeconfig: PathBuf,
+    phases: Vec<String>,
+}
+
+fn spec(redis_url: &str, image: &str, rollout: &str) -> String {
+    format!(
+        "apiVersion: switchyard.dev/v1alpha1
+kind: ConnectionService
+metadata:
+  name: chat
+spec:
+  image: {image}
+  replicas: 2
+  config: |
+    worker_threads: 1
+    broker: redis
+    redis:
+      url: {redis_url}
+    auth:
+      anonymous: true
+  rollout:
+{rollout}
+"
+    )
+}
+
+const FAST_ROLLOUT: &str = "    readyTimeoutSeconds: 60
+    scaleDownDelaySeconds: 1
+    drain:
+      mode: make-before-break
+      windowSeconds: 4
+      maxRate: 100
+      deadlineSeconds: 60
+      retryJitterMs: 500
+      migrateGraceMs: 3000";
+
+impl Fleet {
+    async fn start(rollout: &str) -> Fleet {
+        raise_fd_limit();
+        let redis = RedisServer::start().expect("redis");
+        let redis_setting = format!("redis.url={}", redis.url());
+        let publisher =
+            GatewayProcess::start(&["broker=redis", &redis_setting, "worker_threads=1"])
+                .expect("publisher gateway");
+        let emu = Emulator::start().await.expect("emulator");
+        emu.create(
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "",
+            &switchyard_operator::crd::crd_yaml(),
+        )
+        .expect("CRD");
+        emu.create(
+            "switchyard.dev",
+            "connectionservices",
+            NS,
+            &spec(&redis.url(), "switchyard/gateway:1", rollout),
+        )
+        .expect("ConnectionService");
+        let kubeconfig = emu.kubeconfig(NS).expect("kubeconfig");
+        let operator = Operator::start(&kubeconfig, emu.dir().join("operator.log"));
+        let mut fleet = Fleet {
+            emu,
+            operator,
+            _redis: redis,
+            publisher,
+            kubeconfig,
+            phases: Vec::new(),
+        };
+        fleet
+            .wait_for("installed and Ready", |cs| {
+                cs["status"]["phase"] == "Stable" && condition(cs, "Ready") == "True"
+            })
+            .await;
+        fleet
+    }
+
+    fn resource(&self) -> Value {
+        self.emu
+            .get("switchyard.dev", "connectionservices", NS, "chat")
+            .expect("ConnectionService")
+    }
+
+    /// Polls until `done`, recording every phase seen; fails after [`PHASE`]
+    /// with the operator's log tail.
+    async fn wait_for(&mut self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PHASE;
+        loop {
+            let cs = self.resource();
+            if let Some(phase) = cs["status"]["phase"].as_str() {
+                if self.phases.last().map(String::as_str) != Some(phase) {
+                    self.phases.push(phase.to_string());
+                }
+            }
+            if done(&cs) {
+                return cs;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.operator.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "timed out waiting for {what}; phases {:?}; status {}\noperator log (newest first):\n{}",
+                    self.phases,
+                    cs["status"],
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn patch(&self, patch: Value) {
+        self.emu
+            .patch("switchyard.dev", "connectionservices", NS, "chat", &patch)
+            .expect("patch");
+    }
+
+    fn deployment_replicas(&self, color: &str) -> i64 {
+        self.emu
+            .get("apps", "deployments", NS, &format!("chat-{color}"))
+            .map(|d| d["spec"]["replicas"].as_i64().unwrap_or(-1))
+            .unwrap_or(-1)
+    }
+
+    /// How many times each Event reason was recorded (a repeated reason is
+    /// one Event with a series count, as the events API does it).
+    fn event_counts(&self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for event in self
+            .emu
+            .list("events.k8s.io", "events", NS)
+            .expect("events")
+        {
+            let reason = event["reason"].as_str().unwrap_or_default().to_string();
+            let count = event["series"]["count"].as_u64().unwrap_or(1);
+            *counts.entry(reason).or_insert(0) += count;
+        }
+        counts
+    }
+
+    fn event_note(&self, reason: &str) -> String {
+        self.emu
+            .list("events.k8s.io", "events", NS)
+            .expect("events")
+            .iter()
+            .find(|e| e["reason"] == reason)
+            .and_then(|e| e["note"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// Public addresses (pod IP:8080) of one color's pods.
+    fn pod_addrs(&self, color: &str) -> Vec<std::net::SocketAddr> {
+        self.emu
+            .list("", "pods", NS)
+            .expect("pods")
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["switchyard.dev/color"] == color)
+            .filter_map(|p| p["status"]["podIP"].as_str()?.parse().ok())
+            .map(|ip: std::net::IpAddr| std::net::SocketAddr::new(ip, 8080))
+            .collect()
+    }
+
+    async fn service_url(&self) -> String {
+        let deadline = Instant::now() + PHASE;
+        loop {
+            if let Some(addr) = self.emu.cluster.service_addr(NS, "chat") {
+                return format!("ws://{addr}/ws");
+            }
+            assert!(Instant::now() < deadline, "the Service never got a proxy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn condition(cs: &Value, type_: &str) -> String {
+    cs["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Client sessions through the Service, recording the offsets they receive.
+struct Crowd {
+    offsets: Vec<Arc<Mutex<Vec<u64>>>>,
+    subscribed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn crowd(url: &str, count: usize) -> Crowd {
+    let subscribed = Arc::new(AtomicUsize::new(0));
+    let mut offsets = Vec::with_capacity(count);
+    let mut tasks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut options = ClientOptions::new(url);
+        options.backoff.base = Duration::from_millis(100);
+        options.backoff.cap = Duration::from_secs(2);
+        let mut client = Client::start(options);
+        client.subscribe(TOPIC);
+        let record = Arc::new(Mutex::new(Vec::new()));
+        let (record_in, subscribed_in) = (record.clone(), subscribed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut counted = false;
+            while let Some(event) = client.next_event().await {
+                match event {
+                    ClientEvent::Message { position, .. } => {
+                        record_in.lock().expect("offsets").push(position.offset)
+                    }
+                    ClientEvent::Resumed { .. } if !counted => {
+                        counted = true;
+                        subscribed_in.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ClientEvent::Stopped { .. } => break,
+                    _ => {}
+                }
+            }
+        }));
+        offsets.push(record);
+    }
+    Crowd {
+        offsets,
+        subscribed,
+        tasks,
+    }
+}
+
+impl Crowd {
+    async fn wait_subscribed(&self) {
+        let deadline = Instant::now() + PHASE;
+        while self.subscribed.load(Ordering::Relaxed) < self.offsets.len() {
+            assert!(Instant::now() < deadline, "clients did not all subscribe");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every client received exactly offsets 1..=last, in order.
+    async fn assert_complete(&self, last: u64) {
+        let deadline = Instant::now() + PHASE;
+        while Instant::now() < deadline {
+            let done = self
+                .offsets
+                .iter()
+                .all(|o| o.lock().expect("offsets").last() == Some(&last));
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let expected: Vec<u64> = (1..=last).collect();
+        for (i, offsets) in self.offsets.iter().enumerate() {
+            let got = offsets.lock().expect("offsets").clone();
+            assert!(
+                got == expected,
+                "client {i}: {} of {last} messages; first gap or duplicate near {:?}",
+                got.len(),
+                got.windows(2).find(|w| w[1] != w[0] + 1)
+            );
+        }
+    }
+
+    fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Publishes every 20 ms through the publishing gateway until stopped.
+struct Publisher {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+fn publish_one(admin: std::net::SocketAddr, n: u64) -> u64 {
+    let body = format!(r#"{{"topic":"{TOPIC}","data":{{"n":{n}}}}}"#);
+    let (status, text) = switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body))
+        .expect("publish");
+    assert_eq!(status, 200, "{text}");
+    let response: Value = serde_json::from_str(&text).expect("json");
+    response["position"]["offset"].as_u64().expect("offset")
+}
+
+fn publisher(admin: std::net::SocketAddr) -> Publisher {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let mut n = 0;
+        while !flag.load(Ordering::Relaxed) {
+            n += 1;
+            publish_one(admin, n);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A last, confirmed publish: everything before it is 1..=last.
+        publish_one(admin, n + 1)
+    });
+    Publisher { stop, task }
+}
+
+impl Publisher {
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("publisher")
+    }
+}
+
+/// The most closes in any one-second window.
+fn max_per_second(mut times_ms: Vec<u64>) -> usize {
+    times_ms.sort_unstable();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..times_ms.len() {
+        while times_ms[end] - times_ms[start] >= 1000 {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_then_roll_out_an_image_and_then_a_config_change() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(FAST_ROLLOUT).await;
+    // Everything the resource owns exists.
+    let installed = fleet.resource();
+    let revision = installed["status"]["activeRevision"]
+        .as_str()
+        .expect("revision")
+        .to_string();
+    for (group, plural, name) in [
+        ("apps", "deployments", "chat-blue".to_string()),
+        ("", "services", "chat".to_string()),
+        ("", "services", "chat-preview".to_string()),
+        ("", "configmaps", format!("chat-config-{revision}")),
+        ("", "secrets", "chat-admin".to_string()),
+        ("policy", "poddisruptionbudgets", "chat".to_string()),
+    ] {
+        let object = fleet.emu.get(group, plural, NS, &name).expect(&name);
+        assert_eq!(
+            object["metadata"]["ownerReferences"][0]["name"], "chat",
+            "{name}"
+        );
+    }
+    assert_eq!(installed["status"]["activeColor"], "blue");
+
+    let url = fleet.service_url().await;
+    let crowd = crowd(&url, clients());
+    crowd.wait_subscribed().await;
+    let blue = fleet.pod_addrs("blue");
+    assert_eq!(blue.len(), 2);
+    let publishing = publisher(fleet.publisher.admin);
+
+    // 1. A new image.
+    fleet.phases.clear();
+    fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
+    let rolled = fleet
+        .wait_for("the image rollout", |cs| {
+            cs["status"]["phase"] == "Stable" && cs["status"]["activeColor"] == "green"
+        })
+        .await;
+    assert_eq!(
+        fleet.phases,
+        ["Stable", "Progressing", "Switching", "Draining", "Stable"],
+        "phases seen"
+    );
+    assert_ne!(rolled["status"]["activeRevision"], revision.as_str());
+    assert_eq!(fleet.deployment_replicas("blue"), 0);
+    let drained = fleet.event_note("Drained");
+    assert!(
+        drained.starts_with("blue empty"),
+        "blue emptied before its scale-down: {drained}"
+    );
+    let proxy = fleet.emu.cluster.service_proxy(NS, "chat").expect("proxy");
+    let closes: Vec<u64> = blue.iter().flat_map(|b| proxy.closes(*b)).collect();
+    assert_eq!(closes.len(), clients(), "every client left blue once");
+    let peak = max_per_second(closes);
+    assert!(
+        peak <= 110,
+        "closes per second {peak} over the cap of 100 (+10%)"
+    );
+
+    // 2. Only the config changes: a rollout too, back to blue.
+    fleet.phases.clear();
+    let cs = fleet.resource();
+    let config = cs["spec"]["config"].as_str().expect("config").to_string();
+    fleet.patch(
+        json!({"spec": {"config": format!("{config}connection:\n  max_subscriptions: 50\n")}}),
+    );
+    fleet
+        .wait_for("the config rollout", |cs| {
+            cs["status"]["phase"] == "Stable" && cs["status"]["activeColor"] == "blue"
+        })
+        .await;
+    assert_eq!(fleet.deployment_replicas("green"), 0);
+
+    let last = publishing.finish().await;
+    crowd.assert_complete(last).await;
+    crowd.stop();
+    let counts = fleet.event_counts();
+    for reason in [
+        "Installed",
+        "RolloutStarted",
+        "Switched",
+        "DrainStarted",
+        "Drained",
+        "RolloutComplete",
+    ] {
+        let expected = if reason == "Installed" { 1 } else { 2 };
+        assert_eq!(
+            counts.get(reason),
+            Some(&expected),
+            "{reason} in {counts:?}"
+        );
+    }
+    let _ = &fleet.kubeconfig;
+}
