@@ -39,6 +39,8 @@ fn release_ip(octet: u8) {
 
 /// (namespace, name) of a pod or Service.
 type PodKey = (String, String);
+/// A Service's proxy and the backends it routes to.
+type Routed = (Arc<ServiceProxy>, Vec<SocketAddr>);
 /// A readiness probe: port and path.
 type Probe = (u16, String);
 
@@ -69,7 +71,7 @@ pub struct Cluster {
     store: Arc<Store>,
     dir: PathBuf,
     pods: Mutex<HashMap<PodKey, PodProcess>>,
-    services: Mutex<HashMap<PodKey, (Arc<ServiceProxy>, Vec<SocketAddr>)>>,
+    services: Mutex<HashMap<PodKey, Routed>>,
 }
 
 fn template_hash(template: &Value) -> String {
