@@ -497,3 +497,149 @@ async fn install_then_roll_out_an_image_and_then_a_config_change() {
     }
     let _ = &fleet.kubeconfig;
 }
+
+/// A drain slow enough to act in the middle of: 2 closes/s per old pod.
+const SLOW_DRAIN: &str = "    readyTimeoutSeconds: 60
+    scaleDownDelaySeconds: 1
+    drain:
+      mode: make-before-break
+      windowSeconds: 20
+      maxRate: 4
+      deadlineSeconds: 90
+      retryJitterMs: 500
+      migrateGraceMs: 3000";
+
+/// Clients in the failure-path tests (the drain is paced at 4 closes/s).
+const FEW: usize = 80;
+
+fn drained(cs: &Value) -> u64 {
+    cs["status"]["rollout"]["drained"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_color_that_never_becomes_ready_fails_and_leaves_traffic_alone() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet =
+        Fleet::start(&FAST_ROLLOUT.replace("readyTimeoutSeconds: 60", "readyTimeoutSeconds: 8"))
+            .await;
+    let url = fleet.service_url().await;
+    let crowd = crowd(&url, FEW);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.publisher.admin);
+    // Green's gateways cannot reach their backplane: /readyz stays 503.
+    let broken = spec("redis://127.0.0.1:1", "switchyard/gateway:2", "");
+    let broken: Value = serde_yaml::from_str(&broken).expect("yaml");
+    fleet.phases.clear();
+    fleet.patch(
+        json!({"spec": {"image": "switchyard/gateway:2", "config": broken["spec"]["config"]}}),
+    );
+    let failed = fleet
+        .wait_for("the rollout to fail", |cs| {
+            cs["status"]["phase"] == "Failed"
+        })
+        .await;
+    assert_eq!(fleet.phases, ["Stable", "Progressing", "Failed"]);
+    assert_eq!(failed["status"]["activeColor"], "blue");
+    assert_eq!(
+        failed["status"]["failedRevision"],
+        failed["status"]["targetRevision"]
+    );
+    assert_eq!(condition(&failed, "Degraded"), "True");
+    assert_eq!(condition(&failed, "Ready"), "True", "blue still serves");
+    // The steps (green to zero) are applied before the status is written.
+    assert_eq!(fleet.deployment_replicas("green"), 0);
+    let service = fleet.emu.get("", "services", NS, "chat").expect("service");
+    assert_eq!(service["spec"]["selector"]["switchyard.dev/color"], "blue");
+    assert_eq!(fleet.event_counts().get("ReadyTimeout"), Some(&1));
+    let last = publishing.finish().await;
+    crowd.assert_complete(last).await;
+    crowd.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_while_draining_brings_everyone_back_to_blue() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(SLOW_DRAIN).await;
+    let url = fleet.service_url().await;
+    let crowd = crowd(&url, FEW);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.publisher.admin);
+    fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
+    fleet
+        .wait_for("some clients moved to green", |cs| {
+            cs["status"]["phase"] == "Draining" && drained(cs) >= 10
+        })
+        .await;
+    fleet.patch(json!({"metadata": {"annotations": {"switchyard.dev/abort": "now"}}}));
+    let aborted = fleet
+        .wait_for("the abort", |cs| {
+            cs["status"]["phase"] == "Stable" && cs["status"]["activeColor"] == "blue"
+        })
+        .await;
+    assert_eq!(
+        aborted["status"]["failedRevision"],
+        aborted["status"]["targetRevision"]
+    );
+    assert!(
+        aborted["metadata"]["annotations"]
+            .get("switchyard.dev/abort")
+            .is_none(),
+        "the abort annotation is removed once acted on"
+    );
+    let service = fleet.emu.get("", "services", NS, "chat").expect("service");
+    assert_eq!(service["spec"]["selector"]["switchyard.dev/color"], "blue");
+    // Green's gateways drain on SIGTERM; their clients come back to blue.
+    fleet
+        .wait_for("every client back on blue", |cs| {
+            cs["status"]["connections"]["blue"].as_u64() == Some(FEW as u64)
+                && cs["status"]["connections"]["green"].as_u64() == Some(0)
+        })
+        .await;
+    assert_eq!(fleet.deployment_replicas("green"), 0);
+    assert_eq!(fleet.event_counts().get("RolloutAborted"), Some(&1));
+    let last = publishing.finish().await;
+    crowd.assert_complete(last).await;
+    crowd.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_mid_drain_is_replaced_and_the_rollout_completes() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(SLOW_DRAIN).await;
+    let url = fleet.service_url().await;
+    let crowd = crowd(&url, FEW);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.publisher.admin);
+    fleet.phases.clear();
+    fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
+    fleet
+        .wait_for("the drain under way", |cs| {
+            cs["status"]["phase"] == "Draining" && drained(cs) >= 5
+        })
+        .await;
+    fleet.operator.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = fleet.operator.log.clone();
+    fleet.operator = Operator::start(&fleet.kubeconfig, log);
+    let done = fleet
+        .wait_for("the rollout to complete", |cs| {
+            cs["status"]["phase"] == "Stable" && cs["status"]["activeColor"] == "green"
+        })
+        .await;
+    assert_eq!(
+        fleet.phases,
+        ["Stable", "Progressing", "Switching", "Draining", "Stable"]
+    );
+    assert_eq!(done["status"]["rollout"]["total"], FEW as u64);
+    assert_eq!(fleet.deployment_replicas("blue"), 0);
+    let counts = fleet.event_counts();
+    assert_eq!(
+        counts.get("DrainStarted"),
+        Some(&1),
+        "the drain was not started twice"
+    );
+    assert_eq!(counts.get("RolloutComplete"), Some(&1));
+    let last = publishing.finish().await;
+    crowd.assert_complete(last).await;
+    crowd.stop();
+}
