@@ -183,6 +183,40 @@ pub enum Command {
     },
 }
 
+/// Follow and steer Switchyard rollouts.
+#[derive(Debug, clap::Parser)]
+#[command(name = "kubectl switchyard", version)]
+pub struct Args {
+    /// Namespace (default: the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The plugin's entry point: parses arguments, runs, maps errors to exit 1.
+pub fn main() -> std::process::ExitCode {
+    let args = <Args as clap::Parser>::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args.namespace, args.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs one command against the kubeconfig's cluster.
 pub async fn run(namespace: Option<String>, command: Command) -> anyhow::Result<()> {
     let client = Client::try_default()

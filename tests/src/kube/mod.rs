@@ -140,6 +140,21 @@ impl Emulator {
             .map_err(api_error)
     }
 
+    /// Merge-patches an object's status subresource.
+    pub fn patch_status(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        patch: &Value,
+    ) -> Result<Value> {
+        let rt = self.kind(group, plural)?;
+        self.store
+            .merge(&rt, namespace, name, patch, true)
+            .map_err(api_error)
+    }
+
     /// Every object of a kind in a namespace.
     pub fn list(&self, group: &str, plural: &str, namespace: &str) -> Result<Vec<Value>> {
         let rt = self.kind(group, plural)?;

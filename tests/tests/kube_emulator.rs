@@ -1,0 +1,259 @@
+//! The emulator's API semantics, through kube's own client: the watch
+//! protocol (from a version, bookmarks, 410 Gone), 409 on a stale write,
+//! generation, set-based selectors, server-side apply removing what a manager
+//! stopped sending, garbage collection, and loud refusals of what it does not
+//! support.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{
+    DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::{Api, Client, Config};
+use serde_json::json;
+use switchyard_tests::kube::Emulator;
+
+async fn client(emu: &Emulator) -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = Config::new(format!("http://{}", emu.addr).parse().expect("url"));
+    Client::try_from(config).expect("client")
+}
+
+fn config_map(name: &str, labels: serde_json::Value) -> ConfigMap {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": labels}, "data": {"k": "v"}}),
+    )
+    .expect("configmap")
+}
+
+fn status_code(err: kube::Error) -> u16 {
+    match err {
+        kube::Error::Api(status) => status.code,
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn watches_resume_from_a_version_send_bookmarks_and_expire() {
+    let emu = Emulator::start().await.expect("emulator");
+    let api: Api<ConfigMap> = Api::namespaced(client(&emu).await, "ns");
+    api.create(&PostParams::default(), &config_map("a", json!({})))
+        .await
+        .expect("create");
+    let listed = api.list(&ListParams::default()).await.expect("list");
+    let rv = listed.metadata.resource_version.expect("list version");
+    api.create(&PostParams::default(), &config_map("b", json!({})))
+        .await
+        .expect("create b");
+
+    // From the list's version: exactly what changed after it.
+    let params = WatchParams::default().timeout(10);
+    let mut events = api.watch(&params, &rv).await.expect("watch").boxed();
+    match events.next().await {
+        Some(Ok(WatchEvent::Added(cm))) => assert_eq!(cm.metadata.name.as_deref(), Some("b")),
+        other => panic!("expected b ADDED, got {other:?}"),
+    }
+    let patch = json!({"data": {"k": "changed"}});
+    api.patch("a", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch");
+    match events.next().await {
+        Some(Ok(WatchEvent::Modified(cm))) => {
+            assert_eq!(cm.data.expect("data")["k"], "changed")
+        }
+        other => panic!("expected a MODIFIED, got {other:?}"),
+    }
+    // Idle: a bookmark carrying the current version.
+    let bookmark = tokio::time::timeout(Duration::from_secs(8), events.next())
+        .await
+        .expect("a bookmark within 8 s");
+    match bookmark {
+        Some(Ok(WatchEvent::Bookmark(mark))) => {
+            assert_eq!(mark.metadata.resource_version, "3")
+        }
+        other => panic!("expected a BOOKMARK, got {other:?}"),
+    }
+    // A version older than the history: 410 Gone, as an ERROR event.
+    emu.store.compact();
+    let mut stale = api.watch(&params, &rv).await.expect("watch").boxed();
+    match stale.next().await {
+        Some(Ok(WatchEvent::Error(err))) => assert_eq!(err.code, 410),
+        other => panic!("expected 410 Gone, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn writes_conflicts_generation_and_selectors() {
+    let emu = Emulator::start().await.expect("emulator");
+    let client = client(&emu).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "ns");
+    let first = maps
+        .create(
+            &PostParams::default(),
+            &config_map("a", json!({"tier": "web", "app": "chat"})),
+        )
+        .await
+        .expect("create");
+    maps.create(
+        &PostParams::default(),
+        &config_map("b", json!({"tier": "db"})),
+    )
+    .await
+    .expect("create b");
+    assert_eq!(
+        status_code(
+            maps.create(&PostParams::default(), &config_map("a", json!({})))
+                .await
+                .expect_err("exists")
+        ),
+        409
+    );
+    // A replace carrying an outdated resourceVersion is refused.
+    maps.replace("a", &PostParams::default(), &first)
+        .await
+        .expect("current version");
+    assert_eq!(
+        status_code(
+            maps.replace("a", &PostParams::default(), &first)
+                .await
+                .expect_err("stale")
+        ),
+        409
+    );
+    let names = |list: kube::core::ObjectList<ConfigMap>| -> Vec<String> {
+        list.items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect()
+    };
+    for (selector, expected) in [
+        ("tier in (web,cache)", vec!["a"]),
+        ("tier notin (web)", vec!["b"]),
+        ("app", vec!["a"]),
+        ("!app", vec!["b"]),
+        ("tier!=db,app=chat", vec!["a"]),
+    ] {
+        let found = maps
+            .list(&ListParams::default().labels(selector))
+            .await
+            .expect("list");
+        assert_eq!(names(found), expected, "{selector}");
+    }
+
+    // Generation moves with the spec only.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "ns");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "d"},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "d"}},
+                 "template": {"metadata": {"labels": {"app": "d"}}, "spec": {"containers": []}}}
+    }))
+    .expect("deployment");
+    let created = deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create");
+    assert_eq!(created.metadata.generation, Some(1));
+    let status = json!({"status": {"replicas": 0}});
+    let after_status = deployments
+        .patch_status("d", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("status");
+    assert_eq!(after_status.metadata.generation, Some(1));
+    let scale = json!({"spec": {"replicas": 0, "minReadySeconds": 5}});
+    let after_spec = deployments
+        .patch("d", &PatchParams::default(), &Patch::Merge(&scale))
+        .await
+        .expect("spec");
+    assert_eq!(after_spec.metadata.generation, Some(2));
+
+    // Deleting the owner collects what it owns.
+    let pods: Api<Pod> = Api::namespaced(client, "ns");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p", "ownerReferences": [{
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": "d",
+        "uid": after_spec.metadata.uid, "controller": true}]}}))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    deployments
+        .delete("d", &DeleteParams::default())
+        .await
+        .expect("delete");
+    assert_eq!(
+        status_code(pods.get("p").await.expect_err("collected")),
+        404
+    );
+}
+
+#[tokio::test]
+async fn server_side_apply_and_refusals() {
+    let emu = Emulator::start().await.expect("emulator");
+    let maps: Api<ConfigMap> = Api::namespaced(client(&emu).await, "ns");
+    let apply = PatchParams::apply("switchyard-operator").force();
+    let full = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+                      "data": {"a": "1", "b": "2"}});
+    maps.patch("c", &apply, &Patch::Apply(&full))
+        .await
+        .expect("apply creates");
+    let fewer = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+                       "data": {"a": "1"}});
+    let applied = maps
+        .patch("c", &apply, &Patch::Apply(&fewer))
+        .await
+        .expect("apply");
+    let data = applied.data.expect("data");
+    assert_eq!(
+        data.len(),
+        1,
+        "the field the manager stopped sending is gone: {data:?}"
+    );
+    // Another manager changing an owned field conflicts unless forced.
+    let theirs = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+                        "data": {"a": "other"}});
+    let err = maps
+        .patch("c", &PatchParams::apply("kubectl"), &Patch::Apply(&theirs))
+        .await
+        .expect_err("conflict");
+    assert_eq!(status_code(err), 409);
+
+    // What the emulator does not do is refused, not ignored.
+    for content_type in [
+        "application/json-patch+json",
+        "application/strategic-merge-patch+json",
+    ] {
+        let addr = emu.addr;
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            switchyard_tests::http_request_with(
+                addr,
+                "PATCH",
+                "/api/v1/namespaces/ns/configmaps/c",
+                &[("content-type", content_type)],
+                Some(r#"[{"op": "replace", "path": "/data/a", "value": "x"}]"#),
+            )
+        })
+        .await
+        .expect("join")
+        .expect("patch");
+        assert_eq!(status, 415, "{content_type}: {body}");
+        assert!(body.contains(content_type), "{body}");
+    }
+    let err = maps
+        .list(&ListParams::default().fields("metadata.name=c"))
+        .await
+        .expect_err("field selector");
+    assert_eq!(status_code(err), 400);
+    let err = maps
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            },
+            &config_map("d", json!({})),
+        )
+        .await
+        .expect_err("dry run");
+    assert_eq!(status_code(err), 400);
+}
