@@ -457,6 +457,11 @@ async fn install_then_roll_out_an_image_and_then_a_config_change() {
     let closes: Vec<u64> = blue.iter().flat_map(|b| proxy.closes(*b)).collect();
     assert_eq!(closes.len(), clients(), "every client left blue once");
     let peak = max_per_second(closes);
+    eprintln!(
+        "image rollout: {} clients moved; peak {peak} closes/s (cap 100); {}",
+        clients(),
+        fleet.event_note("RolloutComplete")
+    );
     assert!(
         peak <= 110,
         "closes per second {peak} over the cap of 100 (+10%)"
