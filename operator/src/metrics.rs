@@ -99,6 +99,17 @@ impl Metrics {
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(gateway_calls.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        // Known label values start at zero, so dashboards see a rate of 0
+        // before the first error rather than no data.
+        for result in ["ok", "error"] {
+            reconciles.with_label_values(&[result]);
+        }
+        for kind in ["kube", "invalid_spec", "missing_token"] {
+            reconcile_errors.with_label_values(&[kind]);
+        }
+        for outcome in ["completed", "failed", "aborted"] {
+            rollout_duration.with_label_values(&[outcome]);
+        }
         Ok(Metrics {
             inner: Arc::new(Inner {
                 registry,

@@ -131,7 +131,7 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(backplane_publish_seconds.clone()))?;
-        Ok(Metrics {
+        let metrics = Metrics {
             connections: gauge("switchyard_connections", "Open WebSocket connections.")?,
             connections_opened: counter(
                 "switchyard_connections_opened_total",
@@ -233,7 +233,16 @@ impl Metrics {
                 "Single-use connection tickets minted through POST /api/tickets.",
             )?,
             registry,
-        })
+        };
+        // Known label values start at zero, so dashboards and alerts see the
+        // series (a rate of 0) before the first event rather than no data.
+        for recovered in ["true", "false"] {
+            metrics.resume.with_label_values(&[recovered]);
+        }
+        for how in ["client", "slot", "deadline"] {
+            metrics.migrations.with_label_values(&[how]);
+        }
+        Ok(metrics)
     }
 
     /// Counts a connection that ended.

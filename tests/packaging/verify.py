@@ -1,0 +1,149 @@
+"""Packaging checks, run by ./scripts/test: the Helm chart renders and lints
+(strict) with default values and with every option on; every rendered
+manifest and the kustomize base validate against the Kubernetes schemas
+(kubernetes-validate --strict); the example ConnectionServices validate
+against the generated CRD's schema (and broken ones do not); the chart's RBAC
+equals k8s/base's (which operator/tests/requests.rs checks against the
+operator's requests); the dashboards ship as labelled ConfigMaps."""
+
+import copy
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import helm_python as helm
+import jsonschema
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "switchyard"
+failures = []
+
+
+def check(condition, message):
+    if not condition:
+        failures.append(message)
+        print("FAIL:", message)
+
+
+def render(values):
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name="sy", namespace="switchyard")
+    docs = []
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt"):
+            check("kubectl get csvc" in text, f"{path}: NOTES.txt lost its instructions")
+            continue
+        docs.extend((path, d) for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def kubernetes_validate(name, docs):
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump_all(docs, f)
+    result = subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "kubernetes-validate"), "--strict", f.name],
+        capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    errors = [l for l in output.splitlines() if l.startswith("ERROR")]
+    check(result.returncode == 0 and not errors, f"kubernetes-validate {name}:\n{output}")
+    return output
+
+
+def nullable_to_types(schema):
+    """OpenAPI `nullable: true` → JSON Schema type lists (recursively)."""
+    if isinstance(schema, dict):
+        schema = {k: nullable_to_types(v) for k, v in schema.items()}
+        if schema.pop("nullable", False) and "type" in schema:
+            schema["type"] = [schema["type"], "null"]
+        return schema
+    if isinstance(schema, list):
+        return [nullable_to_types(v) for v in schema]
+    return schema
+
+
+def crd_validator():
+    crd = yaml.safe_load((ROOT / "k8s" / "base" / "crd.yaml").read_text())
+    schema = nullable_to_types(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+def rules(docs, kind):
+    found = [d for d in docs if d.get("kind") == kind]
+    check(len(found) == 1, f"expected one {kind}, found {len(found)}")
+    return sorted(json.dumps(r, sort_keys=True) for r in found[0]["rules"]) if found else []
+
+
+def main():
+    default_docs = render({})
+    all_values = yaml.safe_load((ROOT / "tests" / "packaging" / "values-all.yaml").read_text())
+    all_docs = render(all_values)
+    kinds_all = {d["kind"] for _, d in all_docs}
+    for kind in ["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+                 "RoleBinding", "Service", "ServiceMonitor", "PodMonitor", "NetworkPolicy",
+                 "ConfigMap", "ConnectionService"]:
+        check(kind in kinds_all, f"all-on values did not render a {kind}")
+    check(sum(1 for _, d in all_docs if d["kind"] == "NetworkPolicy") == 2,
+          "one NetworkPolicy per listed namespace")
+    for kind in ["ServiceMonitor", "PodMonitor", "NetworkPolicy", "ConnectionService"]:
+        check(kind not in {d["kind"] for _, d in default_docs}, f"{kind} rendered by default")
+
+    lint = helm.lint(str(CHART), strict=True)
+    check(not lint["errors"], f"helm lint errors: {lint['errors']}")
+    serious = [m for m in lint["messages"] if m["severity"] >= 2]
+    check(not serious, f"helm lint warnings: {serious}")
+    # A values file that breaks the schema must be refused.
+    try:
+        render({"operator": {"replicas": "many"}})
+        check(False, "values.schema.json accepted operator.replicas: many")
+    except helm.HelmError:
+        pass
+
+    kubernetes_validate("chart (default values)", [d for _, d in default_docs])
+    kubernetes_validate("chart (every option)", [d for _, d in all_docs])
+    kustomized = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "base")],
+                                capture_output=True, text=True, check=True).stdout
+    base_docs = [d for d in yaml.safe_load_all(kustomized) if d]
+    kubernetes_validate("kubectl kustomize k8s/base", base_docs)
+    examples = [d for p in sorted((ROOT / "k8s" / "examples").glob("*.yaml"))
+                for d in yaml.safe_load_all(p.read_text()) if d]
+    kubernetes_validate("k8s/examples", examples)
+
+    validator = crd_validator()
+    resources = [d for d in examples if d["kind"] == "ConnectionService"]
+    resources += [d for _, d in all_docs if d["kind"] == "ConnectionService"]
+    check(len(resources) == 2, "the example and the chart's ConnectionService")
+    for resource in resources:
+        errors = [e.message for e in validator.iter_errors(resource)]
+        check(not errors, f"ConnectionService {resource['metadata']['name']}: {errors}")
+    broken = copy.deepcopy(resources[0])
+    broken["spec"]["replicas"] = -1
+    broken["spec"]["rollout"]["drain"]["mode"] = "teleport"
+    del broken["spec"]["image"]
+    messages = " ".join(e.message for e in validator.iter_errors(broken))
+    for expected in ["-1", "teleport", "'image' is a required property"]:
+        check(expected in messages, f"the CRD schema did not refuse {expected}: {messages}")
+
+    check(rules([d for _, d in default_docs], "ClusterRole") == rules(base_docs, "ClusterRole"),
+          "the chart's ClusterRole differs from k8s/base/rbac.yaml")
+    check(rules([d for _, d in default_docs], "Role") == rules(base_docs, "Role"),
+          "the chart's leader-election Role differs from k8s/base/rbac.yaml")
+
+    dashboards = [d for _, d in default_docs
+                  if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    check(len(dashboards) == 2, f"two dashboard ConfigMaps, found {len(dashboards)}")
+    for config_map in dashboards:
+        for key, text in config_map["data"].items():
+            board = json.loads(text)
+            check(board["panels"], f"{key}: no panels")
+
+    if failures:
+        print(f"{len(failures)} packaging check(s) failed")
+        sys.exit(1)
+    print("packaging: chart (default + every option), kustomize base, examples, CRD schema, RBAC, dashboards: ok")
+
+
+if __name__ == "__main__":
+    main()
