@@ -461,3 +461,206 @@ async fn abort_while_draining() {
     assert_eq!(status["activeRevision"], "r1");
     assert_eq!(status["failedRevision"], status["targetRevision"]);
 }
+
+/// (API group, resource[/subresource], verb) of one request.
+fn permission(seen: &Seen) -> Vec<(String, String, String)> {
+    let (path, query) = seen.uri.split_once('?').unwrap_or((&seen.uri, ""));
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("unexpected path {path}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => panic!("unexpected path {path}"),
+    };
+    let verb = match (seen.method.as_str(), named) {
+        ("GET", false) if query.contains("watch=true") => "watch",
+        ("GET", false) => "list",
+        ("GET", true) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        (other, _) => panic!("unexpected method {other}"),
+    };
+    let mut needed = vec![(group.to_string(), resource.clone(), verb.to_string())];
+    // An apply that creates the object is authorized as a create.
+    if seen.content_type == "application/apply-patch+yaml" && !resource.ends_with("/status") {
+        needed.push((group.to_string(), resource, "create".to_string()));
+    }
+    needed
+}
+
+#[tokio::test]
+async fn rbac_grants_exactly_what_the_operator_calls() {
+    use std::collections::BTreeSet;
+    use switchyard_operator::leader::LeaderElector;
+
+    let mut required: BTreeSet<(String, String, String)> = BTreeSet::new();
+    let mut add = |seen: &[Seen]| {
+        for s in seen {
+            required.extend(permission(s));
+        }
+    };
+    // The reconciles: install, the switch to Draining, an abort.
+    let cs = resource(Value::Null, json!({}));
+    let rev = revision(&cs);
+    add(&reconcile_once(
+        cs,
+        Arc::new(RecordingGateways::default()),
+        |method, uri| match (method, uri) {
+            ("GET", u) if u.contains("/secrets/") || u.contains("/services/") => Some(not_found()),
+            ("GET", u) if u.contains("/deployments?") => Some(list("DeploymentList", json!([]))),
+            ("GET", u) if u.contains("/pods?") => Some(list("PodList", json!([]))),
+            _ => None,
+        },
+    )
+    .await);
+    add(&reconcile_once(
+        resource(rollout_status("Switching", &rev), json!({})),
+        fleet(),
+        fleet_routes(rev.clone()),
+    )
+    .await);
+    add(&reconcile_once(
+        resource(
+            rollout_status("Draining", &rev),
+            json!({"switchyard.dev/abort": "now"}),
+        ),
+        fleet(),
+        fleet_routes(rev.clone()),
+    )
+    .await);
+    // A rollout's end: blue empty since long ago, scaled down, ConfigMaps pruned.
+    let mut done = rollout_status("Draining", &rev);
+    done["rollout"]["drainedAt"] = json!("2027-01-15T08:01:00Z");
+    let empty = Arc::new(RecordingGateways {
+        connections: BTreeMap::from([
+            ("10.0.0.1".to_string(), (0, true)),
+            ("10.0.0.2".to_string(), (0, true)),
+            ("10.0.1.1".to_string(), (10, false)),
+        ]),
+        calls: Mutex::default(),
+    });
+    let routes = fleet_routes(rev.clone());
+    let seen = reconcile_once(resource(done, json!({})), empty, move |method, uri| {
+        if method == "GET" && uri.contains("/configmaps?") {
+            return Some(list(
+                "ConfigMapList",
+                json!([{"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": "chat-config-r1", "labels": {"switchyard.dev/revision": "r1"}}}]),
+            ));
+        }
+        if method == "DELETE" {
+            return Some((200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})));
+        }
+        routes(method, uri)
+    })
+    .await;
+    assert!(
+        lines(&seen)
+            .iter()
+            .any(|l| l.starts_with(&format!("DELETE /api/v1{NS}/configmaps/chat-config-r1"))),
+        "{:#?}",
+        lines(&seen)
+    );
+    add(&seen);
+
+    // Leader election: take the Lease, then renew it.
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let mut seen = Vec::new();
+        let mut lease: Option<Value> = None;
+        while let Some((request, send)) = handle.next_request().await {
+            let method = request.method().to_string();
+            let uri = request.uri().to_string();
+            let bytes = request.into_body().collect_bytes().await.expect("body");
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let (status, answer) = match (method.as_str(), &lease) {
+                ("GET", None) => not_found(),
+                ("GET", Some(l)) => (200, l.clone()),
+                _ => {
+                    let mut stored = body.clone();
+                    stored["metadata"]["resourceVersion"] = json!("7");
+                    lease = Some(stored.clone());
+                    (200, stored)
+                }
+            };
+            seen.push(Seen {
+                method,
+                uri,
+                content_type: String::new(),
+                body,
+            });
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&answer).expect("json")))
+                    .expect("response"),
+            );
+        }
+        seen
+    });
+    {
+        let client = Client::new(service, "switchyard-system");
+        let elector = LeaderElector::new(
+            kube::Api::namespaced(client, "switchyard-system"),
+            "switchyard-operator",
+            "pod-a",
+            std::time::Duration::from_secs(15),
+        );
+        assert!(elector.try_acquire_or_renew().await.expect("acquire"));
+        assert!(elector.try_acquire_or_renew().await.expect("renew"));
+    }
+    add(&server.await.expect("lease server"));
+
+    // Not reached by one reconcile, from the code that makes them: the
+    // controller's list+watch of ConnectionServices and of the Deployments it
+    // owns (cli.rs), and the Recorder's patch of a repeated Event (a series).
+    for (group, resource, verb) in [
+        ("switchyard.dev", "connectionservices", "list"),
+        ("switchyard.dev", "connectionservices", "watch"),
+        ("apps", "deployments", "watch"),
+        ("events.k8s.io", "events", "patch"),
+    ] {
+        required.insert((group.into(), resource.into(), verb.into()));
+    }
+
+    let rbac_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/base/rbac.yaml");
+    let text = std::fs::read_to_string(rbac_path).expect("k8s/base/rbac.yaml");
+    let mut granted = BTreeSet::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let doc: Value = serde::Deserialize::deserialize(doc).expect("yaml");
+        if doc["kind"] != "ClusterRole" && doc["kind"] != "Role" {
+            continue;
+        }
+        for rule in doc["rules"].as_array().expect("rules") {
+            for group in rule["apiGroups"].as_array().expect("groups") {
+                for resource in rule["resources"].as_array().expect("resources") {
+                    for verb in rule["verbs"].as_array().expect("verbs") {
+                        granted.insert((
+                            group.as_str().expect("group").to_string(),
+                            resource.as_str().expect("resource").to_string(),
+                            verb.as_str().expect("verb").to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let missing: Vec<_> = required.difference(&granted).collect();
+    let extra: Vec<_> = granted.difference(&required).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "k8s/base/rbac.yaml: missing {missing:?}; granted but never used {extra:?}"
+    );
+}
