@@ -648,3 +648,237 @@ async fn an_operator_killed_mid_drain_is_replaced_and_the_rollout_completes() {
     crowd.assert_complete(last).await;
     crowd.stop();
 }
+
+/// The operator's metrics address, from its log.
+fn operator_metrics_addr(log: &std::path::Path) -> std::net::SocketAddr {
+    let deadline = Instant::now() + PHASE;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(event) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if event["message"] == "metrics listening" {
+                if let Some(addr) = event["addr"].as_str().and_then(|a| a.parse().ok()) {
+                    return addr;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator never logged its metrics address"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A private Prometheus (Debian's package) scraping every second: the
+/// gateway pods through a file of targets the test keeps current (labelled
+/// `color`, `revision` and `pod`, as the chart's PodMonitor relabels them),
+/// and the operator.
+struct Prometheus {
+    child: Child,
+    addr: std::net::SocketAddr,
+    targets: PathBuf,
+}
+
+impl Prometheus {
+    fn start(dir: &std::path::Path, operator: std::net::SocketAddr) -> Prometheus {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let targets = dir.join("targets.json");
+        std::fs::write(&targets, "[]").expect("targets");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n\
+                 - job_name: gateways\n  file_sd_configs:\n  - files: ['{}']\n    refresh_interval: 1s\n\
+                 - job_name: operator\n  static_configs:\n  - targets: ['{operator}']\n",
+                targets.display()
+            ),
+        )
+        .expect("config");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (the test command installs Debian's package)");
+        assert!(
+            switchyard_tests::wait_status(addr, "/-/ready", 200, PHASE),
+            "Prometheus never became ready"
+        );
+        Prometheus {
+            child,
+            addr,
+            targets,
+        }
+    }
+
+    fn set_targets(&self, pods: &[Value]) {
+        let groups: Vec<Value> = pods
+            .iter()
+            .filter_map(|p| {
+                let ip = p["status"]["podIP"].as_str()?;
+                let labels = &p["metadata"]["labels"];
+                Some(json!({"targets": [format!("{ip}:8080")], "labels": {
+                    "color": labels["switchyard.dev/color"], "revision": labels["switchyard.dev/revision"],
+                    "pod": p["metadata"]["name"], "service": "chat"}}))
+            })
+            .collect();
+        let tmp = self.targets.with_extension("tmp");
+        std::fs::write(&tmp, Value::Array(groups).to_string()).expect("targets");
+        std::fs::rename(tmp, &self.targets).expect("targets");
+    }
+
+    /// Every metric name scraped so far.
+    fn metric_names(&self) -> Vec<String> {
+        let (status, body) =
+            switchyard_tests::http_request(self.addr, "GET", "/api/v1/label/__name__/values", None)
+                .expect("names");
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).expect("json");
+        answer["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// An instant query; the `result` array.
+    fn query(&self, expr: &str) -> Vec<Value> {
+        let encoded: String = expr
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        let (status, body) = switchyard_tests::http_request(
+            self.addr,
+            "GET",
+            &format!("/api/v1/query?query={encoded}"),
+            None,
+        )
+        .expect("query");
+        assert_eq!(status, 200, "{expr}: {body}");
+        let answer: Value = serde_json::from_str(&body).expect("json");
+        answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every PromQL expression of a Grafana dashboard, with the dashboard
+/// variables as Grafana would fill them for "All" over the last minute.
+fn panel_queries(path: &std::path::Path) -> Vec<(String, String)> {
+    let board: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard"))
+        .expect("dashboard json");
+    let mut queries = Vec::new();
+    for panel in board["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            queries.push((
+                format!(
+                    "{} / {}",
+                    panel["title"].as_str().unwrap_or_default(),
+                    target["refId"]
+                ),
+                expr.replace("$__rate_interval", "1m")
+                    .replace("$color", ".*"),
+            ));
+        }
+    }
+    queries
+}
+
+/// `switchyard_*` metric families an expression names.
+fn families(expr: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("switchyard_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        found.push(family.to_string());
+        rest = &tail[end..];
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(FAST_ROLLOUT).await;
+    let operator_metrics = operator_metrics_addr(&fleet.operator.log);
+    let prometheus = Prometheus::start(fleet.emu.dir(), operator_metrics);
+    let url = fleet.service_url().await;
+    let crowd = crowd(&url, 40);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.publisher.admin);
+    prometheus.set_targets(&fleet.emu.list("", "pods", NS).expect("pods"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A rollout, so that drains, migrations, resumes and phases happen.
+    fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
+    let deadline = Instant::now() + PHASE;
+    loop {
+        prometheus.set_targets(&fleet.emu.list("", "pods", NS).expect("pods"));
+        let cs = fleet.resource();
+        if cs["status"]["phase"] == "Stable" && cs["status"]["activeColor"] == "green" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rollout did not finish");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let last = publishing.finish().await;
+    crowd.assert_complete(last).await;
+
+    // Every metric name Prometheus scraped from the gateways and the operator.
+    let scraped = tokio::task::block_in_place(|| prometheus.metric_names());
+    let dashboards = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/switchyard/files/dashboards");
+    let mut checked = 0;
+    for board in ["gateway.json", "operator.json"] {
+        for (panel, expr) in panel_queries(&dashboards.join(board)) {
+            for family in families(&expr) {
+                assert!(
+                    scraped.contains(&family) || scraped.contains(&format!("{family}_bucket")),
+                    "{board} {panel}: {family} was never scraped"
+                );
+            }
+            let result = tokio::task::block_in_place(|| prometheus.query(&expr));
+            assert!(!result.is_empty(), "{board} {panel}: no data for {expr}");
+            checked += 1;
+        }
+    }
+    eprintln!("{checked} dashboard queries returned data");
+    assert!(checked >= 20);
+    crowd.stop();
+}
