@@ -88,7 +88,6 @@ pub fn main() -> std::process::ExitCode {
         print!("{}", crd_yaml());
         return std::process::ExitCode::SUCCESS;
     }
-    telemetry::init(args.run.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,7 +99,16 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args.run)) {
+    let result = runtime.block_on(async {
+        let tracing = telemetry::init(args.run.log_format)?;
+        let result = run(args.run).await;
+        if let Some(tracing) = tracing {
+            // Flushing blocks; off the runtime's workers.
+            let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        }
+        result
+    });
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             error!(error = format!("{err:#}"), "operator stopped");

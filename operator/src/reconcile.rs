@@ -18,7 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::crd::{Color, ConnectionService, ABORT_ANNOTATION, PROMOTE_ANNOTATION};
+use crate::crd::{Color, ConnectionService, Phase, ABORT_ANNOTATION, PROMOTE_ANNOTATION};
 use crate::gateway::{AdminEndpoint, GatewayAdmin};
 use crate::metrics::Metrics;
 use crate::resources::{self, ADMIN_PORT, COLOR_LABEL, FIELD_MANAGER, REVISION_LABEL, TOKEN_KEY};
@@ -151,7 +151,16 @@ pub fn error_policy(cs: Arc<ConnectionService>, error: &Error, ctx: Arc<Context>
 }
 
 /// One reconcile of one `ConnectionService`.
-#[tracing::instrument(skip_all, fields(name = %cs.name_any(), namespace = %cs.namespace().unwrap_or_default()))]
+#[tracing::instrument(
+    skip_all,
+    fields(
+        name = %cs.name_any(),
+        namespace = %cs.namespace().unwrap_or_default(),
+        generation = cs.metadata.generation.unwrap_or_default(),
+        phase = tracing::field::Empty,
+        steps = tracing::field::Empty
+    )
+)]
 pub async fn reconcile(cs: Arc<ConnectionService>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&cs, &ctx).await;
@@ -186,6 +195,9 @@ async fn reconcile_inner(cs: &ConnectionService, ctx: &Context) -> Result<Action
     }
     let observed = io.observe(&token).await?;
     let plan = rollout::plan(&observed);
+    let span = tracing::Span::current();
+    span.record("phase", plan.status.phase.map_or("", Phase::as_str));
+    span.record("steps", plan.steps.len());
     for step in &plan.steps {
         io.run(step, &token).await?;
     }

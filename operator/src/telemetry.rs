@@ -1,7 +1,11 @@
 //! Logging: JSON lines by default (what log pipelines in a cluster expect),
-//! or text for a terminal. `RUST_LOG` overrides the level.
+//! or text for a terminal; `RUST_LOG` overrides the level. Traces over OTLP
+//! when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (a span per reconcile).
 
-use tracing_subscriber::EnvFilter;
+use switchyard_telemetry::Tracing;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -12,19 +16,30 @@ pub enum LogFormat {
     Text,
 }
 
-/// Installs the global subscriber.
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber, with the OTLP trace exporter when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Call inside the Tokio runtime.
+pub fn init(format: LogFormat) -> Result<Option<Tracing>, switchyard_telemetry::TelemetryError> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,kube_client=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder
+    let fmt = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .init(),
-        LogFormat::Text => builder.init(),
-    }
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let (otel, tracing) = match switchyard_telemetry::otlp_layer("switchyard-operator")? {
+        Some((layer, tracing)) => (Some(layer), Some(tracing)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .init();
+    Ok(tracing)
 }

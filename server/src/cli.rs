@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use switchyard_telemetry::Tracing;
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat};
 use crate::server::{serve, Gateway, Listeners, Stop};
@@ -57,21 +60,34 @@ impl Args {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Installs the log subscriber, and the OTLP trace exporter when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Runs inside the runtime (the
+/// exporter's batches are sent from it).
+fn init_logging(config: &Config) -> anyhow::Result<Option<Tracing>> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder
+    let fmt = match config.log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .init(),
-        LogFormat::Text => builder.init(),
-    }
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let (otel, tracing) = match switchyard_telemetry::otlp_layer("switchyard-gateway")? {
+        Some((layer, tracing)) => (Some(layer), Some(tracing)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .init();
+    Ok(tracing)
 }
 
 /// Parses arguments, loads configuration and runs the gateway. Exit codes:
@@ -98,7 +114,6 @@ pub fn main() -> ExitCode {
             }
         }
     }
-    init_logging(&config);
     // rustls (TLS to Redis) needs a process-wide crypto provider; ring is the one we build.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -112,7 +127,16 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let result = runtime.block_on(async {
+        let tracing = init_logging(&config)?;
+        let result = run(config).await;
+        if let Some(tracing) = tracing {
+            // Flushing blocks; off the runtime's workers.
+            let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        }
+        result
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -175,7 +176,18 @@ pub fn start(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>
         "drain started"
     );
     let plan: Vec<(Arc<ConnHandle>, u64)> = connections.into_iter().zip(slots).collect();
-    tokio::spawn(run(gateway.clone(), drain.clone(), plan));
+    let span = tracing::info_span!(
+        "drain",
+        total = drain.total,
+        mode = ?request.mode,
+        window_ms = request.window_ms,
+        max_rate = request.max_rate,
+        migrated_by_client = tracing::field::Empty,
+        closed_at_slot = tracing::field::Empty,
+        forced_at_deadline = tracing::field::Empty,
+        cancelled = tracing::field::Empty
+    );
+    tokio::spawn(run(gateway.clone(), drain.clone(), plan).instrument(span));
     Ok(drain)
 }
 
@@ -356,6 +368,11 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
         elapsed_ms = status.elapsed_ms,
         "drain finished"
     );
+    let span = tracing::Span::current();
+    span.record("migrated_by_client", status.migrated_by_client);
+    span.record("closed_at_slot", status.closed_at_slot);
+    span.record("forced_at_deadline", status.forced_at_deadline);
+    span.record("cancelled", status.cancelled);
     gateway.drain_finished.notify_waiters();
 }
 

@@ -12,6 +12,7 @@ use switchyard_protocol::admin::{
     TicketResponse,
 };
 use switchyard_protocol::topic::{validate_topic, TopicPattern};
+use tracing::Instrument;
 use warp::{Filter, Rejection, Reply};
 
 use crate::broker::BrokerError;
@@ -116,6 +117,7 @@ pub fn admin_routes(
     let publish = warp::path!("api" / "publish")
         .and(warp::post())
         .and(warp::body::content_length_limit(body_limit))
+        .and(warp::header::headers_cloned())
         .and(warp::body::bytes())
         .and(with_gateway(gateway.clone()))
         .then(publish);
@@ -313,7 +315,11 @@ fn start_drain(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Respon
     }
 }
 
-async fn publish(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Response {
+async fn publish(
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+    gateway: Arc<Gateway>,
+) -> warp::reply::Response {
     let request: PublishRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(err) => {
@@ -327,7 +333,21 @@ async fn publish(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Resp
     if let Err(err) = validate_topic(&request.topic, gateway.config.topics.max_topic_length) {
         return api_error(StatusCode::BAD_REQUEST, "invalid_topic", err.to_string());
     }
-    match gateway.publish(&request.topic, &request.data).await {
+    // The publish (and the fan-out inside it) continues the caller's trace.
+    let span = tracing::info_span!(
+        "publish",
+        topic = %request.topic,
+        offset = tracing::field::Empty
+    );
+    switchyard_telemetry::continue_trace(&span, &headers);
+    let published = gateway
+        .publish(&request.topic, &request.data)
+        .instrument(span.clone())
+        .await;
+    if let Ok(position) = &published {
+        span.record("offset", position.offset);
+    }
+    match published {
         Ok(position) => warp::reply::json(&PublishResponse {
             topic: request.topic,
             position,

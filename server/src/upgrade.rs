@@ -132,8 +132,28 @@ fn refuse_http(
 
 /// Answers an upgrade request on `route`: checks the handshake, the per-IP
 /// rate, the Origin, the credentials and the connection limit, then answers
-/// 101 and spawns the connection — or an HTTP error.
+/// 101 and spawns the connection — or an HTTP error. All of it runs in a
+/// `handshake` span (the connection's own span is its child).
 pub async fn upgrade<B>(
+    gateway: Arc<Gateway>,
+    request: Request<B>,
+    route: Route,
+    peer: SocketAddr,
+) -> warp::reply::Response {
+    let span = tracing::info_span!(
+        "handshake",
+        %peer,
+        route = ?route,
+        http.status = tracing::field::Empty
+    );
+    let response = upgrade_checked(gateway, request, route, peer)
+        .instrument(span.clone())
+        .await;
+    span.record("http.status", response.status().as_u16());
+    response
+}
+
+async fn upgrade_checked<B>(
     gateway: Arc<Gateway>,
     mut request: Request<B>,
     route: Route,

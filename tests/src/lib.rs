@@ -14,6 +14,7 @@ use switchyard_protocol::admin::PublishResponse;
 use switchyard_protocol::Position;
 
 pub mod kube;
+pub mod otlp;
 
 /// The gateway binary built by this package (`src/bin/sy-gateway.rs`), next
 /// to the test executable's `deps/` directory.

@@ -128,6 +128,14 @@ impl LocalTopic {
             return;
         }
         self.last = Some(position);
+        // A trace of its own: the publisher's trace context does not travel
+        // through Redis (see docs/observability.md).
+        let _fanout = tracing::info_span!(
+            "fanout",
+            offset = position.offset,
+            subscribers = self.subscribers.len()
+        )
+        .entered();
         let now = Instant::now();
         for sub in self.subscribers.values_mut() {
             match &mut sub.pending {

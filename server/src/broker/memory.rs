@@ -100,6 +100,12 @@ impl MemoryBroker {
             // Encoded once; every subscriber and the history share these bytes.
             let frame = Utf8Bytes::from(encode_message(name, topic.log.next_position(), data));
             let position = topic.log.append(frame.clone(), now);
+            let _fanout = tracing::info_span!(
+                "fanout",
+                topic = name,
+                subscribers = topic.subscribers.len()
+            )
+            .entered();
             for subscriber in topic.subscribers.values() {
                 // A full outbox closes its connection (4002); others are unaffected.
                 let _ = subscriber.outbox.push(Outgoing::Live {
