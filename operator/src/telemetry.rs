@@ -3,9 +3,7 @@
 //! when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (a span per reconcile).
 
 use switchyard_telemetry::Tracing;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::EnvFilter;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -21,25 +19,5 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) -> Result<Option<Tracing>, switchyard_telemetry::TelemetryError> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,kube_client=warn"));
-    let fmt = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_writer(std::io::stderr)
-            .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed(),
-    };
-    let (otel, tracing) = match switchyard_telemetry::otlp_layer("switchyard-operator")? {
-        Some((layer, tracing)) => (Some(layer), Some(tracing)),
-        None => (None, None),
-    };
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .init();
-    Ok(tracing)
+    switchyard_telemetry::init_subscriber("switchyard-operator", format == LogFormat::Json, filter)
 }

@@ -6,9 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use switchyard_telemetry::Tracing;
 use tokio::sync::watch;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
 use crate::server::{serve, Gateway, Listeners, Stop};
@@ -67,27 +65,12 @@ fn init_logging(config: &Config) -> anyhow::Result<Option<Tracing>> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = match config.log.format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_writer(std::io::stderr)
-            .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed(),
-    };
-    let (otel, tracing) = match switchyard_telemetry::otlp_layer("switchyard-gateway")? {
-        Some((layer, tracing)) => (Some(layer), Some(tracing)),
-        None => (None, None),
-    };
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .init();
-    Ok(tracing)
+    let json = config.log.format == LogFormat::Json;
+    Ok(switchyard_telemetry::init_subscriber(
+        "switchyard-gateway",
+        json,
+        filter,
+    )?)
 }
 
 /// Parses arguments, loads configuration and runs the gateway. Exit codes:

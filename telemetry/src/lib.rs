@@ -70,6 +70,38 @@ where
     Ok(Some((layer, Tracing { provider })))
 }
 
+/// Installs the process's subscriber: `filter`, log lines on stderr (JSON
+/// objects, or text for a terminal), and the OTLP layer for `service` when
+/// [`ENDPOINT_VAR`] is set. Call inside the Tokio runtime.
+pub fn init_subscriber(
+    service: &'static str,
+    json: bool,
+    filter: tracing_subscriber::EnvFilter,
+) -> Result<Option<Tracing>, TelemetryError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = if json {
+        lines
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .boxed()
+    } else {
+        lines.boxed()
+    };
+    let (otel, tracing) = match otlp_layer(service)? {
+        Some((layer, tracing)) => (Some(layer), Some(tracing)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(otel)
+        .init();
+    Ok(tracing)
+}
+
 struct Headers<'a>(&'a http::HeaderMap);
 
 impl Extractor for Headers<'_> {

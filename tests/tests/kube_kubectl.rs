@@ -46,20 +46,8 @@ fn words(line: &str) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_get_and_the_plugin() {
     let emu = Emulator::start().await.expect("emulator");
-    emu.create(
-        "apiextensions.k8s.io",
-        "customresourcedefinitions",
-        "",
-        &switchyard_operator::crd::crd_yaml(),
-    )
-    .expect("CRD");
-    emu.create(
-        "switchyard.dev",
-        "connectionservices",
-        "prod",
-        "apiVersion: switchyard.dev/v1alpha1\nkind: ConnectionService\nmetadata: {name: chat}\nspec: {image: gw:2}\n",
-    )
-    .expect("resource");
+    emu.install("prod", "apiVersion: switchyard.dev/v1alpha1\nkind: ConnectionService\nmetadata: {name: chat}\nspec: {image: gw:2}\n")
+        .expect("install");
     emu.patch_status(
         "switchyard.dev",
         "connectionservices",

@@ -138,21 +138,9 @@ async fn gateway_spans_handshake_publish_fanout_and_drain() {
 async fn operator_spans_each_reconcile() {
     let receiver = OtlpReceiver::start().await.expect("receiver");
     let emu = Emulator::start().await.expect("emulator");
-    emu.create(
-        "apiextensions.k8s.io",
-        "customresourcedefinitions",
-        "",
-        &switchyard_operator::crd::crd_yaml(),
-    )
-    .expect("CRD");
-    emu.create(
-        "switchyard.dev",
-        "connectionservices",
-        "prod",
-        "apiVersion: switchyard.dev/v1alpha1\nkind: ConnectionService\nmetadata: {name: chat}\n\
-         spec:\n  image: gw:1\n  replicas: 1\n  config: |\n    worker_threads: 1\n    auth: {anonymous: true}\n",
-    )
-    .expect("resource");
+    emu.install("prod", "apiVersion: switchyard.dev/v1alpha1\nkind: ConnectionService\nmetadata: {name: chat}\n\
+         spec:\n  image: gw:1\n  replicas: 1\n  config: |\n    worker_threads: 1\n    auth: {anonymous: true}\n")
+        .expect("install");
     let kubeconfig = emu.kubeconfig("prod").expect("kubeconfig");
     let mut operator = Command::new(operator_bin())
         .args(["--metrics-addr", "127.0.0.1:0", "--no-leader-election"])

@@ -119,6 +119,21 @@ impl Emulator {
             .map_err(api_error)
     }
 
+    /// Creates the ConnectionService CRD (the generated one, as
+    /// `kubectl apply -f k8s/base/crd.yaml` would) and then a ConnectionService
+    /// from `resource` in `namespace`.
+    pub fn install(&self, namespace: &str, resource: &str) -> Result<Value> {
+        self.create(
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "",
+            &switchyard_operator::crd::crd_yaml(),
+        )
+        .context("the CRD")?;
+        self.create("switchyard.dev", "connectionservices", namespace, resource)
+            .context("the ConnectionService")
+    }
+
     /// Reads an object.
     pub fn get(&self, group: &str, plural: &str, namespace: &str, name: &str) -> Result<Value> {
         let rt = self.kind(group, plural)?;
