@@ -378,6 +378,24 @@ impl Publisher {
     }
 }
 
+/// A fleet with `count` clients subscribed through its Service and the
+/// publisher running.
+async fn with_traffic(rollout: &str, count: usize) -> (Fleet, Crowd, Publisher) {
+    let fleet = Fleet::start(rollout).await;
+    let url = fleet.service_url().await;
+    let crowd = crowd(&url, count);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.publisher.admin);
+    (fleet, crowd, publishing)
+}
+
+/// Stops the publisher and checks every client got every message once, in order.
+async fn assert_nothing_lost(crowd: Crowd, publishing: Publisher) {
+    let last = publishing.finish().await;
+    crowd.assert_complete(last).await;
+    crowd.stop();
+}
+
 /// The most closes in any window of `width_ms`.
 fn max_in_window(mut times_ms: Vec<u64>, width_ms: u64) -> usize {
     times_ms.sort_unstable();
@@ -520,13 +538,8 @@ fn drained(cs: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_color_that_never_becomes_ready_fails_and_leaves_traffic_alone() {
     let _serial = SERIAL.lock().await;
-    let mut fleet =
-        Fleet::start(&FAST_ROLLOUT.replace("readyTimeoutSeconds: 60", "readyTimeoutSeconds: 8"))
-            .await;
-    let url = fleet.service_url().await;
-    let crowd = crowd(&url, FEW);
-    crowd.wait_subscribed().await;
-    let publishing = publisher(fleet.publisher.admin);
+    let quick_timeout = FAST_ROLLOUT.replace("readyTimeoutSeconds: 60", "readyTimeoutSeconds: 8");
+    let (mut fleet, crowd, publishing) = with_traffic(&quick_timeout, FEW).await;
     // Green's gateways cannot reach their backplane: /readyz stays 503.
     let broken = spec("redis://127.0.0.1:1", "switchyard/gateway:2", "");
     let broken: Value = serde_yaml::from_str(&broken).expect("yaml");
@@ -552,19 +565,13 @@ async fn a_new_color_that_never_becomes_ready_fails_and_leaves_traffic_alone() {
     let service = fleet.emu.get("", "services", NS, "chat").expect("service");
     assert_eq!(service["spec"]["selector"]["switchyard.dev/color"], "blue");
     assert_eq!(fleet.event_counts().get("ReadyTimeout"), Some(&1));
-    let last = publishing.finish().await;
-    crowd.assert_complete(last).await;
-    crowd.stop();
+    assert_nothing_lost(crowd, publishing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_while_draining_brings_everyone_back_to_blue() {
     let _serial = SERIAL.lock().await;
-    let mut fleet = Fleet::start(SLOW_DRAIN).await;
-    let url = fleet.service_url().await;
-    let crowd = crowd(&url, FEW);
-    crowd.wait_subscribed().await;
-    let publishing = publisher(fleet.publisher.admin);
+    let (mut fleet, crowd, publishing) = with_traffic(SLOW_DRAIN, FEW).await;
     fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
     fleet
         .wait_for("some clients moved to green", |cs| {
@@ -598,19 +605,13 @@ async fn abort_while_draining_brings_everyone_back_to_blue() {
         .await;
     assert_eq!(fleet.deployment_replicas("green"), 0);
     assert_eq!(fleet.event_counts().get("RolloutAborted"), Some(&1));
-    let last = publishing.finish().await;
-    crowd.assert_complete(last).await;
-    crowd.stop();
+    assert_nothing_lost(crowd, publishing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_killed_mid_drain_is_replaced_and_the_rollout_completes() {
     let _serial = SERIAL.lock().await;
-    let mut fleet = Fleet::start(SLOW_DRAIN).await;
-    let url = fleet.service_url().await;
-    let crowd = crowd(&url, FEW);
-    crowd.wait_subscribed().await;
-    let publishing = publisher(fleet.publisher.admin);
+    let (mut fleet, crowd, publishing) = with_traffic(SLOW_DRAIN, FEW).await;
     fleet.phases.clear();
     fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
     fleet
@@ -640,9 +641,7 @@ async fn an_operator_killed_mid_drain_is_replaced_and_the_rollout_completes() {
         "the drain was not started twice"
     );
     assert_eq!(counts.get("RolloutComplete"), Some(&1));
-    let last = publishing.finish().await;
-    crowd.assert_complete(last).await;
-    crowd.stop();
+    assert_nothing_lost(crowd, publishing).await;
 }
 
 /// The operator's metrics address, from its log.

@@ -149,10 +149,7 @@ impl Emulator {
         name: &str,
         patch: &Value,
     ) -> Result<Value> {
-        let rt = self.kind(group, plural)?;
-        self.store
-            .merge(&rt, namespace, name, patch, false)
-            .map_err(api_error)
+        self.merge(group, plural, namespace, name, patch, false)
     }
 
     /// Merge-patches an object's status subresource.
@@ -164,9 +161,21 @@ impl Emulator {
         name: &str,
         patch: &Value,
     ) -> Result<Value> {
+        self.merge(group, plural, namespace, name, patch, true)
+    }
+
+    fn merge(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        patch: &Value,
+        status: bool,
+    ) -> Result<Value> {
         let rt = self.kind(group, plural)?;
         self.store
-            .merge(&rt, namespace, name, patch, true)
+            .merge(&rt, namespace, name, patch, status)
             .map_err(api_error)
     }
 
