@@ -574,15 +574,6 @@ fn label_color(labels: &std::collections::BTreeMap<String, String>) -> Option<Co
 }
 
 fn pod_ip(pod: &Pod) -> Option<String> {
-    if pod.metadata.deletion_timestamp.is_some()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_ref())
-            .is_none()
-    {
-        return None;
-    }
     pod.status
         .as_ref()
         .and_then(|status| status.pod_ip.clone())
