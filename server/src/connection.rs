@@ -1,10 +1,17 @@
-//! One WebSocket connection: a reader task (this one) and a writer task.
+//! One WebSocket connection, served by one task.
 //!
-//! The reader parses client frames and acts on them; everything it wants to
-//! send goes through the connection's [`Outbox`](crate::outbox::Outbox), like
-//! everything the broker fans out. Only the writer touches the sink, so frames
-//! are never interleaved, and it writes whatever is queued as one batch with a
-//! single flush.
+//! The task owns the socket and runs one select loop over three things: the
+//! client's frames, the connection's [`Outbox`](crate::outbox::Outbox) (where
+//! replies and everything the broker fans out are queued), and the close
+//! deadline. Frames are written only here, so they are never interleaved, and
+//! whatever is queued goes out as one batch with a single flush.
+//!
+//! One task rather than a reader and a writer: an idle connection is then one
+//! task allocation holding the socket, instead of two tasks plus the lock that
+//! splitting a socket needs — the profile of 5,000 idle connections put the
+//! two tasks and the split lock at 3.6 KiB of the 6.6 KiB a connection cost
+//! (docs/benchmarks.md). A write that blocks (the client stopped reading)
+//! still gives way to an end request and to the close deadline.
 //!
 //! How a connection ends decides what is counted:
 //! - the client sends a close frame first → `initiator=client`, its code;
@@ -14,11 +21,11 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use switchyard_protocol::close::CloseReason;
 use switchyard_protocol::topic::validate_topic;
 use switchyard_protocol::{ClientFrame, CloseCode, ErrorCode, Position, ServerFrame};
@@ -77,15 +84,20 @@ struct Connection {
     ending: Option<Ending>,
 }
 
-/// Serves one upgraded WebSocket, already admitted to the hub as `handle`,
-/// until it ends.
-pub async fn run<S>(
+/// The future serving one upgraded WebSocket, already admitted to the hub as
+/// `handle`, until it ends; the caller spawns it.
+///
+/// Everything the connection keeps is built here, before the future: an
+/// async block stores what it captures for its whole life, so moving the
+/// arguments into a `Connection` inside it would hold them twice.
+pub fn run<S>(
     gateway: Arc<Gateway>,
     socket: WebSocketStream<S>,
     handle: Arc<ConnHandle>,
     session: Session,
     peer: SocketAddr,
-) where
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     gateway.metrics.connections_opened.inc();
@@ -93,47 +105,61 @@ pub async fn run<S>(
     let route = handle.route;
     let subject = session.subject.as_deref().unwrap_or("");
     let span = tracing::info_span!("conn", id = %handle.label, %peer, sub = subject);
-    async move {
-        tracing::debug!(?route, method = session.method.as_str(), "connected");
-        if let Some(at_ms) = session.expires_at_ms {
-            gateway.expiries.insert(at_ms, handle.id);
-        }
-        let (sink, stream) = socket.split();
-        let writer =
-            tokio::spawn(write_loop(sink, handle.clone(), gateway.clone()).in_current_span());
-        let settings = &gateway.config.connection;
-        let publish_bucket = TokenBucket::new(
-            settings.publish_rate,
-            settings.publish_burst,
-            Instant::now(),
-        );
-        let mut connection = Connection {
-            gateway,
-            handle,
-            session,
-            topics: Vec::new(),
-            violations: 0,
-            denied: 0,
-            publish_bucket,
-            rate_limited: 0,
-            closing: false,
-            ending: None,
-        };
-        if route == Route::Topics {
-            connection.send(&ServerFrame::Welcome {
-                connection_id: connection.handle.label.clone(),
-                server_id: connection.gateway.server_id.clone(),
-                heartbeat_ms: connection.gateway.config.connection.keepalive_interval_ms,
-            });
-        }
-        let ending = connection.read_loop(stream).await;
-        connection.finish(ending, writer).await;
+    span.in_scope(|| tracing::debug!(?route, method = session.method.as_str(), "connected"));
+    if let Some(at_ms) = session.expires_at_ms {
+        gateway.expiries.insert(at_ms, handle.id);
     }
-    .instrument(span)
-    .await
+    let settings = &gateway.config.connection;
+    let publish_bucket = TokenBucket::new(
+        settings.publish_rate,
+        settings.publish_burst,
+        Instant::now(),
+    );
+    let connection = Connection {
+        gateway,
+        handle,
+        session,
+        topics: Vec::new(),
+        violations: 0,
+        denied: 0,
+        publish_bucket,
+        rate_limited: 0,
+        closing: false,
+        ending: None,
+    };
+    if route == Route::Topics {
+        connection.send(&ServerFrame::Welcome {
+            connection_id: connection.handle.label.clone(),
+            server_id: connection.gateway.server_id.clone(),
+            heartbeat_ms: connection.gateway.config.connection.keepalive_interval_ms,
+        });
+    }
+    connection.live(socket).instrument(span)
 }
 
 impl Connection {
+    /// Serves the socket until the connection ends, then lets go of it.
+    ///
+    /// Not an `async fn`: one stores its arguments and then the locals they
+    /// are moved into, twice the socket and the state; an async block
+    /// captures them once (512 bytes less per connection, measured).
+    #[allow(clippy::manual_async_fn)]
+    fn live<S>(
+        mut self,
+        mut socket: WebSocketStream<S>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        async move {
+            let mut pending = Pending::default();
+            let ending = self.serve(&mut socket, &mut pending).await;
+            // Boxed: the end runs once, and inline its future would widen
+            // every idle connection's task by its size.
+            Box::pin(self.finish(ending, &mut socket, &mut pending)).await;
+        }
+    }
+
     fn close_timeout(&self) -> Duration {
         Duration::from_millis(self.gateway.config.connection.close_timeout_ms)
     }
@@ -165,30 +191,42 @@ impl Connection {
             .close(code, CloseReason::text(reason).to_json());
     }
 
-    /// Reads frames until the connection is over and says how it ended.
-    async fn read_loop<S>(&mut self, mut stream: SplitStream<WebSocketStream<S>>) -> Ending
+    fn ending_or_abrupt(&self) -> Ending {
+        self.ending.unwrap_or_else(Ending::abrupt)
+    }
+
+    /// Records a close the gateway asked for and starts its deadline: the
+    /// peer gets `close_timeout` to take what is queued and answer the close.
+    fn close_requested(&mut self, code: CloseCode, deadline: &mut CloseDeadline) {
+        self.closing = true;
+        self.ending.get_or_insert(Ending {
+            code: code.as_u16(),
+            initiator: Initiator::Server,
+        });
+        deadline.start(self.close_timeout());
+    }
+
+    /// Reads frames and writes what the outbox holds until the connection is
+    /// over, and says how it ended.
+    async fn serve<S>(&mut self, socket: &mut WebSocketStream<S>, pending: &mut Pending) -> Ending
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let handle = self.handle.clone();
-        let mut end_requested = std::pin::pin!(handle.outbox.ended());
-        let mut close_deadline: Option<tokio::time::Instant> = None;
+        let mut close_deadline = CloseDeadline::default();
         loop {
             tokio::select! {
-                end = &mut end_requested, if close_deadline.is_none() => match end {
-                    EndRequest::Abort => return self.ending.unwrap_or_else(Ending::abrupt),
-                    EndRequest::Close { code, .. } => {
-                        self.closing = true;
-                        self.ending.get_or_insert(Ending { code: code.as_u16(), initiator: Initiator::Server });
-                        close_deadline = Some(tokio::time::Instant::now() + self.close_timeout());
+                end = handle.outbox.next_batch(&mut pending.batch), if !pending.close_sent => {
+                    if let Some(ending) = self.on_outgoing(socket, pending, end, &mut close_deadline).await {
+                        return ending;
                     }
-                },
-                _ = sleep_until_opt(close_deadline) => {
-                    tracing::debug!("peer did not finish the close handshake in time");
-                    return self.ending.unwrap_or_else(Ending::abrupt);
                 }
-                next = stream.next() => match next {
-                    None => return self.ending.unwrap_or_else(Ending::abrupt),
+                () = close_deadline.elapsed() => {
+                    tracing::debug!("peer did not finish the close handshake in time");
+                    return self.ending_or_abrupt();
+                }
+                next = socket.next() => match next {
+                    None => return self.ending_or_abrupt(),
                     Some(Ok(message)) => {
                         self.gateway.hub.touch(&self.handle);
                         if !self.closing || matches!(message, Message::Close(_)) {
@@ -196,9 +234,95 @@ impl Connection {
                         }
                     }
                     // The stream is unusable after an error: stop reading. If a
-                    // close frame was requested, `finish` waits for the writer.
+                    // close frame was requested, `finish` sends it.
                     Some(Err(err)) => return self.on_read_error(err),
                 },
+            }
+        }
+    }
+
+    /// Writes the batch the outbox handed over, then acts on its end request:
+    /// the close frame after the batch, or nothing more on an abort. Returns
+    /// how the connection ended once it is over.
+    async fn on_outgoing<S>(
+        &mut self,
+        socket: &mut WebSocketStream<S>,
+        pending: &mut Pending,
+        end: Option<EndRequest>,
+        close_deadline: &mut CloseDeadline,
+    ) -> Option<Ending>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match &end {
+            Some(EndRequest::Abort) => return Some(self.ending_or_abrupt()),
+            Some(EndRequest::Close { code, .. }) => self.close_requested(*code, close_deadline),
+            None => {}
+        }
+        // Most batches fit in the socket's send buffer: written in one poll,
+        // with no timer or end watch. A write that has to wait goes through
+        // the bounded path, boxed so its larger future is held only while a
+        // write waits, not by every idle connection. Retrying is safe: frames
+        // leave the batch one at a time.
+        let gateway = self.gateway.clone();
+        let written = match pending.write(socket, &gateway).now_or_never() {
+            Some(Ok(())) => true,
+            Some(Err(err)) => {
+                tracing::debug!(%err, "write failed");
+                false
+            }
+            None => Box::pin(self.write_bounded(socket, pending, close_deadline)).await,
+        };
+        if !written {
+            self.handle.outbox.abort();
+            return Some(self.ending_or_abrupt());
+        }
+        if let Some(EndRequest::Close { code, reason }) = end {
+            pending.close_sent = true;
+            let send = send_close(socket, code, reason);
+            let sent = tokio::select! {
+                () = send => true,
+                () = close_deadline.elapsed() => false,
+            };
+            if !sent {
+                return Some(self.ending_or_abrupt());
+            }
+        }
+        None
+    }
+
+    /// Writes the pending batch. A write that blocks (the client stopped
+    /// reading) gives way: to an abort at once, to a close request after the
+    /// close deadline. False when the connection is to be dropped.
+    async fn write_bounded<S>(
+        &mut self,
+        socket: &mut WebSocketStream<S>,
+        pending: &mut Pending,
+        close_deadline: &mut CloseDeadline,
+    ) -> bool
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let handle = self.handle.clone();
+        let gateway = self.gateway.clone();
+        let write = pending.write(socket, &gateway);
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                written = &mut write => {
+                    if let Err(err) = &written {
+                        tracing::debug!(%err, "write failed");
+                    }
+                    return written.is_ok();
+                }
+                end = handle.outbox.ended(), if !close_deadline.is_set() => match end {
+                    EndRequest::Abort => return false,
+                    EndRequest::Close { code, .. } => self.close_requested(code, close_deadline),
+                },
+                () = close_deadline.elapsed() => {
+                    tracing::debug!("peer did not take its frames before the close deadline");
+                    return false;
+                }
             }
         }
     }
@@ -250,7 +374,10 @@ impl Connection {
                     Route::Echo => {
                         let _ = self.handle.outbox.push(Outgoing::Text(text));
                     }
-                    Route::Topics => self.on_text(&text).await,
+                    // Boxed: client frames are rare next to the time a
+                    // connection sits idle, and the subscribe/publish futures
+                    // inline would widen every connection's task.
+                    Route::Topics => Box::pin(self.on_text(&text)).await,
                 }
             }
             Message::Binary(bytes) => {
@@ -458,30 +585,34 @@ impl Connection {
         }
     }
 
-    /// Lets go of the connection: waits (bounded) for the writer to send a
-    /// requested close frame, then releases subscriptions and counts the end.
-    async fn finish(self, ending: Ending, writer: tokio::task::JoinHandle<()>) {
+    /// Lets go of the connection: sends a requested close frame the loop did
+    /// not get to (it stops reading on bad input), bounded by the close
+    /// timeout, then releases subscriptions and counts the end.
+    async fn finish<S>(self, ending: Ending, socket: &mut WebSocketStream<S>, pending: &mut Pending)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let close_requested = matches!(
             self.handle.outbox.end_request(),
             Some(EndRequest::Close { .. })
         );
-        let mut writer = writer;
-        if close_requested {
-            if tokio::time::timeout(self.close_timeout(), &mut writer)
-                .await
-                .is_err()
-            {
-                writer.abort();
-            }
-        } else {
-            // The peer is gone or closed first; tungstenite already answered its close.
+        if close_requested && !pending.close_sent {
+            let gateway = self.gateway.clone();
+            let flush_and_close = async {
+                let Some(EndRequest::Close { code, reason }) =
+                    self.handle.outbox.next_batch(&mut pending.batch).await
+                else {
+                    return;
+                };
+                if pending.write(socket, &gateway).await.is_ok() {
+                    send_close(socket, code, reason).await;
+                }
+            };
+            let _ = tokio::time::timeout(self.close_timeout(), flush_and_close).await;
+        } else if !close_requested {
+            // The peer is gone or closed first (tungstenite already answered
+            // its close): drop what is queued and refuse further frames.
             self.handle.outbox.abort();
-            if tokio::time::timeout(Duration::from_millis(100), &mut writer)
-                .await
-                .is_err()
-            {
-                writer.abort();
-            }
         }
         let gateway = &self.gateway;
         if let Some(at_ms) = self.session.expires_at_ms {
@@ -508,88 +639,212 @@ impl Connection {
     }
 }
 
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+/// When a closing connection is given up on. No timer exists until the
+/// connection starts to close; then one boxed `Sleep`. Held inline, a timer
+/// (112 bytes) would widen every idle connection's task at each select that
+/// waits on it.
+#[derive(Default)]
+struct CloseDeadline(Option<Pin<Box<tokio::time::Sleep>>>);
+
+impl CloseDeadline {
+    /// Starts the deadline `after` from now, unless it is already running.
+    fn start(&mut self, after: Duration) {
+        if self.0.is_none() {
+            self.0 = Some(Box::pin(tokio::time::sleep(after)));
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Resolves when the deadline has passed; never while it is not set.
+    async fn elapsed(&mut self) {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
-type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+/// Frames taken from the outbox and not yet written, and whether the close
+/// frame has gone out. Kept across the loop so a write given up on does not
+/// lose track of what was sent.
+#[derive(Default)]
+struct Pending {
+    batch: VecDeque<Outgoing>,
+    /// Publish times of the live frames in the batch being written.
+    published: Vec<Instant>,
+    close_sent: bool,
+}
 
-/// The writer task: drains the outbox in batches, one flush per batch, and
-/// sends the close frame when one is requested.
-async fn write_loop<S>(mut sink: Sink<S>, handle: Arc<ConnHandle>, gateway: Arc<Gateway>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let mut batch = VecDeque::new();
-    let mut published: Vec<Instant> = Vec::new();
-    loop {
-        let end = handle.outbox.next_batch(&mut batch).await;
-        if end == Some(EndRequest::Abort) {
-            return;
-        }
-        if !batch.is_empty() {
-            if let Err(err) = write_batch(&mut sink, &mut batch, &mut published, &gateway).await {
-                tracing::debug!(%err, "write failed");
-                handle.outbox.abort();
-                return;
-            }
-            // Keep a small queue allocation for the next batch, not a burst's worth.
-            if batch.capacity() > 64 {
-                batch = VecDeque::new();
-            }
-        }
-        if let Some(EndRequest::Close { code, reason }) = end {
-            let frame = CloseFrame {
-                code: WireCloseCode::from(code.as_u16()),
-                reason: Utf8Bytes::from(reason),
+impl Pending {
+    /// Writes the batch with one flush and records the fan-out latency of
+    /// its live frames. Frames are taken one at a time, so a write abandoned
+    /// part way leaves the rest in the batch.
+    async fn write<S>(
+        &mut self,
+        socket: &mut WebSocketStream<S>,
+        gateway: &Gateway,
+    ) -> Result<(), WsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        while let Some(frame) = self.batch.pop_front() {
+            let message = match frame {
+                Outgoing::Live { text, published_at } => {
+                    self.published.push(published_at);
+                    Message::Text(text)
+                }
+                Outgoing::Text(text) => Message::Text(text),
+                Outgoing::Binary(data) => Message::Binary(data),
+                Outgoing::Ping => {
+                    socket.feed(Message::Ping(Default::default())).await?;
+                    continue;
+                }
             };
-            if let Err(err) = sink.send(Message::Close(Some(frame))).await {
-                tracing::debug!(%err, "close frame not sent");
-            }
-            return;
+            frames += 1;
+            bytes += message.len() as u64;
+            socket.feed(message).await?;
         }
+        socket.flush().await?;
+        // Keep a small queue allocation for the next batch, not a burst's worth.
+        if self.batch.capacity() > 64 {
+            self.batch = VecDeque::new();
+        }
+        let written = Instant::now();
+        let metrics = &gateway.metrics;
+        for at in self.published.drain(..) {
+            metrics
+                .fanout_latency
+                .observe(written.saturating_duration_since(at).as_secs_f64());
+        }
+        metrics.messages_sent.inc_by(frames);
+        metrics.bytes_sent.inc_by(bytes);
+        Ok(())
     }
 }
 
-async fn write_batch<S>(
-    sink: &mut Sink<S>,
-    batch: &mut VecDeque<Outgoing>,
-    published: &mut Vec<Instant>,
-    gateway: &Gateway,
-) -> Result<(), WsError>
+/// Sends a close frame; a failure only means the peer is already gone.
+async fn send_close<S>(socket: &mut WebSocketStream<S>, code: CloseCode, reason: String)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut frames, mut bytes) = (0u64, 0u64);
-    for frame in batch.drain(..) {
-        let message = match frame {
-            Outgoing::Live { text, published_at } => {
-                published.push(published_at);
-                Message::Text(text)
-            }
-            Outgoing::Text(text) => Message::Text(text),
-            Outgoing::Binary(data) => Message::Binary(data),
-            Outgoing::Ping => {
-                sink.feed(Message::Ping(Default::default())).await?;
-                continue;
-            }
-        };
-        frames += 1;
-        bytes += message.len() as u64;
-        sink.feed(message).await?;
+    let frame = CloseFrame {
+        code: WireCloseCode::from(code.as_u16()),
+        reason: Utf8Bytes::from(reason),
+    };
+    if let Err(err) = socket.send(Message::Close(Some(frame))).await {
+        tracing::debug!(%err, "close frame not sent");
     }
-    sink.flush().await?;
-    let written = Instant::now();
-    for at in published.drain(..) {
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::security::{pattern_list, AuthMethod};
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    fn anonymous() -> Session {
+        let all = pattern_list(&["#".to_owned()]);
+        Session {
+            subject: None,
+            method: AuthMethod::Anonymous,
+            expires_at_ms: None,
+            subscribe: all.clone(),
+            publish: all,
+        }
+    }
+
+    /// A gateway-side connection on one end of an in-memory pipe of
+    /// `pipe_bytes`; the other end is returned raw.
+    async fn connection(
+        pipe_bytes: usize,
+    ) -> (
+        Arc<Gateway>,
+        Arc<ConnHandle>,
+        impl std::future::Future<Output = ()> + Send,
+        DuplexStream,
+    ) {
+        let gateway = Gateway::new(Config::default()).expect("gateway");
+        let (server_io, client_io) = tokio::io::duplex(pipe_bytes);
+        let socket = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
+        let handle = gateway.hub.register(Route::Topics);
+        let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let task = run(gateway.clone(), socket, handle.clone(), anonymous(), peer);
+        (gateway, handle, task, client_io)
+    }
+
+    fn closes(gateway: &Gateway, code: &str, initiator: &str) -> u64 {
         gateway
             .metrics
-            .fanout_latency
-            .observe(written.saturating_duration_since(at).as_secs_f64());
+            .connections_closed
+            .with_label_values(&[code, initiator])
+            .get()
     }
-    gateway.metrics.messages_sent.inc_by(frames);
-    gateway.metrics.bytes_sent.inc_by(bytes);
-    Ok(())
+
+    #[tokio::test]
+    async fn an_idle_connection_is_one_small_task() {
+        let (_gateway, _handle, task, _client) = connection(1024).await;
+        // Everything an idle connection's task holds: the socket, the
+        // connection state and the select loop. Measured 1,008 bytes over
+        // hyper's upgraded stream (a wider socket type than this pipe); the
+        // reader and writer tasks it replaced held 3.2 KiB.
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "connection future grew to {size} bytes");
+    }
+
+    #[tokio::test]
+    async fn frames_then_the_close_reach_the_client() {
+        let (gateway, handle, task, client_io) = connection(64 * 1024).await;
+        let task = tokio::spawn(task);
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let welcome = client.next().await.expect("frame").expect("welcome");
+        assert!(welcome.to_text().expect("text").contains("\"welcome\""));
+        handle
+            .outbox
+            .push(Outgoing::Text(Utf8Bytes::from_static("one")))
+            .expect("push");
+        handle.outbox.close(CloseCode::GoingAway, "bye".to_owned());
+        assert_eq!(
+            client.next().await.expect("frame").expect("text"),
+            Message::text("one")
+        );
+        match client.next().await.expect("frame").expect("close") {
+            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+        // The client answers the close; the connection ends and is counted.
+        while client.next().await.is_some() {}
+        task.await.expect("connection task");
+        assert_eq!(gateway.hub.len(), 0);
+        assert_eq!(closes(&gateway, "1001", "server"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_to_a_peer_that_stopped_reading_gives_way_to_the_close_deadline() {
+        // 4 KiB of pipe and a peer that never reads: the writes block.
+        let (gateway, handle, task, _client_io) = connection(4096).await;
+        let task = tokio::spawn(task);
+        let kib = Utf8Bytes::from("x".repeat(1024));
+        for _ in 0..16 {
+            handle
+                .outbox
+                .push(Outgoing::Text(kib.clone()))
+                .expect("push");
+        }
+        tokio::task::yield_now().await;
+        handle.outbox.close(CloseCode::GoingAway, String::new());
+        // Paused time runs ahead once everything waits: only the close
+        // deadline (2 s) can end the blocked write.
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the blocked connection was given up on")
+            .expect("connection task");
+        assert_eq!(gateway.hub.len(), 0);
+        assert_eq!(closes(&gateway, "1001", "server"), 1);
+    }
 }

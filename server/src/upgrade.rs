@@ -238,8 +238,14 @@ async fn upgrade_checked<B>(
             )
             .await;
             match admission {
+                // The connection gets a task of its own, sized for what it
+                // holds while it lives (the socket and its state), rather
+                // than going on in this one, whose allocation is sized for
+                // the largest of everything it awaits (the upgrade, the
+                // refusal path).
                 Admission::Accept(handle, session) => {
-                    crate::connection::run(gateway, socket, handle, session, peer).await
+                    let connection = crate::connection::run(gateway, socket, handle, session, peer);
+                    tokio::spawn(connection.in_current_span());
                 }
                 Admission::Refuse(code, reason) => {
                     let timeout = Duration::from_millis(gateway.config.connection.close_timeout_ms);
