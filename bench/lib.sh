@@ -2,21 +2,45 @@
 # reference peer on $PORT (admin $PORT+1), measuring idle memory per
 # connection and fan-out. Expects BIN, WORK, PIDS, SOURCES, PORT set by the
 # caller (and IDLE, SUBSCRIBERS, RATE, SECS for the defaults of idle/fanout).
+# Optional: PRELOAD (a malloc library for Switchyard's process, LD_PRELOAD)
+# and VARIANT (a label added to each result line as "variant").
 
-start() { # name -> sets SERVER_PID
-  local name=$1 admin=$((PORT + 1))
+# A CA and an ECDSA P-256 certificate for 127.0.0.1 it signed, in $1
+# (ca.crt, server.crt, server.key): what the TLS handshake runs use.
+make_certs() {
+  local dir=$1
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt \
+      -days 2 -subj /CN=switchyard-bench-ca 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr \
+      -subj /CN=127.0.0.1 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >ext.cnf
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+      -extfile ext.cnf -out server.crt 2>/dev/null
+  )
+}
+
+start() { # name -> sets SERVER_PID; with TLS_DIR set, the WebSocket port is wss://
+  local name=$1 admin=$((PORT + 1)) sy_tls=() peer_tls=() node_tls=()
+  if [ -n "${TLS_DIR:-}" ]; then
+    sy_tls=(--set "tls.cert_file=$TLS_DIR/server.crt" --set "tls.key_file=$TLS_DIR/server.key")
+    peer_tls=(--tls-cert "$TLS_DIR/server.crt" --tls-key "$TLS_DIR/server.key")
+    node_tls=("$TLS_DIR/server.crt" "$TLS_DIR/server.key")
+  fi
   case $name in
     switchyard)
-      "$BIN/switchyard-server" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$admin" \
-        --set log.level=warn --set topics.max_topic_length=128 2>"$WORK/$name.log" & ;;
+      env ${PRELOAD:+LD_PRELOAD=$PRELOAD} "$BIN/switchyard-server" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$admin" \
+        --set log.level=warn --set topics.max_topic_length=128 "${sy_tls[@]}" 2>"$WORK/$name.log" & ;;
     tungstenite-4k-batched)
-      "$BIN/tungstenite-peer" --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$admin" --batch 2>"$WORK/$name.log" & ;;
+      "$BIN/tungstenite-peer" --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$admin" --batch "${peer_tls[@]}" 2>"$WORK/$name.log" & ;;
     tungstenite-4k-per-message)
       "$BIN/tungstenite-peer" --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$admin" 2>"$WORK/$name.log" & ;;
     tungstenite-default-config)
       "$BIN/tungstenite-peer" --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$admin" --buffer 0 --batch 2>"$WORK/$name.log" & ;;
     node-ws)
-      node bench/peers/node-ws/server.mjs "$PORT" "$admin" 2>"$WORK/$name.log" & ;;
+      node bench/peers/node-ws/server.mjs "$PORT" "$admin" "${node_tls[@]}" 2>"$WORK/$name.log" & ;;
     *) echo "unknown server $name" >&2; exit 2 ;;
   esac
   SERVER_PID=$!
@@ -32,7 +56,7 @@ stop() { kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null 
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-tag() { python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); r['server']='$1'; print(json.dumps(r))"; }
+tag() { python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); r['server']='$1'; r.update({'variant': '${VARIANT:-}'} if '${VARIANT:-}' else {}); print(json.dumps(r))"; }
 
 idle() { # name [connections]
   local name=$1 connections=${2:-$IDLE}
@@ -47,7 +71,7 @@ idle() { # name [connections]
   sleep 2
   local after; after=$(rss_kib "$SERVER_PID")
   wait "$load" || true
-  python3 -c "import json; print(json.dumps({'workload': 'idle', 'server': '$name', 'connections': $connections, 'opened': int(open('$WORK/ready').read()), 'rss_before_kib': $before, 'rss_after_kib': $after, 'kib_per_connection': round(($after - $before) / $connections, 2)}))" | tee -a "$WORK/results"
+  python3 -c "import json; print(json.dumps({'workload': 'idle', 'server': '$name', 'connections': $connections, 'opened': int(open('$WORK/ready').read()), 'rss_before_kib': $before, 'rss_after_kib': $after, 'kib_per_connection': round(($after - $before) / $connections, 2)}))" | tag "$name" | tee -a "$WORK/results"
   stop
 }
 
@@ -60,3 +84,29 @@ fanout() { # name protocol [rate]
   stop
 }
 
+
+handshakes() { # name [connections] -> handshakes/s opening connections and closing them at once
+  local name=$1 connections=${2:-$HANDSHAKES} tls_args=() mode=plain
+  if [ -n "${TLS_DIR:-}" ]; then tls_args=(--tls-ca "$TLS_DIR/ca.crt"); mode=tls; fi
+  start "$name"
+  sleep 0.5
+  # The server's own CPU time over the run (utime + stime, in clock ticks):
+  # the rate is bounded by the load generator sharing the cores, the CPU
+  # cost per handshake is the server's alone.
+  local before; before=$(cpu_ticks "$SERVER_PID")
+  "$BIN/switchyard-load" "${tls_args[@]}" idle --target "127.0.0.1:$PORT" --connections "$connections" \
+    --sources "$SOURCES" --concurrency 128 --hold-secs 0 >"$WORK/handshakes.json"
+  local after; after=$(cpu_ticks "$SERVER_PID")
+  VARIANT=$mode tag "$name" <"$WORK/handshakes.json" | python3 -c "
+import json, os, sys
+r = json.loads(sys.stdin.read())
+r['workload'] = 'handshakes'
+r['server_cpu_secs'] = ($after - $before) / os.sysconf('SC_CLK_TCK')
+r['server_cpu_us_per_handshake'] = round(r['server_cpu_secs'] * 1e6 / max(r['opened'], 1), 1)
+print(json.dumps(r))" | tee -a "$WORK/results"
+  stop
+}
+
+cpu_ticks() { # pid -> utime + stime of the process (and its threads), in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}

@@ -6,7 +6,7 @@
 //! `data` JSON, as text). No topics, no history, no limits. Variants:
 //! `--read-buffer 0` keeps tungstenite's default 128 KiB read buffer;
 //! `--batch` writes whatever is queued and flushes once, otherwise each
-//! message is one `send` (write + flush).
+//! message is one `send` (write + flush); `--tls-cert/--tls-key` serve wss://.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -14,10 +14,13 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 #[derive(Parser)]
@@ -34,6 +37,34 @@ struct Args {
     /// Batch queued messages into one flush.
     #[arg(long)]
     batch: bool,
+    /// TLS (wss://): the certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// TLS: the private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// The TLS acceptor for --tls-cert/--tls-key, set up the way the gateway
+/// does it (rustls on ring, HTTP/1.1 only).
+fn acceptor(args: &Args) -> Result<Option<TlsAcceptor>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .context("--tls-cert")?
+        .collect::<Result<Vec<_>, _>>()
+        .context("--tls-cert")?;
+    let key = PrivateKeyDer::from_pem_file(key).context("--tls-key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("TLS certificate")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }
 
 type Subscribers = Arc<Mutex<Vec<mpsc::UnboundedSender<Utf8Bytes>>>>;
@@ -53,42 +84,57 @@ async fn main() -> Result<()> {
     let admin = TcpListener::bind(args.admin).await.context("admin")?;
     tokio::spawn(publish_loop(admin, subscribers.clone()));
     eprintln!("peer listening on {} (admin {})", args.listen, args.admin);
+    let tls = acceptor(&args)?;
     loop {
         let (tcp, _) = listener.accept().await?;
-        let (subscribers, batch) = (subscribers.clone(), args.batch);
+        let (subscribers, batch, tls) = (subscribers.clone(), args.batch, tls.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let Ok(ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await
-            else {
-                return;
-            };
-            let (mut sink, mut stream) = ws.split();
-            let (tx, mut rx) = mpsc::unbounded_channel::<Utf8Bytes>();
-            subscribers.lock().expect("subscribers").push(tx);
-            let writer = tokio::spawn(async move {
-                while let Some(text) = rx.recv().await {
-                    let sent = if batch {
-                        let mut result = sink.feed(Message::Text(text)).await;
-                        while let (Ok(()), Ok(more)) = (&result, rx.try_recv()) {
-                            result = sink.feed(Message::Text(more)).await;
-                        }
-                        match result {
-                            Ok(()) => sink.flush().await,
-                            err => err,
-                        }
-                    } else {
-                        sink.send(Message::Text(text)).await
-                    };
-                    if sent.is_err() {
-                        return;
+            match tls {
+                None => serve(tcp, config, subscribers, batch).await,
+                Some(tls) => {
+                    if let Ok(tls) = tls.accept(tcp).await {
+                        serve(tls, config, subscribers, batch).await
                     }
                 }
-            });
-            // Reading answers pings (tungstenite queues the pong) and notices the end.
-            while let Some(Ok(_)) = stream.next().await {}
-            writer.abort();
+            }
         });
     }
+}
+
+/// One connection: receives every published message until it goes away.
+async fn serve<S>(io: S, config: WebSocketConfig, subscribers: Subscribers, batch: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(io, Some(config)).await else {
+        return;
+    };
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Utf8Bytes>();
+    subscribers.lock().expect("subscribers").push(tx);
+    let writer = tokio::spawn(async move {
+        while let Some(text) = rx.recv().await {
+            let sent = if batch {
+                let mut result = sink.feed(Message::Text(text)).await;
+                while let (Ok(()), Ok(more)) = (&result, rx.try_recv()) {
+                    result = sink.feed(Message::Text(more)).await;
+                }
+                match result {
+                    Ok(()) => sink.flush().await,
+                    err => err,
+                }
+            } else {
+                sink.send(Message::Text(text)).await
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    // Reading answers pings (tungstenite queues the pong) and notices the end.
+    while let Some(Ok(_)) = stream.next().await {}
+    writer.abort();
 }
 
 /// Minimal HTTP/1.1 keep-alive server for `POST /api/publish`.

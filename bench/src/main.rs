@@ -12,6 +12,9 @@
 //! can hold about 19,900 sockets here, so larger runs use several processes.
 
 mod migrate;
+mod stream;
+
+use stream::Stream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +42,9 @@ struct Args {
     /// (measures handshakes against a gateway that verifies tokens).
     #[arg(long, global = true, env = "SWITCHYARD_LOAD_BEARER")]
     bearer: Option<String>,
+    /// Connect with TLS (wss://), trusting the CA certificate in this PEM file.
+    #[arg(long, global = true)]
+    tls_ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -193,7 +199,7 @@ async fn open(
     target: SocketAddr,
     source: IpAddr,
     path: &str,
-) -> Result<WebSocketStream<TcpStream>> {
+) -> Result<WebSocketStream<Stream>> {
     let socket = TcpSocket::new_v4()?;
     // Choose the source port at connect time (by 4-tuple) rather than at bind
     // time: without this the kernel searches for a port free on every
@@ -215,7 +221,9 @@ async fn open(
     socket.bind(SocketAddr::new(source, 0))?;
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
-    let mut request = format!("ws://{target}{path}").into_client_request()?;
+    let stream = Stream::wrap(stream).await?;
+    let scheme = if stream::tls() { "wss" } else { "ws" };
+    let mut request = format!("{scheme}://{target}{path}").into_client_request()?;
     if let Some(value) = AUTHORIZATION.get() {
         request.headers_mut().insert(
             tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
@@ -238,7 +246,7 @@ async fn open_many<F, Fut>(
     serve: F,
 ) -> (u64, u64, f64)
 where
-    F: Fn(WebSocketStream<TcpStream>) -> Fut + Send + Sync + 'static + Clone,
+    F: Fn(WebSocketStream<Stream>) -> Fut + Send + Sync + 'static + Clone,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let started = Instant::now();
@@ -283,7 +291,7 @@ where
 }
 
 /// Reads and discards, answering pings (tungstenite does) and heartbeats.
-async fn hold(mut ws: WebSocketStream<TcpStream>) {
+async fn hold(mut ws: WebSocketStream<Stream>) {
     while let Some(Ok(message)) = ws.next().await {
         if let Message::Text(text) = message {
             if text.contains("\"heartbeat\"")
@@ -391,7 +399,7 @@ struct FanoutShared {
 }
 
 /// One fan-out subscriber: records a latency sample per message until stopped.
-async fn subscriber(mut ws: WebSocketStream<TcpStream>, shared: Arc<FanoutShared>) {
+async fn subscriber(mut ws: WebSocketStream<Stream>, shared: Arc<FanoutShared>) {
     match &shared.subscribe_frame {
         Some(frame) => {
             if ws.send(Message::text(frame.as_str())).await.is_err() {
@@ -453,7 +461,7 @@ async fn fanout(
     });
     let serve = {
         let shared = shared.clone();
-        move |ws: WebSocketStream<TcpStream>| subscriber(ws, shared.clone())
+        move |ws: WebSocketStream<Stream>| subscriber(ws, shared.clone())
     };
     let (opened, failed, connect_secs) =
         open_many(target, "/ws", &sources, subscribers, 256, serve).await;
@@ -537,6 +545,9 @@ async fn fanout(
 async fn main() -> Result<()> {
     raise_fd_limit();
     let args = Args::parse();
+    if let Some(ca) = &args.tls_ca {
+        stream::use_tls(ca)?;
+    }
     if let Some(token) = &args.bearer {
         let value =
             tokio_tungstenite::tungstenite::http::HeaderValue::from_str(&format!("Bearer {token}"))

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -23,7 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::open;
 
-type Socket = WebSocketStream<TcpStream>;
+type Socket = WebSocketStream<crate::Stream>;
 
 /// What one connection observed.
 #[derive(Default, Clone)]

@@ -77,3 +77,152 @@ async fn fanout_and_idle_report_exact_counts() {
     stop.send(Stop::Now).expect("stop");
     server.await.expect("join").expect("serve");
 }
+
+/// A free loopback port (bound, then released for the peer to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A reference peer process, killed when dropped.
+struct Peer(std::process::Child);
+
+impl Peer {
+    /// Starts `command` and waits until its admin port accepts connections.
+    fn start(mut command: Command, admin: u16) -> Peer {
+        let child = command
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn peer");
+        let peer = Peer(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok() {
+                return peer;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("peer did not listen on {admin}");
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `idle` handshakes against `target`, with or without TLS: (opened, failed).
+fn handshakes(target: &str, ca: Option<&std::path::Path>) -> (u64, u64) {
+    let mut args = Vec::new();
+    if let Some(ca) = ca {
+        args.push(format!("--tls-ca={}", ca.display()));
+    }
+    args.extend([
+        "idle".into(),
+        format!("--target={target}"),
+        "--connections=100".into(),
+        "--hold-secs=0".into(),
+    ]);
+    let summary = run_load(&args);
+    (
+        summary["opened"].as_u64().expect("opened"),
+        summary["failed"].as_u64().expect("failed"),
+    )
+}
+
+/// A raw fan-out over TLS through a peer: every subscriber gets every message.
+fn tls_fanout_delivers_everything(target: &str, admin: u16, ca: &std::path::Path) {
+    let summary = run_load(&[
+        format!("--tls-ca={}", ca.display()),
+        "fanout".into(),
+        format!("--target={target}"),
+        format!("--admin=127.0.0.1:{admin}"),
+        "--subscribers=20".into(),
+        "--rate=10".into(),
+        "--duration-secs=1".into(),
+        "--protocol=raw".into(),
+    ]);
+    assert_eq!(summary["expected_deliveries"], 200, "{summary}");
+    assert_eq!(summary["delivered"], 200, "{summary}");
+}
+
+/// The TLS handshake workload (bench/compare.sh) against the gateway and
+/// both reference peers: each accepts wss:// from a client trusting the CA,
+/// and a plain client gets nowhere on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_against_the_gateway_and_the_peers() {
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-tls-{}", std::process::id()));
+    let certs = switchyard_tests::TestCertificates::create(&dir).expect("certificates");
+    let ca = certs.ca.clone();
+
+    let config = Config::load(
+        None,
+        Vec::new(),
+        &[
+            "listen=127.0.0.1:0".into(),
+            "admin_listen=127.0.0.1:0".into(),
+            format!("tls.cert_file={}", certs.cert.display()),
+            format!("tls.key_file={}", certs.key.display()),
+        ],
+    )
+    .expect("config");
+    let listeners = Listeners::bind(&config).expect("bind");
+    let public = listeners.public.local_addr().expect("addr").to_string();
+    let gateway = Gateway::new(config).expect("gateway");
+    let (stop, shutdown) = tokio::sync::watch::channel(Stop::Running);
+    let server = tokio::spawn(serve(gateway.clone(), listeners, shutdown));
+    let (target, ca_for_gateway) = (public.clone(), ca.clone());
+    let (tls, plain) = tokio::task::spawn_blocking(move || {
+        (
+            handshakes(&target, Some(&ca_for_gateway)),
+            handshakes(&target, None),
+        )
+    })
+    .await
+    .expect("handshakes");
+    assert_eq!(tls, (100, 0), "wss:// to the gateway");
+    assert_eq!(plain, (0, 100), "ws:// to a TLS port");
+    assert_eq!(gateway.metrics.connections_opened.get(), 100);
+    stop.send(Stop::Now).expect("stop");
+    server.await.expect("join").expect("serve");
+
+    let peers = tokio::task::spawn_blocking(move || {
+        let (port, admin) = (free_port(), free_port());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tungstenite-peer"));
+        command.args([
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--admin=127.0.0.1:{admin}"),
+            "--batch".into(),
+            format!("--tls-cert={}", certs.cert.display()),
+            format!("--tls-key={}", certs.key.display()),
+        ]);
+        let tungstenite = Peer::start(command, admin);
+        let target = format!("127.0.0.1:{port}");
+        assert_eq!(handshakes(&target, Some(&ca)), (100, 0), "tungstenite peer");
+        tls_fanout_delivers_everything(&target, admin, &ca);
+        drop(tungstenite);
+
+        let peer_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/node-ws");
+        assert!(
+            peer_dir.join("node_modules/ws").is_dir(),
+            "the Node peer needs `npm ci --prefix bench/peers/node-ws` (./scripts/test runs it)"
+        );
+        let (port, admin) = (free_port(), free_port());
+        let mut command = Command::new("node");
+        command
+            .arg(peer_dir.join("server.mjs"))
+            .args([port.to_string(), admin.to_string()])
+            .arg(&certs.cert)
+            .arg(&certs.key);
+        let node = Peer::start(command, admin);
+        let target = format!("127.0.0.1:{port}");
+        assert_eq!(handshakes(&target, Some(&ca)), (100, 0), "node ws peer");
+        tls_fanout_delivers_everything(&target, admin, &ca);
+        drop(node);
+    });
+    peers.await.expect("peers");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,12 +3,24 @@
 // message published with POST /api/publish {"topic", "data"} on the admin
 // port, as the data's JSON text.
 //
-//   node server.mjs <ws-port> <admin-port>
+//   node server.mjs <ws-port> <admin-port> [<tls-cert.pem> <tls-key.pem>]
+//
+// With a certificate and key the WebSocket port serves wss:// (node:https).
+import fs from "node:fs";
 import http from "node:http";
+import https from "node:https";
 import { WebSocketServer } from "ws";
 
-const [wsPort, adminPort] = process.argv.slice(2).map(Number);
-const wss = new WebSocketServer({ host: "127.0.0.1", port: wsPort, perMessageDeflate: false });
+const [wsPortArg, adminPortArg, certFile, keyFile] = process.argv.slice(2);
+const [wsPort, adminPort] = [Number(wsPortArg), Number(adminPortArg)];
+let wss;
+if (certFile) {
+  const server = https.createServer({ cert: fs.readFileSync(certFile), key: fs.readFileSync(keyFile) });
+  wss = new WebSocketServer({ server, perMessageDeflate: false });
+  server.listen(wsPort, "127.0.0.1");
+} else {
+  wss = new WebSocketServer({ host: "127.0.0.1", port: wsPort, perMessageDeflate: false });
+}
 
 const admin = http.createServer((req, res) => {
   if (req.method !== "POST" || req.url !== "/api/publish") {
