@@ -26,13 +26,9 @@ if [ ! -e $LIBS/libjemalloc.so.2 ] || [ ! -e $LIBS/libmimalloc.so.2 ] || [ ! -e 
   $SUDO apt-get install -y -q libjemalloc2 libmimalloc2.0 libtcmalloc-minimal4 >/dev/null
 fi
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
-BIN=target/release
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+bench_setup
 
 declare -A LIB=([glibc]="" [jemalloc]=$LIBS/libjemalloc.so.2 [mimalloc]=$LIBS/libmimalloc.so.2 [tcmalloc]=$LIBS/libtcmalloc_minimal.so.4)
 for _ in $(seq 1 "$ROUNDS"); do

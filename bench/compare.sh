@@ -34,14 +34,9 @@ ulimit -n 20000 2>/dev/null || true
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
 [ -d bench/peers/node-ws/node_modules/ws ] ||
   npm ci --prefix bench/peers/node-ws --no-audit --no-fund --silent
-BIN=target/release
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+bench_setup
 make_certs "$WORK/tls"
 
 for _ in $(seq 1 "$ROUNDS"); do

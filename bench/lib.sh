@@ -1,7 +1,7 @@
-# Shared by bench/compare.sh and bench/sweep.sh: starting Switchyard or a
+# Shared by the bench scripts (compare, sweep, allocators): starting Switchyard or a
 # reference peer on $PORT (admin $PORT+1), measuring idle memory per
-# connection and fan-out. Expects BIN, WORK, PIDS, SOURCES, PORT set by the
-# caller (and IDLE, SUBSCRIBERS, RATE, SECS for the defaults of idle/fanout).
+# connection and fan-out. Expects BIN, WORK, PIDS (bench_setup) and SOURCES,
+# PORT set by the caller (and IDLE, SUBSCRIBERS, RATE, SECS for the defaults of idle/fanout).
 # Optional: PRELOAD (a malloc library for Switchyard's process, LD_PRELOAD)
 # and VARIANT (a label added to each result line as "variant").
 
@@ -20,6 +20,15 @@ make_certs() {
     openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
       -extfile ext.cnf -out server.crt 2>/dev/null
   )
+}
+
+# The common preamble: BIN, a scratch WORK directory, and PIDS (processes
+# the caller starts) killed on exit, when WORK is removed.
+bench_setup() {
+  BIN=target/release
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 }
 
 start() { # name -> sets SERVER_PID; with TLS_DIR set, the WebSocket port is wss://

@@ -87,18 +87,23 @@ async fn main() -> Result<()> {
     let tls = acceptor(&args)?;
     loop {
         let (tcp, _) = listener.accept().await?;
-        let (subscribers, batch, tls) = (subscribers.clone(), args.batch, tls.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            match tls {
-                None => serve(tcp, config, subscribers, batch).await,
-                Some(tls) => {
+        let _ = tcp.set_nodelay(true);
+        let (subscribers, batch) = (subscribers.clone(), args.batch);
+        // Two spawns, not one task with both branches: a task is sized for
+        // the largest thing it awaits, and the TLS handshake state would
+        // widen every plain connection (measured: 8.8 → 19 KiB each).
+        match tls.clone() {
+            None => {
+                tokio::spawn(serve(tcp, config, subscribers, batch));
+            }
+            Some(tls) => {
+                tokio::spawn(async move {
                     if let Ok(tls) = tls.accept(tcp).await {
                         serve(tls, config, subscribers, batch).await
                     }
-                }
+                });
             }
-        });
+        }
     }
 }
 
