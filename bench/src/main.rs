@@ -195,11 +195,7 @@ fn client_config() -> WebSocketConfig {
         .max_write_buffer_size(64 * 1024)
 }
 
-async fn open(
-    target: SocketAddr,
-    source: IpAddr,
-    path: &str,
-) -> Result<WebSocketStream<Stream>> {
+async fn open(target: SocketAddr, source: IpAddr, path: &str) -> Result<WebSocketStream<Stream>> {
     let socket = TcpSocket::new_v4()?;
     // Choose the source port at connect time (by 4-tuple) rather than at bind
     // time: without this the kernel searches for a port free on every
