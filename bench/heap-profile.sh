@@ -26,7 +26,7 @@ for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$((PORT + 1))") 2>/dev/nu
 pkill -INT -f "switchyard-server --listen 127.0.0.1:$PORT" || true
 for _ in $(seq 1 100); do ls "$WORK"/gateway*.zst >/dev/null 2>&1 && ! pgrep -f "heaptrack.*127.0.0.1:$PORT" >/dev/null && break; sleep 0.2; done
 heaptrack_print -f "$WORK"/gateway*.zst --print-peaks 1 --print-allocators 0 --print-temporary 0 \
-  --print-leaks 0 --peak-limit 12 --print-flamegraph 0 2>/dev/null >"$WORK/peaks.txt"
+  --print-leaks 0 --peak-limit 12 2>/dev/null >"$WORK/peaks.txt"
 # Each consumer with its calls and bytes per call; those called about once
 # per connection are per-connection costs.
 awk '/PEAK MEMORY/{p=1} p && /consumed over [0-9]+ calls from:/' "$WORK/peaks.txt" | python3 -c "

@@ -181,7 +181,7 @@ impl Connection {
         });
     }
 
-    /// Asks the writer to close with `code` after what is queued. Frames the
+    /// Asks for a close with `code` after what is queued. Frames the
     /// client sends after that are not acted on: a client closed for flooding
     /// must not keep subscribing or publishing while the close completes.
     fn close(&mut self, code: CloseCode, reason: &str) {

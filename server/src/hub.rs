@@ -23,7 +23,7 @@ pub enum Route {
 }
 
 /// What the rest of the gateway holds of one connection: its id, its outbox
-/// and when it was last heard from. The reader and writer tasks own the socket.
+/// and when it was last heard from. The connection's task owns the socket.
 #[derive(Debug)]
 pub struct ConnHandle {
     /// Numeric id, unique within this process.

@@ -4,7 +4,7 @@
 //!
 //! Layout, one module per concern:
 //! - [`config`]: layered settings with field-named errors.
-//! - [`outbox`]: the bounded per-connection queue (the only way to the writer).
+//! - [`outbox`]: the bounded per-connection queue (the only way to a connection's socket).
 //! - [`hub`]: the registry of live connections, keepalive sweeps.
 //! - [`broker`]: topic logs, resume, fan-out (in-memory default).
 //! - [`connection`]: one connection's reader and writer.

@@ -1,7 +1,7 @@
 //! The per-connection outgoing queue.
 //!
 //! Every frame for a connection goes through its `Outbox`; only the
-//! connection's writer task takes frames out and touches the socket. The queue
+//! connection's task takes frames out and touches the socket. The queue
 //! is bounded by frame count and bytes. A push that does not fit marks the
 //! connection a slow consumer: the queue is dropped at once (memory is freed
 //! now, not when the socket drains) and the connection is asked to close with
@@ -10,7 +10,7 @@
 //!
 //! The queue is a `Mutex<VecDeque>` rather than a channel: an empty
 //! `VecDeque` allocates nothing, so an idle connection costs only this struct,
-//! and the writer swaps the whole queue out in one lock to write it as a batch.
+//! and the connection swaps the whole queue out in one lock to write it as a batch.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
@@ -100,9 +100,9 @@ struct State {
 pub struct Outbox {
     state: Mutex<State>,
     limits: OutboxLimits,
-    /// Wakes the writer: frames or an end request are waiting.
+    /// Wakes the connection's write side: frames or an end request are waiting.
     writer_wake: Notify,
-    /// Wakes the reader: an end request is waiting.
+    /// Wakes a write that waits for room: an end request is waiting.
     end_wake: Notify,
 }
 
@@ -123,7 +123,7 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a frame for the writer. Never blocks.
+    /// Queues a frame for the connection to write. Never blocks.
     pub fn push(&self, frame: Outgoing) -> Result<(), PushError> {
         let mut state = self.lock();
         if state.end.is_some() {
@@ -189,9 +189,9 @@ impl Outbox {
         self.lock().queue.len()
     }
 
-    /// For the writer: waits until frames or an end request are present, then
+    /// For the connection: waits until frames or an end request are present, then
     /// moves every queued frame into `batch` (which must be empty) and returns
-    /// the end request, if any. The writer sends the batch, then the close.
+    /// the end request, if any. The connection sends the batch, then the close.
     pub async fn next_batch(&self, batch: &mut VecDeque<Outgoing>) -> Option<EndRequest> {
         loop {
             {
@@ -211,7 +211,7 @@ impl Outbox {
         }
     }
 
-    /// For the reader: resolves when the connection is asked to end.
+    /// For a write that waits for room: resolves when the connection is asked to end.
     pub async fn ended(&self) -> EndRequest {
         loop {
             if let Some(end) = self.end_request() {
