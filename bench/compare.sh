@@ -39,13 +39,25 @@ source bench/lib.sh
 bench_setup
 make_certs "$WORK/tls"
 
-for _ in $(seq 1 "$ROUNDS"); do
-  for name in switchyard tungstenite-4k-batched tungstenite-default-config node-ws; do idle "$name"; done
-  fanout switchyard switchyard
-  fanout tungstenite-4k-batched raw
-  fanout tungstenite-4k-per-message raw
-  fanout node-ws raw
-  for name in switchyard tungstenite-4k-batched node-ws; do
+# Every other round runs the servers in reverse order: whichever goes first
+# after the idle phase inherits its aftermath (tens of thousands of sockets
+# being torn down, TIME_WAIT), which in a fixed order always fell on the same
+# server (Switchyard's fan-out p99 was 1.5x worse first than in isolation).
+in_order() { # round names... -> the names, reversed on even rounds
+  local round=$1; shift
+  if [ $((round % 2)) -eq 1 ]; then printf '%s\n' "$@"; else printf '%s\n' "$@" | tac; fi
+}
+protocol_of() { [ "$1" = switchyard ] && echo switchyard || echo raw; }
+
+for round in $(seq 1 "$ROUNDS"); do
+  for name in $(in_order "$round" switchyard tungstenite-4k-batched tungstenite-default-config node-ws); do
+    idle "$name"
+  done
+  sleep 5 # let the idle runs' sockets go before timing anything
+  for name in $(in_order "$round" switchyard tungstenite-4k-batched tungstenite-4k-per-message node-ws); do
+    fanout "$name" "$(protocol_of "$name")"
+  done
+  for name in $(in_order "$round" switchyard tungstenite-4k-batched node-ws); do
     PORT=$((PORT + 10)) SOURCES=$HANDSHAKE_SOURCES handshakes "$name"
     PORT=$((PORT + 20)) SOURCES=$HANDSHAKE_SOURCES TLS_DIR=$WORK/tls handshakes "$name"
   done
