@@ -23,6 +23,7 @@ ulimit -n 20000 2>/dev/null || true
 
 if [ ! -e $LIBS/libjemalloc.so.2 ] || [ ! -e $LIBS/libmimalloc.so.2 ] || [ ! -e $LIBS/libtcmalloc_minimal.so.4 ]; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq
   $SUDO apt-get install -y -q libjemalloc2 libmimalloc2.0 libtcmalloc-minimal4 >/dev/null
 fi
 cargo build --release --quiet -p switchyard-server -p switchyard-bench

@@ -32,10 +32,10 @@ HANDSHAKE_SOURCES=127.0.0.10,127.0.0.11,127.0.0.12,127.0.0.13,127.0.0.14,127.0.0
 ulimit -n 20000 2>/dev/null || true
 
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
-[ -d bench/peers/node-ws/node_modules/ws ] ||
-  npm ci --prefix bench/peers/node-ws --no-audit --no-fund --silent
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+need_node_peer
+need_commands openssl:openssl
 bench_setup
 make_certs "$WORK/tls"
 

@@ -18,6 +18,7 @@ cargo build --release --quiet -p switchyard-server -p switchyard-bench
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 bench_setup
+[ -n "${PERF:-}" ] && need_commands perf:linux-perf
 
 sources=(127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9)
 run=0

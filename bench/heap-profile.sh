@@ -11,10 +11,10 @@ cd "$(dirname "$0")/.."
 CONNECTIONS=${1:-5000}
 PORT=${PORT:-20080}
 ulimit -n 20000 2>/dev/null || true
-command -v heaptrack >/dev/null || { SUDO=$([ "$(id -u)" = 0 ] || echo sudo); $SUDO apt-get install -y -q heaptrack >/dev/null; }
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+need_commands heaptrack:heaptrack
 bench_setup
 
 heaptrack -o "$WORK/gateway" "$BIN/switchyard-server" --listen "127.0.0.1:$PORT" \

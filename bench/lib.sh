@@ -5,6 +5,44 @@
 # Optional: PRELOAD (a malloc library for Switchyard's process, LD_PRELOAD)
 # and VARIANT (a label added to each result line as "variant").
 
+# Installs, from Debian, the packages of the commands missing here
+# (command:package ...), so a benchmark runs on a fresh machine as the test
+# command does. Needs root or sudo only when something is missing.
+need_commands() {
+  local missing=() pair sudo=""
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing Debian packages: ${missing[*]}" >&2
+  [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# Node and the `ws` package for the Node reference peer (bench/peers/node-ws).
+need_node_peer() {
+  need_commands node:nodejs npm:npm
+  [ -d bench/peers/node-ws/node_modules/ws ] ||
+    npm ci --prefix bench/peers/node-ws --no-audit --no-fund --silent
+}
+
+# A private redis-server on a free port, in $1 (its scratch directory):
+# sets REDIS_PORT and adds the server to PIDS. Fails, rather than waiting for
+# ever, when the server does not answer within 10 s.
+start_redis() {
+  need_commands redis-server:redis-server redis-cli:redis-tools
+  REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$1" >/dev/null &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "redis-server on port $REDIS_PORT did not answer within 10 s" >&2
+  return 1
+}
+
 # A CA and an ECDSA P-256 certificate for 127.0.0.1 it signed, in $1
 # (ca.crt, server.crt, server.key): what the TLS handshake runs use.
 make_certs() {

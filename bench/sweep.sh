@@ -18,10 +18,9 @@ SOURCES=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
 ulimit -n 20000 2>/dev/null || true
 
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
-[ -d bench/peers/node-ws/node_modules/ws ] ||
-  npm ci --prefix bench/peers/node-ws --no-audit --no-fund --silent
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+need_node_peer
 bench_setup
 
 for connections in 2000 5000 10000 19000; do
