@@ -2,9 +2,10 @@
 # Where the CPU goes during a fan-out: the gateway's and the load
 # generator's CPU time over a 4-second window in the middle of a run (10,000
 # subscribers, one publisher at RATE msg/s for 12 s), as cores in use and as
-# gateway CPU microseconds per delivery. Switchyard only; with PERF=1 the
-# gateway is also profiled over the window (perf, call graphs) and the top
-# symbols printed. Bounded: about 30 s per rate.
+# gateway CPU microseconds per delivery. Switchyard by default;
+# SERVER=tungstenite-4k-batched (or node-ws) measures a reference peer the
+# same way. With PERF=1 the server is also profiled over the window (perf,
+# call graphs) and the top symbols printed. Bounded: about 30 s per rate.
 #
 #   bench/cpu.sh [rates=2,50,100] [subscribers=10000]
 set -euo pipefail
@@ -13,21 +14,24 @@ cd "$(dirname "$0")/.."
 RATES=${1:-2,50,100}
 SUBSCRIBERS=${2:-10000}
 PORT=${PORT:-21080}
+SERVER=${SERVER:-switchyard}
 ulimit -n 20000 2>/dev/null || true
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 bench_setup
 [ -n "${PERF:-}" ] && need_commands perf:linux-perf
+[ "$SERVER" = node-ws ] && need_node_peer
 
 sources=(127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9)
 run=0
 for rate in ${RATES//,/ }; do
   SOURCES=${sources[$((run % 2))]}
   run=$((run + 1))
-  start switchyard
+  start "$SERVER"
   "$BIN/switchyard-load" fanout --target "127.0.0.1:$PORT" --admin "127.0.0.1:$((PORT + 1))" \
-    --subscribers "$SUBSCRIBERS" --rate "$rate" --duration-secs 12 --sources "$SOURCES" >"$WORK/fanout.json" &
+    --subscribers "$SUBSCRIBERS" --rate "$rate" --duration-secs 12 --sources "$SOURCES" \
+    --protocol "$([ "$SERVER" = switchyard ] && echo switchyard || echo raw)" >"$WORK/fanout.json" &
   load=$!; PIDS+=("$load")
   sleep 7 # connected and publishing by now
   g1=$(cpu_ticks "$SERVER_PID"); l1=$(cpu_ticks "$load"); t1=$(date +%s.%N)
@@ -38,7 +42,7 @@ for rate in ${RATES//,/ }; do
   fi
   g2=$(cpu_ticks "$SERVER_PID"); l2=$(cpu_ticks "$load"); t2=$(date +%s.%N)
   wait "$load"
-  python3 - "$WORK/fanout.json" "$rate" "$g1" "$g2" "$l1" "$l2" "$t1" "$t2" "$SUBSCRIBERS" <<'PY'
+  SERVER=$SERVER python3 - "$WORK/fanout.json" "$rate" "$g1" "$g2" "$l1" "$l2" "$t1" "$t2" "$SUBSCRIBERS" <<'PY'
 import json, os, sys
 f, rate, g1, g2, l1, l2, t1, t2, subs = sys.argv[1:]
 r = json.loads(open(f).read().strip().splitlines()[-1])
@@ -46,7 +50,7 @@ tick, dt = os.sysconf("SC_CLK_TCK"), float(t2) - float(t1)
 gateway, load = (int(g2) - int(g1)) / tick, (int(l2) - int(l1)) / tick
 per_sec = int(rate) * int(subs)
 print(json.dumps({
-    "workload": "cpu", "rate": int(rate), "offered_per_sec": per_sec,
+    "workload": "cpu", "server": os.environ["SERVER"], "rate": int(rate), "offered_per_sec": per_sec,
     "gateway_cores": round(gateway / dt, 2), "load_generator_cores": round(load / dt, 2),
     "gateway_cpu_us_per_delivery": round(gateway * 1e6 / (per_sec * dt), 2),
     "delivered": r["delivered"], "expected": r["expected_deliveries"],
@@ -57,6 +61,10 @@ PY
     perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -4
     perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
       grep -E '^ +[0-9]' | head -12 | cut -c1-120
+    # Inclusive: the publish request (the fan-out walk inside it) and the
+    # connections' own polls.
+    perf report -i "$WORK/perf.data" --children --sort symbol --stdio -g none 2>/dev/null |
+      grep -E '^ +[0-9]' | grep -E 'publish|fan|Connection|connection::|Outbox|wake' | head -12 | cut -c1-140
   fi
   stop
 done

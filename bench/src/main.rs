@@ -472,6 +472,7 @@ async fn fanout(
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let total = rate * duration.as_secs();
     let started = Instant::now();
+    let mut publish_micros: Vec<u32> = Vec::with_capacity(total as usize);
     let mut next = tokio::time::Instant::now();
     for n in 0..total {
         tokio::time::sleep_until(next).await;
@@ -480,9 +481,14 @@ async fn fanout(
             r#"{{"topic":"{topic}","data":{{"t":{},"n":{n},"pad":"{pad}"}}}}"#,
             unix_micros()
         );
+        let asked = Instant::now();
         publisher.publish(&body).await?;
+        // Micros per publish request: a server that answers its publisher
+        // late gets fewer publishes per second than offered.
+        publish_micros.push(asked.elapsed().as_micros().min(u32::MAX as u128) as u32);
     }
     let publish_secs = started.elapsed().as_secs_f64();
+    publish_micros.sort_unstable();
     let first_publish_micros = unix_micros() - (publish_secs * 1e6) as u64;
     // Let the tail arrive: wait until deliveries stop growing.
     let expected = total * ready;
@@ -522,6 +528,11 @@ async fn fanout(
             "published": total,
             "publish_secs": publish_secs,
             "offered_per_sec": (total * ready) as f64 / publish_secs,
+            "publish_request_ms": {
+                "p50": percentile(&publish_micros, 0.50),
+                "p99": percentile(&publish_micros, 0.99),
+                "max": percentile(&publish_micros, 1.0),
+            },
             "expected_deliveries": expected,
             "delivered": got,
             "delivery_secs": delivery_secs,

@@ -11,14 +11,24 @@
 //! The queue is a `Mutex<VecDeque>` rather than a channel: an empty
 //! `VecDeque` allocates nothing, so an idle connection costs only this struct,
 //! and the connection swaps the whole queue out in one lock to write it as a batch.
+//!
+//! The connection is woken through an `AtomicWaker`, not a `Notify`: a fan-out
+//! pushes to every subscriber from one thread while the connections run on
+//! the others, and a `Notify` takes a second lock (its waiter list) on both
+//! sides of every wake. The waker is registered before the queue is checked,
+//! so a push between the check and the connection going to sleep still wakes
+//! it; and only a push into an empty queue wakes at all (a non-empty queue has
+//! a wake on the way already).
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use switchyard_protocol::CloseCode;
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// A frame waiting to be written.
@@ -101,9 +111,9 @@ pub struct Outbox {
     state: Mutex<State>,
     limits: OutboxLimits,
     /// Wakes the connection's write side: frames or an end request are waiting.
-    writer_wake: Notify,
+    writer_wake: AtomicWaker,
     /// Wakes a write that waits for room: an end request is waiting.
-    end_wake: Notify,
+    end_wake: AtomicWaker,
 }
 
 impl Outbox {
@@ -112,8 +122,8 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             limits,
-            writer_wake: Notify::new(),
-            end_wake: Notify::new(),
+            writer_wake: AtomicWaker::new(),
+            end_wake: AtomicWaker::new(),
         }
     }
 
@@ -145,10 +155,13 @@ impl Outbox {
             self.wake_both();
             return Err(PushError::Full);
         }
+        let was_empty = state.queue.is_empty();
         state.bytes += len;
         state.queue.push_back(frame);
         drop(state);
-        self.writer_wake.notify_one();
+        if was_empty {
+            self.writer_wake.wake();
+        }
         Ok(())
     }
 
@@ -175,8 +188,8 @@ impl Outbox {
     }
 
     fn wake_both(&self) {
-        self.writer_wake.notify_one();
-        self.end_wake.notify_one();
+        self.writer_wake.wake();
+        self.end_wake.wake();
     }
 
     /// The end request, if one was made.
@@ -193,32 +206,33 @@ impl Outbox {
     /// moves every queued frame into `batch` (which must be empty) and returns
     /// the end request, if any. The connection sends the batch, then the close.
     pub async fn next_batch(&self, batch: &mut VecDeque<Outgoing>) -> Option<EndRequest> {
-        loop {
-            {
-                let mut state = self.lock();
-                if !state.queue.is_empty() {
-                    std::mem::swap(&mut state.queue, batch);
-                    state.bytes = 0;
-                    return state.end.clone();
-                }
-                if state.end.is_some() {
-                    return state.end.clone();
-                }
+        poll_fn(|cx| {
+            // Registered first: a push after the check below wakes this task.
+            self.writer_wake.register(cx.waker());
+            let mut state = self.lock();
+            if !state.queue.is_empty() {
+                std::mem::swap(&mut state.queue, batch);
+                state.bytes = 0;
+                return Poll::Ready(state.end.clone());
             }
-            // notify_one stores a permit when nobody waits, so a push between
-            // the check above and this await is not lost.
-            self.writer_wake.notified().await;
-        }
+            match &state.end {
+                Some(end) => Poll::Ready(Some(end.clone())),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// For a write that waits for room: resolves when the connection is asked to end.
     pub async fn ended(&self) -> EndRequest {
-        loop {
-            if let Some(end) = self.end_request() {
-                return end;
+        poll_fn(|cx| {
+            self.end_wake.register(cx.waker());
+            match self.end_request() {
+                Some(end) => Poll::Ready(end),
+                None => Poll::Pending,
             }
-            self.end_wake.notified().await;
-        }
+        })
+        .await
     }
 }
 
@@ -309,6 +323,71 @@ mod tests {
         };
         tokio::task::yield_now().await;
         outbox.push(text("late")).expect("push");
-        assert_eq!(writer.await.expect("join"), 1);
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(10), writer).await;
+        assert_eq!(woken.expect("the writer was not woken").expect("join"), 1);
+    }
+
+    /// A lost wake would hang the test: fail it instead.
+    async fn next_batch_len(
+        batches: &mut tokio::sync::mpsc::UnboundedReceiver<usize>,
+    ) -> Option<usize> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), batches.recv())
+            .await
+            .expect("the writer was not woken")
+    }
+
+    /// Only a push into an empty queue wakes the writer; the pushes after it
+    /// ride on that wake, and a push after the writer took its batch wakes it
+    /// again.
+    #[tokio::test]
+    async fn every_batch_wakes_the_writer_once_and_nothing_is_left_behind() {
+        let outbox = std::sync::Arc::new(outbox(100, 100_000));
+        let (batches_tx, mut batches) = tokio::sync::mpsc::unbounded_channel();
+        let writer = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut batch = VecDeque::new();
+                    let end = outbox.next_batch(&mut batch).await;
+                    let _ = batches_tx.send(batch.len());
+                    if end.is_some() {
+                        return;
+                    }
+                }
+            })
+        };
+        tokio::task::yield_now().await;
+        for round in 0..3 {
+            for _ in 0..=round {
+                outbox.push(text("x")).expect("push");
+            }
+            assert_eq!(
+                next_batch_len(&mut batches).await,
+                Some(round + 1),
+                "round {round}"
+            );
+        }
+        outbox.close(CloseCode::GoingAway, String::new());
+        assert_eq!(next_batch_len(&mut batches).await, Some(0));
+        writer.await.expect("join");
+    }
+
+    #[tokio::test]
+    async fn a_write_waiting_for_room_hears_the_close() {
+        let outbox = std::sync::Arc::new(outbox(10, 1000));
+        let waiting = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.ended().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        outbox.close(CloseCode::Migrate, "r".into());
+        assert_eq!(
+            waiting.await.expect("join"),
+            EndRequest::Close {
+                code: CloseCode::Migrate,
+                reason: "r".into()
+            }
+        );
     }
 }
