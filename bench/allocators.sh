@@ -35,7 +35,7 @@ declare -A LIB=([glibc]="" [jemalloc]=$LIBS/libjemalloc.so.2 [mimalloc]=$LIBS/li
 for _ in $(seq 1 "$ROUNDS"); do
   for allocator in glibc jemalloc mimalloc tcmalloc; do
     PRELOAD=${LIB[$allocator]} VARIANT=$allocator idle switchyard
-    PRELOAD=${LIB[$allocator]} VARIANT=$allocator fanout switchyard switchyard
+    PRELOAD=${LIB[$allocator]} VARIANT=$allocator fanout switchyard
   done
 done
 

@@ -47,7 +47,6 @@ in_order() { # round names... -> the names, reversed on even rounds
   local round=$1; shift
   if [ $((round % 2)) -eq 1 ]; then printf '%s\n' "$@"; else printf '%s\n' "$@" | tac; fi
 }
-protocol_of() { [ "$1" = switchyard ] && echo switchyard || echo raw; }
 
 for round in $(seq 1 "$ROUNDS"); do
   for name in $(in_order "$round" switchyard tungstenite-4k-batched tungstenite-default-config node-ws); do
@@ -55,7 +54,7 @@ for round in $(seq 1 "$ROUNDS"); do
   done
   sleep 5 # let the idle runs' sockets go before timing anything
   for name in $(in_order "$round" switchyard tungstenite-4k-batched tungstenite-4k-per-message node-ws); do
-    fanout "$name" "$(protocol_of "$name")"
+    fanout "$name"
   done
   for name in $(in_order "$round" switchyard tungstenite-4k-batched node-ws); do
     PORT=$((PORT + 10)) SOURCES=$HANDSHAKE_SOURCES handshakes "$name"

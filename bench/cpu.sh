@@ -31,7 +31,7 @@ for rate in ${RATES//,/ }; do
   start "$SERVER"
   "$BIN/switchyard-load" fanout --target "127.0.0.1:$PORT" --admin "127.0.0.1:$((PORT + 1))" \
     --subscribers "$SUBSCRIBERS" --rate "$rate" --duration-secs 12 --sources "$SOURCES" \
-    --protocol "$([ "$SERVER" = switchyard ] && echo switchyard || echo raw)" >"$WORK/fanout.json" &
+    --protocol "$(protocol_of "$SERVER")" >"$WORK/fanout.json" &
   load=$!; PIDS+=("$load")
   sleep 7 # connected and publishing by now
   g1=$(cpu_ticks "$SERVER_PID"); l1=$(cpu_ticks "$load"); t1=$(date +%s.%N)

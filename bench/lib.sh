@@ -122,8 +122,13 @@ idle() { # name [connections]
   stop
 }
 
-fanout() { # name protocol [rate]
-  local name=$1 protocol=$2 rate=${3:-$RATE}
+# The load generator's protocol for a server: Switchyard's own frames, or
+# raw text frames for the reference peers.
+protocol_of() { [ "$1" = switchyard ] && echo switchyard || echo raw; }
+
+fanout() { # name [rate]
+  local name=$1 rate=${2:-$RATE} protocol
+  protocol=$(protocol_of "$name")
   start "$name"
   "$BIN/switchyard-load" fanout --target "127.0.0.1:$PORT" --admin "127.0.0.1:$((PORT + 1))" \
     --subscribers "$SUBSCRIBERS" --rate "$rate" --duration-secs "$SECS" --sources "$SOURCES" \

@@ -27,9 +27,9 @@ for connections in 2000 5000 10000 19000; do
   for name in switchyard tungstenite-4k-batched node-ws; do idle "$name" "$connections"; done
 done
 for rate in 10 25 50 100; do
-  fanout switchyard switchyard "$rate"
-  fanout tungstenite-4k-batched raw "$rate"
-  fanout node-ws raw "$rate"
+  fanout switchyard "$rate"
+  fanout tungstenite-4k-batched "$rate"
+  fanout node-ws "$rate"
 done
 
 mkdir -p docs/plots
