@@ -31,7 +31,10 @@ use switchyard_protocol::topic::validate_topic;
 use switchyard_protocol::{ClientFrame, CloseCode, ErrorCode, Position, ServerFrame};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{
+    CloseCode as WireCloseCode, Data, OpCode,
+};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
@@ -84,6 +87,37 @@ struct Connection {
     ending: Option<Ending>,
 }
 
+/// Whether a connection still has to greet its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Welcome {
+    /// Queue the welcome frame first: the 101 went out through hyper.
+    Queue,
+    /// The welcome frame went out in the same write as the 101
+    /// ([`write_welcome`]).
+    Written,
+}
+
+/// The welcome frame a connection on `handle`'s route starts with, if any
+/// (the echo route has none).
+fn welcome_frame(gateway: &Gateway, handle: &ConnHandle) -> Option<ServerFrame> {
+    (handle.route == Route::Topics).then(|| ServerFrame::Welcome {
+        connection_id: handle.label.clone(),
+        server_id: gateway.server_id.clone(),
+        heartbeat_ms: gateway.config.connection.keepalive_interval_ms,
+    })
+}
+
+/// Appends the welcome frame for `handle`, encoded as a server's text frame,
+/// to `out`; false when its route has none.
+pub fn write_welcome(gateway: &Gateway, handle: &ConnHandle, out: &mut Vec<u8>) -> bool {
+    let Some(frame) = welcome_frame(gateway, handle) else {
+        return false;
+    };
+    let text = Frame::message(frame.to_json(), OpCode::Data(Data::Text), true);
+    // Formatting into a Vec has no I/O to fail.
+    text.format(out).is_ok()
+}
+
 /// The future serving one upgraded WebSocket, already admitted to the hub as
 /// `handle`, until it ends; the caller spawns it.
 ///
@@ -96,6 +130,7 @@ pub fn run<S>(
     handle: Arc<ConnHandle>,
     session: Session,
     peer: SocketAddr,
+    welcome: Welcome,
 ) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -127,12 +162,10 @@ where
         closing: false,
         ending: None,
     };
-    if route == Route::Topics {
-        connection.send(&ServerFrame::Welcome {
-            connection_id: connection.handle.label.clone(),
-            server_id: connection.gateway.server_id.clone(),
-            heartbeat_ms: connection.gateway.config.connection.keepalive_interval_ms,
-        });
+    if welcome == Welcome::Queue {
+        if let Some(frame) = welcome_frame(&connection.gateway, &connection.handle) {
+            connection.send(&frame);
+        }
     }
     connection.live(socket).instrument(span)
 }
@@ -787,7 +820,14 @@ mod tests {
                 .await;
         let handle = gateway.hub.register(Route::Topics);
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
-        let task = run(gateway.clone(), socket, handle.clone(), anonymous(), peer);
+        let task = run(
+            gateway.clone(),
+            socket,
+            handle.clone(),
+            anonymous(),
+            peer,
+            Welcome::Queue,
+        );
         (gateway, handle, task, client_io)
     }
 
@@ -797,6 +837,32 @@ mod tests {
             .connections_closed
             .with_label_values(&[code, initiator])
             .get()
+    }
+
+    #[tokio::test]
+    async fn the_welcome_written_with_the_101_is_one_text_frame_a_client_reads() {
+        let gateway = Gateway::new(Config::default()).expect("gateway");
+        let handle = gateway.hub.register(Route::Topics);
+        let mut out = b"already queued".to_vec();
+        assert!(write_welcome(&gateway, &handle, &mut out));
+        let (mut server_io, client_io) = tokio::io::duplex(4096);
+        tokio::io::AsyncWriteExt::write_all(&mut server_io, &out[14..])
+            .await
+            .expect("write");
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let text = client.next().await.expect("frame").expect("welcome");
+        let frame: serde_json::Value =
+            serde_json::from_str(text.to_text().expect("text")).expect("json");
+        assert_eq!(frame["op"], "welcome");
+        assert_eq!(frame["connection_id"], handle.label.as_str());
+        assert_eq!(frame["server_id"], gateway.server_id.as_str());
+        let echo = gateway.hub.register(Route::Echo);
+        let mut none = Vec::new();
+        assert!(
+            !write_welcome(&gateway, &echo, &mut none),
+            "echo has no welcome"
+        );
+        assert!(none.is_empty());
     }
 
     #[tokio::test]

@@ -9,7 +9,8 @@
 //! - [`broker`]: topic logs, resume, fan-out (in-memory default).
 //! - [`connection`]: one connection's reader and writer.
 //! - [`drain`]: the drain engine (staggered migration of connections).
-//! - [`upgrade`]: the WebSocket handshake on hyper.
+//! - [`head`]: the first request head of a connection, read without hyper.
+//! - [`upgrade`]: the WebSocket handshake.
 //! - [`http`]: the HTTP routes of both listeners (warp).
 //! - [`server`]: listeners, accept loops, shutdown.
 //! - [`security`]: origin check, authentication, sessions, rate limits.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod drain;
+pub mod head;
 pub mod http;
 pub mod hub;
 pub mod metrics;

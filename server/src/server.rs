@@ -30,6 +30,7 @@ use crate::broker::memory::{MemoryBroker, MemorySettings};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{AdminSettings, BrokerKind, Config};
 use crate::drain::Drain;
+use crate::head::{self, Parsed, Replay};
 use crate::hub::{Hub, Route};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxLimits;
@@ -482,11 +483,13 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let Some(tls) = tls else {
-                return serve_http(http, tcp, gateway, routes, which, peer).await;
+                return serve_connection(http, tcp, gateway, routes, which, peer).await;
             };
             // The TLS handshake counts against the same slowloris budget as the headers.
             match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
-                Ok(Ok(stream)) => serve_http(http, stream, gateway, routes, which, peer).await,
+                Ok(Ok(stream)) => {
+                    serve_connection(http, stream, gateway, routes, which, peer).await
+                }
                 Ok(Err(err)) => {
                     gateway.count_rejection("tls_failed");
                     tracing::debug!(%peer, %err, "TLS handshake failed");
@@ -500,8 +503,84 @@ async fn accept_loop(
     }
 }
 
-/// Serves HTTP/1.1 on one accepted connection (plain or TLS): WebSocket
-/// upgrades go to [`crate::upgrade`], everything else to the warp routes.
+/// The route a `GET` to `path` upgrades to on the public listener, if any.
+fn upgrade_route(gateway: &Gateway, which: Listener, method: &Method, path: &str) -> Option<Route> {
+    match (which, method, path) {
+        (Listener::Public, &Method::GET, "/ws") => Some(Route::Topics),
+        (Listener::Public, &Method::GET, "/echo") if gateway.config.echo => Some(Route::Echo),
+        _ => None,
+    }
+}
+
+/// Serves one accepted connection (plain or TLS). On the public listener
+/// the gateway reads the first request head itself and answers an upgrade
+/// directly ([`crate::head`] says why); everything else is HTTP/1.1 served
+/// by hyper, which is given the bytes already read.
+async fn serve_connection<IO, R>(
+    http: hyper::server::conn::http1::Builder,
+    mut io: IO,
+    gateway: Arc<Gateway>,
+    routes: R,
+    which: Listener,
+    peer: SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    R: Service<
+            Request<Incoming>,
+            Response = warp::reply::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    R::Future: Send + 'static,
+{
+    if which == Listener::Admin {
+        return serve_http(
+            http,
+            Replay::new(io, Vec::new()),
+            gateway,
+            routes,
+            which,
+            peer,
+        )
+        .await;
+    }
+    let ws = &gateway.config.websocket;
+    let timeout = Duration::from_millis(ws.handshake_timeout_ms);
+    let first = tokio::time::timeout(timeout, head::read_first(&mut io, ws.max_header_bytes));
+    let first = match first.await {
+        Ok(Ok(first)) => first,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, %err, "connection ended before its request head");
+            return;
+        }
+        Err(_) => {
+            gateway.count_rejection("handshake_timeout");
+            tracing::debug!(%peer, "request head timed out");
+            return;
+        }
+    };
+    if let Parsed::Complete(head, len) = first.parsed {
+        if let Some(route) = upgrade_route(&gateway, which, &head.method, head.path()) {
+            let mut buffer = first.buffer;
+            let rest = buffer.split_off(len);
+            drop(buffer);
+            return crate::upgrade::upgrade_direct(gateway, io, head, rest, route, peer).await;
+        }
+    }
+    serve_http(
+        http,
+        Replay::new(io, first.buffer),
+        gateway,
+        routes,
+        which,
+        peer,
+    )
+    .await
+}
+
+/// Serves HTTP/1.1 on one connection: WebSocket upgrades go to
+/// [`crate::upgrade`], everything else to the warp routes.
 async fn serve_http<IO, R>(
     http: hyper::server::conn::http1::Builder,
     io: IO,
@@ -523,11 +602,7 @@ async fn serve_http<IO, R>(
     let service_gateway = gateway.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let gateway = service_gateway.clone();
-        let upgrade = match (which, request.method(), request.uri().path()) {
-            (Listener::Public, &Method::GET, "/ws") => Some(Route::Topics),
-            (Listener::Public, &Method::GET, "/echo") if gateway.config.echo => Some(Route::Echo),
-            _ => None,
-        };
+        let upgrade = upgrade_route(&gateway, which, request.method(), request.uri().path());
         let authorized = which == Listener::Public
             || gateway.admin_auth.allows(
                 request

@@ -1,12 +1,17 @@
-//! The WebSocket handshake, done on hyper directly rather than through
+//! The WebSocket handshake, done by the gateway rather than through
 //! `warp::ws()`: warp does not expose tungstenite's buffer sizes, and its
 //! default 128 KiB read buffer per connection would make an idle connection
 //! cost thirty times what it must. Here every connection gets the configured
-//! [`WebSocketConfig`].
+//! [`WebSocketConfig`](tokio_tungstenite::tungstenite::protocol::WebSocketConfig).
+//!
+//! One set of checks ([`judge`]), two transports: [`upgrade_direct`] answers
+//! the first request of a connection, read by [`crate::head`], with the 101
+//! and the welcome frame in one write; [`upgrade`] answers through hyper an
+//! upgrade that came later on a keep-alive connection.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,10 +19,11 @@ use http::header::{
     CONNECTION, HOST, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
     SEC_WEBSOCKET_VERSION, UPGRADE,
 };
-use http::{HeaderMap, Request, StatusCode};
+use http::{HeaderMap, HeaderName, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use switchyard_protocol::close::CloseReason;
 use switchyard_protocol::CloseCode;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
@@ -26,6 +32,8 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 use warp::Reply;
 
+use crate::connection::{self, Welcome};
+use crate::head::RequestHead;
 use crate::hub::{ConnHandle, Route};
 use crate::security::{unix_ms, RedactedTarget, Session};
 use crate::server::Gateway;
@@ -106,6 +114,58 @@ enum Admission {
     Refuse(CloseCode, CloseReason),
 }
 
+/// An upgrade answered with an HTTP error instead of 101, already counted
+/// and logged. Both transports (hyper, and the direct path) render it.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The rejection reason: the metric label, and the response body.
+    pub reason: &'static str,
+    /// A header the client needs to act on the refusal.
+    extra: Option<(HeaderName, &'static str)>,
+}
+
+impl Refusal {
+    /// The refusal as a hyper/warp response (the connection stays open).
+    fn into_response(self) -> warp::reply::Response {
+        let mut response = warp::reply::with_status(self.reason, self.status).into_response();
+        if let Some((name, value)) = self.extra {
+            response
+                .headers_mut()
+                .insert(name, http::HeaderValue::from_static(value));
+        }
+        response
+    }
+
+    /// The refusal as the bytes of an HTTP/1.1 response that closes the
+    /// connection.
+    fn write(&self, out: &mut Vec<u8>) {
+        let status = self.status;
+        let reason = status.canonical_reason().unwrap_or("");
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: {}\r\nconnection: close\r\n",
+            status.as_u16(),
+            self.reason.len()
+        );
+        if let Some((name, value)) = &self.extra {
+            let _ = write!(out, "{name}: {value}\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(self.reason.as_bytes());
+    }
+}
+
+/// The outcome of looking at an upgrade request.
+enum Verdict {
+    /// Answer with an HTTP error.
+    Refused(Refusal),
+    /// Answer 101 with this `Sec-WebSocket-Accept`, then serve or close.
+    Upgrade(String, Admission),
+}
+
 /// Counts and logs an upgrade refused with an HTTP status.
 fn refuse_http(
     gateway: &Gateway,
@@ -113,7 +173,7 @@ fn refuse_http(
     status: StatusCode,
     peer: SocketAddr,
     target: &RedactedTarget<'_>,
-) -> warp::reply::Response {
+) -> Refusal {
     gateway.count_rejection(reason);
     // Malformed and rate-limited handshakes are what a flood looks like: they
     // are counted, and logged only at debug so a flood cannot fill the logs.
@@ -127,154 +187,269 @@ fn refuse_http(
     } else {
         tracing::info!(%peer, %target, reason, status = status.as_u16(), "upgrade refused");
     }
-    warp::reply::with_status(reason, status).into_response()
+    Refusal {
+        status,
+        reason,
+        extra: None,
+    }
 }
 
-/// Answers an upgrade request on `route`: checks the handshake, the per-IP
-/// rate, the Origin, the credentials and the connection limit, then answers
-/// 101 and spawns the connection — or an HTTP error. All of it runs in a
-/// `handshake` span (the connection's own span is its child).
-pub async fn upgrade<B>(
-    gateway: Arc<Gateway>,
-    request: Request<B>,
+/// The request an upgrade is judged on, whichever way its head was read.
+struct UpgradeRequest<'a> {
+    headers: &'a HeaderMap,
+    path: &'a str,
+    query: Option<&'a str>,
     route: Route,
     peer: SocketAddr,
-) -> warp::reply::Response {
-    let span = tracing::info_span!(
-        "handshake",
-        %peer,
-        route = ?route,
-        http.status = tracing::field::Empty
-    );
-    let response = upgrade_checked(gateway, request, route, peer)
-        .instrument(span.clone())
-        .await;
-    span.record("http.status", response.status().as_u16());
-    response
 }
 
-async fn upgrade_checked<B>(
+impl UpgradeRequest<'_> {
+    /// The target for logs: never the query, which may carry a ticket.
+    fn target(&self) -> RedactedTarget<'_> {
+        RedactedTarget {
+            path: self.path,
+            query: self.query,
+        }
+    }
+
+    /// The `handshake` span every upgrade runs in (the connection's own
+    /// span is its child).
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "handshake",
+            peer = %self.peer,
+            route = ?self.route,
+            http.status = tracing::field::Empty
+        )
+    }
+}
+
+/// Answers an upgrade request that came through hyper (one that was not
+/// the first request on its connection, or an HTTP/1.0 one): checks the
+/// handshake, the per-IP rate, the Origin, the credentials and the
+/// connection limit, then answers 101 and spawns the connection — or an
+/// HTTP error.
+pub async fn upgrade<B>(
     gateway: Arc<Gateway>,
     mut request: Request<B>,
     route: Route,
     peer: SocketAddr,
 ) -> warp::reply::Response {
-    // Never log the query: it may carry a ticket.
     let uri = request.uri().clone();
-    let target = RedactedTarget {
+    let about = UpgradeRequest {
+        headers: request.headers(),
         path: uri.path(),
         query: uri.query(),
+        route,
+        peer,
     };
-    let accept = match check_handshake(request.headers()) {
+    let span = about.span();
+    let verdict = judge(&gateway, &about).instrument(span.clone()).await;
+    let response = match verdict {
+        Verdict::Refused(refusal) => refusal.into_response(),
+        Verdict::Upgrade(accept, admission) => {
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            let ws_config = gateway.ws_config;
+            tokio::spawn(
+                async move {
+                    let upgraded = match on_upgrade.await {
+                        Ok(upgraded) => upgraded,
+                        Err(err) => {
+                            tracing::debug!(%peer, %err, "upgrade did not complete");
+                            if let Admission::Accept(handle, _) = admission {
+                                gateway.hub.remove(handle.id);
+                            }
+                            return;
+                        }
+                    };
+                    let socket = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(ws_config),
+                    )
+                    .await;
+                    begin(gateway, socket, admission, peer, Welcome::Queue).await;
+                }
+                .instrument(span.clone()),
+            );
+            let mut response = warp::reply().into_response();
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(UPGRADE, http::HeaderValue::from_static("websocket"));
+            headers.insert(CONNECTION, http::HeaderValue::from_static("Upgrade"));
+            if let Ok(value) = http::HeaderValue::from_str(&accept) {
+                headers.insert(SEC_WEBSOCKET_ACCEPT, value);
+            }
+            response
+        }
+    };
+    span.record("http.status", response.status().as_u16());
+    response
+}
+
+/// Answers an upgrade that was the first request on its connection, read by
+/// the gateway itself ([`crate::head`]): the same checks as [`upgrade`], then
+/// the 101 and the welcome frame in one write, and the connection goes on in
+/// a task of its own. A refusal is written with `Connection: close`.
+/// `rest` is what the client sent after the head (its first frames).
+pub async fn upgrade_direct<IO>(
+    gateway: Arc<Gateway>,
+    mut io: IO,
+    head: RequestHead,
+    rest: Vec<u8>,
+    route: Route,
+    peer: SocketAddr,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let about = UpgradeRequest {
+        headers: &head.headers,
+        path: head.path(),
+        query: head.query(),
+        route,
+        peer,
+    };
+    let span = about.span();
+    let verdict = judge(&gateway, &about).instrument(span.clone()).await;
+    let mut out = Vec::with_capacity(512);
+    let (status, admission) = match verdict {
+        Verdict::Refused(refusal) => {
+            refusal.write(&mut out);
+            (refusal.status, None)
+        }
+        Verdict::Upgrade(accept, admission) => {
+            let _ = write!(
+                out,
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+                 connection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+            );
+            if let Admission::Accept(handle, _) = &admission {
+                let before = out.len();
+                if connection::write_welcome(&gateway, handle, &mut out) {
+                    gateway.metrics.messages_sent.inc();
+                    gateway
+                        .metrics
+                        .bytes_sent
+                        .inc_by((out.len() - before) as u64);
+                }
+            }
+            (StatusCode::SWITCHING_PROTOCOLS, Some(admission))
+        }
+    };
+    span.record("http.status", status.as_u16());
+    let written = async {
+        io.write_all(&out).await?;
+        io.flush().await
+    };
+    if let Err(err) = written.await {
+        tracing::debug!(parent: &span, %peer, %err, "handshake response not written");
+        if let Some(Admission::Accept(handle, _)) = admission {
+            gateway.hub.remove(handle.id);
+        }
+        return;
+    }
+    let Some(admission) = admission else {
+        let _ = io.shutdown().await;
+        return;
+    };
+    drop(out);
+    let socket =
+        WebSocketStream::from_partially_read(io, rest, Role::Server, Some(gateway.ws_config)).await;
+    begin(gateway, socket, admission, peer, Welcome::Written)
+        .instrument(span)
+        .await;
+}
+
+/// Starts serving an upgraded socket: the admitted connection gets a task of
+/// its own, a refused one is closed with its code in this one.
+async fn begin<S>(
+    gateway: Arc<Gateway>,
+    socket: WebSocketStream<S>,
+    admission: Admission,
+    peer: SocketAddr,
+    welcome: Welcome,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match admission {
+        // The connection's task is sized for what it holds while it lives
+        // (the socket and its state), rather than for the largest of
+        // everything the handshake awaits.
+        Admission::Accept(handle, session) => {
+            let connection = connection::run(gateway, socket, handle, session, peer, welcome);
+            tokio::spawn(connection.in_current_span());
+        }
+        Admission::Refuse(code, reason) => {
+            let timeout = Duration::from_millis(gateway.config.connection.close_timeout_ms);
+            close_at_once(socket, code, reason, timeout).await
+        }
+    }
+}
+
+/// Looks at an upgrade request: the handshake, the per-IP rate, the Origin,
+/// the credentials and the connection limit.
+async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict {
+    let target = request.target();
+    let peer = request.peer;
+    let headers = request.headers;
+    let accept = match check_handshake(headers) {
         Ok(accept) => accept,
         Err(rejection) => {
-            let mut response = refuse_http(
-                &gateway,
+            let mut refusal = refuse_http(
+                gateway,
                 rejection.reason(),
                 rejection.status(),
                 peer,
                 &target,
             );
             if rejection == HandshakeRejection::BadVersion {
-                response
-                    .headers_mut()
-                    .insert(SEC_WEBSOCKET_VERSION, http::HeaderValue::from_static("13"));
+                refusal.extra = Some((SEC_WEBSOCKET_VERSION, "13"));
             }
-            return response;
+            return Verdict::Refused(refusal);
         }
     };
     if let Some(limiter) = &gateway.handshake_limiter {
         if !limiter.allow(peer.ip(), std::time::Instant::now()) {
-            let mut response = refuse_http(
-                &gateway,
+            let mut refusal = refuse_http(
+                gateway,
                 "rate_limited",
                 StatusCode::TOO_MANY_REQUESTS,
                 peer,
                 &target,
             );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, http::HeaderValue::from_static("1"));
-            return response;
+            refusal.extra = Some((RETRY_AFTER, "1"));
+            return Verdict::Refused(refusal);
         }
     }
-    let headers = request.headers();
     let header = |name| {
         headers
             .get(name)
             .and_then(|v: &http::HeaderValue| v.to_str().ok())
     };
     if let Err(rejection) = gateway.origin.check(header(ORIGIN), header(HOST)) {
-        return refuse_http(
-            &gateway,
+        let refusal = refuse_http(
+            gateway,
             rejection.reason(),
             StatusCode::FORBIDDEN,
             peer,
             &target,
         );
+        return Verdict::Refused(refusal);
     }
-    let admission = match admit(&gateway, &request, route, peer, &target).await {
-        Ok(admission) => admission,
-        Err(response) => return response,
-    };
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let ws_config = gateway.ws_config;
-    tokio::spawn(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(err) => {
-                    tracing::debug!(%peer, %err, "upgrade did not complete");
-                    if let Admission::Accept(handle, _) = admission {
-                        gateway.hub.remove(handle.id);
-                    }
-                    return;
-                }
-            };
-            let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(ws_config),
-            )
-            .await;
-            match admission {
-                // The connection gets a task of its own, sized for what it
-                // holds while it lives (the socket and its state), rather
-                // than going on in this one, whose allocation is sized for
-                // the largest of everything it awaits (the upgrade, the
-                // refusal path).
-                Admission::Accept(handle, session) => {
-                    let connection = crate::connection::run(gateway, socket, handle, session, peer);
-                    tokio::spawn(connection.in_current_span());
-                }
-                Admission::Refuse(code, reason) => {
-                    let timeout = Duration::from_millis(gateway.config.connection.close_timeout_ms);
-                    close_at_once(socket, code, reason, timeout).await
-                }
-            }
-        }
-        .in_current_span(),
-    );
-    let mut response = warp::reply().into_response();
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(UPGRADE, http::HeaderValue::from_static("websocket"));
-    headers.insert(CONNECTION, http::HeaderValue::from_static("Upgrade"));
-    if let Ok(value) = http::HeaderValue::from_str(&accept) {
-        headers.insert(SEC_WEBSOCKET_ACCEPT, value);
+    match admit(gateway, request, &target).await {
+        Ok(admission) => Verdict::Upgrade(accept, admission),
+        Err(refusal) => Verdict::Refused(refusal),
     }
-    response
 }
 
 /// Authenticates the handshake and takes a connection slot. An error is the
-/// HTTP response to send instead of upgrading (`auth.reject_with_http`).
-async fn admit<B>(
+/// HTTP refusal to send instead of upgrading (`auth.reject_with_http`).
+async fn admit(
     gateway: &Arc<Gateway>,
-    request: &Request<B>,
-    route: Route,
-    peer: SocketAddr,
+    request: &UpgradeRequest<'_>,
     target: &RedactedTarget<'_>,
-) -> Result<Admission, warp::reply::Response> {
+) -> Result<Admission, Refusal> {
+    let peer = request.peer;
     let reject_with_http = gateway.config.auth.reject_with_http;
     let refused = |reason: &'static str, code: CloseCode, message: String| {
         gateway.count_rejection(reason);
@@ -284,8 +459,8 @@ async fn admit<B>(
     let session = gateway
         .auth
         .authenticate(
-            request.headers(),
-            request.uri().query(),
+            request.headers,
+            request.query,
             gateway.broker.as_ref(),
             unix_ms(),
         )
@@ -310,7 +485,10 @@ async fn admit<B>(
         }
     };
     let max = gateway.config.connection.max_connections;
-    match gateway.hub.admit(route, session.subject.clone(), max) {
+    match gateway
+        .hub
+        .admit(request.route, session.subject.clone(), max)
+    {
         Some(handle) => {
             tracing::debug!(%peer, %target, conn = %handle.label, method = session.method.as_str(), "handshake accepted");
             Ok(Admission::Accept(handle, session))

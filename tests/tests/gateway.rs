@@ -485,6 +485,106 @@ async fn echo_route_echoes_through_the_same_machinery() {
     assert_eq!(status, 404, "echo is off by default");
 }
 
+/// Reads an HTTP response head byte by byte (so nothing after it is taken)
+/// and returns it.
+async fn read_response_head(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = tokio::time::timeout(STEP, tcp.read_u8())
+            .await
+            .expect("response in time")
+            .expect("response byte");
+        head.push(byte);
+    }
+    String::from_utf8(head).expect("ASCII head")
+}
+
+fn upgrade_head(gw: &GatewayProcess) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gw.public
+    )
+}
+
+async fn next_text(
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> serde_json::Value {
+    match tokio::time::timeout(STEP, socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str(&text).expect("json"),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+/// The gateway answers the first request of a connection itself (the 101
+/// and the welcome in one write) and hands anything else to hyper. Both
+/// paths must upgrade, and frames a client sends right behind its upgrade
+/// head, in the same segment, must be served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_are_served_first_on_a_connection_and_after_other_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+    let gw = GatewayProcess::start(&[]).expect("start");
+
+    // The head and a ping frame in one write.
+    let mut tcp = tokio::net::TcpStream::connect(gw.public)
+        .await
+        .expect("connect");
+    let mut bytes = upgrade_head(&gw).into_bytes();
+    bytes.extend(switchyard_tests::client_frame(
+        opcode::TEXT,
+        br#"{"op":"ping"}"#,
+    ));
+    tcp.write_all(&bytes).await.expect("write");
+    let head = read_response_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{head}"
+    );
+    let mut first = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
+    assert_eq!(next_text(&mut first).await["op"], "welcome");
+    assert_eq!(next_text(&mut first).await["op"], "pong");
+
+    // A keep-alive request first: the upgrade after it goes through hyper.
+    let mut tcp = tokio::net::TcpStream::connect(gw.public)
+        .await
+        .expect("connect");
+    let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", gw.public);
+    tcp.write_all(health.as_bytes()).await.expect("write");
+    let head = read_response_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(head.contains("content-length: 2\r\n"), "{head}");
+    let mut body = [0u8; 2];
+    tcp.read_exact(&mut body).await.expect("body");
+    assert_eq!(&body, b"ok");
+    tcp.write_all(upgrade_head(&gw).as_bytes())
+        .await
+        .expect("write");
+    let head = read_response_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let mut second = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
+    let welcome = next_text(&mut second).await;
+    assert_eq!(welcome["op"], "welcome");
+    second
+        .send(Message::text(r#"{"op":"ping"}"#))
+        .await
+        .expect("send");
+    assert_eq!(next_text(&mut second).await["op"], "pong");
+
+    assert_eq!(
+        gw.metric("switchyard_connections_opened_total").expect("m"),
+        2.0
+    );
+    assert_eq!(
+        gw.metric("switchyard_messages_sent_total").expect("m"),
+        4.0,
+        "two welcomes and two pongs, each counted once"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closes_are_counted_by_initiator_and_logs_carry_the_connection_id() {
     let gw = GatewayProcess::start(&[]).expect("start");
