@@ -82,6 +82,28 @@ echo "{\"connections_on_blue\": $(blue_conns)}" >&2
   --rate "$PUBLISH_RATE" --count "$MESSAGES" >"$WORK/publisher.json" &
 publisher=$!; PIDS+=($!)
 sleep 3
+# The gateways' own view of the pace, independent of the starved load
+# processes: every 50 ms, the drain signals the blue pods sent so far and
+# the connections that left them (their /admin/status; the pods share the
+# public port, so /metrics cannot be asked of each one).
+python3 - "$WORK/drain-samples" "$BLUE" <<'PY' &
+import json, sys, time, urllib.request
+out, blue = sys.argv[1], int(sys.argv[2])
+with open(out, "w") as f:
+    while True:
+        began = time.monotonic()
+        sent = ended = 0
+        for i in (1, 2, 3):
+            with urllib.request.urlopen(f"http://127.0.0.1:{blue + i}/admin/status", timeout=5) as r:
+                drain = json.load(r).get("drain") or {}
+            sent += drain.get("signals_sent", 0)
+            ended += drain.get("total", 0) - drain.get("remaining", drain.get("total", 0))
+        done = time.monotonic()
+        f.write(f"{(began + done) * 500:.1f} {sent} {ended}\n")
+        f.flush()
+        time.sleep(max(0.0, 0.05 - (done - began)))
+PY
+poller=$!; PIDS+=($poller)
 start_ms=$(date +%s%3N)
 for i in 1 2 3; do
   curl -sf -XPOST "127.0.0.1:$((BLUE + i))/admin/drain" -d \
@@ -89,6 +111,7 @@ for i in 1 2 3; do
 done
 while [ "$(blue_conns)" -gt 0 ]; do sleep 0.2; done
 end_ms=$(date +%s%3N)
+sleep 0.5; kill "$poller" 2>/dev/null || true
 for i in 1 2 3; do curl -s "127.0.0.1:$((BLUE + i))/admin/status" > "$WORK/blue$i.status"; done
 wait "$publisher"
 for pid in "${loaders[@]}"; do wait "$pid"; done
@@ -115,6 +138,19 @@ for i in range(len(told_times)):
         j += 1
     told = max(told, i - j + 1)
 drains = [json.load(open(f"{work}/blue{i}.status"))["drain"] for i in (1, 2, 3)]
+# Peak per second from the gateways' counters, over windows of at least one
+# second (sample j the last one at least 1 s before sample i), as a rate.
+samples = [tuple(float(x) for x in line.split()) for line in open(f"{work}/drain-samples")]
+def peak_rate(column):
+    peak, j = 0.0, 0
+    for i in range(len(samples)):
+        while j + 1 < i and samples[i][0] - samples[j + 1][0] >= 1000:
+            j += 1
+        span = samples[i][0] - samples[j][0]
+        if span >= 1000:
+            peak = max(peak, (samples[i][column] - samples[j][column]) * 1000 / span)
+    return round(peak)
+sent_peak, ended_peak = peak_rate(1), peak_rate(2)
 print(json.dumps({
     "workload": "migration", "mode": mode, "connections": sum(r["connections"] for r in runs),
     "window_ms": window, "cap_per_second": rate * 3,
@@ -124,6 +160,11 @@ print(json.dumps({
     "peak_over_cap": round(peak / (rate * 3), 3),
     "peak_migrate_received_per_second": told,
     "peak_received_over_cap": round(told / (rate * 3), 3),
+    "peak_signals_sent_per_second": sent_peak,
+    "peak_sent_over_cap": round(sent_peak / (rate * 3), 3),
+    "peak_ended_on_blue_per_second": ended_peak,
+    "peak_ended_over_cap": round(ended_peak / (rate * 3), 3),
+    "gateway_samples": len(samples),
     "gap_ms_p50_median_of_loaders": statistics.median(r["gap_ms"]["p50"] for r in runs),
     "gap_ms_p99_worst_loader": max(r["gap_ms"]["p99"] for r in runs),
     "messages_per_connection": runs[0]["messages_expected_per_connection"],

@@ -107,6 +107,11 @@ pub struct DrainStatus {
     pub closed_at_slot: u64,
     /// Connections closed at the deadline.
     pub forced_at_deadline: u64,
+    /// Signals sent at slots so far: `migrate` frames, and 4000 closes (at
+    /// the slot, or once a migrate's grace ran out). Their pace is what
+    /// `max_rate` caps. Absent from gateways older than this field: 0.
+    #[serde(default)]
+    pub signals_sent: u64,
     /// Milliseconds since the drain started.
     pub elapsed_ms: u64,
     /// When the last slot falls, in milliseconds from the start (≤ deadline).
@@ -245,5 +250,21 @@ mod tests {
             r#"{"window_ms":1,"max_rate":1,"deadline_ms":1,"mode":"close","bogus":1}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_status_from_a_gateway_without_signals_sent_reads_as_zero() {
+        let older = r#"{"active":true,"cancelled":false,"mode":"close","total":10,"remaining":4,
+            "migrated_by_client":0,"closed_at_slot":6,"forced_at_deadline":0,"elapsed_ms":900,
+            "schedule_ms":1000}"#;
+        let status: DrainStatus = serde_json::from_str(older).expect("parse");
+        assert_eq!(status.signals_sent, 0);
+        assert_eq!(status.closed_at_slot, 6);
+        let current = serde_json::to_value(DrainStatus {
+            signals_sent: 6,
+            ..status
+        })
+        .expect("json");
+        assert_eq!(current["signals_sent"], 6);
     }
 }

@@ -64,6 +64,7 @@ pub struct Drain {
     migrated_by_client: AtomicU64,
     closed_at_slot: AtomicU64,
     forced_at_deadline: AtomicU64,
+    signals_sent: AtomicU64,
     cancelled: AtomicBool,
     finished: AtomicBool,
     cancel: Notify,
@@ -100,6 +101,7 @@ impl Drain {
             migrated_by_client: self.migrated_by_client.load(Ordering::Relaxed),
             closed_at_slot: self.closed_at_slot.load(Ordering::Relaxed),
             forced_at_deadline: self.forced_at_deadline.load(Ordering::Relaxed),
+            signals_sent: self.signals_sent.load(Ordering::Relaxed),
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             schedule_ms: self.schedule_ms,
         }
@@ -118,6 +120,17 @@ impl Drain {
             MigrationKind::Deadline => &self.forced_at_deadline,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a signal sent at a slot: a `migrate` frame, or a 4000 close
+    /// (at the slot, or once a migrate's grace ran out).
+    fn signal_sent(&self, gateway: &Gateway, signal: &'static str) {
+        self.signals_sent.fetch_add(1, Ordering::Relaxed);
+        gateway
+            .metrics
+            .drain_signals
+            .with_label_values(&[signal])
+            .inc();
     }
 
     fn retry_reason(&self) -> String {
@@ -159,6 +172,7 @@ pub fn start(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>
         migrated_by_client: AtomicU64::new(0),
         closed_at_slot: AtomicU64::new(0),
         forced_at_deadline: AtomicU64::new(0),
+        signals_sent: AtomicU64::new(0),
         cancelled: AtomicBool::new(false),
         finished: AtomicBool::new(false),
         cancel: Notify::new(),
@@ -334,17 +348,18 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
             }
             let Some(handle) = due.pop_front() else { break };
             match drain.request.mode {
-                DrainMode::Close => close(&handle, &drain, CLOSED_AT_SLOT),
+                DrainMode::Close => close(&gateway, &handle, &drain, CLOSED_AT_SLOT),
                 DrainMode::MakeBeforeBreak => {
                     handle.drain_mark.set(MIGRATE_SENT);
                     let _ = handle.outbox.push(Outgoing::Text(migrate.clone()));
+                    drain.signal_sent(&gateway, "migrate");
                     graces.push_back((now + drain.grace, handle));
                 }
             }
         }
         while let Some((_, handle)) = graces.pop_front_if(|(at, _)| *at <= now) {
             if handle.outbox.end_request().is_none() {
-                close(&handle, &drain, CLOSED_AT_SLOT);
+                close(&gateway, &handle, &drain, CLOSED_AT_SLOT);
             }
         }
         if slots.peek().is_none() && due.is_empty() && graces.is_empty() && gateway.hub.is_empty() {
@@ -376,7 +391,10 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
     gateway.drain_finished.notify_waiters();
 }
 
-fn close(handle: &ConnHandle, drain: &Drain, mark: u8) {
+fn close(gateway: &Gateway, handle: &ConnHandle, drain: &Drain, mark: u8) {
+    if mark == CLOSED_AT_SLOT {
+        drain.signal_sent(gateway, "close");
+    }
     handle.drain_mark.set(mark);
     handle
         .outbox
@@ -389,7 +407,7 @@ fn force_remaining(gateway: &Gateway, drain: &Drain) {
     tracing::info!(left = left.len(), "drain deadline: closing what is left");
     for handle in left {
         if handle.outbox.end_request().is_none() {
-            close(&handle, drain, CLOSED_AT_DEADLINE);
+            close(gateway, &handle, drain, CLOSED_AT_DEADLINE);
         }
     }
 }

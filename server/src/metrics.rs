@@ -66,6 +66,11 @@ pub struct Metrics {
     pub drain_remaining: IntGauge,
     /// `switchyard_migrations_total{how="client|slot|deadline"}`.
     pub migrations: IntCounterVec,
+    /// `switchyard_drain_signals_total{signal="migrate|close"}`: `migrate`
+    /// frames queued at their slots, and 4000 closes started at a slot or
+    /// when a migrate's grace ran out (not at the deadline): the drain's
+    /// pace as the gateway sends it.
+    pub drain_signals: IntCounterVec,
     /// `switchyard_backplane_up`: 1 while the Redis backplane is connected (always 1 for memory).
     pub backplane_up: IntGauge,
     /// `switchyard_backplane_publish_seconds`: one publish round trip to the backplane.
@@ -197,6 +202,11 @@ impl Metrics {
                 "Drained connections, by how they left: client (by itself), slot, deadline.",
                 &["how"],
             )?,
+            drain_signals: counter_vec(
+                "switchyard_drain_signals_total",
+                "Drain signals sent: migrate frames at their slots, 4000 closes at a slot or after the grace.",
+                &["signal"],
+            )?,
             backplane_up: gauge(
                 "switchyard_backplane_up",
                 "1 while the topic backplane is reachable (always 1 for the in-memory broker).",
@@ -241,6 +251,9 @@ impl Metrics {
         }
         for how in ["client", "slot", "deadline"] {
             metrics.migrations.with_label_values(&[how]);
+        }
+        for signal in ["migrate", "close"] {
+            metrics.drain_signals.with_label_values(&[signal]);
         }
         Ok(metrics)
     }

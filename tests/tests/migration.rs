@@ -254,6 +254,7 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
     assert_eq!(drain["migrated_by_client"], CLIENTS as u64, "{drain}");
     assert_eq!(drain["closed_at_slot"], 0);
     assert_eq!(drain["forced_at_deadline"], 0);
+    assert_eq!(drain["signals_sent"], CLIENTS as u64, "{drain}");
     for (i, seen) in crowd.seen.iter().enumerate() {
         let seen = seen.lock().expect("seen");
         assert!(
@@ -279,6 +280,12 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
             .expect("m"),
         CLIENTS as f64
     );
+    let signals = |signal: &str| {
+        let series = format!("switchyard_drain_signals_total{{signal=\"{signal}\"}}");
+        fleet.blue.metric(&series).expect("m")
+    };
+    assert_eq!(signals("migrate"), CLIENTS as f64, "one migrate per client");
+    assert_eq!(signals("close"), 0.0, "every client left by itself");
 
     fleet.blue.terminate();
     let exit = fleet
@@ -316,6 +323,13 @@ async fn close_mode_spreads_reconnects_instead_of_a_storm() {
 
     let drain = &status(&fleet.blue)["drain"];
     assert_eq!(drain["closed_at_slot"], CLIENTS as u64, "{drain}");
+    assert_eq!(
+        fleet
+            .blue
+            .metric("switchyard_drain_signals_total{signal=\"close\"}")
+            .expect("m"),
+        CLIENTS as f64
+    );
     for (i, seen) in crowd.seen.iter().enumerate() {
         assert_eq!(
             seen.lock().expect("seen").disconnects,
