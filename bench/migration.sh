@@ -25,7 +25,7 @@ GREEN=${GREEN_PORT:-21180}
 SOURCES=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9
 
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
-BIN=target/release
+BIN=${BIN:-target/release}
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"; }
@@ -83,25 +83,26 @@ echo "{\"connections_on_blue\": $(blue_conns)}" >&2
 publisher=$!; PIDS+=($!)
 sleep 3
 # The gateways' own view of the pace, independent of the starved load
-# processes: every 50 ms, the drain signals the blue pods sent so far and
-# the connections that left them (their /admin/status; the pods share the
-# public port, so /metrics cannot be asked of each one).
+# processes: every 50 ms, each blue pod's drain status, which carries the
+# signals it sent so far, the connections still on it, and the drain's age
+# in the pod's own clock (the pods share the public port, so /metrics cannot
+# be asked of each one). The pod's clock matters: a status request can wait
+# hundreds of milliseconds in a saturated pod, so the poller's clock would
+# stretch and squeeze the windows.
 python3 - "$WORK/drain-samples" "$BLUE" <<'PY' &
 import json, sys, time, urllib.request
 out, blue = sys.argv[1], int(sys.argv[2])
 with open(out, "w") as f:
     while True:
         began = time.monotonic()
-        sent = ended = 0
         for i in (1, 2, 3):
             with urllib.request.urlopen(f"http://127.0.0.1:{blue + i}/admin/status", timeout=5) as r:
-                drain = json.load(r).get("drain") or {}
-            sent += drain.get("signals_sent", 0)
-            ended += drain.get("total", 0) - drain.get("remaining", drain.get("total", 0))
-        done = time.monotonic()
-        f.write(f"{(began + done) * 500:.1f} {sent} {ended}\n")
+                drain = json.load(r).get("drain")
+            if drain:
+                ended = drain["total"] - drain["remaining"]
+                f.write(f'{i} {drain["elapsed_ms"]} {drain.get("signals_sent", 0)} {ended}\n')
         f.flush()
-        time.sleep(max(0.0, 0.05 - (done - began)))
+        time.sleep(max(0.0, 0.05 - (time.monotonic() - began)))
 PY
 poller=$!; PIDS+=($poller)
 start_ms=$(date +%s%3N)
@@ -138,17 +139,23 @@ for i in range(len(told_times)):
         j += 1
     told = max(told, i - j + 1)
 drains = [json.load(open(f"{work}/blue{i}.status"))["drain"] for i in (1, 2, 3)]
-# Peak per second from the gateways' counters, over windows of at least one
-# second (sample j the last one at least 1 s before sample i), as a rate.
-samples = [tuple(float(x) for x in line.split()) for line in open(f"{work}/drain-samples")]
+# Peak per second in each pod, from its own counters and clock, over windows
+# of at least one second (sample j the last one at least 1 s before sample
+# i), as a rate; the cap (max_rate) is per pod.
+samples = {}
+for line in open(f"{work}/drain-samples"):
+    pod, *values = (int(x) for x in line.split())
+    samples.setdefault(pod, []).append(values)
 def peak_rate(column):
-    peak, j = 0.0, 0
-    for i in range(len(samples)):
-        while j + 1 < i and samples[i][0] - samples[j + 1][0] >= 1000:
-            j += 1
-        span = samples[i][0] - samples[j][0]
-        if span >= 1000:
-            peak = max(peak, (samples[i][column] - samples[j][column]) * 1000 / span)
+    peak = 0.0
+    for series in samples.values():
+        j = 0
+        for i in range(len(series)):
+            while j + 1 < i and series[i][0] - series[j + 1][0] >= 1000:
+                j += 1
+            span = series[i][0] - series[j][0]
+            if span >= 1000:
+                peak = max(peak, (series[i][column] - series[j][column]) * 1000 / span)
     return round(peak)
 sent_peak, ended_peak = peak_rate(1), peak_rate(2)
 print(json.dumps({
@@ -160,11 +167,12 @@ print(json.dumps({
     "peak_over_cap": round(peak / (rate * 3), 3),
     "peak_migrate_received_per_second": told,
     "peak_received_over_cap": round(told / (rate * 3), 3),
-    "peak_signals_sent_per_second": sent_peak,
-    "peak_sent_over_cap": round(sent_peak / (rate * 3), 3),
-    "peak_ended_on_blue_per_second": ended_peak,
-    "peak_ended_over_cap": round(ended_peak / (rate * 3), 3),
-    "gateway_samples": len(samples),
+    "pod_cap_per_second": rate,
+    "peak_signals_sent_per_second_per_pod": sent_peak,
+    "peak_sent_over_cap": round(sent_peak / rate, 3),
+    "peak_ended_per_second_per_pod": ended_peak,
+    "peak_ended_over_cap": round(ended_peak / rate, 3),
+    "gateway_samples": sum(len(s) for s in samples.values()),
     "gap_ms_p50_median_of_loaders": statistics.median(r["gap_ms"]["p50"] for r in runs),
     "gap_ms_p99_worst_loader": max(r["gap_ms"]["p99"] for r in runs),
     "messages_per_connection": runs[0]["messages_expected_per_connection"],

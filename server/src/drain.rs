@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::ConnHandle;
 use crate::outbox::Outgoing;
+use crate::security::ratelimit::TokenBucket;
 use crate::server::Gateway;
 
 /// What a drain has done to one connection.
@@ -273,6 +274,46 @@ impl RateWindow {
     }
 }
 
+/// The pace at which a drain's signals leave: at most `rate` in any second
+/// (the promise), and no burst above a tenth of that. A drain task that
+/// wakes late (a saturated core) finds a backlog of due slots; the second
+/// alone would let it out as one burst wherever the window has room, so a
+/// window a little longer than a second could hold nearly two seconds'
+/// worth. A token bucket (`rate` per second, `rate / 10` deep) lets the
+/// backlog out as fast as the rate refills it: a task late by less than
+/// 100 ms still keeps the pace, without the burst.
+#[derive(Debug)]
+pub struct ReleasePace {
+    second: RateWindow,
+    smooth: TokenBucket,
+}
+
+impl ReleasePace {
+    /// A pace of at most `rate` per second, in bursts of at most `rate / 10`
+    /// (rounded up).
+    pub fn new(rate: u64, now: Instant) -> Self {
+        let rate_per_s = u32::try_from(rate).unwrap_or(u32::MAX);
+        ReleasePace {
+            second: RateWindow::new(rate, Duration::from_secs(1)),
+            smooth: TokenBucket::new(rate_per_s, rate_per_s.div_ceil(10), now.into_std()),
+        }
+    }
+
+    /// Takes one signal's place at `now`, if the second and the bucket have room.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        if self.next_free(now) > now {
+            return false;
+        }
+        self.second.try_take(now) && self.smooth.try_take(now.into_std())
+    }
+
+    /// When both next have room (`now` if they do).
+    pub fn next_free(&mut self, now: Instant) -> Instant {
+        let token = Instant::from_std(self.smooth.next_token(now.into_std()));
+        self.second.next_free(now).max(token)
+    }
+}
+
 /// The drain task.
 async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle>, u64)>) {
     let mut slots = plan.into_iter().peekable();
@@ -294,7 +335,7 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
         drain.request.window_ms,
         drain.request.max_rate,
     );
-    let mut cap = RateWindow::new(pace, Duration::from_secs(1));
+    let mut cap = ReleasePace::new(pace, Instant::now());
     loop {
         let now = Instant::now();
         let next_slot = if due.is_empty() {
@@ -337,7 +378,7 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
             due.push_back(handle);
         }
         // A late wake-up does not release every overdue slot at once: they
-        // leave in order as the one-second window has room.
+        // leave in order as the pace has room.
         while let Some(handle) = due.front() {
             if handle.outbox.end_request().is_some() {
                 due.pop_front(); // already leaving
@@ -431,5 +472,38 @@ mod tests {
         assert!(cap.try_take(at(1500)) && cap.try_take(at(1500)));
         assert!(!cap.try_take(at(1500)));
         assert_eq!(cap.next_free(at(1500)), at(2000));
+    }
+
+    #[test]
+    fn a_late_backlog_leaves_at_the_rate_in_small_bursts() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut pace = ReleasePace::new(700, start);
+        // A task asleep for 600 ms wakes to a backlog: a tenth goes now...
+        let offer =
+            |pace: &mut ReleasePace, ms: u64| (0..1000).filter(|_| pace.try_take(at(ms))).count();
+        assert_eq!(offer(&mut pace, 600), 70);
+        // ...and the rest as the rate refills: 7 every 10 ms, 35 after 50 ms.
+        assert_eq!(offer(&mut pace, 610), 7);
+        let next = pace.next_free(at(610));
+        assert!(next > at(611) && next < at(612), "one token takes 1/700 s");
+        assert_eq!(offer(&mut pace, 660), 35);
+        // Waking every 10 ms after that: 7 each time until the second
+        // window is full, never more than 700 in any second, and the pace
+        // kept (about 700 a second).
+        let mut sent = vec![(600, 70), (610, 7), (660, 35)];
+        for ms in (670..3_000).step_by(10) {
+            sent.push((ms, offer(&mut pace, ms)));
+        }
+        for (i, (from, _)) in sent.iter().enumerate() {
+            let in_second: usize = sent[i..]
+                .iter()
+                .take_while(|(ms, _)| *ms < from + 1000)
+                .map(|(_, n)| n)
+                .sum();
+            assert!(in_second <= 700, "{in_second} in the second from {from} ms");
+        }
+        let total: usize = sent.iter().map(|(_, n)| n).sum();
+        assert!((1_700..=1_750).contains(&total), "{total} sent in 2.4 s");
     }
 }

@@ -43,6 +43,18 @@ impl TokenBucket {
         }
     }
 
+    /// When the bucket next holds a token (`now` if it does).
+    pub fn next_token(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            return now;
+        }
+        // A zero rate never refills: an hour stands in for never.
+        let wait = std::time::Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate)
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        now + wait
+    }
+
     /// Whether the bucket has refilled completely (it then carries no state
     /// worth keeping).
     pub fn is_full(&mut self, now: Instant) -> bool {
