@@ -62,6 +62,7 @@ for r in rows:
     summary.setdefault(r["variant"], {}).setdefault(key, []).append(r)
 out = {mode: {key: {"per_sec": round(statistics.median(x["handshakes_per_sec"] for x in rs)),
                     "server_cpu_us": statistics.median(x["server_cpu_us_per_handshake"] for x in rs),
+                    "client_cpu_us": statistics.median(x["client_cpu_us_per_handshake"] for x in rs),
                     "runs": [round(x["handshakes_per_sec"]) for x in rs]}
               for key, rs in keys.items()} for mode, keys in summary.items()}
 for mode, keys in out.items():

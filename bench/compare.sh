@@ -91,6 +91,7 @@ fan = {s: {
 hs = {mode: {s: {
     "per_sec": round(statistics.median(r["handshakes_per_sec"] for r in rs)),
     "server_cpu_us": med([r["server_cpu_us_per_handshake"] for r in rs]),
+    "load_generator_cpu_us": med([r["client_cpu_us_per_handshake"] for r in rs]),
 } for s, rs in by("handshakes", mode).items()} for mode in ("plain", "tls")}
 ratio = lambda a, b: round(a / b, 2) if b else None
 sy = "switchyard"

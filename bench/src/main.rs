@@ -286,6 +286,18 @@ where
     )
 }
 
+/// This process's CPU time so far (user + system, every thread), in seconds.
+fn own_cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given, which is plain data.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 /// Reads and discards, answering pings (tungstenite does) and heartbeats.
 async fn hold(mut ws: WebSocketStream<Stream>) {
     while let Some(Ok(message)) = ws.next().await {
@@ -571,8 +583,12 @@ async fn main() -> Result<()> {
             hold_secs,
             ready_file,
         } => {
+            let cpu_before = own_cpu_secs();
             let (opened, failed, secs) =
                 open_many(target, &path, &sources, connections, concurrency, hold).await;
+            // The rate is bounded by the two processes sharing the cores:
+            // what the load generator spent per handshake is the other half.
+            let client_cpu = own_cpu_secs() - cpu_before;
             println!(
                 "{}",
                 serde_json::json!({
@@ -581,6 +597,8 @@ async fn main() -> Result<()> {
                     "failed": failed,
                     "connect_secs": secs,
                     "handshakes_per_sec": opened as f64 / secs,
+                    "client_cpu_us_per_handshake":
+                        (client_cpu * 1e6 / opened.max(1) as f64 * 10.0).round() / 10.0,
                 })
             );
             if let Some(path) = ready_file {
