@@ -515,73 +515,9 @@ fn upgrade_route(gateway: &Gateway, which: Listener, method: &Method, path: &str
 /// Serves one accepted connection (plain or TLS). On the public listener
 /// the gateway reads the first request head itself and answers an upgrade
 /// directly ([`crate::head`] says why); everything else is HTTP/1.1 served
-/// by hyper, which is given the bytes already read.
+/// by hyper — given the bytes already read — where WebSocket upgrades go to
+/// [`crate::upgrade`] and the rest to the warp routes.
 async fn serve_connection<IO, R>(
-    http: hyper::server::conn::http1::Builder,
-    mut io: IO,
-    gateway: Arc<Gateway>,
-    routes: R,
-    which: Listener,
-    peer: SocketAddr,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    R: Service<
-            Request<Incoming>,
-            Response = warp::reply::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    R::Future: Send + 'static,
-{
-    if which == Listener::Admin {
-        return serve_http(
-            http,
-            Replay::new(io, Vec::new()),
-            gateway,
-            routes,
-            which,
-            peer,
-        )
-        .await;
-    }
-    let ws = &gateway.config.websocket;
-    let timeout = Duration::from_millis(ws.handshake_timeout_ms);
-    let first = tokio::time::timeout(timeout, head::read_first(&mut io, ws.max_header_bytes));
-    let first = match first.await {
-        Ok(Ok(first)) => first,
-        Ok(Err(err)) => {
-            tracing::debug!(%peer, %err, "connection ended before its request head");
-            return;
-        }
-        Err(_) => {
-            gateway.count_rejection("handshake_timeout");
-            tracing::debug!(%peer, "request head timed out");
-            return;
-        }
-    };
-    if let Parsed::Complete(head, len) = first.parsed {
-        if let Some(route) = upgrade_route(&gateway, which, &head.method, head.path()) {
-            let mut buffer = first.buffer;
-            let rest = buffer.split_off(len);
-            drop(buffer);
-            return crate::upgrade::upgrade_direct(gateway, io, head, rest, route, peer).await;
-        }
-    }
-    serve_http(
-        http,
-        Replay::new(io, first.buffer),
-        gateway,
-        routes,
-        which,
-        peer,
-    )
-    .await
-}
-
-/// Serves HTTP/1.1 on one connection: WebSocket upgrades go to
-/// [`crate::upgrade`], everything else to the warp routes.
-async fn serve_http<IO, R>(
     http: hyper::server::conn::http1::Builder,
     io: IO,
     gateway: Arc<Gateway>,
@@ -599,6 +535,13 @@ async fn serve_http<IO, R>(
         + 'static,
     R::Future: Send + 'static,
 {
+    let io = match which {
+        Listener::Admin => Replay::new(io, Vec::new()),
+        Listener::Public => match upgrade_first_request(io, &gateway, peer).await {
+            Some(io) => io,
+            None => return,
+        },
+    };
     let service_gateway = gateway.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let gateway = service_gateway.clone();
@@ -634,6 +577,46 @@ async fn serve_http<IO, R>(
         }
         tracing::debug!(%peer, %err, "http connection ended with an error");
     }
+}
+
+/// Reads the first request head of a public connection and, if it is an
+/// upgrade, answers it directly. Otherwise returns the connection, with the
+/// bytes read replayed in front, for hyper; `None` once the connection is
+/// served or gone.
+async fn upgrade_first_request<IO>(
+    mut io: IO,
+    gateway: &Arc<Gateway>,
+    peer: SocketAddr,
+) -> Option<Replay<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let ws = &gateway.config.websocket;
+    let timeout = Duration::from_millis(ws.handshake_timeout_ms);
+    let first = tokio::time::timeout(timeout, head::read_first(&mut io, ws.max_header_bytes));
+    let first = match first.await {
+        Ok(Ok(first)) => first,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, %err, "connection ended before its request head");
+            return None;
+        }
+        Err(_) => {
+            gateway.count_rejection("handshake_timeout");
+            tracing::debug!(%peer, "request head timed out");
+            return None;
+        }
+    };
+    if let Parsed::Complete(head, len) = first.parsed {
+        if let Some(route) = upgrade_route(gateway, Listener::Public, &head.method, head.path()) {
+            let mut buffer = first.buffer;
+            let rest = buffer.split_off(len);
+            drop(buffer);
+            let gateway = gateway.clone();
+            crate::upgrade::upgrade_direct(gateway, io, head, rest, route, peer).await;
+            return None;
+        }
+    }
+    Some(Replay::new(io, first.buffer))
 }
 
 /// Closes connections whose session expired with 4001 (the client refreshes
