@@ -108,14 +108,22 @@ fn welcome_frame(gateway: &Gateway, handle: &ConnHandle) -> Option<ServerFrame> 
 }
 
 /// Appends the welcome frame for `handle`, encoded as a server's text frame,
-/// to `out`; false when its route has none.
-pub fn write_welcome(gateway: &Gateway, handle: &ConnHandle, out: &mut Vec<u8>) -> bool {
+/// to `out`, and counts it as the writer counts the frames it sends (one
+/// message, its payload's bytes); nothing when its route has none.
+pub fn write_welcome(gateway: &Gateway, handle: &ConnHandle, out: &mut Vec<u8>) {
     let Some(frame) = welcome_frame(gateway, handle) else {
-        return false;
+        return;
     };
-    let text = Frame::message(frame.to_json(), OpCode::Data(Data::Text), true);
+    let json = frame.to_json();
+    let payload_bytes = json.len() as u64;
     // Formatting into a Vec has no I/O to fail.
-    text.format(out).is_ok()
+    if Frame::message(json, OpCode::Data(Data::Text), true)
+        .format(out)
+        .is_ok()
+    {
+        gateway.metrics.messages_sent.inc();
+        gateway.metrics.bytes_sent.inc_by(payload_bytes);
+    }
 }
 
 /// The future serving one upgraded WebSocket, already admitted to the hub as
@@ -844,7 +852,7 @@ mod tests {
         let gateway = Gateway::new(Config::default()).expect("gateway");
         let handle = gateway.hub.register(Route::Topics);
         let mut out = b"already queued".to_vec();
-        assert!(write_welcome(&gateway, &handle, &mut out));
+        write_welcome(&gateway, &handle, &mut out);
         let (mut server_io, client_io) = tokio::io::duplex(4096);
         tokio::io::AsyncWriteExt::write_all(&mut server_io, &out[14..])
             .await
@@ -857,12 +865,14 @@ mod tests {
         assert_eq!(frame["connection_id"], handle.label.as_str());
         assert_eq!(frame["server_id"], gateway.server_id.as_str());
         let echo = gateway.hub.register(Route::Echo);
+        // Counted as the writer counts: one message, its payload's bytes.
+        assert_eq!(gateway.metrics.messages_sent.get(), 1);
+        let payload = text.to_text().expect("text").len() as u64;
+        assert_eq!(gateway.metrics.bytes_sent.get(), payload);
         let mut none = Vec::new();
-        assert!(
-            !write_welcome(&gateway, &echo, &mut none),
-            "echo has no welcome"
-        );
-        assert!(none.is_empty());
+        write_welcome(&gateway, &echo, &mut none);
+        assert!(none.is_empty(), "echo has no welcome");
+        assert_eq!(gateway.metrics.messages_sent.get(), 1);
     }
 
     #[tokio::test]

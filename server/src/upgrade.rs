@@ -324,14 +324,7 @@ pub async fn upgrade_direct<IO>(
                  connection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
             );
             if let Admission::Accept(handle, _) = &admission {
-                let before = out.len();
-                if connection::write_welcome(&gateway, handle, &mut out) {
-                    gateway.metrics.messages_sent.inc();
-                    gateway
-                        .metrics
-                        .bytes_sent
-                        .inc_by((out.len() - before) as u64);
-                }
+                connection::write_welcome(&gateway, handle, &mut out);
             }
             (StatusCode::SWITCHING_PROTOCOLS, Some(admission))
         }
