@@ -628,15 +628,17 @@ async fn session_expiry_loop(gateway: Arc<Gateway>) {
         for id in due {
             if let Some(handle) = gateway.hub.get(id) {
                 tracing::info!(conn = %handle.label, "session expired");
-                handle.outbox.close(
-                    CloseCode::SessionExpired,
-                    CloseReason::text("session expired").to_json(),
-                );
+                // Counted before the close is queued, so whoever sees the
+                // close also finds it counted.
                 gateway
                     .metrics
                     .sessions_ended
                     .with_label_values(&["expired"])
                     .inc();
+                handle.outbox.close(
+                    CloseCode::SessionExpired,
+                    CloseReason::text("session expired").to_json(),
+                );
             }
         }
         let wait = next.map_or(Duration::from_secs(3600), |at| {

@@ -578,11 +578,17 @@ async fn upgrades_are_served_first_on_a_connection_and_after_other_requests() {
         gw.metric("switchyard_connections_opened_total").expect("m"),
         2.0
     );
+    // The writer counts a batch after its flush, so the client can read the
+    // pong a moment before it is counted: wait for the count, then check
+    // that nothing more arrives behind it (a welcome counted twice would).
+    let sent = "switchyard_messages_sent_total";
     assert_eq!(
-        gw.metric("switchyard_messages_sent_total").expect("m"),
+        gw.wait_metric(sent, 4.0, STEP).expect("m"),
         4.0,
         "two welcomes and two pongs, each counted once"
     );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gw.metric(sent).expect("m"), 4.0, "and nothing after them");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
