@@ -5,7 +5,8 @@
 # gateway CPU microseconds per delivery. Switchyard by default;
 # SERVER=tungstenite-4k-batched (or node-ws) measures a reference peer the
 # same way. With PERF=1 the server is also profiled over the window (perf,
-# call graphs) and the top symbols printed. Bounded: about 30 s per rate.
+# call graphs) and the top symbols printed; PERF=load profiles the load
+# generator instead. Bounded: about 30 s per rate.
 #
 #   bench/cpu.sh [rates=2,50,100] [subscribers=10000]
 set -euo pipefail
@@ -36,7 +37,8 @@ for rate in ${RATES//,/ }; do
   sleep 7 # connected and publishing by now
   g1=$(cpu_ticks "$SERVER_PID"); l1=$(cpu_ticks "$load"); t1=$(date +%s.%N)
   if [ -n "${PERF:-}" ]; then
-    perf record -F 999 -g -p "$SERVER_PID" -o "$WORK/perf.data" -- sleep 4 >/dev/null 2>&1
+    profiled=$SERVER_PID; [ "$PERF" = load ] && profiled=$load
+    perf record -F 999 -g -p "$profiled" -o "$WORK/perf.data" -- sleep 4 >/dev/null 2>&1
   else
     sleep 4
   fi

@@ -226,3 +226,62 @@ async fn tls_handshakes_against_the_gateway_and_the_peers() {
     peers.await.expect("peers");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The idle workload's connections answer the gateway's keepalive (a
+/// protocol ping and a `heartbeat` frame each interval), so none of them is
+/// reaped as silent while held: a client that stopped answering would be
+/// reaped after two intervals (1 s here); the check comes after 2.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_answer_keepalives() {
+    let config = Config::load(
+        None,
+        Vec::new(),
+        &[
+            "listen=127.0.0.1:0".into(),
+            "admin_listen=127.0.0.1:0".into(),
+            "connection.keepalive_interval_ms=500".into(),
+        ],
+    )
+    .expect("config");
+    let listeners = Listeners::bind(&config).expect("bind");
+    let public = listeners.public.local_addr().expect("addr");
+    let gateway = Gateway::new(config).expect("gateway");
+    let (stop, shutdown) = tokio::sync::watch::channel(Stop::Running);
+    let server = tokio::spawn(serve(gateway.clone(), listeners, shutdown));
+
+    let ready = std::env::temp_dir().join(format!("switchyard-idle-ready-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let mut load = Command::new(env!("CARGO_BIN_EXE_switchyard-load"))
+        .args([
+            "idle".into(),
+            format!("--target={public}"),
+            "--connections=20".into(),
+            "--hold-secs=4".into(),
+            format!("--ready-file={}", ready.display()),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run switchyard-load");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        ready.exists(),
+        "the load generator never got its connections open"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        gateway.metrics.connections.get(),
+        20,
+        "none reaped while held"
+    );
+    let status = tokio::task::spawn_blocking(move || load.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success());
+    let _ = std::fs::remove_file(&ready);
+    stop.send(Stop::Now).expect("stop");
+    server.await.expect("join").expect("serve");
+}
