@@ -11,6 +11,10 @@
 #   git worktree add /tmp/base REV
 #   cargo build --release -p switchyard-server --manifest-path /tmp/base/Cargo.toml --target-dir /tmp/base/target
 #   bench/ab.sh /tmp/base/target/release/switchyard-server
+#
+# BASE_LOAD=path runs the base build's rounds with another load generator
+# (e.g. an earlier revision's switchyard-load); with this tree's server as
+# BASE, that compares two load generators against one gateway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,8 +34,10 @@ make_certs "$WORK/tls"
 # lib.sh starts "$BIN/switchyard-server": one directory per build.
 for build in base head; do
   mkdir -p "$WORK/$build"
-  ln -s "$PWD/target/release/switchyard-load" "$PWD/target/release/tungstenite-peer" "$WORK/$build/"
+  ln -s "$PWD/target/release/tungstenite-peer" "$WORK/$build/"
 done
+ln -s "$(realpath "${BASE_LOAD:-target/release/switchyard-load}")" "$WORK/base/switchyard-load"
+ln -s "$PWD/target/release/switchyard-load" "$WORK/head/switchyard-load"
 ln -s "$(realpath "$BASE")" "$WORK/base/switchyard-server"
 ln -s "$PWD/target/release/switchyard-server" "$WORK/head/switchyard-server"
 

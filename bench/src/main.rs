@@ -27,9 +27,6 @@ use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::WebSocketStream;
 
 #[derive(Parser)]
 #[command(
@@ -186,14 +183,6 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-/// Small buffers on the load side too, so many connections fit in one process.
-fn client_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(64 * 1024)
-}
-
 /// A connection to `target` from `source` (TLS when `--tls-ca` is given).
 async fn connect(target: SocketAddr, source: IpAddr) -> Result<Stream> {
     let socket = TcpSocket::new_v4()?;
@@ -220,26 +209,9 @@ async fn connect(target: SocketAddr, source: IpAddr) -> Result<Stream> {
     Stream::wrap(stream).await
 }
 
-/// A WebSocket through the general client (tokio-tungstenite), for the
-/// workload that follows close codes through reconnects (`migrate`).
-async fn open(target: SocketAddr, source: IpAddr, path: &str) -> Result<WebSocketStream<Stream>> {
-    let stream = connect(target, source).await?;
-    let scheme = if stream::tls() { "wss" } else { "ws" };
-    let mut request = format!("{scheme}://{target}{path}").into_client_request()?;
-    if let Some(value) = AUTHORIZATION.get() {
-        request.headers_mut().insert(
-            tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
-            value.clone(),
-        );
-    }
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(request, stream, Some(client_config())).await?;
-    Ok(ws)
-}
-
-/// A WebSocket through the load generator's lean client (`wire`), for the
-/// workloads that measure the server's rates.
-async fn open_wire(target: SocketAddr, source: IpAddr, path: &str) -> Result<wire::Socket> {
+/// A WebSocket to `path` on `target` from `source`, through the load
+/// generator's own client (`wire`).
+async fn open(target: SocketAddr, source: IpAddr, path: &str) -> Result<wire::Socket> {
     let stream = connect(target, source).await?;
     wire::Socket::upgrade(stream, &target.to_string(), path, AUTHORIZATION.get()).await
 }
@@ -275,7 +247,7 @@ where
             serve.clone(),
         );
         handshakes.push(tokio::spawn(async move {
-            match open_wire(target, source, &path).await {
+            match open(target, source, &path).await {
                 Ok(ws) => {
                     opened.fetch_add(1, Ordering::Relaxed);
                     drop(permit);

@@ -14,15 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::open;
-
-type Socket = WebSocketStream<crate::Stream>;
+use crate::wire::{self, Socket};
 
 /// What one connection observed.
 #[derive(Default, Clone)]
@@ -45,18 +40,19 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let start = text.find(key)? + key.len();
+fn number_after(text: &[u8], key: &str) -> Option<u64> {
+    let start = memchr::memmem::find(text, key.as_bytes())? + key.len();
     let digits = &text[start..];
     let end = digits
-        .find(|c: char| !c.is_ascii_digit())
+        .iter()
+        .position(|b| !b.is_ascii_digit())
         .unwrap_or(digits.len());
-    digits[..end].parse().ok()
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
 /// Reads one frame's worth of state into `outcome`; returns the op seen.
-fn on_text(text: &str, outcome: &mut Outcome, epoch: &mut u64) -> &'static str {
-    if text.starts_with(r#"{"op":"message""#) {
+fn on_text(text: &[u8], outcome: &mut Outcome, epoch: &mut u64) -> &'static str {
+    if text.starts_with(br#"{"op":"message""#) {
         if let (Some(e), Some(offset)) = (
             number_after(text, r#""epoch":"#),
             number_after(text, r#""offset":"#),
@@ -72,16 +68,50 @@ fn on_text(text: &str, outcome: &mut Outcome, epoch: &mut u64) -> &'static str {
             }
         }
         "message"
-    } else if text.starts_with(r#"{"op":"subscribed""#) {
+    } else if text.starts_with(br#"{"op":"subscribed""#) {
         "subscribed"
-    } else if text.starts_with(r#"{"op":"migrate""#) {
+    } else if text.starts_with(br#"{"op":"migrate""#) {
         "migrate"
-    } else if text.starts_with(r#"{"op":"heartbeat""#) {
+    } else if text.starts_with(br#"{"op":"heartbeat""#) {
         "heartbeat"
-    } else if text.starts_with(r#"{"op":"error""#) && text.contains(r#""unavailable""#) {
+    } else if text.starts_with(br#"{"op":"error""#)
+        && memchr::memmem::find(text, br#""unavailable""#).is_some()
+    {
         "unavailable"
     } else {
         "other"
+    }
+}
+
+/// What one frame asks of its connection, owned so that the socket the
+/// frame was borrowed from is free for the answer.
+enum Event {
+    /// A text frame: the op `on_text` saw.
+    Op(&'static str),
+    /// A ping, to be answered with a pong carrying its payload.
+    Ping(Vec<u8>),
+    /// The server's close: its code (echoed back) and the `retry_ms` of its
+    /// reason (0 when absent).
+    Close { code: [u8; 2], retry_ms: u64 },
+    /// Anything else (binary, pong).
+    Other,
+}
+
+impl Event {
+    fn of(frame: &wire::Frame<'_>, outcome: &mut Outcome, epoch: &mut u64) -> Event {
+        match frame.opcode {
+            wire::TEXT => Event::Op(on_text(frame.payload, outcome, epoch)),
+            wire::PING => Event::Ping(frame.payload.to_vec()),
+            wire::CLOSE => {
+                let (code, reason) = match frame.payload {
+                    [high, low, reason @ ..] => ([*high, *low], reason),
+                    _ => (1000u16.to_be_bytes(), &[][..]),
+                };
+                let retry_ms = number_after(reason, r#""retry_ms":"#).unwrap_or(0);
+                Event::Close { code, retry_ms }
+            }
+            _ => Event::Other,
+        }
     }
 }
 
@@ -93,8 +123,7 @@ async fn subscribe(socket: &mut Socket, topic: &str, epoch: u64, offset: u64) ->
             r#"{{"op":"subscribe","topic":"{topic}","since":{{"epoch":{epoch},"offset":{offset}}}}}"#
         )
     };
-    socket.send(Message::text(frame)).await?;
-    Ok(())
+    socket.send(wire::TEXT, frame.as_bytes()).await
 }
 
 /// Opens green, resumes, and returns the socket once `subscribed` arrived;
@@ -113,21 +142,25 @@ async fn resume_on_green(
     loop {
         tokio::select! {
             frame = new.next() => match frame {
-                Some(Ok(Message::Text(text))) => match on_text(&text, outcome, epoch) {
-                    "subscribed" => return Ok(new),
-                    "unavailable" => {
-                        // The gateway's backplane is reconnecting: ask again.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        subscribe(&mut new, topic, *epoch, outcome.highest).await?;
+                Ok(Some(frame)) if frame.opcode == wire::TEXT => {
+                    match on_text(frame.payload, outcome, epoch) {
+                        "subscribed" => return Ok(new),
+                        "unavailable" => {
+                            // The gateway's backplane is reconnecting: ask again.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            subscribe(&mut new, topic, *epoch, outcome.highest).await?;
+                        }
+                        _ => {}
                     }
-                    _ => {}
-                },
-                Some(Ok(_)) => {}
+                }
+                Ok(Some(frame)) if frame.opcode != wire::CLOSE => {}
                 _ => anyhow::bail!("green closed during resume"),
             },
             frame = async { old.as_mut().expect("guarded").next().await }, if old.is_some() => match frame {
-                Some(Ok(Message::Text(text))) => { on_text(&text, outcome, epoch); }
-                Some(Ok(_)) => {}
+                Ok(Some(frame)) if frame.opcode == wire::TEXT => {
+                    on_text(frame.payload, outcome, epoch);
+                }
+                Ok(Some(frame)) if frame.opcode != wire::CLOSE => {}
                 _ => old = None,
             },
         }
@@ -151,59 +184,52 @@ async fn follow(
     let mut counted = false;
     while outcome.highest < expect && Instant::now() < deadline {
         let next = tokio::time::timeout_at(deadline.into(), socket.next()).await;
-        let frame = match next {
-            Ok(Some(Ok(frame))) => frame,
+        let event = match next {
+            Ok(Ok(Some(frame))) => Event::of(&frame, &mut outcome, &mut epoch),
             _ => break,
         };
-        match frame {
-            Message::Text(text) => match on_text(&text, &mut outcome, &mut epoch) {
-                "subscribed" if !counted => {
-                    counted = true;
-                    subscribed.fetch_add(1, Ordering::Relaxed);
-                }
-                "migrate" if !outcome.moved => {
-                    let started = Instant::now();
-                    outcome.told_unix_ms = Some(unix_ms());
-                    match resume_on_green(
-                        green,
-                        source,
-                        &topic,
-                        &mut outcome,
-                        &mut epoch,
-                        Some(&mut socket),
-                    )
-                    .await
-                    {
-                        Ok(new) => {
-                            outcome.gap_ms = Some(started.elapsed().as_millis() as u64);
-                            outcome.moved = true;
-                            let _ = socket
-                                .send(Message::Close(Some(CloseFrame {
-                                    code: 1000.into(),
-                                    reason: "".into(),
-                                })))
-                                .await;
-                            socket = new;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                "heartbeat" => {
-                    let _ = socket.send(Message::text(r#"{"op":"ping"}"#)).await;
-                }
-                "unavailable" => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    let _ = subscribe(&mut socket, &topic, epoch, outcome.highest).await;
-                }
-                _ => {}
-            },
-            Message::Close(frame) if !outcome.moved => {
+        match event {
+            Event::Op("subscribed") if !counted => {
+                counted = true;
+                subscribed.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Op("migrate") if !outcome.moved => {
                 let started = Instant::now();
                 outcome.told_unix_ms = Some(unix_ms());
-                let retry_ms = frame
-                    .as_ref()
-                    .and_then(|f| number_after(&f.reason, r#""retry_ms":"#))
-                    .unwrap_or(0);
+                match resume_on_green(
+                    green,
+                    source,
+                    &topic,
+                    &mut outcome,
+                    &mut epoch,
+                    Some(&mut socket),
+                )
+                .await
+                {
+                    Ok(new) => {
+                        outcome.gap_ms = Some(started.elapsed().as_millis() as u64);
+                        outcome.moved = true;
+                        let _ = socket.send(wire::CLOSE, &1000u16.to_be_bytes()).await;
+                        socket = new;
+                    }
+                    Err(_) => break,
+                }
+            }
+            Event::Op("heartbeat") => {
+                let _ = socket.send(wire::TEXT, br#"{"op":"ping"}"#).await;
+            }
+            Event::Op("unavailable") => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = subscribe(&mut socket, &topic, epoch, outcome.highest).await;
+            }
+            Event::Ping(payload) => {
+                let _ = socket.send(wire::PONG, &payload).await;
+            }
+            Event::Close { code, retry_ms } if !outcome.moved => {
+                let started = Instant::now();
+                outcome.told_unix_ms = Some(unix_ms());
+                // Complete the close handshake, as a client library does.
+                let _ = socket.send(wire::CLOSE, &code).await;
                 tokio::time::sleep(Duration::from_millis(retry_ms)).await;
                 match resume_on_green(green, source, &topic, &mut outcome, &mut epoch, None).await {
                     Ok(new) => {
@@ -215,7 +241,8 @@ async fn follow(
                     Err(_) => break,
                 }
             }
-            _ => {}
+            Event::Close { .. } => break,
+            Event::Op(_) | Event::Other => {}
         }
     }
     outcome

@@ -33,11 +33,6 @@ pub fn use_tls(ca_pem: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether connections are TLS (the URL scheme to use).
-pub fn tls() -> bool {
-    CONNECTOR.get().is_some()
-}
-
 /// A connected client socket.
 pub enum Stream {
     /// ws://

@@ -1,5 +1,4 @@
-//! The load generator's own WebSocket client, for the workloads that measure
-//! a server's throughput and handshake rate (`idle`, `fanout`).
+//! The load generator's own WebSocket client, used by every workload.
 //!
 //! The load generator shares the machine's two cores with the server it
 //! measures, so every microsecond it spends per message is taken from the
@@ -14,8 +13,7 @@
 //! It is a client for servers this repository tests, not a general one: it
 //! expects unfragmented frames from the server (every server here sends
 //! whole messages) and refuses anything else with an error rather than
-//! guessing. The `migrate` workload, which follows close codes through
-//! reconnects, keeps the general client.
+//! guessing.
 
 use std::sync::OnceLock;
 
@@ -195,15 +193,32 @@ impl Socket {
 
     /// The next whole frame already buffered, if any; never reads.
     pub fn next_buffered(&mut self) -> Result<Option<Frame<'_>>> {
-        let Some((opcode, payload)) = locate(&self.buf[self.start..self.end])? else {
-            return Ok(None);
+        Ok(locate(&self.buf[self.start..self.end])?.map(|found| self.take(found)))
+    }
+
+    /// The next frame, reading as needed; `None` at end of stream.
+    /// Cancel-safe (for `select!`): a frame is consumed only when returned,
+    /// and bytes only when read into the buffer.
+    pub async fn next(&mut self) -> Result<Option<Frame<'_>>> {
+        let found = loop {
+            if let Some(found) = locate(&self.buf[self.start..self.end])? {
+                break found;
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
         };
+        Ok(Some(self.take(found)))
+    }
+
+    /// Hands out a located frame and moves past it.
+    fn take(&mut self, (opcode, payload): Located) -> Frame<'_> {
         let at = self.start;
         self.start += payload.end;
-        Ok(Some(Frame {
+        Frame {
             opcode,
             payload: &self.buf[at + payload.start..at + payload.end],
-        }))
+        }
     }
 
     /// Reads what the stream has into the buffer (making room first);

@@ -285,3 +285,76 @@ async fn idle_connections_answer_keepalives() {
     stop.send(Stop::Now).expect("stop");
     server.await.expect("join").expect("serve");
 }
+
+/// The migrate workload follows a drain of blue to green in both modes —
+/// `migrate` (make-before-break) and a 4000 close with `retry_ms` — and its
+/// accounting is exact: every connection moved, by the way the mode says,
+/// and every one of the published offsets seen once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_follows_both_drain_modes_and_counts_exactly() {
+    const CONNECTIONS: u64 = 40;
+    const MESSAGES: u64 = 30;
+    for (mode, by_close) in [("make_before_break", 0), ("close", CONNECTIONS)] {
+        let fleet = switchyard_tests::BlueGreen::start(&[])
+            .await
+            .expect("fleet");
+        let ready = std::env::temp_dir().join(format!(
+            "switchyard-migrate-ready-{}-{mode}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&ready);
+        let load = Command::new(env!("CARGO_BIN_EXE_switchyard-load"))
+            .args([
+                "migrate".into(),
+                format!("--blue={}", fleet.blue.public),
+                format!("--green={}", fleet.green.public),
+                format!("--connections={CONNECTIONS}"),
+                format!("--expect={MESSAGES}"),
+                "--timeout-secs=60".into(),
+                format!("--ready-file={}", ready.display()),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run switchyard-load");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !ready.exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(ready.exists(), "{mode}: never subscribed");
+        let (fleet, load) = tokio::task::spawn_blocking(move || {
+            // Half the messages before the drain, half during and after it.
+            for n in 1..=MESSAGES {
+                if n == MESSAGES / 2 + 1 {
+                    let body = format!(
+                        r#"{{"window_ms":500,"max_rate":1000,"deadline_ms":20000,"mode":"{mode}","retry_jitter_ms":200}}"#
+                    );
+                    let (code, text) = fleet
+                        .blue
+                        .admin_request("POST", "/admin/drain", Some(&body))
+                        .expect("drain");
+                    assert_eq!(code, 202, "{text}");
+                }
+                fleet.green.publish("migrate", &format!(r#"{{"n":{n}}}"#)).expect("publish");
+                std::thread::sleep(std::time::Duration::from_millis(40));
+            }
+            (fleet, load.wait_with_output().expect("wait"))
+        })
+        .await
+        .expect("join");
+        assert!(load.status.success(), "{mode}");
+        let stdout = String::from_utf8_lossy(&load.stdout);
+        let summary: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().expect("summary")).expect("json");
+        assert_eq!(summary["connections"], CONNECTIONS, "{mode}: {summary}");
+        assert_eq!(summary["moved"], CONNECTIONS, "{mode}: {summary}");
+        assert_eq!(summary["moved_by_close"], by_close, "{mode}: {summary}");
+        assert_eq!(summary["complete"], CONNECTIONS, "{mode}: {summary}");
+        assert_eq!(summary["lost"], 0, "{mode}: {summary}");
+        assert_eq!(
+            fleet.blue.metric("switchyard_connections").expect("m"),
+            0.0,
+            "{mode}: blue emptied"
+        );
+        let _ = std::fs::remove_file(&ready);
+    }
+}
