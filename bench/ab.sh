@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Handshakes of two gateway builds side by side: this tree's release build
-# against another build of switchyard-server (BASE, an earlier revision), with
-# the bare tokio-tungstenite peer as the yardstick. Rounds alternate the three
-# servers, plain and TLS; prints one JSON line per run, then the medians per
-# build. Bounded: every process is killed on exit.
+# Two gateway builds side by side: this tree's release build against another
+# build of switchyard-server (BASE, an earlier revision), with the bare
+# tokio-tungstenite peer as the yardstick. Rounds alternate the three
+# servers; prints one JSON line per run, then the medians per build.
+# Bounded: every process is killed on exit.
+#
+# WORKLOAD=handshakes (the default): plain and TLS handshakes per second and
+# the CPU each side spends on one. WORKLOAD=fanout: fan-out to 10,000
+# subscribers at 100 msg/s for 8 s (delivered/s, latency, and how late the
+# publisher's requests were answered).
 #
 #   bench/ab.sh BASE [rounds=5] [handshakes=10000]
 #
@@ -21,6 +26,10 @@ cd "$(dirname "$0")/.."
 BASE=${1:?usage: bench/ab.sh BASE [rounds] [handshakes]}
 ROUNDS=${2:-5}
 HANDSHAKES=${3:-10000}
+WORKLOAD=${WORKLOAD:-handshakes}
+SUBSCRIBERS=10000
+RATE=100
+SECS=8
 PORT=${PORT:-27080}
 SOURCES=127.0.0.10,127.0.0.11,127.0.0.12,127.0.0.13,127.0.0.14,127.0.0.15
 ulimit -n 20000 2>/dev/null || true
@@ -41,15 +50,24 @@ ln -s "$PWD/target/release/switchyard-load" "$WORK/head/switchyard-load"
 ln -s "$(realpath "$BASE")" "$WORK/base/switchyard-server"
 ln -s "$PWD/target/release/switchyard-server" "$WORK/head/switchyard-server"
 
-run() { # build server -> one plain and one TLS run, labelled with the build
+label() { # build -> the last result line, labelled with the build
+  tail -n 1 "$WORK/results" | python3 -c "import json,sys; r=json.load(sys.stdin); r['build']='$1'; print(json.dumps(r))" \
+    | tee -a "$WORK/ab"
+}
+
+run() { # build server -> the workload's runs, labelled with the build
   local build=$1 server=$2
   BIN=$WORK/$build
+  if [ "$WORKLOAD" = fanout ]; then
+    VARIANT=fanout fanout "$server" >/dev/null
+    label "$build"
+    return
+  fi
   local tls port
   for tls in "" "$WORK/tls"; do
     port=$PORT; [ -n "$tls" ] && port=$((PORT + 20))
     PORT=$port TLS_DIR=$tls handshakes "$server" >/dev/null
-    tail -n 1 "$WORK/results" | python3 -c "import json,sys; r=json.load(sys.stdin); r['build']='$build'; print(json.dumps(r))" \
-      | tee -a "$WORK/ab"
+    label "$build"
   done
 }
 
@@ -66,14 +84,26 @@ summary = {}
 for r in rows:
     key = f'{r["server"]}:{r["build"]}' if r["server"] == "switchyard" else r["server"]
     summary.setdefault(r["variant"], {}).setdefault(key, []).append(r)
-out = {mode: {key: {"per_sec": round(statistics.median(x["handshakes_per_sec"] for x in rs)),
-                    "server_cpu_us": statistics.median(x["server_cpu_us_per_handshake"] for x in rs),
-                    "client_cpu_us": statistics.median(x["client_cpu_us_per_handshake"] for x in rs),
-                    "runs": [round(x["handshakes_per_sec"]) for x in rs]}
-              for key, rs in keys.items()} for mode, keys in summary.items()}
+med = lambda rs, f: round(statistics.median(f(x) for x in rs), 1)
+def figures(rs):
+    if "handshakes_per_sec" in rs[0]:
+        return {"per_sec": round(med(rs, lambda x: x["handshakes_per_sec"])),
+                "server_cpu_us": med(rs, lambda x: x["server_cpu_us_per_handshake"]),
+                "client_cpu_us": med(rs, lambda x: x["client_cpu_us_per_handshake"]),
+                "runs": [round(x["handshakes_per_sec"]) for x in rs]}
+    return {"per_sec": round(med(rs, lambda x: x["delivered_per_sec"])),
+            "offered_per_sec": round(med(rs, lambda x: x["offered_per_sec"])),
+            "p50_ms": med(rs, lambda x: x["latency_ms"]["p50"]),
+            "p99_ms": med(rs, lambda x: x["latency_ms"]["p99"]),
+            "publish_request_max_ms": med(rs, lambda x: x["publish_request_ms"]["max"]),
+            "runs": [[round(x["delivered_per_sec"]), x["latency_ms"]["p99"]] for x in rs]}
+out = {mode: {key: figures(rs) for key, rs in keys.items()} for mode, keys in summary.items()}
 for mode, keys in out.items():
-    base, head = keys["switchyard:base"], keys["switchyard:head"]
+    base, head, peer = keys["switchyard:base"], keys["switchyard:head"], keys["tungstenite-4k-batched"]
     keys["head_over_base"] = round(head["per_sec"] / base["per_sec"], 3)
-    keys["head_over_peer"] = round(head["per_sec"] / keys["tungstenite-4k-batched"]["per_sec"], 3)
+    keys["head_over_peer"] = round(head["per_sec"] / peer["per_sec"], 3)
+    if "p99_ms" in head:
+        keys["p99_head_over_base"] = round(head["p99_ms"] / base["p99_ms"], 3)
+        keys["p99_head_over_peer"] = round(head["p99_ms"] / peer["p99_ms"], 3)
 print(json.dumps(out))
 PY

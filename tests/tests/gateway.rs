@@ -696,3 +696,78 @@ fn http_routes_answer_and_bad_upgrades_are_refused_and_counted() {
         405
     );
 }
+
+/// A GET on `addr` with its own read timeout: the status code, or the error.
+fn get_within(addr: std::net::SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    let code = std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok(code)
+}
+
+/// The admin listener runs on a thread and runtime of its own, so a
+/// publish, a drain or a status request is answered while the public
+/// runtime is saturated. Here its only worker is blocked outright by a task
+/// that never yields: the public port cannot answer (the premise, checked),
+/// and the admin port answers all the same.
+#[test]
+fn the_admin_api_answers_while_the_public_runtime_is_blocked() {
+    use switchyard_server::config::Config;
+    use switchyard_server::server::{serve, Gateway, Listeners, Stop};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = Config::load(
+        None,
+        Vec::new(),
+        &[
+            "listen=127.0.0.1:0".into(),
+            "admin_listen=127.0.0.1:0".into(),
+        ],
+    )
+    .expect("config");
+    let (public, admin, stop) = runtime.block_on(async {
+        let listeners = Listeners::bind(&config).expect("bind");
+        let public = listeners.public.local_addr().expect("addr");
+        let admin = listeners.admin.local_addr().expect("addr");
+        let gateway = Gateway::new(config).expect("gateway");
+        let (stop, shutdown) = tokio::sync::watch::channel(Stop::Running);
+        tokio::spawn(serve(gateway, listeners, shutdown));
+        (public, admin, stop)
+    });
+    assert_eq!(get_within(public, "/healthz", STEP).expect("public"), 200);
+    assert_eq!(
+        get_within(admin, "/admin/status", STEP).expect("admin"),
+        200
+    );
+
+    let (blocking, blocked) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = blocking.send(());
+        std::thread::sleep(Duration::from_secs(6));
+    });
+    blocked.recv().expect("the worker is blocked");
+    let public_answer = get_within(public, "/healthz", Duration::from_millis(1500));
+    assert!(
+        public_answer.is_err(),
+        "the public runtime answered while blocked: {public_answer:?}"
+    );
+    assert_eq!(
+        get_within(admin, "/admin/status", Duration::from_secs(3)).expect("admin while blocked"),
+        200
+    );
+    let _ = stop.send(Stop::Now);
+    runtime.shutdown_background();
+}
