@@ -88,8 +88,8 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     /// Runtime worker threads for the public listener and its connections;
     /// default one per CPU. Set it to the pod's CPU limit: more threads than
-    /// cores only adds context switches. (The admin listener has one thread
-    /// of its own on top, mostly idle.)
+    /// cores only adds context switches. (The control plane — admin
+    /// listener, Redis backplane — has one thread of its own on top.)
     pub worker_threads: Option<usize>,
     /// Logging.
     pub log: LogSettings,
