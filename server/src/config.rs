@@ -86,10 +86,8 @@ pub struct Config {
     pub echo: bool,
     /// How long SIGINT waits for connections to close after 1001 (SIGTERM drains instead).
     pub shutdown_timeout_ms: u64,
-    /// Runtime worker threads for the public listener and its connections;
-    /// default one per CPU. Set it to the pod's CPU limit: more threads than
-    /// cores only adds context switches. (The control plane — admin
-    /// listener, Redis backplane — has one thread of its own on top.)
+    /// Runtime worker threads; default one per CPU. Set it to the pod's CPU
+    /// limit: more threads than cores only adds context switches.
     pub worker_threads: Option<usize>,
     /// Logging.
     pub log: LogSettings,

@@ -13,7 +13,6 @@
 //! - [`upgrade`]: the WebSocket handshake.
 //! - [`http`]: the HTTP routes of both listeners (warp).
 //! - [`server`]: listeners, accept loops, shutdown.
-//! - [`control`]: the control plane's own thread (admin API, Redis backplane).
 //! - [`security`]: origin check, authentication, sessions, rate limits.
 //! - [`tls`]: rustls for both listeners.
 //! - [`metrics`]: Prometheus metrics.
@@ -23,7 +22,6 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod connection;
-pub mod control;
 pub mod drain;
 pub mod head;
 pub mod http;

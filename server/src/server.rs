@@ -29,7 +29,6 @@ use crate::broker::log::Retention;
 use crate::broker::memory::{MemoryBroker, MemorySettings};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{AdminSettings, BrokerKind, Config};
-use crate::control::ControlPlane;
 use crate::drain::Drain;
 use crate::head::{self, Parsed, Replay};
 use crate::hub::{Hub, Route};
@@ -54,9 +53,6 @@ pub struct Gateway {
     pub hub: Hub,
     /// Topic broker.
     pub broker: Arc<dyn Broker>,
-    /// The control plane's thread: the admin listener and the Redis
-    /// backplane run there, never queued behind connection tasks.
-    pub control: ControlPlane,
     /// tungstenite settings for every connection.
     pub ws_config: WebSocketConfig,
     started: Instant,
@@ -90,8 +86,7 @@ impl Gateway {
             .or_else(|| std::env::var("POD_NAME").ok().filter(|v| !v.is_empty()))
             .unwrap_or_else(|| format!("sy-{:06x}", rand::random::<u32>() & 0xff_ffff));
         let metrics = Metrics::new().context("registering metrics")?;
-        let control = ControlPlane::start().context("control plane thread")?;
-        let broker = make_broker(&config, &metrics, control.handle())?;
+        let broker = make_broker(&config, &metrics)?;
         let ws = &config.websocket;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(ws.read_buffer_bytes)
@@ -125,7 +120,6 @@ impl Gateway {
             metrics,
             hub: Hub::new(server_id.clone(), limits),
             broker,
-            control,
             ws_config,
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
@@ -238,11 +232,7 @@ fn admin_token(settings: &AdminSettings) -> anyhow::Result<Option<String>> {
 }
 
 /// The broker the config asks for.
-fn make_broker(
-    config: &Config,
-    metrics: &Metrics,
-    control: &tokio::runtime::Handle,
-) -> anyhow::Result<Arc<dyn Broker>> {
+fn make_broker(config: &Config, metrics: &Metrics) -> anyhow::Result<Arc<dyn Broker>> {
     let retention = Retention {
         max_entries: config.topics.history_size,
         max_age: Duration::from_millis(config.topics.history_ttl_ms),
@@ -261,21 +251,18 @@ fn make_broker(
             Ok(memory)
         }
         BrokerKind::Redis => {
-            let redis = RedisBroker::start(
-                RedisOptions {
-                    settings: config.redis.clone(),
-                    retention,
-                    max_topics: config.topics.max_topics,
-                    max_pending: config.connection.outbox_max_messages,
-                    metrics: BackplaneMetrics {
-                        up: metrics.backplane_up.clone(),
-                        publish_seconds: metrics.backplane_publish_seconds.clone(),
-                        reconnects: metrics.backplane_reconnects.clone(),
-                        recovered_messages: metrics.backplane_recovered_messages.clone(),
-                    },
+            let redis = RedisBroker::start(RedisOptions {
+                settings: config.redis.clone(),
+                retention,
+                max_topics: config.topics.max_topics,
+                max_pending: config.connection.outbox_max_messages,
+                metrics: BackplaneMetrics {
+                    up: metrics.backplane_up.clone(),
+                    publish_seconds: metrics.backplane_publish_seconds.clone(),
+                    reconnects: metrics.backplane_reconnects.clone(),
+                    recovered_messages: metrics.backplane_recovered_messages.clone(),
                 },
-                control,
-            )
+            })
             .context("redis broker")?;
             Ok(redis)
         }
@@ -350,20 +337,12 @@ pub async fn serve(
         Listener::Public,
         listeners_closed.clone(),
     ));
-    // The admin listener is served on the control plane's thread (see
-    // `control`), registered with that runtime's own I/O driver.
-    let admin_listener = listeners.admin.into_std().context("admin listener")?;
-    let admin = gateway.control.handle().spawn({
-        let gateway = gateway.clone();
-        async move {
-            match TcpListener::from_std(admin_listener) {
-                Ok(listener) => {
-                    accept_loop(listener, gateway, Listener::Admin, listeners_closed).await
-                }
-                Err(err) => tracing::error!(%err, "admin listener"),
-            }
-        }
-    });
+    let admin = tokio::spawn(accept_loop(
+        listeners.admin,
+        gateway.clone(),
+        Listener::Admin,
+        listeners_closed,
+    ));
     let keepalive = tokio::spawn(keepalive_loop(gateway.clone()));
     let expiry = tokio::spawn(session_expiry_loop(gateway.clone()));
 

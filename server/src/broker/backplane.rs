@@ -237,14 +237,8 @@ fn new_epoch() -> u64 {
 
 impl RedisBroker {
     /// Starts the broker: returns at once and connects in the background, so
-    /// a gateway starts (not ready) even while Redis is down. Its background
-    /// work — the supervisor, the Redis connections' drivers, the pub/sub
-    /// reader — runs on `runtime` (the gateway's control plane, so replies
-    /// are not queued behind connection tasks).
-    pub fn start(
-        options: RedisOptions,
-        runtime: &tokio::runtime::Handle,
-    ) -> Result<Arc<RedisBroker>, BrokerError> {
+    /// a gateway starts (not ready) even while Redis is down.
+    pub fn start(options: RedisOptions) -> Result<Arc<RedisBroker>, BrokerError> {
         let client = client(&options.settings)?;
         let (control, requests) = mpsc::unbounded_channel();
         options.metrics.up.set(0);
@@ -260,7 +254,7 @@ impl RedisBroker {
             publish: Script::new(include_str!("publish.lua")),
             snapshot: Script::new(include_str!("snapshot.lua")),
         });
-        runtime.spawn(supervise(Arc::downgrade(&inner), requests));
+        tokio::spawn(supervise(Arc::downgrade(&inner), requests));
         Ok(Arc::new(RedisBroker { inner }))
     }
 }
