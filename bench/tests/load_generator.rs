@@ -1,10 +1,78 @@
 //! The load generator's own figures must be right before anyone quotes them:
 //! run it against an in-process gateway and check its accounting.
 
+use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::Arc;
 
 use switchyard_server::config::Config;
 use switchyard_server::server::{serve, Gateway, Listeners, Stop};
+
+/// A gateway served in this process on free ports, with `settings` on top
+/// of the defaults.
+struct InProcess {
+    public: SocketAddr,
+    admin: SocketAddr,
+    gateway: Arc<Gateway>,
+    stop: tokio::sync::watch::Sender<Stop>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    fn start(settings: &[String]) -> InProcess {
+        let mut all = vec![
+            "listen=127.0.0.1:0".to_owned(),
+            "admin_listen=127.0.0.1:0".to_owned(),
+        ];
+        all.extend_from_slice(settings);
+        let config = Config::load(None, Vec::new(), &all).expect("config");
+        let listeners = Listeners::bind(&config).expect("bind");
+        let public = listeners.public.local_addr().expect("addr");
+        let admin = listeners.admin.local_addr().expect("addr");
+        let gateway = Gateway::new(config).expect("gateway");
+        let (stop, shutdown) = tokio::sync::watch::channel(Stop::Running);
+        let server = tokio::spawn(serve(gateway.clone(), listeners, shutdown));
+        InProcess {
+            public,
+            admin,
+            gateway,
+            stop,
+            server,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(Stop::Now).expect("stop");
+        self.server.await.expect("join").expect("serve");
+    }
+}
+
+/// Starts `switchyard-load` with `args` and `--ready-file`, and returns it
+/// once the file exists (its connections are open), or `None` after `within`.
+async fn start_load_until_ready(
+    args: Vec<String>,
+    ready: &std::path::Path,
+    stdout: std::process::Stdio,
+    within: std::time::Duration,
+) -> Option<std::process::Child> {
+    let _ = std::fs::remove_file(ready);
+    let mut load = Command::new(env!("CARGO_BIN_EXE_switchyard-load"))
+        .args(args)
+        .arg(format!("--ready-file={}", ready.display()))
+        .stdout(stdout)
+        .spawn()
+        .expect("run switchyard-load");
+    let deadline = std::time::Instant::now() + within;
+    while !ready.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if !ready.exists() {
+        let _ = load.kill();
+        let _ = load.wait();
+        return None;
+    }
+    Some(load)
+}
 
 fn run_load(args: &[String]) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard-load"))
@@ -22,21 +90,8 @@ fn run_load(args: &[String]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_and_idle_report_exact_counts() {
-    let config = Config::load(
-        None,
-        Vec::new(),
-        &[
-            "listen=127.0.0.1:0".into(),
-            "admin_listen=127.0.0.1:0".into(),
-        ],
-    )
-    .expect("config");
-    let listeners = Listeners::bind(&config).expect("bind");
-    let public = listeners.public.local_addr().expect("addr");
-    let admin = listeners.admin.local_addr().expect("addr");
-    let gateway = Gateway::new(config).expect("gateway");
-    let (stop, shutdown) = tokio::sync::watch::channel(Stop::Running);
-    let server = tokio::spawn(serve(gateway.clone(), listeners, shutdown));
+    let served = InProcess::start(&[]);
+    let (public, admin, gateway) = (served.public, served.admin, served.gateway.clone());
 
     let fanout = tokio::task::spawn_blocking(move || {
         run_load(&[
@@ -74,8 +129,7 @@ async fn fanout_and_idle_report_exact_counts() {
     assert_eq!(idle["failed"], 0);
     assert_eq!(gateway.metrics.connections_opened.get(), 350);
 
-    stop.send(Stop::Now).expect("stop");
-    server.await.expect("join").expect("serve");
+    served.stop().await;
 }
 
 /// A free loopback port (bound, then released for the peer to take).
@@ -158,22 +212,11 @@ async fn tls_handshakes_against_the_gateway_and_the_peers() {
     let certs = switchyard_tests::TestCertificates::create(&dir).expect("certificates");
     let ca = certs.ca.clone();
 
-    let config = Config::load(
-        None,
-        Vec::new(),
-        &[
-            "listen=127.0.0.1:0".into(),
-            "admin_listen=127.0.0.1:0".into(),
-            format!("tls.cert_file={}", certs.cert.display()),
-            format!("tls.key_file={}", certs.key.display()),
-        ],
-    )
-    .expect("config");
-    let listeners = Listeners::bind(&config).expect("bind");
-    let public = listeners.public.local_addr().expect("addr").to_string();
-    let gateway = Gateway::new(config).expect("gateway");
-    let (stop, shutdown) = tokio::sync::watch::channel(Stop::Running);
-    let server = tokio::spawn(serve(gateway.clone(), listeners, shutdown));
+    let served = InProcess::start(&[
+        format!("tls.cert_file={}", certs.cert.display()),
+        format!("tls.key_file={}", certs.key.display()),
+    ]);
+    let (public, gateway) = (served.public.to_string(), served.gateway.clone());
     let (target, ca_for_gateway) = (public.clone(), ca.clone());
     let (tls, plain) = tokio::task::spawn_blocking(move || {
         (
@@ -186,8 +229,7 @@ async fn tls_handshakes_against_the_gateway_and_the_peers() {
     assert_eq!(tls, (100, 0), "wss:// to the gateway");
     assert_eq!(plain, (0, 100), "ws:// to a TLS port");
     assert_eq!(gateway.metrics.connections_opened.get(), 100);
-    stop.send(Stop::Now).expect("stop");
-    server.await.expect("join").expect("serve");
+    served.stop().await;
 
     let peers = tokio::task::spawn_blocking(move || {
         let (port, admin) = (free_port(), free_port());
@@ -233,43 +275,23 @@ async fn tls_handshakes_against_the_gateway_and_the_peers() {
 /// reaped after two intervals (1 s here); the check comes after 2.5 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_answer_keepalives() {
-    let config = Config::load(
-        None,
-        Vec::new(),
-        &[
-            "listen=127.0.0.1:0".into(),
-            "admin_listen=127.0.0.1:0".into(),
-            "connection.keepalive_interval_ms=500".into(),
-        ],
-    )
-    .expect("config");
-    let listeners = Listeners::bind(&config).expect("bind");
-    let public = listeners.public.local_addr().expect("addr");
-    let gateway = Gateway::new(config).expect("gateway");
-    let (stop, shutdown) = tokio::sync::watch::channel(Stop::Running);
-    let server = tokio::spawn(serve(gateway.clone(), listeners, shutdown));
+    let served = InProcess::start(&["connection.keepalive_interval_ms=500".into()]);
+    let (public, gateway) = (served.public, served.gateway.clone());
 
     let ready = std::env::temp_dir().join(format!("switchyard-idle-ready-{}", std::process::id()));
-    let _ = std::fs::remove_file(&ready);
-    let mut load = Command::new(env!("CARGO_BIN_EXE_switchyard-load"))
-        .args([
+    let mut load = start_load_until_ready(
+        vec![
             "idle".into(),
             format!("--target={public}"),
             "--connections=20".into(),
             "--hold-secs=4".into(),
-            format!("--ready-file={}", ready.display()),
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("run switchyard-load");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !ready.exists() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(
-        ready.exists(),
-        "the load generator never got its connections open"
-    );
+        ],
+        &ready,
+        std::process::Stdio::null(),
+        std::time::Duration::from_secs(20),
+    )
+    .await
+    .expect("the load generator never got its connections open");
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(
         gateway.metrics.connections.get(),
@@ -282,8 +304,7 @@ async fn idle_connections_answer_keepalives() {
         .expect("wait");
     assert!(status.success());
     let _ = std::fs::remove_file(&ready);
-    stop.send(Stop::Now).expect("stop");
-    server.await.expect("join").expect("serve");
+    served.stop().await;
 }
 
 /// The migrate workload follows a drain of blue to green in both modes —
@@ -302,25 +323,21 @@ async fn migrate_follows_both_drain_modes_and_counts_exactly() {
             "switchyard-migrate-ready-{}-{mode}",
             std::process::id()
         ));
-        let _ = std::fs::remove_file(&ready);
-        let load = Command::new(env!("CARGO_BIN_EXE_switchyard-load"))
-            .args([
+        let load = start_load_until_ready(
+            vec![
                 "migrate".into(),
                 format!("--blue={}", fleet.blue.public),
                 format!("--green={}", fleet.green.public),
                 format!("--connections={CONNECTIONS}"),
                 format!("--expect={MESSAGES}"),
                 "--timeout-secs=60".into(),
-                format!("--ready-file={}", ready.display()),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("run switchyard-load");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !ready.exists() && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        assert!(ready.exists(), "{mode}: never subscribed");
+            ],
+            &ready,
+            std::process::Stdio::piped(),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|| panic!("{mode}: never subscribed"));
         let (fleet, load) = tokio::task::spawn_blocking(move || {
             // Half the messages before the drain, half during and after it.
             for n in 1..=MESSAGES {
