@@ -355,16 +355,21 @@ fn sent_micros(text: &[u8]) -> Option<u64> {
     // generator's samples at 1M deliveries/s.
     static FIELD: OnceLock<memchr::memmem::Finder<'static>> = OnceLock::new();
     let field = FIELD.get_or_init(|| memchr::memmem::Finder::new(br#""t":"#));
-    let digits = &text[field.find(text)? + 4..];
-    let end = digits
+    leading_number(&text[field.find(text)? + 4..])
+}
+
+/// The decimal number `bytes` starts with; `None` without digits or past
+/// 19 of them (u64's range).
+fn leading_number(bytes: &[u8]) -> Option<u64> {
+    let end = bytes
         .iter()
         .position(|b| !b.is_ascii_digit())
-        .unwrap_or(digits.len());
+        .unwrap_or(bytes.len());
     if end == 0 || end > 19 {
         return None;
     }
     Some(
-        digits[..end]
+        bytes[..end]
             .iter()
             .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
     )

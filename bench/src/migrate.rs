@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Result;
 use tokio::sync::Semaphore;
 
-use crate::open;
 use crate::wire::{self, Socket};
+use crate::{is_heartbeat, leading_number, open};
 
 /// What one connection observed.
 #[derive(Default, Clone)]
@@ -42,12 +42,7 @@ fn unix_ms() -> u64 {
 
 fn number_after(text: &[u8], key: &str) -> Option<u64> {
     let start = memchr::memmem::find(text, key.as_bytes())? + key.len();
-    let digits = &text[start..];
-    let end = digits
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(digits.len());
-    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+    leading_number(&text[start..])
 }
 
 /// Reads one frame's worth of state into `outcome`; returns the op seen.
@@ -72,7 +67,7 @@ fn on_text(text: &[u8], outcome: &mut Outcome, epoch: &mut u64) -> &'static str 
         "subscribed"
     } else if text.starts_with(br#"{"op":"migrate""#) {
         "migrate"
-    } else if text.starts_with(br#"{"op":"heartbeat""#) {
+    } else if is_heartbeat(text) {
         "heartbeat"
     } else if text.starts_with(br#"{"op":"error""#)
         && memchr::memmem::find(text, br#""unavailable""#).is_some()
