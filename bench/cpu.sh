@@ -67,7 +67,7 @@ PY
   if [ -n "${PERF:-}" ]; then
     perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -4
     perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
-      grep -E '^ +[0-9]' | head -12 | cut -c1-120
+      grep -E '^ +[0-9]' | head -"${TOP:-12}" | cut -c1-120
   fi
   stop
 done

@@ -765,11 +765,11 @@ impl Pending {
         }
         let written = Instant::now();
         let metrics = &gateway.metrics;
-        for at in self.published.drain(..) {
-            metrics
-                .fanout_latency
-                .observe(written.saturating_duration_since(at).as_secs_f64());
-        }
+        metrics.observe_fanout_latencies(
+            self.published
+                .drain(..)
+                .map(|at| written.saturating_duration_since(at).as_secs_f64()),
+        );
         metrics
             .messages_sent
             .inc_by(std::mem::take(&mut self.frames));
