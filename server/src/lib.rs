@@ -13,6 +13,7 @@
 //! - [`upgrade`]: the WebSocket handshake.
 //! - [`http`]: the HTTP routes of both listeners (warp).
 //! - [`server`]: listeners, accept loops, shutdown.
+//! - [`repoll`]: a future polled again at once when it wakes itself (hyper's connections).
 //! - [`security`]: origin check, authentication, sessions, rate limits.
 //! - [`tls`]: rustls for both listeners.
 //! - [`metrics`]: Prometheus metrics.
@@ -28,6 +29,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod repoll;
 pub mod security;
 pub mod server;
 pub mod tls;
