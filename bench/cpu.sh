@@ -6,7 +6,10 @@
 # SERVER=tungstenite-4k-batched (or node-ws) measures a reference peer the
 # same way. With PERF=1 the server is also profiled over the window (perf,
 # call graphs) and the top symbols printed; PERF=load profiles the load
-# generator instead. Bounded: about 30 s per rate.
+# generator instead; TOP=n prints n symbols (12). SYSCALLS=1 counts the
+# server's socket writes over the window instead (perf stat on the syscall
+# tracepoints) and adds write calls per second and frames per write call:
+# how much the writes batch. Bounded: about 30 s per rate.
 #
 #   bench/cpu.sh [rates=2,50,100] [subscribers=10000]
 set -euo pipefail
@@ -21,7 +24,7 @@ cargo build --release --quiet -p switchyard-server -p switchyard-bench
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 bench_setup
-[ -n "${PERF:-}" ] && need_commands perf:linux-perf
+[ -n "${PERF:-}${SYSCALLS:-}" ] && need_commands perf:linux-perf
 [ "$SERVER" = node-ws ] && need_node_peer
 
 sources=(127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9)
@@ -39,12 +42,15 @@ for rate in ${RATES//,/ }; do
   if [ -n "${PERF:-}" ]; then
     profiled=$SERVER_PID; [ "$PERF" = load ] && profiled=$load
     perf record -F 999 -g -p "$profiled" -o "$WORK/perf.data" -- sleep 4 >/dev/null 2>&1
+  elif [ -n "${SYSCALLS:-}" ]; then
+    perf stat -x, -o "$WORK/syscalls.csv" -p "$SERVER_PID" \
+      -e syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_writev -- sleep 4
   else
     sleep 4
   fi
   g2=$(cpu_ticks "$SERVER_PID"); l2=$(cpu_ticks "$load"); t2=$(date +%s.%N)
   wait "$load"
-  SERVER=$SERVER python3 - "$WORK/fanout.json" "$rate" "$g1" "$g2" "$l1" "$l2" "$t1" "$t2" "$SUBSCRIBERS" <<'PY'
+  SERVER=$SERVER WRITES=${SYSCALLS:+$WORK/syscalls.csv} python3 - "$WORK/fanout.json" "$rate" "$g1" "$g2" "$l1" "$l2" "$t1" "$t2" "$SUBSCRIBERS" <<'PY'
 import json, os, sys
 f, rate, g1, g2, l1, l2, t1, t2, subs = sys.argv[1:]
 r = json.loads(open(f).read().strip().splitlines()[-1])
@@ -55,14 +61,22 @@ per_sec = int(rate) * int(subs)
 # (its publisher falls behind), and dividing by the offered rate would
 # flatter it. The run's own rate, first publish to last delivery.
 delivered_per_sec = r["delivered_per_sec"]
-print(json.dumps({
+out = {
     "workload": "cpu", "server": os.environ["SERVER"], "rate": int(rate), "offered_per_sec": per_sec,
     "gateway_cores": round(gateway / dt, 2), "load_generator_cores": round(load / dt, 2),
     "delivered_per_sec": round(delivered_per_sec),
     "gateway_cpu_us_per_delivery": round(gateway * 1e6 / (delivered_per_sec * dt), 2),
     "delivered": r["delivered"], "expected": r["expected_deliveries"],
     "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
-}))
+}
+if os.environ.get("WRITES"):
+    # perf stat -x, lines: count,unit,event,...; the server's socket writes
+    # over the window, and how many frames each carried on average.
+    writes = sum(int(l.split(",")[0]) for l in open(os.environ["WRITES"])
+                 if l.count(",") > 2 and l.split(",")[0].isdigit())
+    out["write_calls_per_sec"] = round(writes / dt)
+    out["frames_per_write_call"] = round(delivered_per_sec * dt / max(writes, 1), 1)
+print(json.dumps(out))
 PY
   if [ -n "${PERF:-}" ]; then
     perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -4

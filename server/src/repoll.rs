@@ -205,27 +205,38 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn wakes_racing_with_the_end_of_a_poll_are_never_lost() {
-        // A channel fed from another thread: every message must arrive
-        // whichever side of the poll's end each wake falls on.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(1);
-        let sender = std::thread::spawn(move || {
-            for n in 0..20_000 {
-                tx.blocking_send(n).expect("receiver alive");
-            }
-        });
+        // Two threads keep a small channel full while the receiver drains it,
+        // so their wakes keep landing while the receiver is being polled. A
+        // wake lost at the end of a poll leaves the receiver asleep with the
+        // channel full and both senders blocked: the timeout below.
+        const PER_SENDER: u32 = 100_000;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, u32)>(64);
+        let senders: Vec<_> = (0..2)
+            .map(|id| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for n in 0..PER_SENDER {
+                        tx.blocking_send((id, n)).expect("receiver alive");
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
         let received = tokio::spawn(Repoll::new(Box::pin(async move {
-            let mut count = 0u32;
-            while let Some(n) = rx.recv().await {
-                assert_eq!(n, count);
-                count += 1;
+            let mut next = [0u32; 2];
+            while let Some((id, n)) = rx.recv().await {
+                assert_eq!(n, next[id], "in order per sender");
+                next[id] += 1;
             }
-            count
+            next
         })));
-        sender.join().expect("sender");
-        let count = tokio::time::timeout(std::time::Duration::from_secs(30), received)
+        let next = tokio::time::timeout(std::time::Duration::from_secs(60), received)
             .await
             .expect("a lost wake would hang here")
             .expect("task");
-        assert_eq!(count, 20_000);
+        assert_eq!(next, [PER_SENDER; 2]);
+        for sender in senders {
+            sender.join().expect("sender");
+        }
     }
 }
