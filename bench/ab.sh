@@ -7,7 +7,7 @@
 #
 # WORKLOAD=handshakes (the default): plain and TLS handshakes per second and
 # the CPU each side spends on one. WORKLOAD=fanout: fan-out to 10,000
-# subscribers at 100 msg/s for 8 s (delivered/s, latency, and how late the
+# subscribers at RATE msg/s (100) for 8 s (delivered/s, latency, and how late the
 # publisher's requests were answered).
 #
 #   bench/ab.sh BASE [rounds=5] [handshakes=10000]
@@ -28,7 +28,7 @@ ROUNDS=${2:-5}
 HANDSHAKES=${3:-10000}
 WORKLOAD=${WORKLOAD:-handshakes}
 SUBSCRIBERS=10000
-RATE=100
+RATE=${RATE:-100}
 SECS=8
 PORT=${PORT:-27080}
 SOURCES=127.0.0.10,127.0.0.11,127.0.0.12,127.0.0.13,127.0.0.14,127.0.0.15

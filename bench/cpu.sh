@@ -9,7 +9,9 @@
 # generator instead; TOP=n prints n symbols (12). SYSCALLS=1 counts the
 # server's socket writes over the window instead (perf stat on the syscall
 # tracepoints) and adds write calls per second and frames per write call:
-# how much the writes batch. Bounded: about 30 s per rate.
+# how much the writes batch. BIN=<dir> runs another build (a directory
+# holding switchyard-server and switchyard-load, as for bench/migration.sh).
+# Bounded: about 30 s per rate.
 #
 #   bench/cpu.sh [rates=2,50,100] [subscribers=10000]
 set -euo pipefail
@@ -19,11 +21,13 @@ RATES=${1:-2,50,100}
 SUBSCRIBERS=${2:-10000}
 PORT=${PORT:-21080}
 SERVER=${SERVER:-switchyard}
+BUILD=${BIN:-target/release}
 ulimit -n 20000 2>/dev/null || true
 cargo build --release --quiet -p switchyard-server -p switchyard-bench
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 bench_setup
+BIN=$BUILD
 [ -n "${PERF:-}${SYSCALLS:-}" ] && need_commands perf:linux-perf
 [ "$SERVER" = node-ws ] && need_node_peer
 
