@@ -1,8 +1,10 @@
 //! Polling a future again at once when it wakes itself.
 //!
 //! hyper's HTTP/1 connection wakes its own task while it is being polled:
-//! the request body's receiver signals "want" to the connection that feeds
-//! it, and both live in the same task. tokio treats a task woken during its
+//! a request body goes from the connection to the handler through a channel
+//! whose ends wake each other (hyper's `body::chan`: the receiver wakes the
+//! sender when it asks for or takes a chunk, the sender wakes the receiver
+//! when it puts one), and both ends live in the same task. tokio treats a task woken during its
 //! own poll as a task that yields: it goes to the *back* of the run queue.
 //! Normally that costs a wasted poll. During a fan-out it is the whole
 //! delay: the publish handler has just woken 10,000 connection tasks, the

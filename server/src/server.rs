@@ -565,8 +565,8 @@ async fn serve_connection<IO, R>(
             Ok::<_, std::convert::Infallible>(response)
         })
     });
-    // hyper wakes this task while polling it (a request body's "want"
-    // signal); `Repoll` answers that with a second poll rather than a trip to
+    // hyper wakes this task while polling it (the two ends of a request
+    // body's channel wake each other); `Repoll` answers that with a second poll rather than a trip to
     // the back of the run queue, which during a fan-out is 10,000 tasks long.
     let connection = Repoll::new(Box::pin(
         http.serve_connection(TokioIo::new(io), service)
