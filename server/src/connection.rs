@@ -765,11 +765,14 @@ impl Pending {
         }
         let written = Instant::now();
         let metrics = &gateway.metrics;
-        metrics.observe_fanout_latencies(
-            self.published
-                .drain(..)
-                .map(|at| written.saturating_duration_since(at).as_secs_f64()),
-        );
+        // Replies and heartbeats carry no fan-out latency: no histogram work.
+        if !self.published.is_empty() {
+            metrics.observe_fanout_latencies(
+                self.published
+                    .drain(..)
+                    .map(|at| written.saturating_duration_since(at).as_secs_f64()),
+            );
+        }
         metrics
             .messages_sent
             .inc_by(std::mem::take(&mut self.frames));

@@ -153,6 +153,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(backplane_publish_seconds.clone()))?;
         let metrics = Metrics {
+            id: NEXT_METRICS_ID.fetch_add(1, Ordering::Relaxed),
             connections: gauge("switchyard_connections", "Open WebSocket connections.")?,
             connections_opened: counter(
                 "switchyard_connections_opened_total",
@@ -254,7 +255,6 @@ impl Metrics {
                 "switchyard_admin_unauthorized_total",
                 "Admin listener requests refused with 401 for a missing or wrong bearer token.",
             )?,
-            id: NEXT_METRICS_ID.fetch_add(1, Ordering::Relaxed),
             tickets_issued: counter(
                 "switchyard_tickets_issued_total",
                 "Single-use connection tickets minted through POST /api/tickets.",

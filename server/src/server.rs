@@ -566,8 +566,9 @@ async fn serve_connection<IO, R>(
         })
     });
     // hyper wakes this task while polling it (the two ends of a request
-    // body's channel wake each other); `Repoll` answers that with a second poll rather than a trip to
-    // the back of the run queue, which during a fan-out is 10,000 tasks long.
+    // body's channel wake each other); `Repoll` answers that with a second
+    // poll rather than a trip to the back of the run queue, which during a
+    // fan-out is 10,000 tasks long.
     let connection = Repoll::new(Box::pin(
         http.serve_connection(TokioIo::new(io), service)
             .with_upgrades(),
