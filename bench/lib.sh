@@ -86,6 +86,8 @@ start() { # name -> sets SERVER_PID; with TLS_DIR set, the WebSocket port is wss
       "$BIN/tungstenite-peer" --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$admin" 2>"$WORK/$name.log" & ;;
     tungstenite-default-config)
       "$BIN/tungstenite-peer" --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$admin" --buffer 0 --batch 2>"$WORK/$name.log" & ;;
+    floor-1thread|floor-2threads)
+      "$BIN/floor-peer" --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$admin" --threads "${name:6:1}" 2>"$WORK/$name.log" & ;;
     node-ws)
       node bench/peers/node-ws/server.mjs "$PORT" "$admin" "${node_tls[@]}" 2>"$WORK/$name.log" & ;;
     *) echo "unknown server $name" >&2; exit 2 ;;
@@ -138,27 +140,99 @@ fanout() { # name [rate]
 
 
 handshakes() { # name [connections] -> handshakes/s opening connections and closing them at once
-  local name=$1 connections=${2:-$HANDSHAKES} tls_args=() mode=plain
+  local name=$1 connections=${2:-$HANDSHAKES} tls_args=() mode=plain load connected
   if [ -n "${TLS_DIR:-}" ]; then tls_args=(--tls-ca "$TLS_DIR/ca.crt"); mode=tls; fi
   start "$name"
   sleep 0.5
-  # The server's own CPU time over the run (utime + stime, in clock ticks):
-  # the rate is bounded by the load generator sharing the cores, the CPU
-  # cost per handshake is the server's alone.
+  # The server's own CPU time (utime + stime, in clock ticks): the rate is
+  # bounded by the load generator sharing the cores, the CPU cost per
+  # handshake is the server's alone. Read when the last connection is open
+  # (the load generator's ready file), then after its exit has closed them
+  # all: the second part is what closing costs the server.
   local before; before=$(cpu_ticks "$SERVER_PID")
+  rm -f "$WORK/ready"
   "$BIN/switchyard-load" "${tls_args[@]}" idle --target "127.0.0.1:$PORT" --connections "$connections" \
-    --sources "$SOURCES" --concurrency 128 --hold-secs 0 >"$WORK/handshakes.json"
+    --sources "$SOURCES" --concurrency 128 --hold-secs 1 --ready-file "$WORK/ready" >"$WORK/handshakes.json" &
+  load=$!; PIDS+=("$load")
+  while [ ! -f "$WORK/ready" ] && kill -0 "$load" 2>/dev/null; do sleep 0.01; done
+  connected=$(cpu_ticks "$SERVER_PID")
+  wait "$load"
+  sleep 1
   local after; after=$(cpu_ticks "$SERVER_PID")
   VARIANT=$mode tag "$name" <"$WORK/handshakes.json" | python3 -c "
 import json, os, sys
 r = json.loads(sys.stdin.read())
 r['workload'] = 'handshakes'
-r['server_cpu_secs'] = ($after - $before) / os.sysconf('SC_CLK_TCK')
-r['server_cpu_us_per_handshake'] = round(r['server_cpu_secs'] * 1e6 / max(r['opened'], 1), 1)
+tick = os.sysconf('SC_CLK_TCK')
+opened = max(r['opened'], 1)
+# Until 2026-11-29 late this was the CPU from the start to the load
+# generator's exit, which took in part of the teardown, as much as the
+# moment of reading it allowed: now the connect phase alone.
+r['server_cpu_us_per_handshake'] = round(($connected - $before) / tick * 1e6 / opened, 1)
+r['server_close_cpu_us_per_connection'] = round(($after - $connected) / tick * 1e6 / opened, 1)
 print(json.dumps(r))" | tee -a "$WORK/results"
   stop
 }
 
 cpu_ticks() { # pid -> utime + stime of the process (and its threads), in clock ticks
   awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+fanout_cpu() { # name rate -> one line: the server's and the load generator's CPU over a
+  # 4 s window in the middle of a 12 s fan-out (SUBSCRIBERS, SOURCES), CPU per
+  # delivery, latency; PERF=1 (or PERF=load) adds a profile, SYSCALLS=1 the
+  # server's write calls. Appended to $WORK/results.
+  local name=$1 rate=$2 load g1 g2 l1 l2 t1 t2 profiled
+  start "$name"
+  "$BIN/switchyard-load" fanout --target "127.0.0.1:$PORT" --admin "127.0.0.1:$((PORT + 1))" \
+    --subscribers "$SUBSCRIBERS" --rate "$rate" --duration-secs 12 --sources "$SOURCES" \
+    --protocol "$(protocol_of "$name")" >"$WORK/fanout.json" &
+  load=$!; PIDS+=("$load")
+  sleep 7 # connected and publishing by now
+  g1=$(cpu_ticks "$SERVER_PID"); l1=$(cpu_ticks "$load"); t1=$(date +%s.%N)
+  if [ -n "${PERF:-}" ]; then
+    profiled=$SERVER_PID; [ "$PERF" = load ] && profiled=$load
+    perf record -F 999 -g -p "$profiled" -o "$WORK/perf.data" -- sleep 4 >/dev/null 2>&1
+  elif [ -n "${SYSCALLS:-}" ]; then
+    perf stat -x, -o "$WORK/syscalls.csv" -p "$SERVER_PID" \
+      -e syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_writev -- sleep 4
+  else
+    sleep 4
+  fi
+  g2=$(cpu_ticks "$SERVER_PID"); l2=$(cpu_ticks "$load"); t2=$(date +%s.%N)
+  wait "$load"
+  SERVER=$name WRITES=${SYSCALLS:+$WORK/syscalls.csv} python3 - "$WORK/fanout.json" "$rate" "$g1" "$g2" "$l1" "$l2" "$t1" "$t2" "$SUBSCRIBERS" <<'PY' | tee -a "$WORK/results"
+import json, os, sys
+f, rate, g1, g2, l1, l2, t1, t2, subs = sys.argv[1:]
+r = json.loads(open(f).read().strip().splitlines()[-1])
+tick, dt = os.sysconf("SC_CLK_TCK"), float(t2) - float(t1)
+gateway, load = (int(g2) - int(g1)) / tick, (int(l2) - int(l1)) / tick
+per_sec = int(rate) * int(subs)
+# Per delivery made, not offered: a saturated server delivers less than asked
+# (its publisher falls behind), and dividing by the offered rate would
+# flatter it. The run's own rate, first publish to last delivery.
+delivered_per_sec = r["delivered_per_sec"]
+out = {
+    "workload": "cpu", "server": os.environ["SERVER"], "rate": int(rate), "offered_per_sec": per_sec,
+    "gateway_cores": round(gateway / dt, 2), "load_generator_cores": round(load / dt, 2),
+    "delivered_per_sec": round(delivered_per_sec),
+    "gateway_cpu_us_per_delivery": round(gateway * 1e6 / (delivered_per_sec * dt), 2),
+    "delivered": r["delivered"], "expected": r["expected_deliveries"],
+    "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
+}
+if os.environ.get("WRITES"):
+    # perf stat -x, lines: count,unit,event,...; the server's socket writes
+    # over the window, and how many frames each carried on average.
+    writes = sum(int(l.split(",")[0]) for l in open(os.environ["WRITES"])
+                 if l.count(",") > 2 and l.split(",")[0].isdigit())
+    out["write_calls_per_sec"] = round(writes / dt)
+    out["frames_per_write_call"] = round(delivered_per_sec * dt / max(writes, 1), 1)
+print(json.dumps(out))
+PY
+  if [ -n "${PERF:-}" ]; then
+    perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -4
+    perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
+      grep -E '^ +[0-9]' | head -"${TOP:-12}" | cut -c1-120
+  fi
+  stop
 }

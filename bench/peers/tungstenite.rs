@@ -16,12 +16,15 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+#[path = "publish.rs"]
+mod publish;
 
 #[derive(Parser)]
 struct Args {
@@ -82,7 +85,17 @@ async fn main() -> Result<()> {
     let subscribers: Subscribers = Arc::default();
     let listener = TcpListener::bind(args.listen).await.context("listen")?;
     let admin = TcpListener::bind(args.admin).await.context("admin")?;
-    tokio::spawn(publish_loop(admin, subscribers.clone()));
+    let fan_out = {
+        let subscribers = subscribers.clone();
+        move |data: String| {
+            let text = Utf8Bytes::from(data);
+            subscribers
+                .lock()
+                .expect("subscribers")
+                .retain(|tx| tx.send(text.clone()).is_ok());
+        }
+    };
+    tokio::spawn(publish::publish_loop(admin, fan_out));
     eprintln!("peer listening on {} (admin {})", args.listen, args.admin);
     let tls = acceptor(&args)?;
     loop {
@@ -140,58 +153,4 @@ where
     // Reading answers pings (tungstenite queues the pong) and notices the end.
     while let Some(Ok(_)) = stream.next().await {}
     writer.abort();
-}
-
-/// Minimal HTTP/1.1 keep-alive server for `POST /api/publish`.
-async fn publish_loop(admin: TcpListener, subscribers: Subscribers) {
-    while let Ok((stream, _)) = admin.accept().await {
-        tokio::spawn(serve_publisher(stream, subscribers.clone()));
-    }
-}
-
-async fn serve_publisher(mut stream: TcpStream, subscribers: Subscribers) -> Result<()> {
-    let mut buf = Vec::with_capacity(8192);
-    let mut chunk = [0u8; 8192];
-    loop {
-        let head_end = loop {
-            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + length {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body: serde_json::Value = serde_json::from_slice(&buf[head_end..head_end + length])?;
-        buf.drain(..head_end + length);
-        let text = Utf8Bytes::from(body["data"].to_string());
-        subscribers
-            .lock()
-            .expect("subscribers")
-            .retain(|tx| tx.send(text.clone()).is_ok());
-        let reply = "{}";
-        stream
-            .write_all(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
-                    reply.len()
-                )
-                .as_bytes(),
-            )
-            .await?;
-    }
 }

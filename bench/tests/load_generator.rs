@@ -375,3 +375,93 @@ async fn migrate_follows_both_drain_modes_and_counts_exactly() {
         let _ = std::fs::remove_file(&ready);
     }
 }
+
+/// The floor peer (bench/floor.sh) delivers every message to every
+/// subscriber: frames of 900 KB (the 64-bit length), then small ones to a
+/// second set of subscribers after the first set has gone (their sockets
+/// fail and are dropped; the others are not held up).
+#[test]
+fn the_floor_peer_delivers_everything_and_outlives_its_subscribers() {
+    let (port, admin) = (free_port(), free_port());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_floor-peer"));
+    command.args([
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--admin=127.0.0.1:{admin}"),
+        "--threads=2".into(),
+    ]);
+    let _floor = Peer::start(command, admin);
+    let fanout = |subscribers: u64, payload: usize| {
+        run_load(&[
+            "fanout".into(),
+            format!("--target=127.0.0.1:{port}"),
+            format!("--admin=127.0.0.1:{admin}"),
+            format!("--subscribers={subscribers}"),
+            "--rate=10".into(),
+            "--duration-secs=1".into(),
+            format!("--payload={payload}"),
+            "--protocol=raw".into(),
+        ])
+    };
+    let large = fanout(10, 900_000);
+    assert_eq!(large["expected_deliveries"], 100, "{large}");
+    assert_eq!(large["delivered"], 100, "{large}");
+    let small = fanout(100, 64);
+    assert_eq!(small["expected_deliveries"], 1000, "{small}");
+    assert_eq!(small["delivered"], 1000, "{small}");
+}
+
+/// A floor subscriber that reads slowly, through a 4 KiB receive buffer,
+/// gets its frames written in many parts and still reads each one whole
+/// and in order.
+#[tokio::test]
+async fn the_floor_peer_writes_a_slow_subscriber_its_frames_in_parts() {
+    use futures_util::StreamExt;
+    use std::io::{Read, Write};
+
+    let (port, admin) = (free_port(), free_port());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_floor-peer"));
+    command.args([
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--admin=127.0.0.1:{admin}"),
+    ]);
+    let _floor = Peer::start(command, admin);
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .expect("connect");
+    let (mut client, _) =
+        tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/"), stream)
+            .await
+            .expect("handshake");
+
+    let messages: Vec<String> = (0..6)
+        .map(|i| format!("{i}-{}", "x".repeat(900_000)))
+        .collect();
+    let mut publisher = std::net::TcpStream::connect(("127.0.0.1", admin)).expect("admin");
+    for message in &messages {
+        let body = serde_json::json!({"topic": "t", "data": message}).to_string();
+        write!(
+            publisher,
+            "POST /api/publish HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("publish");
+        let mut reply = [0u8; 256];
+        let n = publisher.read(&mut reply).expect("reply");
+        assert!(reply[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &reply[..n]);
+    }
+    // Not reading for a while: the sender finds the socket full and goes on
+    // from where the last write ended.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for message in &messages {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(20), client.next());
+        let frame = next
+            .await
+            .expect("a frame in time")
+            .expect("a frame")
+            .expect("whole");
+        assert_eq!(frame.to_text().expect("text"), format!("\"{message}\""));
+    }
+}
