@@ -8,7 +8,8 @@
 # WORKLOAD=handshakes (the default): plain and TLS handshakes per second and
 # the CPU each side spends on one. WORKLOAD=fanout: fan-out to 10,000
 # subscribers at RATE msg/s (100) for 8 s (delivered/s, latency, and how late the
-# publisher's requests were answered).
+# publisher's requests were answered). WORKLOAD=idle: RSS per idle
+# connection at IDLE connections (19000).
 #
 #   bench/ab.sh BASE [rounds=5] [handshakes=10000]
 #
@@ -28,6 +29,7 @@ ROUNDS=${2:-5}
 HANDSHAKES=${3:-10000}
 WORKLOAD=${WORKLOAD:-handshakes}
 SUBSCRIBERS=10000
+IDLE=${IDLE:-19000}
 RATE=${RATE:-100}
 SECS=8
 PORT=${PORT:-27080}
@@ -63,6 +65,11 @@ run() { # build server -> the workload's runs, labelled with the build
     label "$build"
     return
   fi
+  if [ "$WORKLOAD" = idle ]; then
+    VARIANT=idle idle "$server" >/dev/null
+    label "$build"
+    return
+  fi
   local tls port
   for tls in "" "$WORK/tls"; do
     port=$PORT; [ -n "$tls" ] && port=$((PORT + 20))
@@ -86,6 +93,9 @@ for r in rows:
     summary.setdefault(r["variant"], {}).setdefault(key, []).append(r)
 med = lambda rs, f: round(statistics.median(f(x) for x in rs), 1)
 def figures(rs):
+    if "kib_per_connection" in rs[0]:
+        return {"kib_per_connection": round(statistics.median(x["kib_per_connection"] for x in rs), 2),
+                "runs": [x["kib_per_connection"] for x in rs]}
     if "handshakes_per_sec" in rs[0]:
         return {"per_sec": round(med(rs, lambda x: x["handshakes_per_sec"])),
                 "server_cpu_us": med(rs, lambda x: x["server_cpu_us_per_handshake"]),
@@ -100,6 +110,10 @@ def figures(rs):
 out = {mode: {key: figures(rs) for key, rs in keys.items()} for mode, keys in summary.items()}
 for mode, keys in out.items():
     base, head, peer = keys["switchyard:base"], keys["switchyard:head"], keys["tungstenite-4k-batched"]
+    if "kib_per_connection" in head:
+        keys["head_over_base"] = round(head["kib_per_connection"] / base["kib_per_connection"], 3)
+        keys["head_over_peer"] = round(head["kib_per_connection"] / peer["kib_per_connection"], 3)
+        continue
     keys["head_over_base"] = round(head["per_sec"] / base["per_sec"], 3)
     keys["head_over_peer"] = round(head["per_sec"] / peer["per_sec"], 3)
     if "p99_ms" in head:
