@@ -159,6 +159,20 @@ impl Peer {
         }
         panic!("peer did not listen on {admin}");
     }
+
+    /// Starts one of the Rust peers (`--listen`, `--admin`) on free ports
+    /// with `extra` arguments: the peer, its WebSocket port and its admin port.
+    fn launch(binary: &str, extra: &[String]) -> (Peer, u16, u16) {
+        let (port, admin) = (free_port(), free_port());
+        let mut command = Command::new(binary);
+        command
+            .args([
+                format!("--listen=127.0.0.1:{port}"),
+                format!("--admin=127.0.0.1:{admin}"),
+            ])
+            .args(extra);
+        (Peer::start(command, admin), port, admin)
+    }
 }
 
 impl Drop for Peer {
@@ -232,16 +246,14 @@ async fn tls_handshakes_against_the_gateway_and_the_peers() {
     served.stop().await;
 
     let peers = tokio::task::spawn_blocking(move || {
-        let (port, admin) = (free_port(), free_port());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tungstenite-peer"));
-        command.args([
-            format!("--listen=127.0.0.1:{port}"),
-            format!("--admin=127.0.0.1:{admin}"),
-            "--batch".into(),
-            format!("--tls-cert={}", certs.cert.display()),
-            format!("--tls-key={}", certs.key.display()),
-        ]);
-        let tungstenite = Peer::start(command, admin);
+        let (tungstenite, port, admin) = Peer::launch(
+            env!("CARGO_BIN_EXE_tungstenite-peer"),
+            &[
+                "--batch".into(),
+                format!("--tls-cert={}", certs.cert.display()),
+                format!("--tls-key={}", certs.key.display()),
+            ],
+        );
         let target = format!("127.0.0.1:{port}");
         assert_eq!(handshakes(&target, Some(&ca)), (100, 0), "tungstenite peer");
         tls_fanout_delivers_everything(&target, admin, &ca);
@@ -382,14 +394,8 @@ async fn migrate_follows_both_drain_modes_and_counts_exactly() {
 /// fail and are dropped; the others are not held up).
 #[test]
 fn the_floor_peer_delivers_everything_and_outlives_its_subscribers() {
-    let (port, admin) = (free_port(), free_port());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_floor-peer"));
-    command.args([
-        format!("--listen=127.0.0.1:{port}"),
-        format!("--admin=127.0.0.1:{admin}"),
-        "--threads=2".into(),
-    ]);
-    let _floor = Peer::start(command, admin);
+    let (_floor, port, admin) =
+        Peer::launch(env!("CARGO_BIN_EXE_floor-peer"), &["--threads=2".into()]);
     let fanout = |subscribers: u64, payload: usize| {
         run_load(&[
             "fanout".into(),
@@ -418,13 +424,7 @@ async fn the_floor_peer_writes_a_slow_subscriber_its_frames_in_parts() {
     use futures_util::StreamExt;
     use std::io::{Read, Write};
 
-    let (port, admin) = (free_port(), free_port());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_floor-peer"));
-    command.args([
-        format!("--listen=127.0.0.1:{port}"),
-        format!("--admin=127.0.0.1:{admin}"),
-    ]);
-    let _floor = Peer::start(command, admin);
+    let (_floor, port, admin) = Peer::launch(env!("CARGO_BIN_EXE_floor-peer"), &[]);
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     let stream = socket
