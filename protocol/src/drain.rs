@@ -69,7 +69,7 @@ impl DrainRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationKind {
-    /// The client moved (or left) by itself.
+    /// Sent `migrate`, the client moved and closed this connection itself.
     Client,
     /// The gateway closed it at its slot (4000).
     Slot,
@@ -101,12 +101,20 @@ pub struct DrainStatus {
     pub total: u64,
     /// Connections still open on this gateway.
     pub remaining: u64,
-    /// Drained connections that left by themselves.
+    /// Planned connections that were sent `migrate` and then closed by the
+    /// client itself (the migration worked).
     pub migrated_by_client: u64,
-    /// Connections closed at their slot.
+    /// Planned connections closed with 4000 at their slot (`close` mode) or
+    /// once a migrate's grace ran out.
     pub closed_at_slot: u64,
-    /// Connections closed at the deadline.
+    /// Planned connections closed with 4000 at the deadline.
     pub forced_at_deadline: u64,
+    /// Planned connections that ended otherwise: left before their signal,
+    /// or closed for another reason (4002, 4001, 4503, reaped, ...), each
+    /// also counted under its own close code. A drain that was not
+    /// cancelled ends with the four counts adding up to `total`.
+    #[serde(default)]
+    pub ended_otherwise: u64,
     /// Signals sent at slots so far: `migrate` frames, and 4000 closes (at
     /// the slot, or once a migrate's grace ran out). Their pace is what
     /// `max_rate` caps. Absent from gateways older than this field: 0.
@@ -116,6 +124,10 @@ pub struct DrainStatus {
     pub elapsed_ms: u64,
     /// When the last slot falls, in milliseconds from the start (≤ deadline).
     pub schedule_ms: u64,
+    /// The deadline in milliseconds from the start: the request's, or
+    /// earlier when SIGTERM bounded the drain by the process's stop time.
+    #[serde(default)]
+    pub deadline_ms: u64,
 }
 
 /// The slot times, in milliseconds from the start of the drain, for `n`
@@ -259,6 +271,7 @@ mod tests {
             "schedule_ms":1000}"#;
         let status: DrainStatus = serde_json::from_str(older).expect("parse");
         assert_eq!(status.signals_sent, 0);
+        assert_eq!((status.ended_otherwise, status.deadline_ms), (0, 0));
         assert_eq!(status.closed_at_slot, 6);
         let current = serde_json::to_value(DrainStatus {
             signals_sent: 6,

@@ -314,8 +314,10 @@ pub struct DrainSettings {
     pub retry_jitter_ms: u64,
     /// make_before_break: time a client has after `migrate` before 4000.
     pub migrate_grace_ms: u64,
-    /// SIGTERM: the drain's deadline is at most this (keep it below the
-    /// pod's terminationGracePeriodSeconds, which ends in SIGKILL).
+    /// SIGTERM: the drain's deadline is at most this long after the signal,
+    /// and the process exits by this + `connection.close_timeout_ms` (keep
+    /// that below the pod's terminationGracePeriodSeconds, which ends in
+    /// SIGKILL).
     pub grace_period_ms: u64,
 }
 

@@ -659,7 +659,7 @@ impl Connection {
         if let Some(at_ms) = self.session.expires_at_ms {
             gateway.expiries.remove(at_ms, self.handle.id);
         }
-        gateway.connection_ended(&self.handle);
+        gateway.connection_ended(&self.handle, ending.initiator);
         gateway.hub.remove(self.handle.id);
         for topic in &self.topics {
             gateway.broker.unsubscribe(topic, self.handle.id);

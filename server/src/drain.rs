@@ -5,12 +5,23 @@
 //! the oldest `migrate` grace running out, the deadline — so a drain of 50,000
 //! connections costs one timer, not 50,000.
 //!
-//! Each connection carries a [`DrainMark`] so that, when it ends, it is
-//! counted by how it left: by itself (`client`), closed at its slot (`slot`)
-//! or at the deadline (`deadline`).
+//! Each drain has a generation, and each connection it plans carries a
+//! [`DrainMark`] of that generation, so that when a connection ends it is
+//! counted once, by the drain that planned it, by how it left: by itself
+//! after `migrate` (`client`), closed at its slot or after the grace
+//! (`slot`), at the deadline (`deadline`), or for any other reason (`other`:
+//! a 4002, a reaped peer, a 4001/4503, a client that left before its slot).
+//! A drain that runs to its end (not cancelled) therefore reports
+//! `migrated_by_client + closed_at_slot + forced_at_deadline +
+//! ended_otherwise = total`; the migration tests check it.
+//!
+//! A drain ends only after its forced closes are done (bounded by the close
+//! timeout), so its final counts, log line and span include them. Once it
+//! has ended the gateway stays drained — readiness 503, new upgrades
+//! refused with 4000 — until `DELETE /admin/drain` or a new drain.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -27,48 +38,82 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::ConnHandle;
+use crate::metrics::{Initiator, Metrics};
 use crate::outbox::Outgoing;
 use crate::security::ratelimit::TokenBucket;
 use crate::server::Gateway;
 
-/// What a drain has done to one connection.
+/// What a drain has done to one connection, and which drain: the drain's
+/// generation in the high bits, the state in the low byte. A mark of an
+/// older generation means nothing to the current drain.
 #[derive(Debug, Default)]
-pub struct DrainMark(AtomicU8);
+pub struct DrainMark(AtomicU64);
 
-// 0 (the default): untouched.
-const MIGRATE_SENT: u8 = 1;
-const CLOSED_AT_SLOT: u8 = 2;
-const CLOSED_AT_DEADLINE: u8 = 3;
+// 0 (the default): never planned by any drain.
+const SCHEDULED: u8 = 1;
+const MIGRATE_SENT: u8 = 2;
+const CLOSED_AT_SLOT: u8 = 3;
+const CLOSED_AT_DEADLINE: u8 = 4;
 
 impl DrainMark {
-    fn set(&self, value: u8) {
-        self.0.store(value, Ordering::Relaxed);
+    fn set(&self, generation: u64, state: u8) {
+        self.0
+            .store(generation << 8 | u64::from(state), Ordering::Relaxed);
     }
 
-    /// How the connection left, judged when it ends.
-    pub fn kind(&self) -> MigrationKind {
-        match self.0.load(Ordering::Relaxed) {
-            CLOSED_AT_SLOT => MigrationKind::Slot,
-            CLOSED_AT_DEADLINE => MigrationKind::Deadline,
-            _ => MigrationKind::Client,
+    /// (generation, state).
+    fn get(&self) -> (u64, u8) {
+        let raw = self.0.load(Ordering::Relaxed);
+        (raw >> 8, (raw & 0xff) as u8)
+    }
+}
+
+/// How a planned connection left, as its drain counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// One of the three ways a drain moves a connection.
+    Moved(MigrationKind),
+    /// Ended for another reason (its own close code says which).
+    Other,
+}
+
+impl Outcome {
+    /// The `how` label of `switchyard_migrations_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Moved(kind) => kind.as_str(),
+            Outcome::Other => "other",
         }
     }
 }
 
-/// One drain: its request, its counters, its cancel switch.
+// A drain's life: running, then finished (it stays drained) or cancelled.
+const RUNNING: u8 = 0;
+const FINISHED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// One drain: its request, its plan's counters, its state.
 pub struct Drain {
+    generation: u64,
     request: DrainRequest,
     grace: Duration,
+    close_timeout: Duration,
     started: Instant,
+    /// Milliseconds from `started`; only ever lowered (SIGTERM caps it).
+    deadline_ms: AtomicU64,
     total: u64,
     schedule_ms: u64,
+    /// Planned connections that have not ended yet.
+    unended: AtomicU64,
     migrated_by_client: AtomicU64,
     closed_at_slot: AtomicU64,
     forced_at_deadline: AtomicU64,
+    ended_otherwise: AtomicU64,
     signals_sent: AtomicU64,
-    cancelled: AtomicBool,
-    finished: AtomicBool,
-    cancel: Notify,
+    state: AtomicU8,
+    /// Wakes the drain task: a cancel, a lowered deadline, the last planned
+    /// connection gone.
+    wake: Notify,
 }
 
 /// Why a drain request was refused.
@@ -80,79 +125,182 @@ pub enum DrainRefused {
     /// Nothing to cancel.
     #[error("no drain in progress")]
     NotDraining,
+    /// SIGTERM: the shutdown drain runs to the stop time and cannot be
+    /// replaced or cancelled.
+    #[error("the gateway is shutting down; its drain cannot be started again or cancelled")]
+    ShuttingDown,
     /// The request's numbers are unusable.
     #[error(transparent)]
     Invalid(#[from] switchyard_protocol::drain::DrainError),
 }
 
+impl DrainRefused {
+    /// The `error` field of the admin API's answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DrainRefused::AlreadyDraining => "already_draining",
+            DrainRefused::NotDraining => "not_draining",
+            DrainRefused::ShuttingDown => "shutting_down",
+            DrainRefused::Invalid(_) => "bad_request",
+        }
+    }
+}
+
 impl Drain {
     /// Whether the drain still runs.
     pub fn is_active(&self) -> bool {
-        !self.finished.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) == RUNNING
+    }
+
+    /// Whether the drain keeps the gateway drained (readiness 503, new
+    /// upgrades refused): while it runs, and after it finished, until it is
+    /// cancelled.
+    pub fn holds(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != CANCELLED
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == CANCELLED
+    }
+
+    /// Planned connections that have not ended yet.
+    pub fn unended(&self) -> u64 {
+        self.unended.load(Ordering::Relaxed)
+    }
+
+    /// Whether `handle` is in this drain's plan.
+    pub fn plans(&self, handle: &ConnHandle) -> bool {
+        handle.drain_mark.get().0 == self.generation
     }
 
     /// Progress, with `remaining` = connections still open on the gateway.
     pub fn status(&self, remaining: u64) -> DrainStatus {
         DrainStatus {
             active: self.is_active(),
-            cancelled: self.cancelled.load(Ordering::Relaxed),
+            cancelled: self.is_cancelled(),
             mode: self.request.mode,
             total: self.total,
             remaining,
             migrated_by_client: self.migrated_by_client.load(Ordering::Relaxed),
             closed_at_slot: self.closed_at_slot.load(Ordering::Relaxed),
             forced_at_deadline: self.forced_at_deadline.load(Ordering::Relaxed),
+            ended_otherwise: self.ended_otherwise.load(Ordering::Relaxed),
             signals_sent: self.signals_sent.load(Ordering::Relaxed),
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             schedule_ms: self.schedule_ms,
+            deadline_ms: self.deadline_ms.load(Ordering::Relaxed),
         }
     }
 
     /// The deadline, as an instant.
     pub fn deadline(&self) -> Instant {
-        self.started + Duration::from_millis(self.request.deadline_ms)
+        self.started + Duration::from_millis(self.deadline_ms.load(Ordering::Relaxed))
     }
 
-    /// Counts a drained connection that has ended.
-    pub fn connection_ended(&self, kind: MigrationKind) {
-        let counter = match kind {
-            MigrationKind::Client => &self.migrated_by_client,
-            MigrationKind::Slot => &self.closed_at_slot,
-            MigrationKind::Deadline => &self.forced_at_deadline,
+    /// Brings the deadline forward to `at` if it is later (SIGTERM bounds a
+    /// running drain by its stop time). Never moves it back.
+    pub fn cap_deadline(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.started).as_millis() as u64;
+        if self.deadline_ms.fetch_min(ms, Ordering::Relaxed) > ms {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Counts a connection that has ended, if this drain planned it; returns
+    /// how it is counted. `initiator` says who closed it: only a client's
+    /// own close after `migrate` counts as a migration by the client.
+    pub fn connection_ended(&self, handle: &ConnHandle, initiator: Initiator) -> Option<Outcome> {
+        let (generation, state) = handle.drain_mark.get();
+        if generation != self.generation || state == 0 {
+            return None;
+        }
+        if self.unended.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.wake.notify_one();
+        }
+        let outcome = outcome(state, initiator, self.is_cancelled())?;
+        let counter = match outcome {
+            Outcome::Moved(MigrationKind::Client) => &self.migrated_by_client,
+            Outcome::Moved(MigrationKind::Slot) => &self.closed_at_slot,
+            Outcome::Moved(MigrationKind::Deadline) => &self.forced_at_deadline,
+            Outcome::Other => &self.ended_otherwise,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        Some(outcome)
     }
 
     /// Counts a signal sent at a slot: a `migrate` frame, or a 4000 close
     /// (at the slot, or once a migrate's grace ran out).
-    fn signal_sent(&self, gateway: &Gateway, signal: &'static str) {
+    fn signal_sent(&self, metrics: &Metrics, signal: &'static str) {
         self.signals_sent.fetch_add(1, Ordering::Relaxed);
-        gateway
-            .metrics
-            .drain_signals
-            .with_label_values(&[signal])
-            .inc();
+        metrics.drain_signals.with_label_values(&[signal]).inc();
     }
 
     fn retry_reason(&self) -> String {
-        let retry_ms = rand::rng().random_range(0..=self.request.retry_jitter_ms);
         CloseReason {
-            retry_ms: Some(retry_ms),
+            retry_ms: Some(jitter(self.request.retry_jitter_ms)),
             reason: None,
         }
         .to_json()
     }
 }
 
-/// Starts a drain of every connection the gateway holds now.
+/// How a planned connection in `state` that ended by `initiator`'s doing
+/// is counted, if at all.
+fn outcome(state: u8, initiator: Initiator, cancelled: bool) -> Option<Outcome> {
+    Some(match state {
+        CLOSED_AT_SLOT => Outcome::Moved(MigrationKind::Slot),
+        CLOSED_AT_DEADLINE => Outcome::Moved(MigrationKind::Deadline),
+        MIGRATE_SENT if initiator == Initiator::Client => Outcome::Moved(MigrationKind::Client),
+        // Left untouched by a cancelled drain: not its doing, not its count.
+        SCHEDULED if cancelled => return None,
+        // Sent `migrate` but reset or closed by the gateway (4002, reaped,
+        // revoked), or gone before its signal.
+        SCHEDULED | MIGRATE_SENT => Outcome::Other,
+        _ => return None,
+    })
+}
+
+/// A random wait in [0, `max_ms`].
+pub fn jitter(max_ms: u64) -> u64 {
+    rand::rng().random_range(0..=max_ms)
+}
+
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// Starts a drain of every connection the gateway holds now (`POST
+/// /admin/drain`). Refused while one runs or while the gateway shuts down.
 pub fn start(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>, DrainRefused> {
+    if gateway.is_shutting_down() {
+        return Err(DrainRefused::ShuttingDown);
+    }
+    begin(gateway, request)
+}
+
+/// Starts the drain SIGTERM asks for (the caller has set the gateway
+/// shutting down, which [`start`] refuses).
+pub(crate) fn start_for_shutdown(
+    gateway: &Arc<Gateway>,
+    request: DrainRequest,
+) -> Result<Arc<Drain>, DrainRefused> {
+    begin(gateway, request)
+}
+
+fn begin(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>, DrainRefused> {
     request.validate()?;
+    // The slot stays locked while the plan is taken and marked: a handshake
+    // admitted meanwhile looks at the slot after joining the hub, so it
+    // either is in the snapshot (and marked) or sees this drain and is
+    // refused (`Gateway::refusal`).
     let mut current = gateway.drain_slot();
     if current.as_ref().is_some_and(|d| d.is_active()) {
         return Err(DrainRefused::AlreadyDraining);
     }
+    let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
     let mut connections = gateway.hub.snapshot();
     connections.shuffle(&mut rand::rng());
+    for handle in &connections {
+        handle.drain_mark.set(generation, SCHEDULED);
+    }
     let slots = slot_times(
         connections.len(),
         request.window_ms,
@@ -165,23 +313,28 @@ pub fn start(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>
             .unwrap_or(gateway.config.drain.migrate_grace_ms),
     );
     let drain = Arc::new(Drain {
+        generation,
         request,
         grace,
+        close_timeout: Duration::from_millis(gateway.config.connection.close_timeout_ms),
         started: Instant::now(),
+        deadline_ms: AtomicU64::new(request.deadline_ms),
         total: connections.len() as u64,
         schedule_ms: slots.last().copied().unwrap_or(0),
+        unended: AtomicU64::new(connections.len() as u64),
         migrated_by_client: AtomicU64::new(0),
         closed_at_slot: AtomicU64::new(0),
         forced_at_deadline: AtomicU64::new(0),
+        ended_otherwise: AtomicU64::new(0),
         signals_sent: AtomicU64::new(0),
-        cancelled: AtomicBool::new(false),
-        finished: AtomicBool::new(false),
-        cancel: Notify::new(),
+        state: AtomicU8::new(RUNNING),
+        wake: Notify::new(),
     });
     *current = Some(drain.clone());
     drop(current);
     gateway.refresh_readiness();
     gateway.metrics.drain_active.set(1);
+    gateway.metrics.drain_remaining.set(drain.total as i64);
     tracing::info!(
         total = drain.total,
         window_ms = request.window_ms,
@@ -200,23 +353,34 @@ pub fn start(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>
         migrated_by_client = tracing::field::Empty,
         closed_at_slot = tracing::field::Empty,
         forced_at_deadline = tracing::field::Empty,
+        ended_otherwise = tracing::field::Empty,
         cancelled = tracing::field::Empty
     );
     tokio::spawn(run(gateway.clone(), drain.clone(), plan).instrument(span));
     Ok(drain)
 }
 
-/// Cancels the running drain (rollback): no more closes; readiness returns.
+/// Cancels the running drain (rollback: no more closes), or lifts a
+/// finished one; either way readiness returns. Refused during shutdown.
 pub fn cancel(gateway: &Gateway) -> Result<Arc<Drain>, DrainRefused> {
-    let current = gateway.drain_slot();
-    let drain = current
-        .as_ref()
-        .filter(|d| d.is_active())
-        .cloned()
+    if gateway.is_shutting_down() {
+        return Err(DrainRefused::ShuttingDown);
+    }
+    let drain = gateway
+        .drain_slot()
+        .clone()
         .ok_or(DrainRefused::NotDraining)?;
-    drop(current);
-    drain.cancelled.store(true, Ordering::Relaxed);
-    drain.cancel.notify_one();
+    let cancelled = [RUNNING, FINISHED].into_iter().any(|from| {
+        drain
+            .state
+            .compare_exchange(from, CANCELLED, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    });
+    if !cancelled {
+        return Err(DrainRefused::NotDraining);
+    }
+    drain.wake.notify_one();
+    gateway.refresh_readiness();
     tracing::info!("drain cancelled");
     Ok(drain)
 }
@@ -274,14 +438,16 @@ impl RateWindow {
     }
 }
 
-/// The pace at which a drain's signals leave: at most `rate` in any second
-/// (the promise), and no burst above a tenth of that. A drain task that
-/// wakes late (a saturated core) finds a backlog of due slots; the second
-/// alone would let it out as one burst wherever the window has room, so a
-/// window a little longer than a second could hold nearly two seconds'
-/// worth. A token bucket (`rate` per second, `rate / 10` deep) lets the
-/// backlog out as fast as the rate refills it: a task late by less than
-/// 100 ms still keeps the pace, without the burst.
+/// The pace at which a drain's signals leave. Every signal — a slot's
+/// `migrate` or 4000, and the 4000 after a migrate's grace — takes a place
+/// in one window of `max_rate` per second: that is the promise, and what
+/// `signals_sent` counts. Slots also take a token from a bucket at the
+/// schedule's own pace (`rate` per second, `rate / 10` deep): a drain task
+/// that wakes late (a saturated core) finds a backlog of due slots, and the
+/// second alone would let it out as one burst wherever the window has room,
+/// so a window a little longer than a second could hold nearly two seconds'
+/// worth. The bucket lets the backlog out as fast as the rate refills it.
+/// Only the deadline's forced closes are outside the cap.
 #[derive(Debug)]
 pub struct ReleasePace {
     second: RateWindow,
@@ -289,17 +455,17 @@ pub struct ReleasePace {
 }
 
 impl ReleasePace {
-    /// A pace of at most `rate` per second, in bursts of at most `rate / 10`
-    /// (rounded up).
-    pub fn new(rate: u64, now: Instant) -> Self {
+    /// Slots at `rate` per second in bursts of at most `rate / 10` (rounded
+    /// up); every signal under `cap` per second.
+    pub fn new(rate: u64, cap: u64, now: Instant) -> Self {
         let rate_per_s = u32::try_from(rate).unwrap_or(u32::MAX);
         ReleasePace {
-            second: RateWindow::new(rate, Duration::from_secs(1)),
+            second: RateWindow::new(cap, Duration::from_secs(1)),
             smooth: TokenBucket::new(rate_per_s, rate_per_s.div_ceil(10), now.into_std()),
         }
     }
 
-    /// Takes one signal's place at `now`, if the second and the bucket have room.
+    /// Takes one slot's place at `now`, if the second and the bucket have room.
     pub fn try_take(&mut self, now: Instant) -> bool {
         if self.next_free(now) > now {
             return false;
@@ -307,10 +473,21 @@ impl ReleasePace {
         self.second.try_take(now) && self.smooth.try_take(now.into_std())
     }
 
-    /// When both next have room (`now` if they do).
+    /// When the second and the bucket next have room for a slot (`now` if they do).
     pub fn next_free(&mut self, now: Instant) -> Instant {
         let token = Instant::from_std(self.smooth.next_token(now.into_std()));
         self.second.next_free(now).max(token)
+    }
+
+    /// Takes one place in the second for a signal outside the schedule (the
+    /// close after a migrate's grace), if it has room.
+    pub fn try_take_unpaced(&mut self, now: Instant) -> bool {
+        self.second.try_take(now)
+    }
+
+    /// When the second next has room (`now` if it does).
+    pub fn next_free_unpaced(&mut self, now: Instant) -> Instant {
+        self.second.next_free(now)
     }
 }
 
@@ -320,24 +497,23 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
     let mut graces: VecDeque<(Instant, Arc<ConnHandle>)> = VecDeque::new();
     // Slots whose time has come, waiting for room under the cap.
     let mut due: VecDeque<Arc<ConnHandle>> = VecDeque::new();
-    let deadline = drain.deadline();
     let migrate = Utf8Bytes::from(
         ServerFrame::Migrate {
             grace_ms: drain.grace.as_millis() as u64,
         }
         .to_json(),
     );
-    // With nothing scheduled, look every 100 ms whether the last connection has gone.
-    let idle_check = Duration::from_millis(100);
     // Late slots leave at the schedule's own pace (N/W, at most R).
     let pace = paced_rate(
         drain.total as usize,
         drain.request.window_ms,
         drain.request.max_rate,
     );
-    let mut cap = ReleasePace::new(pace, Instant::now());
-    loop {
+    let mut cap = ReleasePace::new(pace, drain.request.max_rate, Instant::now());
+    let metrics = &gateway.metrics;
+    let forced = loop {
         let now = Instant::now();
+        let deadline = drain.deadline();
         let next_slot = if due.is_empty() {
             slots
                 .peek()
@@ -345,37 +521,50 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
         } else {
             Some(cap.next_free(now))
         };
-        let next_grace = graces.front().map(|(at, _)| *at);
-        let wake = [
-            next_slot,
-            next_grace,
-            Some(deadline),
-            Some(now + idle_check),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(deadline);
-        tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
-            _ = drain.cancel.notified() => break,
+        // An overdue grace waits for room in the second.
+        let next_grace = graces
+            .front()
+            .map(|(at, _)| (*at).max(cap.next_free_unpaced(now)));
+        let wake = [next_slot, next_grace, Some(deadline)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(deadline);
+        let woken = drain.wake.notified();
+        if drain.unended.load(Ordering::Relaxed) > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = woken => {}
+            }
         }
-        if drain.cancelled.load(Ordering::Relaxed) {
-            break;
+        if drain.is_cancelled() {
+            break false;
         }
         let now = Instant::now();
-        gateway
-            .metrics
+        metrics
             .drain_remaining
-            .set(gateway.hub.len() as i64);
-        if now >= deadline {
+            .set(drain.unended.load(Ordering::Relaxed) as i64);
+        if now >= drain.deadline() {
             force_remaining(&gateway, &drain);
-            break;
+            break true;
         }
         while let Some((handle, _)) =
             slots.next_if(|(_, at)| drain.started + Duration::from_millis(*at) <= now)
         {
             due.push_back(handle);
+        }
+        // Graces first: their signal is owed since the migrate went out.
+        while let Some((at, handle)) = graces.front() {
+            if *at > now {
+                break;
+            }
+            if handle.outbox.end_request().is_none() {
+                if !cap.try_take_unpaced(now) {
+                    break;
+                }
+                close(metrics, handle, &drain, CLOSED_AT_SLOT);
+            }
+            graces.pop_front();
         }
         // A late wake-up does not release every overdue slot at once: they
         // leave in order as the pace has room.
@@ -389,38 +578,45 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
             }
             let Some(handle) = due.pop_front() else { break };
             match drain.request.mode {
-                DrainMode::Close => close(&gateway, &handle, &drain, CLOSED_AT_SLOT),
+                DrainMode::Close => close(metrics, &handle, &drain, CLOSED_AT_SLOT),
                 DrainMode::MakeBeforeBreak => {
-                    handle.drain_mark.set(MIGRATE_SENT);
+                    handle.drain_mark.set(drain.generation, MIGRATE_SENT);
                     let _ = handle.outbox.push(Outgoing::Text(migrate.clone()));
-                    drain.signal_sent(&gateway, "migrate");
+                    drain.signal_sent(metrics, "migrate");
                     graces.push_back((now + drain.grace, handle));
                 }
             }
         }
-        while let Some((_, handle)) = graces.pop_front_if(|(at, _)| *at <= now) {
-            if handle.outbox.end_request().is_none() {
-                close(&gateway, &handle, &drain, CLOSED_AT_SLOT);
+        if drain.unended.load(Ordering::Relaxed) == 0 {
+            break false;
+        }
+    };
+    if forced {
+        // The forced closes end within the connections' close timeout; the
+        // counts are final once they have.
+        let done = drain.deadline() + drain.close_timeout;
+        while drain.unended.load(Ordering::Relaxed) > 0 && !drain.is_cancelled() {
+            let woken = drain.wake.notified();
+            if tokio::time::timeout_at(done, woken).await.is_err() {
+                break;
             }
         }
-        if slots.peek().is_none() && due.is_empty() && graces.is_empty() && gateway.hub.is_empty() {
-            break;
-        }
     }
-    drain.finished.store(true, Ordering::Relaxed);
-    gateway.metrics.drain_active.set(0);
-    gateway
-        .metrics
-        .drain_remaining
-        .set(gateway.hub.len() as i64);
+    let _ = drain
+        .state
+        .compare_exchange(RUNNING, FINISHED, Ordering::Relaxed, Ordering::Relaxed);
+    metrics.drain_active.set(0);
+    metrics.drain_remaining.set(0);
     gateway.refresh_readiness();
     let status = drain.status(gateway.hub.len() as u64);
     tracing::info!(
         cancelled = status.cancelled,
+        total = status.total,
         remaining = status.remaining,
         migrated_by_client = status.migrated_by_client,
         closed_at_slot = status.closed_at_slot,
         forced_at_deadline = status.forced_at_deadline,
+        ended_otherwise = status.ended_otherwise,
         elapsed_ms = status.elapsed_ms,
         "drain finished"
     );
@@ -428,34 +624,117 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
     span.record("migrated_by_client", status.migrated_by_client);
     span.record("closed_at_slot", status.closed_at_slot);
     span.record("forced_at_deadline", status.forced_at_deadline);
+    span.record("ended_otherwise", status.ended_otherwise);
     span.record("cancelled", status.cancelled);
     gateway.drain_finished.notify_waiters();
 }
 
-fn close(gateway: &Gateway, handle: &ConnHandle, drain: &Drain, mark: u8) {
+fn close(metrics: &Metrics, handle: &ConnHandle, drain: &Drain, mark: u8) {
     if mark == CLOSED_AT_SLOT {
-        drain.signal_sent(gateway, "close");
+        drain.signal_sent(metrics, "close");
     }
-    handle.drain_mark.set(mark);
+    handle.drain_mark.set(drain.generation, mark);
     handle
         .outbox
         .close(CloseCode::Migrate, drain.retry_reason());
 }
 
-/// At the deadline: whatever is still open is closed, late arrivals included.
+/// At the deadline: whatever the plan still has open is closed. (New
+/// connections are refused while a drain holds the gateway, so the plan is
+/// everything.)
 fn force_remaining(gateway: &Gateway, drain: &Drain) {
-    let left = gateway.hub.snapshot();
+    let left: Vec<_> = gateway
+        .hub
+        .snapshot()
+        .into_iter()
+        .filter(|handle| drain.plans(handle) && handle.outbox.end_request().is_none())
+        .collect();
     tracing::info!(left = left.len(), "drain deadline: closing what is left");
     for handle in left {
-        if handle.outbox.end_request().is_none() {
-            close(gateway, &handle, drain, CLOSED_AT_DEADLINE);
-        }
+        close(&gateway.metrics, &handle, drain, CLOSED_AT_DEADLINE);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcome_table() {
+        use Initiator::{Abrupt, Client, Server};
+        use MigrationKind::{Client as Moved, Deadline, Slot};
+        // (state, who ended it, drain cancelled) -> how it counts
+        let table = [
+            (CLOSED_AT_SLOT, Client, false, Some(Outcome::Moved(Slot))),
+            (CLOSED_AT_SLOT, Abrupt, true, Some(Outcome::Moved(Slot))),
+            (
+                CLOSED_AT_DEADLINE,
+                Server,
+                false,
+                Some(Outcome::Moved(Deadline)),
+            ),
+            (MIGRATE_SENT, Client, false, Some(Outcome::Moved(Moved))),
+            // told to migrate before a cancel, and did
+            (MIGRATE_SENT, Client, true, Some(Outcome::Moved(Moved))),
+            // a 4002 or a reaped peer after migrate did not migrate
+            (MIGRATE_SENT, Server, false, Some(Outcome::Other)),
+            (MIGRATE_SENT, Abrupt, false, Some(Outcome::Other)),
+            // gone before its slot: counted, but not as moved
+            (SCHEDULED, Client, false, Some(Outcome::Other)),
+            (SCHEDULED, Server, false, Some(Outcome::Other)),
+            // a cancelled drain does not count what it never touched
+            (SCHEDULED, Client, true, None),
+            (0, Client, false, None),
+        ];
+        for (state, initiator, cancelled, expected) in table {
+            assert_eq!(
+                outcome(state, initiator, cancelled),
+                expected,
+                "state {state}, {initiator:?}, cancelled {cancelled}"
+            );
+        }
+    }
+
+    #[test]
+    fn marks_of_another_generation_are_not_this_drains() {
+        let mark = DrainMark::default();
+        assert_eq!(mark.get(), (0, 0));
+        mark.set(7, MIGRATE_SENT);
+        assert_eq!(mark.get(), (7, MIGRATE_SENT));
+        mark.set(8, SCHEDULED);
+        assert_eq!(
+            mark.get(),
+            (8, SCHEDULED),
+            "a new drain's plan replaces the old mark"
+        );
+        mark.set(u64::MAX >> 8, CLOSED_AT_DEADLINE);
+        assert_eq!(mark.get(), (u64::MAX >> 8, CLOSED_AT_DEADLINE));
+    }
+
+    #[test]
+    fn grace_closes_share_the_second_with_the_slots() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Slots paced at 50/s under a cap of 50/s.
+        let mut pace = ReleasePace::new(50, 50, start);
+        let mut taken = 0;
+        for ms in (0..1_000).step_by(20) {
+            taken += usize::from(pace.try_take(at(ms)));
+        }
+        assert!(
+            (45..=50).contains(&taken),
+            "{taken} slots in the first second"
+        );
+        // A grace close in the same second waits for room in it.
+        let room = 50 - taken;
+        let graces = (0..60).filter(|_| pace.try_take_unpaced(at(999))).count();
+        assert_eq!(graces, room, "grace closes fill only what the slots left");
+        assert!(pace.next_free_unpaced(at(999)) > at(999));
+        assert!(
+            pace.try_take_unpaced(at(1_000)),
+            "room again as the second moves on"
+        );
+    }
 
     #[test]
     fn the_window_holds_the_cap_for_late_bursts() {
@@ -478,7 +757,7 @@ mod tests {
     fn a_late_backlog_leaves_at_the_rate_in_small_bursts() {
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
-        let mut pace = ReleasePace::new(700, start);
+        let mut pace = ReleasePace::new(700, 700, start);
         // A task asleep for 600 ms wakes to a backlog: a tenth goes now...
         let offer =
             |pace: &mut ReleasePace, ms: u64| (0..1000).filter(|_| pace.try_take(at(ms))).count();

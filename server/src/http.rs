@@ -148,7 +148,7 @@ pub fn admin_routes(
                 Ok(drain) => {
                     warp::reply::json(&drain.status(gateway.hub.len() as u64)).into_response()
                 }
-                Err(err) => api_error(StatusCode::CONFLICT, "not_draining", err.to_string()),
+                Err(err) => api_error(StatusCode::CONFLICT, err.code(), err.to_string()),
             },
         );
     status
@@ -308,8 +308,8 @@ fn start_drain(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::Respon
             StatusCode::ACCEPTED,
         )
         .into_response(),
-        Err(err @ DrainRefused::AlreadyDraining) => {
-            api_error(StatusCode::CONFLICT, "already_draining", err.to_string())
+        Err(err @ (DrainRefused::AlreadyDraining | DrainRefused::ShuttingDown)) => {
+            api_error(StatusCode::CONFLICT, err.code(), err.to_string())
         }
         Err(err) => api_error(StatusCode::BAD_REQUEST, "bad_request", err.to_string()),
     }

@@ -78,9 +78,9 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// `switchyard_drain_active`: 1 while a drain runs.
     pub drain_active: IntGauge,
-    /// `switchyard_drain_remaining`: connections left on a draining gateway.
+    /// `switchyard_drain_remaining`: the running drain's planned connections not yet gone (0 with no drain running).
     pub drain_remaining: IntGauge,
-    /// `switchyard_migrations_total{how="client|slot|deadline"}`.
+    /// `switchyard_migrations_total{how="client|slot|deadline|other"}`.
     pub migrations: IntCounterVec,
     /// `switchyard_drain_signals_total{signal="migrate|close"}`: `migrate`
     /// frames queued at their slots, and 4000 closes started at a slot or
@@ -212,11 +212,11 @@ impl Metrics {
             drain_active: gauge("switchyard_drain_active", "1 while a drain runs.")?,
             drain_remaining: gauge(
                 "switchyard_drain_remaining",
-                "Connections still open on this gateway during a drain.",
+                "Connections the running drain planned that are still open (0 when no drain runs).",
             )?,
             migrations: counter_vec(
                 "switchyard_migrations_total",
-                "Drained connections, by how they left: client (by itself), slot, deadline.",
+                "Connections a drain planned, by how they left: client (closed by the client after migrate), slot (4000 at its slot or after the grace), deadline (4000 at the deadline), other (any other end).",
                 &["how"],
             )?,
             drain_signals: counter_vec(
@@ -266,7 +266,7 @@ impl Metrics {
         for recovered in ["true", "false"] {
             metrics.resume.with_label_values(&[recovered]);
         }
-        for how in ["client", "slot", "deadline"] {
+        for how in ["client", "slot", "deadline", "other"] {
             metrics.migrations.with_label_values(&[how]);
         }
         for signal in ["migrate", "close"] {

@@ -32,7 +32,7 @@ use crate::config::{AdminSettings, BrokerKind, Config};
 use crate::drain::Drain;
 use crate::head::{self, Parsed, Replay};
 use crate::hub::{Hub, Route};
-use crate::metrics::Metrics;
+use crate::metrics::{Initiator, Metrics};
 use crate::outbox::OutboxLimits;
 use crate::repoll::Repoll;
 use crate::security::auth::{AdminAuth, Authenticator};
@@ -40,7 +40,7 @@ use crate::security::expiry::SessionExpiries;
 use crate::security::origin::OriginPolicy;
 use crate::security::ratelimit::IpRateLimiter;
 use crate::security::unix_ms;
-use switchyard_protocol::drain::{DrainRequest, MigrationKind};
+use switchyard_protocol::drain::DrainRequest;
 
 /// Everything the listeners and connections share.
 pub struct Gateway {
@@ -140,10 +140,35 @@ impl Gateway {
     }
 
     /// Whether the gateway refuses new work (readiness is 503): a drain
-    /// runs, or the process is shutting down.
+    /// runs or has drained it (until cancelled), or the process is shutting
+    /// down.
     pub fn is_draining(&self) -> bool {
+        self.is_shutting_down() || self.drain_slot().as_ref().is_some_and(|d| d.holds())
+    }
+
+    /// Whether SIGTERM (or SIGINT) has been received.
+    pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
-            || self.drain_slot().as_ref().is_some_and(|d| d.is_active())
+    }
+
+    /// Why a new connection is refused now, if it is: the process shuts
+    /// down, or a drain holds the gateway. `admitted` is a connection that
+    /// has already joined the hub: it stays if the drain planned it (it
+    /// joined just before the drain took its snapshot).
+    pub fn refusal(&self, admitted: Option<&crate::hub::ConnHandle>) -> Option<&'static str> {
+        let drain = self.drain_slot().clone();
+        if let (Some(drain), Some(handle)) = (&drain, admitted) {
+            if drain.plans(handle) {
+                return None;
+            }
+        }
+        if self.is_shutting_down() {
+            Some("shutting_down")
+        } else if drain.is_some_and(|d| d.holds()) {
+            Some("draining")
+        } else {
+            None
+        }
     }
 
     /// Re-derives the `switchyard_draining` gauge from the state.
@@ -161,17 +186,19 @@ impl Gateway {
         self.drain.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a connection that ended, for the drain it belonged to.
-    pub fn connection_ended(&self, handle: &crate::hub::ConnHandle) {
-        let drain = self.drain_slot().clone();
-        if let Some(drain) = drain {
-            let kind = handle.drain_mark.kind();
-            if drain.is_active() || kind != MigrationKind::Client {
-                drain.connection_ended(kind);
-                self.metrics
-                    .migrations
-                    .with_label_values(&[kind.as_str()])
-                    .inc();
+    /// Counts a connection that ended, for the drain that planned it (if
+    /// any); `initiator` says who closed it.
+    pub fn connection_ended(&self, handle: &crate::hub::ConnHandle, initiator: Initiator) {
+        let Some(drain) = self.drain_slot().clone() else {
+            return;
+        };
+        if let Some(outcome) = drain.connection_ended(handle, initiator) {
+            self.metrics
+                .migrations
+                .with_label_values(&[outcome.as_str()])
+                .inc();
+            if drain.is_active() {
+                self.metrics.drain_remaining.set(drain.unended() as i64);
             }
         }
     }
@@ -357,11 +384,17 @@ pub async fn serve(
         }
     }
     gateway.set_shutting_down();
-    if how == Stop::Drain {
-        drain_until_empty(&gateway, &mut stop).await;
-    }
+    let close_within = Duration::from_millis(gateway.config.shutdown_timeout_ms);
+    let close_within = match how {
+        Stop::Drain => match drain_until_empty(&gateway, &mut stop).await {
+            // Past the stop time nothing more is waited for.
+            Some(stop_at) => close_within.min(stop_at.saturating_duration_since(Instant::now())),
+            None => close_within,
+        },
+        _ => close_within,
+    };
     if !gateway.hub.is_empty() {
-        close_now(&gateway).await;
+        close_now(&gateway, close_within).await;
     }
     let _ = close_listeners.send(true);
     keepalive.abort();
@@ -372,68 +405,85 @@ pub async fn serve(
     Ok(())
 }
 
-/// SIGTERM: keep a running drain, or start one with the configured defaults
-/// (deadline bounded by `drain.grace_period_ms`), until no connection is left
-/// or the deadline has passed. A second signal cuts it short.
-async fn drain_until_empty(gateway: &Arc<Gateway>, stop: &mut watch::Receiver<Stop>) {
+/// SIGTERM: one drain, bounded by one stop time fixed now. The drain's
+/// deadline is at most `drain.grace_period_ms` from now (a running admin
+/// drain keeps its schedule but is capped there; otherwise a drain starts
+/// with the `drain.*` defaults), and the process stops waiting
+/// `connection.close_timeout_ms` after that: the forced closes' own bound.
+/// No second drain is ever started, and `DELETE /admin/drain` is refused
+/// while shutting down, so nothing postpones the stop time. Returns it, or
+/// `None` when a second signal cut the drain short.
+async fn drain_until_empty(
+    gateway: &Arc<Gateway>,
+    stop: &mut watch::Receiver<Stop>,
+) -> Option<Instant> {
     let settings = &gateway.config.drain;
+    let grace = Duration::from_millis(settings.grace_period_ms);
     let close_timeout = Duration::from_millis(gateway.config.connection.close_timeout_ms);
-    loop {
-        if gateway.hub.is_empty() {
-            return;
+    let drain_by = tokio::time::Instant::now() + grace;
+    let stop_at = drain_by + close_timeout;
+    let running = gateway.drain_slot().clone().filter(|d| d.is_active());
+    let drain = match running {
+        Some(drain) => {
+            drain.cap_deadline(drain_by);
+            Some(drain)
         }
-        let running = gateway.drain_slot().clone().filter(|d| d.is_active());
-        let drain = match running {
-            Some(drain) => drain,
-            None => {
-                let request = DrainRequest {
-                    window_ms: settings.window_ms,
-                    max_rate: settings.max_rate,
-                    deadline_ms: settings.deadline_ms.min(settings.grace_period_ms),
-                    mode: settings.mode,
-                    retry_jitter_ms: settings.retry_jitter_ms,
-                    migrate_grace_ms: Some(settings.migrate_grace_ms),
-                };
-                match crate::drain::start(gateway, request) {
-                    Ok(drain) => drain,
-                    Err(err) => {
-                        tracing::error!(%err, "cannot drain; closing now");
-                        return;
-                    }
+        None if gateway.hub.is_empty() => None,
+        None => {
+            let request = DrainRequest {
+                window_ms: settings.window_ms,
+                max_rate: settings.max_rate,
+                deadline_ms: settings.deadline_ms.min(settings.grace_period_ms),
+                mode: settings.mode,
+                retry_jitter_ms: settings.retry_jitter_ms,
+                migrate_grace_ms: Some(settings.migrate_grace_ms),
+            };
+            match crate::drain::start_for_shutdown(gateway, request) {
+                Ok(drain) => Some(drain),
+                Err(err) => {
+                    tracing::error!(%err, "cannot drain; closing now");
+                    return Some(stop_at.into_std());
                 }
             }
-        };
-        // Past the deadline the drain closes what is left; give those closes
-        // their close timeout, then stop waiting.
-        let give_up = drain.deadline() + close_timeout;
-        let finished = gateway.drain_finished.notified();
-        tokio::select! {
-            _ = gateway.hub.wait_empty(give_up.saturating_duration_since(tokio::time::Instant::now())) => {
-                if gateway.hub.is_empty() || tokio::time::Instant::now() >= give_up {
-                    return;
+        }
+    };
+    let wait = async {
+        gateway
+            .hub
+            .wait_empty(stop_at.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
+        // The drain reports its final counts once its last connection is
+        // gone; let it, within the same stop time.
+        if let Some(drain) = drain {
+            while drain.is_active() {
+                let finished = gateway.drain_finished.notified();
+                if !drain.is_active() || tokio::time::timeout_at(stop_at, finished).await.is_err() {
+                    break;
                 }
             }
-            _ = finished => {}
-            _ = stop.changed() => return,
         }
+    };
+    tokio::select! {
+        _ = wait => Some(stop_at.into_std()),
+        _ = stop.changed() => None,
     }
 }
 
-/// Closes every connection with 1001 and waits (at most `shutdown_timeout_ms`).
-async fn close_now(gateway: &Gateway) {
+/// Closes every connection with 1001 and waits (at most `timeout`), then
+/// aborts whatever is left.
+async fn close_now(gateway: &Gateway, timeout: Duration) {
     let open = gateway.hub.len();
     tracing::info!(open, "closing connections with 1001");
     gateway
         .hub
         .close_all(CloseCode::GoingAway, "server shutting down");
-    let timeout = Duration::from_millis(gateway.config.shutdown_timeout_ms);
     if !gateway.hub.wait_empty(timeout).await {
         tracing::warn!(
             left = gateway.hub.len(),
             "shutdown timeout: aborting the rest"
         );
         gateway.hub.abort_all();
-        gateway.hub.wait_empty(Duration::from_secs(1)).await;
+        gateway.hub.wait_empty(Duration::from_millis(100)).await;
     }
 }
 

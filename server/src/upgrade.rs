@@ -180,7 +180,7 @@ fn refuse_http(
     // Origin and credential refusals are an audit trail: info.
     let flood = matches!(
         reason,
-        "rate_limited" | "not_upgrade" | "bad_version" | "bad_key"
+        "rate_limited" | "not_upgrade" | "bad_version" | "bad_key" | "draining" | "shutting_down"
     );
     if flood {
         tracing::debug!(%peer, %target, reason, status = status.as_u16(), "upgrade refused");
@@ -401,6 +401,15 @@ async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict 
             return Verdict::Refused(refusal);
         }
     };
+    // A draining or stopping gateway turns new connections away before any
+    // other work (rate limit, Origin, credentials): cheaply, and with a time
+    // to come back.
+    if let Some(reason) = gateway.refusal(None) {
+        return match turn_away(gateway, reason, peer, &target) {
+            Ok(admission) => Verdict::Upgrade(accept, admission),
+            Err(refusal) => Verdict::Refused(refusal),
+        };
+    }
     if let Some(limiter) = &gateway.handshake_limiter {
         if !limiter.allow(peer.ip(), std::time::Instant::now()) {
             let mut refusal = refuse_http(
@@ -483,6 +492,12 @@ async fn admit(
         .admit(request.route, session.subject.clone(), max)
     {
         Some(handle) => {
+            // A drain that started while this handshake was judged planned it
+            // (it joined the hub before the drain's snapshot) or refuses it.
+            if let Some(reason) = gateway.refusal(Some(&handle)) {
+                gateway.hub.remove(handle.id);
+                return turn_away(gateway, reason, peer, target);
+            }
             tracing::debug!(%peer, %target, conn = %handle.label, method = session.method.as_str(), "handshake accepted");
             Ok(Admission::Accept(handle, session))
         }
@@ -506,6 +521,48 @@ async fn admit(
             Ok(admission)
         }
     }
+}
+
+/// The least a refused client waits before it comes back to a draining or
+/// stopping gateway: while the endpoints still list this pod, a client that
+/// came back at once would find it again.
+const MIN_TURN_AWAY_JITTER_MS: u64 = 1_000;
+
+/// Turns a new connection away from a draining or stopping gateway: 4000
+/// with a jittered `retry_ms` after the upgrade (or 503 + `Retry-After` with
+/// `auth.reject_with_http`), counted under `reason`. The client was never
+/// served here, so it is not counted as migrated by any drain.
+fn turn_away(
+    gateway: &Gateway,
+    reason: &'static str,
+    peer: SocketAddr,
+    target: &RedactedTarget<'_>,
+) -> Result<Admission, Refusal> {
+    if gateway.config.auth.reject_with_http {
+        let mut refusal = refuse_http(
+            gateway,
+            reason,
+            StatusCode::SERVICE_UNAVAILABLE,
+            peer,
+            target,
+        );
+        refusal.extra = Some((RETRY_AFTER, "1"));
+        return Err(refusal);
+    }
+    gateway.count_rejection(reason);
+    tracing::debug!(%peer, %target, reason, "handshake turned away after upgrade");
+    let window = gateway
+        .config
+        .drain
+        .retry_jitter_ms
+        .max(MIN_TURN_AWAY_JITTER_MS);
+    Ok(Admission::Refuse(
+        CloseCode::Migrate,
+        CloseReason {
+            retry_ms: Some(crate::drain::jitter(window)),
+            reason: Some(reason.to_owned()),
+        },
+    ))
 }
 
 /// Sends a close frame on a connection that was accepted only to be refused,

@@ -297,6 +297,11 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
     assert_eq!(drain["closed_at_slot"], 0);
     assert_eq!(drain["forced_at_deadline"], 0);
     assert_eq!(drain["signals_sent"], CLIENTS as u64, "{drain}");
+    assert_counts_add_up(drain);
+    assert_eq!(
+        fleet.blue.metric("switchyard_drain_remaining").expect("m"),
+        0.0
+    );
     for (i, seen) in crowd.seen.iter().enumerate() {
         let seen = seen.lock().expect("seen");
         assert!(
@@ -378,6 +383,7 @@ async fn close_mode_spreads_reconnects_instead_of_a_storm() {
 
     let drain = &status(&fleet.blue)["drain"];
     assert_eq!(drain["closed_at_slot"], CLIENTS as u64, "{drain}");
+    assert_counts_add_up(drain);
     assert_eq!(
         fleet
             .blue
@@ -471,6 +477,7 @@ async fn cancelling_a_drain_keeps_the_rest_on_blue() {
     assert_eq!(code, 200, "{body}");
     let cancelled: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(cancelled["cancelled"], true);
+    assert_eq!(cancelled["active"], false);
     assert!(
         wait_status(fleet.blue.public, "/readyz", 200, LONG),
         "readiness is restored"
@@ -494,6 +501,19 @@ async fn cancelling_a_drain_keeps_the_rest_on_blue() {
         status(&fleet.green)["connections"].as_u64(),
         Some(CLIENTS as u64 - stayed)
     );
+    // A cancelled drain counts the clients it told to migrate, and not the
+    // ones it never touched that are still here.
+    let drain = &status(&fleet.blue)["drain"];
+    assert_eq!(
+        drain["migrated_by_client"].as_u64(),
+        Some(CLIENTS as u64 - stayed),
+        "{drain}"
+    );
+    assert_eq!(drain["ended_otherwise"], 0, "{drain}");
+    assert_eq!(
+        fleet.blue.metric("switchyard_drain_remaining").expect("m"),
+        0.0
+    );
     assert_eq!(
         fleet
             .blue
@@ -511,5 +531,480 @@ async fn cancelling_a_drain_keeps_the_rest_on_blue() {
     crowd
         .assert_complete(&BTreeMap::from([("m.alpha".to_owned(), position.offset)]))
         .await;
+    crowd.stop();
+}
+
+/// Checks a drain's counts: every planned connection is counted once, by
+/// how it left; a drain that ran to its end adds up to its total.
+fn assert_counts_add_up(drain: &serde_json::Value) {
+    let count = |key: &str| {
+        drain[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {drain}"))
+    };
+    let counted = count("migrated_by_client")
+        + count("closed_at_slot")
+        + count("forced_at_deadline")
+        + count("ended_otherwise");
+    assert_eq!(counted, count("total"), "counts do not add up: {drain}");
+}
+
+/// The last log event of `gw` whose message is `message`, as JSON.
+fn log_event(gw: &GatewayProcess, message: &str) -> Option<serde_json::Value> {
+    gw.logs()
+        .iter()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["message"] == message)
+}
+
+/// Waits (without blocking the runtime) for `gw` to exit; returns its exit
+/// status and how long that took from `since`.
+async fn exited(
+    gw: &mut GatewayProcess,
+    since: Instant,
+    timeout: Duration,
+) -> (std::process::ExitStatus, Duration) {
+    loop {
+        if let Some(exit) = gw.wait_exit(Duration::from_millis(10)) {
+            return (exit, since.elapsed());
+        }
+        assert!(
+            since.elapsed() < timeout,
+            "still running {timeout:?} after the signal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How much later than its stop time a process may exit here: it shares
+/// two cores with the clients, the other gateway and the proxy.
+const EXIT_SLACK: Duration = Duration::from_millis(1_500);
+
+/// SIGTERM while the Service still routes to the stopping gateway: every
+/// client it closes comes back to it. Each comes back to a 4000 with
+/// `retry_ms` (never a second drain), the process exits by its stop time
+/// (grace period + close timeout), the drain's counts add up and nobody
+/// counts as migrated, and once the Service routes to green every client
+/// resumes there with nothing lost.
+async fn sigterm_with_clients_coming_back(mode: &str) {
+    const CLIENTS: usize = 200;
+    const GRACE: Duration = Duration::from_millis(3_000);
+    const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
+    let mode_setting = format!("drain.mode={mode}");
+    let mut fleet = fleet(&[
+        "drain.window_ms=1000",
+        "drain.max_rate=400",
+        &mode_setting,
+        "drain.grace_period_ms=3000",
+        "drain.migrate_grace_ms=500",
+        "drain.retry_jitter_ms=300",
+        "connection.close_timeout_ms=1000",
+    ])
+    .await;
+    let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
+
+    let signalled = Instant::now();
+    fleet.blue.terminate();
+    let (exit, took) = exited(&mut fleet.blue, signalled, Duration::from_secs(30)).await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took <= GRACE + CLOSE_TIMEOUT + EXIT_SLACK,
+        "exited {took:?} after SIGTERM; stop time {:?}",
+        GRACE + CLOSE_TIMEOUT
+    );
+    let starts = blue_drains_started(&fleet.blue);
+    assert_eq!(starts, 1, "one drain per SIGTERM");
+    let finished = log_event(&fleet.blue, "drain finished").expect("drain finished logged");
+    assert_eq!(finished["total"], CLIENTS as u64, "{finished}");
+    assert_counts_add_up(&finished);
+    assert_eq!(
+        finished["migrated_by_client"], 0,
+        "a client that came back to the same gateway has not migrated: {finished}"
+    );
+
+    fleet.proxy.switch(vec![fleet.green.public]);
+    wait_connections(&fleet.green, CLIENTS as u64, LONG).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = publishing.finish().await;
+    crowd.assert_complete(&last).await;
+    crowd.stop();
+}
+
+/// How many drains `gw` logged as started.
+fn blue_drains_started(gw: &GatewayProcess) -> usize {
+    gw.logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"] == "drain started")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_by_its_stop_time_when_closed_clients_come_back() {
+    sigterm_with_clients_coming_back("close").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_by_its_stop_time_when_migrating_clients_come_back() {
+    sigterm_with_clients_coming_back("make_before_break").await;
+}
+
+/// An admin drain while the Service still routes to the drained gateway for
+/// a while: clients that come back are turned away with 4000 and
+/// `retry_ms` (not held until the deadline), the drain ends on its
+/// schedule with counts that add up, the signals keep the cap, and the
+/// drained gateway stays drained (readiness 503, upgrades turned away)
+/// until `DELETE /admin/drain`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drain_turns_returning_clients_away_and_stays_drained() {
+    const CLIENTS: usize = 300;
+    const RATE: u64 = 200;
+    let fleet = fleet(&[]).await;
+    let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
+    let request = DrainRequest {
+        window_ms: 1_000,
+        max_rate: RATE,
+        deadline_ms: 20_000,
+        mode: DrainMode::Close,
+        retry_jitter_ms: 300,
+        migrate_grace_ms: None,
+    };
+    let (code, body) = post_drain(&fleet.blue, &request);
+    assert_eq!(code, 202, "{body}");
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut switched = false;
+    let drain = loop {
+        let drain = status(&fleet.blue)["drain"].clone();
+        if let (Some(at), Some(sent)) =
+            (drain["elapsed_ms"].as_u64(), drain["signals_sent"].as_u64())
+        {
+            samples.push((at, sent));
+        }
+        if drain["active"] == false {
+            break drain;
+        }
+        // The endpoints catch up only after the closes began.
+        if !switched && started.elapsed() >= Duration::from_millis(1_200) {
+            fleet.proxy.switch(vec![fleet.green.public]);
+            switched = true;
+        }
+        assert!(started.elapsed() < LONG, "drain still active: {drain}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // 300 at 200/s: a 1.5 s schedule. Held late arrivals would keep it
+    // running to the 20 s deadline.
+    let elapsed = drain["elapsed_ms"].as_u64().expect("elapsed");
+    assert!(elapsed < 5_000, "drain ended after {elapsed} ms: {drain}");
+    assert_eq!(drain["total"], CLIENTS as u64, "{drain}");
+    assert_eq!(drain["closed_at_slot"], CLIENTS as u64, "{drain}");
+    assert_counts_add_up(&drain);
+    let peak = peak_rate(&samples);
+    assert!(
+        peak <= RATE as f64 * 1.1,
+        "signals at up to {peak:.0}/s, cap {RATE}"
+    );
+    let turned_away = fleet
+        .blue
+        .metric("switchyard_handshakes_rejected_total{reason=\"draining\"}")
+        .expect("metric");
+    assert!(
+        turned_away > 0.0,
+        "the clients came back to blue and were turned away"
+    );
+    assert_eq!(
+        fleet.blue.metric("switchyard_drain_remaining").expect("m"),
+        0.0
+    );
+    assert_eq!(
+        fleet.blue.metric("switchyard_drain_active").expect("m"),
+        0.0
+    );
+    assert_eq!(fleet.blue.metric("switchyard_draining").expect("m"), 1.0);
+    let migrations = |how: &str| {
+        let series = format!("switchyard_migrations_total{{how=\"{how}\"}}");
+        fleet.blue.metric(&series).unwrap_or(0.0)
+    };
+    assert_eq!(migrations("slot"), CLIENTS as f64);
+    assert_eq!(
+        migrations("client") + migrations("deadline") + migrations("other"),
+        0.0
+    );
+
+    // Drained, and it stays so: not ready, and a new client is told to go.
+    let ready = || {
+        switchyard_tests::http_request(fleet.blue.public, "GET", "/readyz", None)
+            .expect("readyz")
+            .0
+    };
+    assert_eq!(
+        ready(),
+        503,
+        "a drained gateway does not invite traffic back"
+    );
+    let mut late = switchyard_tests::RawSocket::connect(fleet.blue.public, "/ws").expect("upgrade");
+    assert_eq!(late.read_close_code().expect("read"), Some(4000));
+    let (code, body) = fleet
+        .blue
+        .admin_request("DELETE", "/admin/drain", None)
+        .expect("undrain");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        wait_status(fleet.blue.public, "/readyz", 200, LONG),
+        "ready again"
+    );
+    let (code, _) = fleet
+        .blue
+        .admin_request("DELETE", "/admin/drain", None)
+        .expect("undrain");
+    assert_eq!(code, 409, "nothing left to cancel");
+
+    wait_connections(&fleet.green, CLIENTS as u64, LONG).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = publishing.finish().await;
+    crowd.assert_complete(&last).await;
+    crowd.stop();
+}
+
+/// A WebSocket client that completes the upgrade, optionally subscribes,
+/// and then never writes again: it answers no ping and no close. Records
+/// when each frame arrives, until the gateway drops it.
+async fn mute_peer(
+    addr: std::net::SocketAddr,
+    subscribe: Option<&str>,
+    read: bool,
+) -> tokio::task::JoinHandle<Vec<(Instant, u8, String)>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("upgrade");
+    let mut buffer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buffer.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.expect("response head");
+        buffer.push(byte[0]);
+    }
+    assert!(buffer.starts_with(b"HTTP/1.1 101"), "upgraded");
+    if let Some(topic) = subscribe {
+        let frame = format!(r#"{{"op":"subscribe","topic":"{topic}"}}"#);
+        let bytes =
+            switchyard_tests::client_frame(switchyard_tests::opcode::TEXT, frame.as_bytes());
+        stream.write_all(&bytes).await.expect("subscribe");
+    }
+    tokio::spawn(async move {
+        let mut frames = Vec::new();
+        if !read {
+            // Hold the socket, unread, until the test lets go of it.
+            let _held = stream;
+            std::future::pending::<()>().await;
+            return frames;
+        }
+        loop {
+            let mut header = [0u8; 2];
+            if stream.read_exact(&mut header).await.is_err() {
+                return frames;
+            }
+            let len = match header[1] & 0x7f {
+                126 => {
+                    let mut ext = [0u8; 2];
+                    if stream.read_exact(&mut ext).await.is_err() {
+                        return frames;
+                    }
+                    u16::from_be_bytes(ext) as usize
+                }
+                127 => {
+                    let mut ext = [0u8; 8];
+                    if stream.read_exact(&mut ext).await.is_err() {
+                        return frames;
+                    }
+                    u64::from_be_bytes(ext) as usize
+                }
+                short => short as usize,
+            };
+            let mut payload = vec![0u8; len];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return frames;
+            }
+            frames.push((
+                Instant::now(),
+                header[0] & 0x0f,
+                String::from_utf8_lossy(&payload).into_owned(),
+            ));
+        }
+    })
+}
+
+/// The closes after a migrate's grace take their place under the same cap
+/// as the slots: with peers that ignore `migrate` (and never answer a
+/// close), no second holds more than `max_rate` signals, measured where
+/// they arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closes_after_the_grace_keep_the_cap() {
+    const PEERS: usize = 100;
+    const RATE: u64 = 50;
+    let gw = GatewayProcess::start(&[
+        "connection.keepalive_interval_ms=60000",
+        "connection.close_timeout_ms=500",
+    ])
+    .expect("gateway");
+    let mut peers = Vec::new();
+    for _ in 0..PEERS {
+        peers.push(mute_peer(gw.public, None, true).await);
+    }
+    wait_connections(&gw, PEERS as u64, LONG).await;
+    let request = DrainRequest {
+        window_ms: 1_000,
+        max_rate: RATE,
+        deadline_ms: 30_000,
+        mode: DrainMode::MakeBeforeBreak,
+        retry_jitter_ms: 0,
+        migrate_grace_ms: Some(1_000),
+    };
+    let (code, body) = post_drain(&gw, &request);
+    assert_eq!(code, 202, "{body}");
+    let mut signals = Vec::new();
+    let first = Instant::now();
+    for peer in peers {
+        for (at, opcode, text) in peer.await.expect("peer") {
+            let signal = opcode == 0x8 || text.contains(r#""op":"migrate""#);
+            if signal {
+                signals.push(at.duration_since(first).as_millis() as u64);
+            }
+        }
+    }
+    assert_eq!(signals.len(), 2 * PEERS, "a migrate and a close each");
+    let peak = max_in_window(&signals, 1000);
+    assert!(
+        peak as u64 <= RATE + 2,
+        "{peak} signals in one second, cap {RATE}; per second: {:?}",
+        per_second(&signals)
+    );
+    let drain = &status(&gw)["drain"];
+    assert_eq!(drain["closed_at_slot"], PEERS as u64, "{drain}");
+    assert_eq!(drain["migrated_by_client"], 0, "{drain}");
+    assert_eq!(drain["signals_sent"], 2 * PEERS as u64, "{drain}");
+    assert_counts_add_up(drain);
+}
+
+/// SIGTERM with peers that never answer a close and peers that stopped
+/// reading under a flood: the process still exits by its stop time, and the
+/// drain's counts add up (the slow consumers under `ended_otherwise`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_by_its_stop_time_with_mute_and_stuck_peers() {
+    const MUTE: usize = 20;
+    const STUCK: usize = 20;
+    const STOP: Duration = Duration::from_millis(2_000 + 1_000);
+    let mut gw = GatewayProcess::start(&[
+        "connection.keepalive_interval_ms=60000",
+        "connection.close_timeout_ms=1000",
+        "drain.grace_period_ms=2000",
+        "drain.window_ms=1000",
+        "drain.mode=close",
+    ])
+    .expect("gateway");
+    let mut peers = Vec::new();
+    for _ in 0..MUTE {
+        peers.push(mute_peer(gw.public, None, true).await);
+    }
+    for _ in 0..STUCK {
+        peers.push(mute_peer(gw.public, Some("flood"), false).await);
+    }
+    wait_connections(&gw, (MUTE + STUCK) as u64, LONG).await;
+    // Fill the stuck peers' socket buffers and queues.
+    let payload = format!("\"{}\"", "x".repeat(60_000));
+    for _ in 0..200 {
+        gw.publish("flood", &payload).expect("publish");
+    }
+    let signalled = Instant::now();
+    gw.terminate();
+    let (exit, took) = exited(&mut gw, signalled, Duration::from_secs(30)).await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took <= STOP + EXIT_SLACK,
+        "exited {took:?} after SIGTERM; stop time {STOP:?}"
+    );
+    let finished = log_event(&gw, "drain finished").expect("drain finished logged");
+    assert_eq!(finished["total"], (MUTE + STUCK) as u64, "{finished}");
+    assert_counts_add_up(&finished);
+    assert!(
+        finished["ended_otherwise"].as_u64() >= Some(1),
+        "the slow consumers are not counted as moved: {finished}"
+    );
+    for peer in peers {
+        peer.abort();
+    }
+}
+
+/// SIGTERM during an admin drain with a long schedule: the drain keeps
+/// running but its deadline is brought forward to the grace period, the
+/// process exits by its stop time, and neither `DELETE` nor a new `POST
+/// /admin/drain` can postpone it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_caps_a_running_admin_drain_and_cannot_be_cancelled() {
+    const CLIENTS: usize = 100;
+    const GRACE: Duration = Duration::from_millis(2_000);
+    const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
+    let mut fleet = fleet(&[
+        "drain.grace_period_ms=2000",
+        "connection.close_timeout_ms=1000",
+    ])
+    .await;
+    let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
+    fleet.proxy.switch(vec![fleet.green.public]);
+    let request = DrainRequest {
+        window_ms: 30_000,
+        max_rate: 10,
+        deadline_ms: 30_000,
+        mode: DrainMode::MakeBeforeBreak,
+        retry_jitter_ms: 500,
+        migrate_grace_ms: None,
+    };
+    let (code, body) = post_drain(&fleet.blue, &request);
+    assert_eq!(code, 202, "{body}");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let signalled = Instant::now();
+    fleet.blue.terminate();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, body) = fleet
+        .blue
+        .admin_request("DELETE", "/admin/drain", None)
+        .expect("cancel");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("shutting_down"), "{body}");
+    let (code, body) = post_drain(&fleet.blue, &request);
+    assert_eq!(code, 409, "{body}");
+    let drain = &status(&fleet.blue)["drain"];
+    let deadline = drain["deadline_ms"].as_u64().expect("deadline");
+    assert!(
+        (1_000..=1_000 + 2_000 + 500).contains(&deadline),
+        "deadline brought forward to the grace period: {drain}"
+    );
+    let (exit, took) = exited(&mut fleet.blue, signalled, Duration::from_secs(40)).await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took <= GRACE + CLOSE_TIMEOUT + EXIT_SLACK,
+        "exited {took:?} after SIGTERM"
+    );
+    assert_eq!(blue_drains_started(&fleet.blue), 1, "no second drain");
+    let finished = log_event(&fleet.blue, "drain finished").expect("drain finished logged");
+    assert_counts_add_up(&finished);
+    assert!(
+        finished["forced_at_deadline"].as_u64() > Some(0),
+        "{finished}"
+    );
+    wait_connections(&fleet.green, CLIENTS as u64, LONG).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = publishing.finish().await;
+    crowd.assert_complete(&last).await;
     crowd.stop();
 }
