@@ -164,6 +164,16 @@ impl Publisher {
     }
 }
 
+/// A fleet with `clients` sessions subscribed through its proxy (routing to
+/// blue) and a publisher on green every 40 ms.
+async fn scene(blue_settings: &[&str], clients: usize) -> (BlueGreen, Crowd, Publisher) {
+    let fleet = fleet(blue_settings).await;
+    let crowd = crowd(&fleet.proxy.ws_url(), clients);
+    crowd.wait_subscribed().await;
+    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
+    (fleet, crowd, publishing)
+}
+
 /// Counts per whole second since the first event, for failure messages.
 fn per_second(times_ms: &[u64]) -> Vec<usize> {
     let Some(&first) = times_ms.iter().min() else {
@@ -360,10 +370,7 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
 async fn close_mode_spreads_reconnects_instead_of_a_storm() {
     const CLIENTS: usize = 600;
     const RATE: u64 = 300;
-    let fleet = fleet(&[]).await;
-    let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
-    crowd.wait_subscribed().await;
-    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
+    let (fleet, crowd, publishing) = scene(&[], CLIENTS).await;
     fleet.proxy.switch(vec![fleet.green.public]);
     let request = DrainRequest {
         window_ms: 1_000,
@@ -419,16 +426,16 @@ async fn close_mode_spreads_reconnects_instead_of_a_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_with_the_configured_defaults_and_exits_zero() {
     const CLIENTS: usize = 300;
-    let mut fleet = fleet(&[
-        "drain.window_ms=2000",
-        "drain.max_rate=300",
-        "drain.mode=make_before_break",
-        "drain.grace_period_ms=15000",
-    ])
+    let (mut fleet, crowd, publishing) = scene(
+        &[
+            "drain.window_ms=2000",
+            "drain.max_rate=300",
+            "drain.mode=make_before_break",
+            "drain.grace_period_ms=15000",
+        ],
+        CLIENTS,
+    )
     .await;
-    let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
-    crowd.wait_subscribed().await;
-    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
     fleet.proxy.switch(vec![fleet.green.public]);
     fleet.blue.terminate();
     let exit = fleet
@@ -592,19 +599,19 @@ async fn sigterm_with_clients_coming_back(mode: &str) {
     const GRACE: Duration = Duration::from_millis(3_000);
     const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
     let mode_setting = format!("drain.mode={mode}");
-    let mut fleet = fleet(&[
-        "drain.window_ms=1000",
-        "drain.max_rate=400",
-        &mode_setting,
-        "drain.grace_period_ms=3000",
-        "drain.migrate_grace_ms=500",
-        "drain.retry_jitter_ms=300",
-        "connection.close_timeout_ms=1000",
-    ])
+    let (mut fleet, crowd, publishing) = scene(
+        &[
+            "drain.window_ms=1000",
+            "drain.max_rate=400",
+            &mode_setting,
+            "drain.grace_period_ms=3000",
+            "drain.migrate_grace_ms=500",
+            "drain.retry_jitter_ms=300",
+            "connection.close_timeout_ms=1000",
+        ],
+        CLIENTS,
+    )
     .await;
-    let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
-    crowd.wait_subscribed().await;
-    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
 
     let signalled = Instant::now();
     fleet.blue.terminate();
@@ -653,26 +660,22 @@ async fn sigterm_exits_by_its_stop_time_when_migrating_clients_come_back() {
 }
 
 /// An admin drain while the Service still routes to the drained gateway for
-/// a while: clients that come back are turned away with 4000 and
-/// `retry_ms` (not held until the deadline), the drain ends on its
-/// schedule with counts that add up, the signals keep the cap, and the
-/// drained gateway stays drained (readiness 503, upgrades turned away)
-/// until `DELETE /admin/drain`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_admin_drain_turns_returning_clients_away_and_stays_drained() {
+/// a while: clients that come back (closed, or dialling their migration) are
+/// turned away with 4000 and `retry_ms` (not held until the deadline), the
+/// drain ends on its schedule with counts that add up, the signals keep the
+/// cap, and the drained gateway stays drained (readiness 503, upgrades
+/// turned away) until `DELETE /admin/drain`.
+async fn admin_drain_with_clients_coming_back(mode: DrainMode) {
     const CLIENTS: usize = 300;
     const RATE: u64 = 200;
-    let fleet = fleet(&[]).await;
-    let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
-    crowd.wait_subscribed().await;
-    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
+    let (fleet, crowd, publishing) = scene(&[], CLIENTS).await;
     let request = DrainRequest {
         window_ms: 1_000,
         max_rate: RATE,
         deadline_ms: 20_000,
-        mode: DrainMode::Close,
+        mode,
         retry_jitter_ms: 300,
-        migrate_grace_ms: None,
+        migrate_grace_ms: Some(500),
     };
     let (code, body) = post_drain(&fleet.blue, &request);
     assert_eq!(code, 202, "{body}");
@@ -697,13 +700,25 @@ async fn an_admin_drain_turns_returning_clients_away_and_stays_drained() {
         assert!(started.elapsed() < LONG, "drain still active: {drain}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // 300 at 200/s: a 1.5 s schedule. Held late arrivals would keep it
-    // running to the 20 s deadline.
+    // 300 at 200/s: a 1.5 s schedule (up to 3.5 s when every migrate is
+    // followed by a close after its grace, under the same cap). Held late
+    // arrivals would keep it running to the 20 s deadline.
     let elapsed = drain["elapsed_ms"].as_u64().expect("elapsed");
-    assert!(elapsed < 5_000, "drain ended after {elapsed} ms: {drain}");
+    assert!(elapsed < 8_000, "drain ended after {elapsed} ms: {drain}");
     assert_eq!(drain["total"], CLIENTS as u64, "{drain}");
-    assert_eq!(drain["closed_at_slot"], CLIENTS as u64, "{drain}");
+    assert_eq!(drain["forced_at_deadline"], 0, "{drain}");
     assert_counts_add_up(&drain);
+    let moved = |key: &str| drain[key].as_u64().expect("count");
+    match mode {
+        DrainMode::Close => assert_eq!(moved("closed_at_slot"), CLIENTS as u64, "{drain}"),
+        // Migrations dialled before the switch came back to blue and were
+        // turned away: those clients were closed after their grace, the
+        // later ones migrated to green.
+        DrainMode::MakeBeforeBreak => {
+            assert!(moved("closed_at_slot") > 0, "{drain}");
+            assert!(moved("migrated_by_client") > 0, "{drain}");
+        }
+    }
     let peak = peak_rate(&samples);
     assert!(
         peak <= RATE as f64 * 1.1,
@@ -730,11 +745,9 @@ async fn an_admin_drain_turns_returning_clients_away_and_stays_drained() {
         let series = format!("switchyard_migrations_total{{how=\"{how}\"}}");
         fleet.blue.metric(&series).unwrap_or(0.0)
     };
-    assert_eq!(migrations("slot"), CLIENTS as f64);
-    assert_eq!(
-        migrations("client") + migrations("deadline") + migrations("other"),
-        0.0
-    );
+    assert_eq!(migrations("slot"), moved("closed_at_slot") as f64);
+    assert_eq!(migrations("client"), moved("migrated_by_client") as f64);
+    assert_eq!(migrations("deadline") + migrations("other"), 0.0);
 
     // Drained, and it stays so: not ready, and a new client is told to go.
     let ready = || {
@@ -769,6 +782,16 @@ async fn an_admin_drain_turns_returning_clients_away_and_stays_drained() {
     let last = publishing.finish().await;
     crowd.assert_complete(&last).await;
     crowd.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drain_turns_closed_clients_away_when_they_come_back() {
+    admin_drain_with_clients_coming_back(DrainMode::Close).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drain_turns_migrations_back_to_itself_away() {
+    admin_drain_with_clients_coming_back(DrainMode::MakeBeforeBreak).await;
 }
 
 /// A WebSocket client that completes the upgrade, optionally subscribes,
@@ -952,14 +975,14 @@ async fn sigterm_caps_a_running_admin_drain_and_cannot_be_cancelled() {
     const CLIENTS: usize = 100;
     const GRACE: Duration = Duration::from_millis(2_000);
     const CLOSE_TIMEOUT: Duration = Duration::from_millis(1_000);
-    let mut fleet = fleet(&[
-        "drain.grace_period_ms=2000",
-        "connection.close_timeout_ms=1000",
-    ])
+    let (mut fleet, crowd, publishing) = scene(
+        &[
+            "drain.grace_period_ms=2000",
+            "connection.close_timeout_ms=1000",
+        ],
+        CLIENTS,
+    )
     .await;
-    let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
-    crowd.wait_subscribed().await;
-    let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
     fleet.proxy.switch(vec![fleet.green.public]);
     let request = DrainRequest {
         window_ms: 30_000,
