@@ -389,6 +389,29 @@ pub struct RolloutProgress {
     /// Connections still on the old color.
     #[serde(default)]
     pub remaining: u64,
+    /// Since when the new color has been seen not Ready (unset while it is
+    /// Ready): the clock of the ready timeout, which a Ready observation
+    /// stops. Progressing starts it at the rollout's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unready_since: Option<Time>,
+    /// Set once the rollout is being undone after the switch (abort
+    /// annotation, a revert of the spec, or the new color unready past the
+    /// ready timeout): why. The undo takes several reconciles — the old
+    /// color back to its replicas, its drains cancelled, Ready, then the
+    /// Service — and this keeps it going whatever the annotations do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborting: Option<AbortReason>,
+}
+
+/// Why a rollout is being undone.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AbortReason {
+    /// The abort annotation.
+    Aborted,
+    /// The spec went back to the old revision.
+    Reverted,
+    /// The new color stayed unready past the ready timeout after the switch.
+    Unready,
 }
 
 /// Observed state, written by the operator.

@@ -299,6 +299,8 @@ mod tests {
                 total: 500,
                 drained: 260,
                 remaining: 240,
+                unready_since: None,
+                aborting: None,
             }),
             message: Some("draining blue: 260 of 500 connections moved, 240 remain".into()),
             ..ConnectionServiceStatus::default()

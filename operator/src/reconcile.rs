@@ -240,6 +240,12 @@ struct ObjectIo<'a> {
     config_maps: Api<ConfigMap>,
     secrets: Api<Secret>,
     pdbs: Api<PodDisruptionBudget>,
+    /// The resource's version this reconcile acts on: the precondition of
+    /// its own writes to the resource (annotations, status), so a stale
+    /// writer — a second operator during a leader handover, or a reconcile
+    /// on an old cache — gets a 409 instead of moving the phase backwards.
+    /// Advanced by its own annotation patches.
+    resource_version: std::sync::Mutex<Option<String>>,
 }
 
 impl<'a> ObjectIo<'a> {
@@ -256,7 +262,15 @@ impl<'a> ObjectIo<'a> {
             config_maps: Api::namespaced(client.clone(), namespace),
             secrets: Api::namespaced(client.clone(), namespace),
             pdbs: Api::namespaced(client, namespace),
+            resource_version: std::sync::Mutex::new(cs.metadata.resource_version.clone()),
         }
+    }
+
+    fn seen_version(&self) -> Option<String> {
+        self.resource_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn apply<K>(&self, api: &Api<K>, object: &K) -> Result<(), Error>
@@ -438,11 +452,19 @@ impl<'a> ObjectIo<'a> {
                 Ok(())
             }
             Step::ClearAnnotation { key } => {
-                let patch = json!({ "metadata": { "annotations": { *key: null } } });
-                self.resources
+                let mut patch = json!({ "metadata": { "annotations": { *key: null } } });
+                if let Some(version) = self.seen_version() {
+                    patch["metadata"]["resourceVersion"] = json!(version);
+                }
+                let patched = self
+                    .resources
                     .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                     .map_err(kube_error(format!("removing annotation {key}")))?;
+                *self
+                    .resource_version
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = patched.metadata.resource_version;
                 Ok(())
             }
             Step::PruneConfigMaps { keep } => self.prune_config_maps(keep).await,
@@ -555,11 +577,14 @@ impl<'a> ObjectIo<'a> {
         if self.cs.status.as_ref() == Some(&plan.status) {
             return Ok(());
         }
-        let body = json!({
+        let mut body = json!({
             "apiVersion": "switchyard.dev/v1alpha1",
             "kind": "ConnectionService",
             "status": plan.status,
         });
+        if let Some(version) = self.seen_version() {
+            body["metadata"] = json!({ "resourceVersion": version });
+        }
         let params = PatchParams::apply(FIELD_MANAGER).force();
         self.resources
             .patch_status(&self.name, &params, &Patch::Apply(&body))

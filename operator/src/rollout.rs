@@ -11,11 +11,17 @@
 //! ```text
 //! Stable ──spec changed──▶ Progressing (new color scaled up, waiting Ready)
 //! Progressing ──ready (and promoted)──▶ Switching (Service → new color)
-//! Switching ──Service observed on the new color──▶ Draining (drain every old pod)
+//! Switching ──new color Ready, Service observed on it──▶ Draining (drain every old pod)
 //! Draining ──old connections 0 or deadline, + scaleDownDelay──▶ Stable (old scaled to 0)
-//! Progressing ──ready timeout──▶ Failed (new color scaled to 0, old untouched)
-//! Progressing/Switching/Draining ──abort──▶ Stable on the old color (drains cancelled)
+//! Progressing ──unready for the ready timeout──▶ Failed (new color scaled to 0, old untouched)
+//! Progressing ──abort or revert──▶ Stable on the old color
+//! Switching/Draining ──abort, revert, or new color unready too long──▶ undo
+//!     (old color back and Ready, then the Service, then new color to 0) ──▶ Stable
 //! ```
+//!
+//! An intent (abort, promote) is never cleared by the plan that acts on it,
+//! and every phase looks at where the Service points: the explorer in
+//! `rollout/explore.rs` checks this against crashes between any two steps.
 
 use std::time::Duration;
 
@@ -24,8 +30,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use switchyard_protocol::drain::DrainRequest;
 
 use crate::crd::{
-    Color, ColorConnections, ConnectionServiceStatus, Phase, RolloutPolicy, RolloutProgress,
-    ABORT_ANNOTATION, PROMOTE_ANNOTATION,
+    AbortReason, Color, ColorConnections, ConnectionServiceStatus, Phase, RolloutPolicy,
+    RolloutProgress, ABORT_ANNOTATION, PROMOTE_ANNOTATION,
 };
 
 /// How often a running drain's connection counts are polled.
@@ -91,6 +97,25 @@ impl ColorView {
         self.deployment
             .as_ref()
             .is_some_and(|d| d.ready && d.revision == revision && d.replicas > 0)
+    }
+
+    /// Ready at `revision` with at least `replicas` pods asked for (and at
+    /// least one).
+    fn ready_with(&self, revision: &str, replicas: i32) -> bool {
+        self.ready_at(revision)
+            && self
+                .deployment
+                .as_ref()
+                .is_some_and(|d| d.replicas >= replicas)
+    }
+
+    /// Could take clients: Ready, or some of its pods answer (a drained
+    /// gateway answers but reports 503 on readiness; a crash-looping one
+    /// does not answer).
+    fn capable(&self) -> bool {
+        self.deployment.as_ref().is_some_and(|d| {
+            d.replicas > 0 && (d.ready || self.pods.iter().any(|pod| pod.report.is_some()))
+        })
     }
 
     fn replicas(&self) -> i32 {
@@ -383,10 +408,30 @@ impl Planner<'_> {
         let active = self.active();
         let idle = active.other();
         let revision = self.o.revision.clone();
+        let active_revision = self.status.active_revision.clone().unwrap_or_default();
+        let settled = revision == active_revision
+            || self.status.failed_revision.as_deref() == Some(revision.as_str());
+        // No rollout waits for an approval here: it belonged to one rollout,
+        // and goes first, so a crash after the clear leaves none behind. An
+        // abort seen with a new spec aborts the rollout that spec would
+        // start: it is cleared only once the status records that (never in
+        // the plan that acts on it).
+        if self.o.promote {
+            self.steps.push(Step::ClearAnnotation {
+                key: PROMOTE_ANNOTATION,
+            });
+        }
+        if self.o.abort && settled {
+            self.steps.push(Step::ClearAnnotation {
+                key: ABORT_ANNOTATION,
+            });
+        }
         if self.o.service_color != Some(active) {
             self.steps.push(Step::RouteService { color: active });
         }
-        if self.o.preview_color != Some(active) {
+        let starting = !settled && !self.o.abort;
+        // A rollout starting now points the preview at the new color.
+        if self.o.preview_color != Some(active) && !starting {
             self.steps.push(Step::RoutePreview { color: active });
         }
         match &self.o.color(active).deployment {
@@ -411,18 +456,28 @@ impl Planner<'_> {
             }
             Some(_) => {}
         }
-        if self.o.color(idle).replicas() > 0 {
-            self.steps.push(Step::Scale {
-                color: idle,
-                replicas: 0,
-            });
+        // A cancel that failed while a rollout was undone leaves active pods
+        // drained (not Ready, turning clients away): lift it.
+        let drained = self
+            .o
+            .color(active)
+            .targets(|pod| pod.report.is_some_and(|report| report.draining));
+        if !drained.is_empty() {
+            self.steps.push(Step::CancelDrain { pods: drained });
         }
-        if self.o.abort {
-            self.steps.push(Step::ClearAnnotation {
-                key: ABORT_ANNOTATION,
-            });
+        let idle_view = self.o.color(idle);
+        // The idle color goes to zero, unless a rollout to the revision it
+        // already runs starts now (a status lost mid-rollout: its pods
+        // stay), or it is the only Ready color.
+        let reused = starting
+            && idle_view
+                .deployment
+                .as_ref()
+                .is_some_and(|d| d.revision == revision);
+        let last_ready = self.last_ready(idle, &active_revision);
+        if idle_view.replicas() > 0 && !reused && !last_ready {
+            self.scale_down_draining(idle);
         }
-        let active_revision = self.status.active_revision.clone().unwrap_or_default();
         if revision == active_revision {
             if self.status.phase == Some(Phase::Failed) {
                 self.record(
@@ -435,9 +490,36 @@ impl Planner<'_> {
             self.status.failed_revision = None;
         } else if self.status.failed_revision.as_deref() == Some(revision.as_str()) {
             // Failed or aborted: wait for a different spec.
+        } else if self.o.abort {
+            self.status.failed_revision = Some(revision.clone());
+            self.record(
+                true,
+                "RolloutAborted",
+                format!("rollout of {revision} aborted before it started"),
+            );
         } else {
             self.start_rollout(active, active_revision, revision);
         }
+    }
+
+    /// Whether `color` could take clients (see `ColorView::capable`) and the other color (which
+    /// should serve `revision`) is not Ready: scaling it down would leave
+    /// nothing that can take the clients.
+    fn last_ready(&self, color: Color, revision: &str) -> bool {
+        self.o.color(color).capable() && !self.o.color(color.other()).ready_at(revision)
+    }
+
+    /// Scales a color to zero outside a planned drain: its pods that still
+    /// hold connections are told to drain at the policy's pace first (their
+    /// SIGTERM drain keeps a running drain), instead of the gateway's own
+    /// defaults.
+    fn scale_down_draining(&mut self, color: Color) {
+        let pods = self.undrained(color);
+        if !pods.is_empty() {
+            let request = self.drain_request(self.o.color(color).pods.len());
+            self.steps.push(Step::StartDrain { pods, request });
+        }
+        self.steps.push(Step::Scale { color, replicas: 0 });
     }
 
     fn start_rollout(&mut self, from: Color, from_revision: String, revision: String) {
@@ -461,6 +543,8 @@ impl Planner<'_> {
             total: 0,
             drained: 0,
             remaining: 0,
+            unready_since: Some(self.now()),
+            aborting: None,
         });
         self.set_phase(Phase::Progressing);
         self.record(
@@ -471,24 +555,70 @@ impl Planner<'_> {
         self.requeue = PROGRESS_POLL;
     }
 
-    /// Ends a rollout that has not switched the Service: the new color goes to zero.
+    /// Ends a rollout that has not switched the Service: the new color goes
+    /// to zero, unless it is the only Ready color (Stable scales it down
+    /// once the active one is Ready again).
     fn back_off_before_switch(&mut self, rollout: &RolloutProgress) {
-        self.steps.push(Step::Scale {
-            color: rollout.to_color,
-            replicas: 0,
-        });
+        if !self.last_ready(rollout.to_color, &rollout.from_revision) {
+            self.steps.push(Step::Scale {
+                color: rollout.to_color,
+                replicas: 0,
+            });
+        }
         self.steps.push(Step::RoutePreview {
             color: rollout.from_color,
         });
     }
 
+    /// Keeps a color's Deployment at the spec's replicas (a user who scaled
+    /// it by hand, or a spec change mid-rollout).
+    fn keep_replicas(&mut self, color: Color) {
+        let replicas = self.o.replicas;
+        if self
+            .o
+            .color(color)
+            .deployment
+            .as_ref()
+            .is_some_and(|d| d.replicas != replicas)
+        {
+            self.steps.push(Step::Scale { color, replicas });
+        }
+    }
+
+    /// Whether the new color is Ready at the spec's replicas; tracks since
+    /// when it is not (the ready timeout's clock, stopped while it is).
+    fn new_color_ready(&self, rollout: &mut RolloutProgress) -> bool {
+        let ready = self
+            .o
+            .color(rollout.to_color)
+            .ready_with(&rollout.to_revision, self.o.replicas);
+        if ready {
+            rollout.unready_since = None;
+        } else if rollout.unready_since.is_none() {
+            rollout.unready_since = Some(self.now());
+        }
+        ready
+    }
+
+    /// When the new color's ready timeout runs out.
+    fn unready_deadline(&self, rollout: &RolloutProgress) -> Timestamp {
+        let since = rollout
+            .unready_since
+            .as_ref()
+            .unwrap_or(&rollout.phase_since);
+        after(since, self.o.policy.ready_timeout_seconds)
+    }
+
     fn progressing(&mut self, mut rollout: RolloutProgress) {
         let o = self.o;
+        if o.service_color == Some(rollout.to_color) {
+            // The switch was made and its status lost: carry on from it
+            // (an abort, a revert or a new spec is handled after the switch,
+            // where the Service is brought back only to a Ready color).
+            return self.switch(rollout);
+        }
         if o.abort {
             self.back_off_before_switch(&rollout);
-            self.steps.push(Step::ClearAnnotation {
-                key: ABORT_ANNOTATION,
-            });
             return self.end_aborted(&rollout, format!("{} scaled to zero", rollout.to_color));
         }
         if o.revision == rollout.from_revision {
@@ -502,6 +632,12 @@ impl Planner<'_> {
             );
         }
         if o.revision != rollout.to_revision {
+            // An approval was for the revision the rollout targeted.
+            if o.promote {
+                self.steps.push(Step::ClearAnnotation {
+                    key: PROMOTE_ANNOTATION,
+                });
+            }
             self.steps.push(Step::ApplyDeployment {
                 color: rollout.to_color,
                 revision: o.revision.clone(),
@@ -516,13 +652,15 @@ impl Planner<'_> {
                 ),
             );
             rollout.to_revision = o.revision.clone();
+            rollout.unready_since = Some(self.now());
             self.status.rollout = Some(rollout);
             self.set_phase(Phase::Progressing);
             self.requeue = PROGRESS_POLL;
             return;
         }
-        let target = o.color(rollout.to_color);
-        if target.ready_at(&rollout.to_revision) {
+        self.keep_replicas(rollout.from_color);
+        self.keep_replicas(rollout.to_color);
+        if self.new_color_ready(&mut rollout) {
             if o.policy.auto_promote || o.promote {
                 return self.switch(rollout);
             }
@@ -530,26 +668,17 @@ impl Planner<'_> {
                 "{} is Ready; waiting for the {PROMOTE_ANNOTATION} annotation",
                 rollout.to_color
             ));
+            self.status.rollout = Some(rollout);
             self.requeue = PROGRESS_POLL;
             return;
         }
-        if target
-            .deployment
-            .as_ref()
-            .is_some_and(|d| d.replicas != o.replicas)
-        {
-            self.steps.push(Step::Scale {
-                color: rollout.to_color,
-                replicas: o.replicas,
-            });
-        }
-        let deadline = after(&rollout.phase_since, o.policy.ready_timeout_seconds);
+        let deadline = self.unready_deadline(&rollout);
         if o.now >= deadline {
             self.back_off_before_switch(&rollout);
             self.status.phase = Some(Phase::Failed);
             self.status.failed_revision = Some(rollout.to_revision.clone());
             self.finished = Some((Outcome::Failed, duration_since(&rollout.started, o.now)));
-            return self.record(
+            self.record(
                 true,
                 "ReadyTimeout",
                 format!(
@@ -557,19 +686,22 @@ impl Planner<'_> {
                     rollout.to_color, o.policy.ready_timeout_seconds, rollout.from_color
                 ),
             );
+            self.status.rollout = Some(rollout);
+            return;
         }
+        self.status.rollout = Some(rollout);
         self.requeue = PROGRESS_POLL.min(until(deadline, o.now).max(Duration::from_millis(100)));
     }
 
+    /// The Service goes to the new color. The promote annotation, if any,
+    /// stays until the rollout ends (Stable clears it): clearing it in this
+    /// plan would lose the switch's only trace if the status write failed.
     fn switch(&mut self, rollout: RolloutProgress) {
-        if self.o.promote {
-            self.steps.push(Step::ClearAnnotation {
-                key: PROMOTE_ANNOTATION,
+        if self.o.service_color != Some(rollout.to_color) {
+            self.steps.push(Step::RouteService {
+                color: rollout.to_color,
             });
         }
-        self.steps.push(Step::RouteService {
-            color: rollout.to_color,
-        });
         self.status.active_color = Some(rollout.to_color);
         self.status.active_revision = Some(rollout.to_revision.clone());
         self.record(
@@ -597,9 +729,10 @@ impl Planner<'_> {
         }
     }
 
-    /// Old pods that answered, hold connections and are not draining: the
-    /// ones to tell. A gateway whose drain has finished reports not draining
-    /// again, but it has no connections left, so it is not told twice.
+    /// Pods of a color that answered, hold connections and are not
+    /// draining: the ones to tell. A gateway whose drain has finished still
+    /// reports draining (it stays drained until cancelled), and holds no
+    /// connections, so it is not told twice.
     fn undrained(&self, color: Color) -> Vec<PodTarget> {
         self.o.color(color).targets(|pod| {
             pod.report
@@ -607,20 +740,74 @@ impl Planner<'_> {
         })
     }
 
-    fn switching(&mut self, mut rollout: RolloutProgress) {
-        let o = self.o;
-        if o.abort {
-            return self.abort_after_switch(rollout);
+    /// Why the rollout must be undone now, if it must: already being undone,
+    /// the abort annotation, or the spec back at the old revision.
+    fn undo_reason(&self, rollout: &RolloutProgress) -> Option<AbortReason> {
+        rollout.aborting.or(if self.o.abort {
+            Some(AbortReason::Aborted)
+        } else if self.o.revision == rollout.from_revision {
+            Some(AbortReason::Reverted)
+        } else {
+            None
+        })
+    }
+
+    /// After the switch, the new color is not Ready: no more drains and no
+    /// scale-down of the old color while it is not, and past the ready
+    /// timeout the rollout is undone.
+    fn hold(&mut self, rollout: RolloutProgress) {
+        let deadline = self.unready_deadline(&rollout);
+        let to = rollout.to_color;
+        if self.o.now >= deadline {
+            self.record(
+                true,
+                "NewColorUnready",
+                format!(
+                    "{to} was not Ready for {}s after the switch; rolling back to {}",
+                    self.o.policy.ready_timeout_seconds, rollout.from_color
+                ),
+            );
+            return self.undo_after_switch(rollout, AbortReason::Unready);
         }
-        if o.service_color != Some(rollout.to_color) {
-            // The switch is not visible yet (or was lost): apply it again.
+        self.status.message = Some(format!(
+            "{to} is not Ready: the rollout holds (no drains, no scale-down) and rolls back after {}s",
+            self.o.policy.ready_timeout_seconds
+        ));
+        self.status.rollout = Some(rollout);
+        self.requeue =
+            PROGRESS_POLL.min(until(deadline, self.o.now).max(Duration::from_millis(100)));
+    }
+
+    /// What Switching and Draining check first: an undo to carry on, the
+    /// new color's readiness (hold while it is not), and that the Service
+    /// selects it (applied again if not yet visible, or lost). The rollout
+    /// comes back when the phase may go on.
+    fn after_switch(&mut self, mut rollout: RolloutProgress) -> Option<RolloutProgress> {
+        if let Some(reason) = self.undo_reason(&rollout) {
+            self.undo_after_switch(rollout, reason);
+            return None;
+        }
+        self.keep_replicas(rollout.to_color);
+        if !self.new_color_ready(&mut rollout) {
+            self.hold(rollout);
+            return None;
+        }
+        if self.o.service_color != Some(rollout.to_color) {
             self.steps.push(Step::RouteService {
                 color: rollout.to_color,
             });
             self.status.rollout = Some(rollout);
             self.requeue = Duration::from_millis(500);
-            return;
+            return None;
         }
+        Some(rollout)
+    }
+
+    fn switching(&mut self, rollout: RolloutProgress) {
+        let o = self.o;
+        let Some(mut rollout) = self.after_switch(rollout) else {
+            return;
+        };
         let old = o.color(rollout.from_color);
         let pods = self.undrained(rollout.from_color);
         let request = self.drain_request(old.pods.len());
@@ -647,11 +834,11 @@ impl Planner<'_> {
         self.requeue = DRAIN_POLL;
     }
 
-    fn draining(&mut self, mut rollout: RolloutProgress) {
+    fn draining(&mut self, rollout: RolloutProgress) {
         let o = self.o;
-        if o.abort {
-            return self.abort_after_switch(rollout);
-        }
+        let Some(mut rollout) = self.after_switch(rollout) else {
+            return;
+        };
         let old = o.color(rollout.from_color);
         // Pods that came back (restarted) or were missed are told to drain too.
         let pods = self.undrained(rollout.from_color);
@@ -717,26 +904,81 @@ impl Planner<'_> {
         self.set_phase(Phase::Stable);
     }
 
-    /// Abort once the Service has switched: point it back, cancel the old
-    /// pods' drains, and scale the new color to zero — its gateways drain on
-    /// SIGTERM, sending the clients that had moved back to the old color.
-    fn abort_after_switch(&mut self, rollout: RolloutProgress) {
-        let from = rollout.from_color;
-        self.steps.push(Step::RouteService { color: from });
-        let pods = self.o.color(from).targets(|_| true);
-        if !pods.is_empty() {
-            self.steps.push(Step::CancelDrain { pods });
+    /// Undoes a rollout after the switch, over as many reconciles as it
+    /// takes: the old color goes back to the spec's replicas and its drains
+    /// are cancelled; only once it is Ready does the Service point back at
+    /// it; then the new color's pods drain at the policy's pace and it is
+    /// scaled to zero. `aborting` in the status keeps the undo going across
+    /// reconciles and restarts; the abort annotation is cleared only once
+    /// the status says Stable.
+    fn undo_after_switch(&mut self, mut rollout: RolloutProgress, reason: AbortReason) {
+        let o = self.o;
+        let (from, to) = (rollout.from_color, rollout.to_color);
+        if rollout.aborting.is_none() {
+            rollout.aborting = Some(reason);
+            rollout.phase_since = self.now();
         }
-        self.back_off_before_switch(&rollout);
-        self.steps.push(Step::ClearAnnotation {
-            key: ABORT_ANNOTATION,
-        });
+        let old = o.color(from);
+        if old
+            .deployment
+            .as_ref()
+            .is_some_and(|d| d.replicas < o.replicas)
+        {
+            self.steps.push(Step::Scale {
+                color: from,
+                replicas: o.replicas,
+            });
+        }
+        let drained = old.targets(|pod| pod.report.is_some_and(|report| report.draining));
+        let lifted = drained.is_empty();
+        if !lifted {
+            self.steps.push(Step::CancelDrain { pods: drained });
+        }
+        // A Service already back on the old color means an earlier
+        // reconcile routed it (and crashed before its status): finish.
+        let routed = o.service_color == Some(from);
+        let old_ready = lifted && old.ready_with(&rollout.from_revision, o.replicas);
+        if !(routed || old_ready) {
+            // However long it takes: the Service stays on the color that
+            // serves, and the intent is never dropped.
+            self.status.message = Some(format!(
+                "rolling back {}: waiting for {from} ({}) to be Ready before the Service goes back",
+                rollout.to_revision, rollout.from_revision
+            ));
+            self.status.rollout = Some(rollout);
+            self.requeue = PROGRESS_POLL;
+            return;
+        }
+        if !routed {
+            self.steps.push(Step::RouteService { color: from });
+        }
+        if !self.last_ready(to, &rollout.from_revision) {
+            self.scale_down_draining(to);
+        }
+        self.steps.push(Step::RoutePreview { color: from });
         self.status.active_color = Some(from);
         self.status.active_revision = Some(rollout.from_revision.clone());
-        self.end_aborted(
-            &rollout,
-            format!("the Service selects {from} again; its drains are cancelled"),
-        );
+        let reason = rollout.aborting.unwrap_or(reason);
+        self.status.rollout = Some(rollout.clone());
+        match reason {
+            AbortReason::Reverted => {
+                self.status.phase = Some(Phase::Stable);
+                self.status.failed_revision = None;
+                self.finished = Some((Outcome::Aborted, duration_since(&rollout.started, o.now)));
+                self.record(
+                    false,
+                    "RolloutCancelled",
+                    format!(
+                        "the spec is back at {}; the Service selects {from} again",
+                        rollout.from_revision
+                    ),
+                );
+            }
+            AbortReason::Aborted | AbortReason::Unready => self.end_aborted(
+                &rollout,
+                format!("the Service selects {from} again; {to} scaled to zero"),
+            ),
+        }
     }
 
     fn end_aborted(&mut self, rollout: &RolloutProgress, what: String) {
@@ -892,3 +1134,6 @@ fn set_condition(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod explore;

@@ -397,24 +397,78 @@ async fn rollout_step_switching_to_draining() {
     );
     let event = find(&seen, "POST", "/apis/events.k8s.io/v1");
     assert_eq!(event.body["reason"], "DrainStarted");
-    let status = &seen.last().expect("status").body["status"];
+    let written = &seen.last().expect("status").body;
+    assert_eq!(
+        written["metadata"]["resourceVersion"], "10",
+        "the status is written only over the version it was planned from"
+    );
+    let status = &written["status"];
     assert_eq!(status["phase"], "Draining");
     assert_eq!(status["connections"], json!({"blue": 10, "green": 0}));
     assert_eq!(status["rollout"]["total"], 10);
     assert_eq!(status["rollout"]["drainStarted"], "2027-01-15T08:01:40Z");
 }
 
+fn draining_fleet() -> Arc<RecordingGateways> {
+    Arc::new(RecordingGateways {
+        connections: BTreeMap::from([
+            ("10.0.0.1".to_string(), (6, true)),
+            ("10.0.0.2".to_string(), (4, true)),
+            ("10.0.1.1".to_string(), (0, false)),
+        ]),
+        calls: Mutex::default(),
+    })
+}
+
+/// A Stable status on green at `rev` with the abort annotation left over.
+fn stable_with_abort(rev: &str) -> ConnectionService {
+    resource(
+        json!({
+            "phase": "Stable", "activeColor": "green", "activeRevision": rev,
+            "targetRevision": rev, "observedGeneration": 1
+        }),
+        json!({"switchyard.dev/abort": "now"}),
+    )
+}
+
 #[tokio::test]
 async fn abort_while_draining() {
     let probe = resource(Value::Null, json!({}));
     let rev = revision(&probe);
-    let cs = resource(
-        rollout_status("Draining", &rev),
-        json!({"switchyard.dev/abort": "now"}),
-    );
+    let abort = json!({"switchyard.dev/abort": "now"});
+    // Blue's pods are draining: their drains are cancelled, and nothing
+    // else moves until blue is Ready. The annotation stays.
+    let cs = resource(rollout_status("Draining", &rev), abort.clone());
     assert_eq!(cs.annotations().len(), 1);
+    let gateways = draining_fleet();
+    let seen = reconcile_once(cs, gateways.clone(), fleet_routes(rev.clone())).await;
+    assert_eq!(
+        lines(&seen)[5..],
+        vec![format!(
+            "PATCH {}",
+            apply_uri(&format!(
+                "/apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat/status"
+            ))
+        )]
+    );
+    assert_eq!(
+        *gateways.calls.lock().expect("calls"),
+        vec!["cancel 10.0.0.1", "cancel 10.0.0.2"]
+    );
+    let status = &seen.last().expect("status").body["status"];
+    assert_eq!(status["phase"], "Draining");
+    assert_eq!(status["rollout"]["aborting"], "Aborted");
+
+    // Blue Ready again: the Service goes back, green to zero.
+    let mut undoing = rollout_status("Draining", &rev);
+    undoing["rollout"]["aborting"] = json!("Aborted");
     let gateways = fleet();
-    let seen = reconcile_once(cs, gateways.clone(), fleet_routes(rev)).await;
+    let seen = reconcile_once(
+        resource(undoing, abort),
+        gateways.clone(),
+        fleet_routes(rev.clone()),
+    )
+    .await;
     assert_eq!(
         lines(&seen)[5..],
         vec![
@@ -426,7 +480,6 @@ async fn abort_while_draining() {
                 "PATCH {}",
                 apply_uri(&format!("/api/v1{NS}/services/chat-preview"))
             ),
-            format!("PATCH /apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat?"),
             format!("POST /apis/events.k8s.io/v1{NS}/events?"),
             format!(
                 "PATCH {}",
@@ -444,22 +497,28 @@ async fn abort_while_draining() {
     let scale = &seen[6];
     assert_eq!(scale.content_type, "application/merge-patch+json");
     assert_eq!(scale.body, json!({"spec": {"replicas": 0}}));
-    let annotation = &seen[8];
-    assert_eq!(
-        annotation.body,
-        json!({"metadata": {"annotations": {"switchyard.dev/abort": null}}})
-    );
-    assert_eq!(seen[9].body["reason"], "RolloutAborted");
-    assert_eq!(seen[9].body["type"], "Warning");
-    assert_eq!(
-        *gateways.calls.lock().expect("calls"),
-        vec!["cancel 10.0.0.1", "cancel 10.0.0.2"]
-    );
+    assert_eq!(seen[8].body["reason"], "RolloutAborted");
+    assert_eq!(seen[8].body["type"], "Warning");
+    assert!(gateways.calls.lock().expect("calls").is_empty());
     let status = &seen.last().expect("status").body["status"];
     assert_eq!(status["phase"], "Stable");
     assert_eq!(status["activeColor"], "blue");
     assert_eq!(status["activeRevision"], "r1");
     assert_eq!(status["failedRevision"], status["targetRevision"]);
+
+    // Once Stable, the annotation goes, before anything else.
+    let seen = reconcile_once(stable_with_abort(&rev), fleet(), fleet_routes(rev)).await;
+    let annotation = &seen[5];
+    assert_eq!(
+        annotation.uri,
+        format!("/apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat?")
+    );
+    // The version it acted on is the patch's precondition: a stale
+    // writer's patch is refused (409) rather than applied.
+    assert_eq!(
+        annotation.body,
+        json!({"metadata": {"annotations": {"switchyard.dev/abort": null}, "resourceVersion": "10"}})
+    );
 }
 
 /// (API group, resource[/subresource], verb) of one request.
@@ -539,6 +598,7 @@ async fn rbac_grants_exactly_what_the_operator_calls() {
         fleet_routes(rev.clone()),
     )
     .await);
+    add(&reconcile_once(stable_with_abort(&rev), fleet(), fleet_routes(rev.clone())).await);
     // A rollout's end: blue empty since long ago, scaled down, ConfigMaps pruned.
     let mut done = rollout_status("Draining", &rev);
     done["rollout"]["drainedAt"] = json!("2027-01-15T08:01:00Z");

@@ -257,3 +257,63 @@ async fn server_side_apply_and_refusals() {
         .expect_err("dry run");
     assert_eq!(status_code(err), 400);
 }
+
+#[tokio::test]
+async fn patches_carrying_a_resource_version_are_preconditions() {
+    let emu = Emulator::start().await.expect("emulator");
+    let api: Api<ConfigMap> = Api::namespaced(client(&emu).await, "ns");
+    let created = api
+        .create(&PostParams::default(), &config_map("a", json!({})))
+        .await
+        .expect("create");
+    let seen = created.metadata.resource_version.expect("version");
+    let changed = api
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"data": {"k": "moved on"}})),
+        )
+        .await
+        .expect("merge");
+    let current = changed.metadata.resource_version.expect("version");
+    assert_ne!(seen, current);
+    // A writer that acts on what it saw, not on what is there: refused,
+    // by merge patch and by server-side apply (forced or not).
+    let stale_merge = json!({"metadata": {"resourceVersion": seen}, "data": {"k": "stale"}});
+    let err = api
+        .patch("a", &PatchParams::default(), &Patch::Merge(&stale_merge))
+        .await
+        .expect_err("stale merge");
+    assert_eq!(status_code(err), 409);
+    let stale_apply = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "a", "resourceVersion": seen}, "data": {"k": "stale"}});
+    for params in [
+        PatchParams::apply("writer"),
+        PatchParams::apply("writer").force(),
+    ] {
+        let err = api
+            .patch("a", &params, &Patch::Apply(&stale_apply))
+            .await
+            .expect_err("stale apply");
+        assert_eq!(status_code(err), 409);
+    }
+    assert_eq!(
+        api.get("a").await.expect("get").data.expect("data")["k"],
+        "moved on",
+        "nothing stale was written"
+    );
+    // The current version passes, and is nobody's field afterwards.
+    let fresh = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "a", "resourceVersion": current}, "data": {"k": "fresh"}});
+    let applied = api
+        .patch(
+            "a",
+            &PatchParams::apply("writer").force(),
+            &Patch::Apply(&fresh),
+        )
+        .await
+        .expect("fresh apply");
+    assert_eq!(applied.data.expect("data")["k"], "fresh");
+    let owned = serde_json::to_string(&applied.metadata.managed_fields).expect("json");
+    assert!(!owned.contains("resourceVersion"), "{owned}");
+}

@@ -588,12 +588,15 @@ async fn abort_while_draining_brings_everyone_back_to_blue() {
         aborted["status"]["failedRevision"],
         aborted["status"]["targetRevision"]
     );
-    assert!(
-        aborted["metadata"]["annotations"]
-            .get("switchyard.dev/abort")
-            .is_none(),
-        "the abort annotation is removed once acted on"
-    );
+    // The annotation goes in a later reconcile, once the status says
+    // Stable: never in the plan that acts on it.
+    fleet
+        .wait_for("the abort annotation removed once acted on", |cs| {
+            cs["metadata"]["annotations"]
+                .get("switchyard.dev/abort")
+                .is_none()
+        })
+        .await;
     let service = fleet.emu.get("", "services", NS, "chat").expect("service");
     assert_eq!(service["spec"]["selector"]["switchyard.dev/color"], "blue");
     // Green's gateways drain on SIGTERM; their clients come back to blue.

@@ -76,6 +76,8 @@ fn rollout(phase_since: i64) -> RolloutProgress {
         total: 0,
         drained: 0,
         remaining: 0,
+        unready_since: Some(Time(t(0))),
+        aborting: None,
     }
 }
 
@@ -99,7 +101,9 @@ fn switching() -> Observed {
     o.status.phase = Some(Phase::Switching);
     o.status.active_color = Some(Color::Green);
     o.status.active_revision = Some("r2".to_string());
-    o.status.rollout = Some(rollout(20));
+    let mut r = rollout(20);
+    r.unready_since = None;
+    o.status.rollout = Some(r);
     o.service_color = Some(Color::Green);
     o.now = t(21);
     o
@@ -110,6 +114,7 @@ fn draining(b1: u64, b2: u64) -> Observed {
     let mut o = switching();
     o.status.phase = Some(Phase::Draining);
     let mut r = rollout(21);
+    r.unready_since = None;
     r.drain_started = Some(Time(t(21)));
     r.total = 10;
     r.remaining = 10;
@@ -268,8 +273,151 @@ fn transitions() {
     let mut abort_draining = draining(2, 1);
     abort_draining.abort = true;
 
+    let mut abort_lifted = draining(0, 0);
+    abort_lifted.abort = true;
+    abort_lifted.blue.pods = vec![
+        pod("b-1", "10.0.0.1", 0, false),
+        pod("b-2", "10.0.0.2", 0, false),
+    ];
+    abort_lifted.green.pods = vec![pod("g-1", "10.0.1.1", 10, false)];
+    let mut abort_blue_gone = draining(0, 0);
+    abort_blue_gone.abort = true;
+    abort_blue_gone.blue = ColorView {
+        deployment: deployment("r1", 0, false),
+        pods: vec![],
+    };
+    let mut undo_without_annotation = draining(2, 1);
+    if let Some(r) = undo_without_annotation.status.rollout.as_mut() {
+        r.aborting = Some(AbortReason::Aborted);
+    }
+    let mut draining_unrouted = draining(2, 1);
+    draining_unrouted.service_color = Some(Blue);
+    let mut green_unready = draining(3, 0);
+    green_unready.blue.pods[1] = pod("b-2", "10.0.0.2", 2, false);
+    green_unready.green.deployment = deployment("r2", 2, false);
+    green_unready.now = t(30);
+    let mut green_unready_too_long = green_unready.clone();
+    green_unready_too_long.blue.pods[1] = pod("b-2", "10.0.0.2", 2, true);
+    if let Some(r) = green_unready_too_long.status.rollout.as_mut() {
+        r.unready_since = Some(Time(t(30)));
+    }
+    green_unready_too_long.now = t(30 + 300);
+    let mut switching_unready = switching();
+    switching_unready.green.deployment = deployment("r2", 2, false);
+    let mut reverted_draining = draining(2, 1);
+    reverted_draining.revision = "r1".to_string();
+    let mut reverted_lifted = abort_lifted.clone();
+    reverted_lifted.abort = false;
+    reverted_lifted.revision = "r1".to_string();
+    let mut promote_stable = stable();
+    promote_stable.promote = true;
+    let mut promote_with_change = changed.clone();
+    promote_with_change.promote = true;
+    let mut abort_with_change = changed.clone();
+    abort_with_change.abort = true;
+    let mut switched_unrecorded = ready.clone();
+    switched_unrecorded.service_color = Some(Green);
+    let mut blip_while_waiting = manual.clone();
+    blip_while_waiting.green.deployment = deployment("r2", 2, false);
+    if let Some(r) = blip_while_waiting.status.rollout.as_mut() {
+        r.unready_since = None;
+    }
+    blip_while_waiting.now = t(300);
+    let mut raised_mid_rollout = ready.clone();
+    raised_mid_rollout.replicas = 3;
+    let mut serving_scaled_away = progressing();
+    serving_scaled_away.blue.deployment = deployment("r1", 0, false);
+    let mut stable_drained = stable();
+    for pod in &mut stable_drained.blue.pods {
+        if let Some(report) = pod.report.as_mut() {
+            report.draining = true;
+        }
+    }
+    let mut lost_mid_progress = progressing();
+    lost_mid_progress.status = ConnectionServiceStatus::default();
+    lost_mid_progress.service_color = Some(Blue);
+
+    // Found by the explorer (rollout/explore.rs), kept as rows.
+    let mut promoted_then_retargeted = promoted.clone();
+    promoted_then_retargeted.revision = "r3".to_string();
+    let mut reverted_old_broken = ready.clone();
+    reverted_old_broken.revision = "r1".to_string();
+    reverted_old_broken.blue.deployment = deployment("r1", 2, false);
+    for pod in &mut reverted_old_broken.blue.pods {
+        pod.report = None;
+    }
+    let mut switched_then_new_spec = switched_unrecorded.clone();
+    switched_then_new_spec.revision = "r3".to_string();
+    let mut undo_routed_old_restarting = draining(0, 0);
+    if let Some(r) = undo_routed_old_restarting.status.rollout.as_mut() {
+        r.aborting = Some(AbortReason::Aborted);
+    }
+    undo_routed_old_restarting.service_color = Some(Blue);
+    undo_routed_old_restarting.blue.deployment = deployment("r1", 2, false);
+    for pod in &mut undo_routed_old_restarting.blue.pods {
+        pod.report = None;
+    }
+    let mut idle_drained_active_broken = stable();
+    idle_drained_active_broken.blue.deployment = deployment("r1", 2, false);
+    for pod in &mut idle_drained_active_broken.blue.pods {
+        pod.report = None;
+    }
+    idle_drained_active_broken.green = ColorView {
+        deployment: deployment("r0", 1, false),
+        pods: vec![pod("g-1", "10.0.1.1", 0, true)],
+    };
+
     let blue_pods = vec![target("b-1", "10.0.0.1"), target("b-2", "10.0.0.2")];
     let cases = vec![
+        Case {
+            name: "explorer: a promote given before a retarget does not approve the newer revision",
+            observed: promoted_then_retargeted,
+            steps: vec![
+                Step::ClearAnnotation {
+                    key: PROMOTE_ANNOTATION,
+                },
+                Step::ApplyDeployment {
+                    color: Green,
+                    revision: "r3".into(),
+                    replicas: 2,
+                },
+            ],
+            events: vec!["RolloutRetargeted"],
+            phase: Phase::Progressing,
+            active: Blue,
+        },
+        Case {
+            name: "explorer: reverted before the switch while blue cannot serve: green is kept",
+            observed: reverted_old_broken,
+            steps: vec![Step::RoutePreview { color: Blue }],
+            events: vec!["RolloutCancelled"],
+            phase: Phase::Stable,
+            active: Blue,
+        },
+        Case {
+            name: "explorer: a recorded-lost switch and a newer spec: on to Switching, no retarget under traffic",
+            observed: switched_then_new_spec,
+            steps: vec![],
+            events: vec!["Switched"],
+            phase: Phase::Switching,
+            active: Green,
+        },
+        Case {
+            name: "explorer: an undo whose route back was made before a crash finishes without routing again",
+            observed: undo_routed_old_restarting,
+            steps: vec![Step::RoutePreview { color: Blue }],
+            events: vec!["RolloutAborted"],
+            phase: Phase::Stable,
+            active: Blue,
+        },
+        Case {
+            name: "explorer: the idle color is not scaled down while the active one cannot serve",
+            observed: idle_drained_active_broken,
+            steps: vec![],
+            events: vec![],
+            phase: Phase::Stable,
+            active: Blue,
+        },
         Case {
             name: "first install",
             observed: install,
@@ -373,12 +521,8 @@ fn transitions() {
         Case {
             name: "ready and promoted by annotation",
             observed: promoted,
-            steps: vec![
-                Step::ClearAnnotation {
-                    key: PROMOTE_ANNOTATION,
-                },
-                Step::RouteService { color: Green },
-            ],
+            // The annotation stays until the rollout ends (Stable clears it).
+            steps: vec![Step::RouteService { color: Green }],
             events: vec!["Switched"],
             phase: Phase::Switching,
             active: Green,
@@ -568,54 +712,243 @@ fn transitions() {
                     replicas: 0,
                 },
                 Step::RoutePreview { color: Blue },
-                Step::ClearAnnotation {
-                    key: ABORT_ANNOTATION,
-                },
             ],
+            // The annotation is cleared once the status says Stable.
             events: vec!["RolloutAborted"],
             phase: Phase::Stable,
             active: Blue,
         },
         Case {
-            name: "abort while switching",
+            name: "abort while switching: blue is Ready and not draining, so back at once",
             observed: abort_switching,
             steps: vec![
                 Step::RouteService { color: Blue },
-                Step::CancelDrain {
-                    pods: blue_pods.clone(),
-                },
                 Step::Scale {
                     color: Green,
                     replicas: 0,
                 },
                 Step::RoutePreview { color: Blue },
-                Step::ClearAnnotation {
-                    key: ABORT_ANNOTATION,
-                },
             ],
             events: vec!["RolloutAborted"],
             phase: Phase::Stable,
             active: Blue,
         },
         Case {
-            name: "abort while draining",
+            name: "abort while draining: cancel blue's drains, the Service stays until blue is Ready",
             observed: abort_draining,
+            steps: vec![Step::CancelDrain {
+                pods: blue_pods.clone(),
+            }],
+            events: vec![],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "abort while draining, blue Ready again: route back, green drains at the policy's pace",
+            observed: abort_lifted,
             steps: vec![
                 Step::RouteService { color: Blue },
-                Step::CancelDrain {
-                    pods: blue_pods.clone(),
+                Step::StartDrain {
+                    pods: vec![target("g-1", "10.0.1.1")],
+                    request: drain_request(100),
                 },
                 Step::Scale {
                     color: Green,
                     replicas: 0,
                 },
                 Step::RoutePreview { color: Blue },
-                Step::ClearAnnotation {
-                    key: ABORT_ANNOTATION,
-                },
             ],
             events: vec!["RolloutAborted"],
             phase: Phase::Stable,
+            active: Blue,
+        },
+        Case {
+            name: "abort after blue was scaled to zero: blue's replicas first",
+            observed: abort_blue_gone,
+            steps: vec![Step::Scale {
+                color: Blue,
+                replicas: 2,
+            }],
+            events: vec![],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "an undo in progress goes on without the annotation (cleared, or the operator restarted)",
+            observed: undo_without_annotation,
+            steps: vec![Step::CancelDrain {
+                pods: blue_pods.clone(),
+            }],
+            events: vec![],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "draining while the Service selects blue: route to green, hold",
+            observed: draining_unrouted,
+            steps: vec![Step::RouteService { color: Green }],
+            events: vec![],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "green unready while draining: hold (no drain for a restarted pod, no scale-down)",
+            observed: green_unready,
+            steps: vec![],
+            events: vec![],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "green unready past the ready timeout: roll back (blue's drains cancelled first)",
+            observed: green_unready_too_long,
+            steps: vec![Step::CancelDrain {
+                pods: blue_pods.clone(),
+            }],
+            events: vec!["NewColorUnready"],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "green unready before the drains start: hold in Switching",
+            observed: switching_unready,
+            steps: vec![],
+            events: vec![],
+            phase: Phase::Switching,
+            active: Green,
+        },
+        Case {
+            name: "spec reverted while draining: an undo, not a new rollout",
+            observed: reverted_draining,
+            steps: vec![Step::CancelDrain {
+                pods: blue_pods.clone(),
+            }],
+            events: vec![],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "spec reverted, blue Ready again: cancelled, no failed revision",
+            observed: reverted_lifted,
+            steps: vec![
+                Step::RouteService { color: Blue },
+                Step::StartDrain {
+                    pods: vec![target("g-1", "10.0.1.1")],
+                    request: drain_request(100),
+                },
+                Step::Scale {
+                    color: Green,
+                    replicas: 0,
+                },
+                Step::RoutePreview { color: Blue },
+            ],
+            events: vec!["RolloutCancelled"],
+            phase: Phase::Stable,
+            active: Blue,
+        },
+        Case {
+            name: "a promote left while stable is cleared, not kept for the next rollout",
+            observed: promote_stable,
+            steps: vec![Step::ClearAnnotation {
+                key: PROMOTE_ANNOTATION,
+            }],
+            events: vec![],
+            phase: Phase::Stable,
+            active: Blue,
+        },
+        Case {
+            name: "a promote left with a new spec: cleared before the rollout starts",
+            observed: promote_with_change,
+            steps: vec![
+                Step::ClearAnnotation {
+                    key: PROMOTE_ANNOTATION,
+                },
+                Step::ApplyDeployment {
+                    color: Green,
+                    revision: "r2".into(),
+                    replicas: 2,
+                },
+                Step::RoutePreview { color: Green },
+            ],
+            events: vec!["RolloutStarted"],
+            phase: Phase::Progressing,
+            active: Blue,
+        },
+        Case {
+            name: "an abort seen with a new spec while stable aborts that rollout (cleared next time)",
+            observed: abort_with_change,
+            steps: vec![],
+            events: vec!["RolloutAborted"],
+            phase: Phase::Stable,
+            active: Blue,
+        },
+        Case {
+            name: "progressing while the Service already selects green: the switch was made",
+            observed: switched_unrecorded,
+            steps: vec![],
+            events: vec!["Switched"],
+            phase: Phase::Switching,
+            active: Green,
+        },
+        Case {
+            name: "waiting for approval, a readiness blip past the start's timeout: the clock starts now",
+            observed: blip_while_waiting,
+            steps: vec![],
+            events: vec![],
+            phase: Phase::Progressing,
+            active: Blue,
+        },
+        Case {
+            name: "replicas raised while progressing: both colors follow, no switch at the old count",
+            observed: raised_mid_rollout,
+            steps: vec![
+                Step::Scale {
+                    color: Blue,
+                    replicas: 3,
+                },
+                Step::Scale {
+                    color: Green,
+                    replicas: 3,
+                },
+            ],
+            events: vec![],
+            phase: Phase::Progressing,
+            active: Blue,
+        },
+        Case {
+            name: "the serving color scaled to zero by hand while progressing: restored",
+            observed: serving_scaled_away,
+            steps: vec![Step::Scale {
+                color: Blue,
+                replicas: 2,
+            }],
+            events: vec![],
+            phase: Phase::Progressing,
+            active: Blue,
+        },
+        Case {
+            name: "stable with active pods left drained (a failed cancel): lifted",
+            observed: stable_drained,
+            steps: vec![Step::CancelDrain {
+                pods: blue_pods.clone(),
+            }],
+            events: vec![],
+            phase: Phase::Stable,
+            active: Blue,
+        },
+        Case {
+            name: "status lost mid-rollout: green keeps its pods at the revision it runs",
+            observed: lost_mid_progress,
+            steps: vec![
+                Step::ApplyDeployment {
+                    color: Green,
+                    revision: "r2".into(),
+                    replicas: 2,
+                },
+                Step::RoutePreview { color: Green },
+            ],
+            events: vec!["Adopted", "RolloutStarted"],
+            phase: Phase::Progressing,
             active: Blue,
         },
     ];
@@ -627,8 +960,13 @@ fn transitions() {
 #[test]
 fn status_details() {
     let aborted = plan(&{
-        let mut o = draining(2, 1);
+        let mut o = draining(0, 0);
         o.abort = true;
+        for pod in &mut o.blue.pods {
+            if let Some(report) = pod.report.as_mut() {
+                report.draining = false;
+            }
+        }
         o
     });
     assert_eq!(aborted.status.active_revision.as_deref(), Some("r1"));

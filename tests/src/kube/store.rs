@@ -431,6 +431,7 @@ impl Store {
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
+        precondition(rt, name, &entry.object, patch_body)?;
         let mut patched = entry.object.clone();
         patch::merge_patch(&mut patched, patch_body);
         entry.object = settle(rt, &entry.object, patched, status_only);
@@ -469,12 +470,17 @@ impl Store {
         }
         let mut inner = self.lock();
         let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
+        precondition(rt, name, &entry.object, applied)?;
         let scope = if status_only {
             json!({"status": applied.get("status").cloned().unwrap_or(Value::Null)})
         } else {
             let mut main = applied.clone();
             if rt.status {
                 strip_status(&mut main);
+            }
+            // A precondition, not a field anyone owns.
+            if let Some(metadata) = main["metadata"].as_object_mut() {
+                metadata.remove("resourceVersion");
             }
             main
         };
@@ -552,6 +558,35 @@ impl Store {
         }
         Ok(deleted)
     }
+}
+
+/// A PATCH (merge or apply) whose body carries `metadata.resourceVersion`
+/// is refused unless that is the object's current one, as kube-apiserver
+/// does: the optimistic lock a writer uses so that it never acts on a state
+/// it has not seen.
+fn precondition(
+    rt: &ResourceType,
+    name: &str,
+    current: &Value,
+    body: &Value,
+) -> Result<(), ApiError> {
+    let Some(sent) = body["metadata"]["resourceVersion"].as_str() else {
+        return Ok(());
+    };
+    let current = current["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default();
+    if sent == current {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again (resourceVersion {sent} is not {current})",
+            rt.plural
+        ),
+    ))
 }
 
 impl Default for Store {
