@@ -30,7 +30,7 @@ use std::collections::HashMap;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
-use switchyard_protocol::close::CloseReason;
+use switchyard_protocol::close::{CloseReason, ABNORMAL_CLOSURE, NO_STATUS_RECEIVED};
 use switchyard_protocol::{ClientFrame, CloseClass, CloseCode, Position, ServerFrame};
 use thiserror::Error;
 use tokio::net::TcpStream;
@@ -190,7 +190,7 @@ impl Connection {
                     _ => return Err(ClientError::Protocol(text.to_string())),
                 },
                 Some(Ok(Message::Close(frame))) => {
-                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    let code = frame.map_or(NO_STATUS_RECEIVED, |f| u16::from(f.code));
                     return Err(ClientError::Closed {
                         code,
                         class: CloseCode::from_u16(code).class(),
@@ -200,7 +200,7 @@ impl Connection {
                 Some(Err(err)) => return Err(err.into()),
                 None => {
                     return Err(ClientError::Closed {
-                        code: 1006,
+                        code: ABNORMAL_CLOSURE,
                         class: CloseClass::Reconnect,
                     })
                 }
@@ -295,11 +295,11 @@ impl Connection {
             let message = match self.socket.next().await {
                 Some(Ok(message)) => message,
                 Some(Err(tungstenite::Error::ConnectionClosed)) | None => {
-                    return Ok(self.mark_closed(1006, ""))
+                    return Ok(self.mark_closed(ABNORMAL_CLOSURE, ""))
                 }
                 Some(Err(tungstenite::Error::Io(_)))
                 | Some(Err(tungstenite::Error::Protocol(_))) => {
-                    return Ok(self.mark_closed(1006, ""))
+                    return Ok(self.mark_closed(ABNORMAL_CLOSURE, ""))
                 }
                 Some(Err(err)) => return Err(err.into()),
             };
@@ -346,7 +346,7 @@ impl Connection {
                     let _ = self.socket.flush().await;
                     let (code, reason) = frame
                         .map(|f| (u16::from(f.code), f.reason.to_string()))
-                        .unwrap_or((1005, String::new()));
+                        .unwrap_or((NO_STATUS_RECEIVED, String::new()));
                     return Ok(self.mark_closed(code, &reason));
                 }
                 Message::Binary(_) => {

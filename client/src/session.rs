@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
+use switchyard_protocol::close::ABNORMAL_CLOSURE;
 use switchyard_protocol::{CloseClass, ErrorCode, Position, ServerFrame};
 use tokio::sync::{mpsc, Notify};
 
@@ -346,7 +347,7 @@ impl Driver {
         let mut connection = tokio::time::timeout(self.options.connect_timeout, self.dial())
             .await
             .map_err(|_| ClientError::Closed {
-                code: 1006,
+                code: ABNORMAL_CLOSURE,
                 class: CloseClass::Reconnect,
             })??;
         self.shared
@@ -421,7 +422,7 @@ impl Driver {
                 }
                 event = connection.next_event() => match event {
                     Ok(Event::Closed(closed)) => return End::Closed(closed),
-                    Err(_) => return End::Closed(Closed { code: 1006, reason: Default::default() }),
+                    Err(_) => return End::Closed(Closed { code: ABNORMAL_CLOSURE, reason: Default::default() }),
                     Ok(Event::Frame(ServerFrame::Migrate { grace_ms })) => {
                         retry.extend(self.migrate(connection, Duration::from_millis(grace_ms)).await);
                         retry_wait.as_mut().reset(tokio::time::Instant::now() + retry_delay());

@@ -5,6 +5,14 @@
 
 use serde::{Deserialize, Serialize};
 
+/// 1005 (RFC 6455 §7.4.1): what a close frame without a status code is
+/// reported as. Never sent on the wire.
+pub const NO_STATUS_RECEIVED: u16 = 1005;
+
+/// 1006 (RFC 6455 §7.4.1): what a connection that ended without a close
+/// frame is reported as. Never sent on the wire.
+pub const ABNORMAL_CLOSURE: u16 = 1006;
+
 /// A WebSocket close code the gateway sends, with its meaning for clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseCode {

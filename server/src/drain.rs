@@ -6,7 +6,7 @@
 //! connections costs one timer, not 50,000.
 //!
 //! Each drain has a generation, and each connection it plans carries a
-//! [`DrainMark`] of that generation, so that when a connection ends it is
+//! [`DrainMark`](crate::hub::DrainMark) of that generation, so that when a connection ends it is
 //! counted once, by the drain that planned it, by how it left: by itself
 //! after `migrate` (`client`), closed at its slot or after the grace
 //! (`slot`), at the deadline (`deadline`), or for any other reason (`other`:
@@ -43,30 +43,11 @@ use crate::outbox::Outgoing;
 use crate::security::ratelimit::TokenBucket;
 use crate::server::Gateway;
 
-/// What a drain has done to one connection, and which drain: the drain's
-/// generation in the high bits, the state in the low byte. A mark of an
-/// older generation means nothing to the current drain.
-#[derive(Debug, Default)]
-pub struct DrainMark(AtomicU64);
-
 // 0 (the default): never planned by any drain.
 const SCHEDULED: u8 = 1;
 const MIGRATE_SENT: u8 = 2;
 const CLOSED_AT_SLOT: u8 = 3;
 const CLOSED_AT_DEADLINE: u8 = 4;
-
-impl DrainMark {
-    fn set(&self, generation: u64, state: u8) {
-        self.0
-            .store(generation << 8 | u64::from(state), Ordering::Relaxed);
-    }
-
-    /// (generation, state).
-    fn get(&self) -> (u64, u8) {
-        let raw = self.0.load(Ordering::Relaxed);
-        (raw >> 8, (raw & 0xff) as u8)
-    }
-}
 
 /// How a planned connection left, as its drain counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -658,6 +639,7 @@ fn force_remaining(gateway: &Gateway, drain: &Drain) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::DrainMark;
 
     #[test]
     fn outcome_table() {

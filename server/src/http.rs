@@ -208,8 +208,8 @@ async fn mint_ticket(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::
     let settings = &gateway.config.auth.tickets;
     let now_s = unix_ms() / 1000;
     let max_len = gateway.config.topics.max_topic_length;
-    let checked = if request.sub.is_empty() || request.sub.len() > 256 {
-        Err("sub must be 1 to 256 bytes".to_owned())
+    let checked = if let Err(message) = crate::security::check_subject(&request.sub) {
+        Err(message)
     } else if request.exp.is_some_and(|exp| exp <= now_s) {
         Err("exp is in the past".to_owned())
     } else {

@@ -35,11 +35,32 @@ pub struct ConnHandle {
     /// Outgoing frames.
     pub outbox: Outbox,
     /// What a drain has done to this connection.
-    pub drain_mark: crate::drain::DrainMark,
+    pub drain_mark: DrainMark,
     /// The session's subject (`None`: anonymous), for revocation.
     pub subject: Option<String>,
     /// Milliseconds since the hub started when a frame last arrived.
     last_seen_ms: AtomicU64,
+}
+
+/// What a drain has done to one connection, and which drain: the drain's
+/// generation in the high bits, a state in the low byte (the states are the
+/// drain engine's, in `crate::drain`). It lives with the connection so that
+/// the hub does not depend on the drain engine.
+#[derive(Debug, Default)]
+pub struct DrainMark(AtomicU64);
+
+impl DrainMark {
+    /// Marks the connection with `state` for drain `generation`.
+    pub(crate) fn set(&self, generation: u64, state: u8) {
+        self.0
+            .store(generation << 8 | u64::from(state), Ordering::Relaxed);
+    }
+
+    /// (generation, state); (0, 0) for a connection no drain planned.
+    pub(crate) fn get(&self) -> (u64, u8) {
+        let raw = self.0.load(Ordering::Relaxed);
+        (raw >> 8, (raw & 0xff) as u8)
+    }
 }
 
 /// What one keepalive sweep did.

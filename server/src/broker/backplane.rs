@@ -224,6 +224,10 @@ fn client(settings: &RedisSettings) -> Result<redis::Client, BrokerError> {
     }
 }
 
+/// The first wait after a failed Redis operation (connect, subscribe,
+/// recovery snapshot); each further failure doubles it, up to a cap.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+
 /// Consecutive unanswered health pings after which the pub/sub link is dead.
 const MISSED_PINGS_LIMIT: u32 = 3;
 
@@ -485,7 +489,7 @@ impl Inner {
 
     /// Fills the gap of one topic after a reconnect, then lets it go live.
     async fn recover(&self, topic: &str, generation: u64) {
-        let mut delay = Duration::from_millis(100);
+        let mut delay = FIRST_RETRY;
         let since = match self.topics().get(topic) {
             Some(local) => local.last.or(local.floor),
             None => return,
@@ -657,7 +661,7 @@ async fn connect_pubsub(inner: &Inner) -> Result<(PubSubSink, PubSubStream), Bro
 /// Owns the pub/sub connection: connects with backoff, resubscribes and
 /// recovers topics after a loss, and serves [`Control`] requests in order.
 async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedReceiver<Control>) {
-    let mut delay = Duration::from_millis(100);
+    let mut delay = FIRST_RETRY;
     let mut connected_before = false;
     loop {
         let Some(inner) = weak.upgrade() else { return };
@@ -677,7 +681,6 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
                 continue;
             }
         };
-        delay = Duration::from_millis(100);
         let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
         // Every topic with local subscribers recovers from where it stopped.
         let names: Vec<String> = {
@@ -690,10 +693,16 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
         let channels: Vec<String> = names.iter().map(|t| inner.channel(t)).collect();
         if !channels.is_empty() {
             if let Err(err) = sink.subscribe(&channels).await {
-                tracing::warn!(%err, "resubscribing failed");
+                // Backs off like a failed connect: a Redis that accepts
+                // connections but refuses the subscribe is not hammered.
+                tracing::warn!(%err, retry_in_ms = delay.as_millis() as u64, "resubscribing failed");
+                drop(inner);
+                refuse_until(&mut requests, delay).await;
+                delay = (delay * 2).min(max_delay);
                 continue;
             }
         }
+        delay = FIRST_RETRY;
         inner.up.store(true, Ordering::Relaxed);
         inner.options.metrics.up.set(1);
         if connected_before {

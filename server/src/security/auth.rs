@@ -129,6 +129,11 @@ impl AuthFailure {
     }
 }
 
+/// Subjects on the revocation list at once, at most: its memory stays
+/// bounded whatever the admin API is asked (past it, expired entries go
+/// first, then the oldest).
+const MAX_REVOKED_SUBJECTS: usize = 100_000;
+
 /// Subjects whose sessions were revoked, and when (Unix seconds). A
 /// credential issued at or before that second is refused for `ttl_s`
 /// afterwards (set it to the longest token lifetime); a token without `iat`
@@ -203,7 +208,7 @@ impl Authenticator {
             anonymous: config.anonymous_allowed(),
             default_subscribe: pattern_list(&auth.default_subscribe),
             default_publish: pattern_list(&config.topics.client_publish),
-            revocations: Revocations::new(auth.revocation_ttl_ms / 1000, 100_000),
+            revocations: Revocations::new(auth.revocation_ttl_ms / 1000, MAX_REVOKED_SUBJECTS),
         })
     }
 

@@ -74,6 +74,19 @@ impl Session {
     }
 }
 
+/// The longest session subject (`sub`) a token or ticket may carry: it is a
+/// key of the revocation list and of every connection, and appears in logs.
+pub const MAX_SUBJECT_BYTES: usize = 256;
+
+/// Checks a session subject: 1 to [`MAX_SUBJECT_BYTES`] bytes. The one rule
+/// for tokens and tickets alike.
+pub fn check_subject(sub: &str) -> Result<(), String> {
+    if sub.is_empty() || sub.len() > MAX_SUBJECT_BYTES {
+        return Err(format!("sub must be 1 to {MAX_SUBJECT_BYTES} bytes"));
+    }
+    Ok(())
+}
+
 /// Topic patterns from strings.
 pub fn pattern_list(list: &[String]) -> Arc<[TopicPattern]> {
     list.iter().map(TopicPattern::new).collect()

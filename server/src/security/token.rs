@@ -200,9 +200,7 @@ impl JwtVerifier {
         let too_many = |list: &Option<Vec<String>>| {
             list.as_ref().is_some_and(|l| l.len() > MAX_TOKEN_PATTERNS)
         };
-        if claims.sub.is_empty() || claims.sub.len() > 256 {
-            return Err(TokenError::Invalid("sub must be 1 to 256 bytes".into()));
-        }
+        crate::security::check_subject(&claims.sub).map_err(TokenError::Invalid)?;
         if too_many(&claims.subscribe) || too_many(&claims.publish) {
             return Err(TokenError::Invalid(format!(
                 "at most {MAX_TOKEN_PATTERNS} topic patterns per list"
