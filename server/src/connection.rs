@@ -40,12 +40,12 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
+use crate::gateway::Gateway;
 use crate::hub::{ConnHandle, Route};
 use crate::metrics::Initiator;
 use crate::outbox::{EndRequest, Outgoing};
 use crate::security::ratelimit::TokenBucket;
 use crate::security::Session;
-use crate::server::Gateway;
 
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,8 +21,8 @@
 //! refused with 4000 — until `DELETE /admin/drain` or a new drain.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -37,11 +37,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::hub::ConnHandle;
+use crate::hub::{ConnHandle, Hub};
 use crate::metrics::{Initiator, Metrics};
 use crate::outbox::Outgoing;
 use crate::security::ratelimit::TokenBucket;
-use crate::server::Gateway;
 
 // 0 (the default): never planned by any drain.
 const SCHEDULED: u8 = 1;
@@ -246,38 +245,137 @@ pub fn jitter(max_ms: u64) -> u64 {
     rand::rng().random_range(0..=max_ms)
 }
 
+/// What the drain engine needs of the gateway it drains (the gateway
+/// implements it; the engine does not depend on the gateway).
+pub trait DrainHost: Send + Sync + 'static {
+    /// The live connections.
+    fn hub(&self) -> &Hub;
+    /// The metrics the drain reports.
+    fn metrics(&self) -> &Metrics;
+    /// The drain state.
+    fn drains(&self) -> &Drains;
+    /// The `migrate` grace when a request names none.
+    fn default_migrate_grace(&self) -> Duration;
+    /// How long a closed connection's peer has to answer the close.
+    fn close_timeout(&self) -> Duration;
+}
+
+/// A gateway's drain state: the current or last drain, whether the process
+/// is shutting down, and who waits for a drain to end. Readiness follows
+/// from it: 503 while a drain holds the gateway or it shuts down.
+#[derive(Default)]
+pub struct Drains {
+    slot: Mutex<Option<Arc<Drain>>>,
+    shutting_down: AtomicBool,
+    /// Notified when a drain ends (finished or cancelled).
+    pub finished: Notify,
+}
+
+impl Drains {
+    /// The current or last drain.
+    pub fn current(&self) -> Option<Arc<Drain>> {
+        self.slot().clone()
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<Arc<Drain>>> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether SIGTERM (or SIGINT) has been received.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Marks the process as shutting down.
+    pub(crate) fn set_shutting_down(&self, metrics: &Metrics) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.refresh(metrics);
+    }
+
+    /// Whether the gateway refuses new work (readiness is 503): a drain runs
+    /// or has drained it (until cancelled), or the process shuts down.
+    pub fn is_draining(&self) -> bool {
+        self.is_shutting_down() || self.slot().as_ref().is_some_and(|d| d.holds())
+    }
+
+    /// Re-derives the `switchyard_draining` gauge from the state.
+    pub fn refresh(&self, metrics: &Metrics) {
+        metrics.draining.set(i64::from(self.is_draining()));
+    }
+
+    /// Why a new connection is refused now, if it is: the process shuts
+    /// down, or a drain holds the gateway. `admitted` is a connection that
+    /// has already joined the hub: it stays if the drain planned it (it
+    /// joined just before the drain took its snapshot).
+    pub fn refusal(&self, admitted: Option<&ConnHandle>) -> Option<&'static str> {
+        let drain = self.current();
+        if let (Some(drain), Some(handle)) = (&drain, admitted) {
+            if drain.plans(handle) {
+                return None;
+            }
+        }
+        if self.is_shutting_down() {
+            Some("shutting_down")
+        } else if drain.is_some_and(|d| d.holds()) {
+            Some("draining")
+        } else {
+            None
+        }
+    }
+
+    /// Counts a connection that ended, for the drain that planned it (if
+    /// any); `initiator` says who closed it.
+    pub fn connection_ended(&self, handle: &ConnHandle, initiator: Initiator, metrics: &Metrics) {
+        let Some(drain) = self.current() else {
+            return;
+        };
+        if let Some(outcome) = drain.connection_ended(handle, initiator) {
+            metrics
+                .migrations
+                .with_label_values(&[outcome.as_str()])
+                .inc();
+            if drain.is_active() {
+                metrics.drain_remaining.set(drain.unended() as i64);
+            }
+        }
+    }
+}
+
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
 /// Starts a drain of every connection the gateway holds now (`POST
 /// /admin/drain`). Refused while one runs or while the gateway shuts down.
-pub fn start(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>, DrainRefused> {
-    if gateway.is_shutting_down() {
+pub fn start<H: DrainHost>(
+    host: &Arc<H>,
+    request: DrainRequest,
+) -> Result<Arc<Drain>, DrainRefused> {
+    if host.drains().is_shutting_down() {
         return Err(DrainRefused::ShuttingDown);
     }
-    begin(gateway, request)
+    begin(host, request)
 }
 
 /// Starts the drain SIGTERM asks for (the caller has set the gateway
 /// shutting down, which [`start`] refuses).
-pub(crate) fn start_for_shutdown(
-    gateway: &Arc<Gateway>,
+pub(crate) fn start_for_shutdown<H: DrainHost>(
+    host: &Arc<H>,
     request: DrainRequest,
 ) -> Result<Arc<Drain>, DrainRefused> {
-    begin(gateway, request)
+    begin(host, request)
 }
 
-fn begin(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>, DrainRefused> {
+fn begin<H: DrainHost>(host: &Arc<H>, request: DrainRequest) -> Result<Arc<Drain>, DrainRefused> {
     request.validate()?;
     // The slot stays locked while the plan is taken and marked: a handshake
     // admitted meanwhile looks at the slot after joining the hub, so it
     // either is in the snapshot (and marked) or sees this drain and is
-    // refused (`Gateway::refusal`).
-    let mut current = gateway.drain_slot();
+    // refused (`Drains::refusal`).
+    let mut current = host.drains().slot();
     if current.as_ref().is_some_and(|d| d.is_active()) {
         return Err(DrainRefused::AlreadyDraining);
     }
     let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
-    let mut connections = gateway.hub.snapshot();
+    let mut connections = host.hub().snapshot();
     connections.shuffle(&mut rand::rng());
     for handle in &connections {
         handle.drain_mark.set(generation, SCHEDULED);
@@ -288,16 +386,14 @@ fn begin(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>, Dr
         request.max_rate,
         request.deadline_ms,
     );
-    let grace = Duration::from_millis(
-        request
-            .migrate_grace_ms
-            .unwrap_or(gateway.config.drain.migrate_grace_ms),
-    );
+    let grace = request
+        .migrate_grace_ms
+        .map_or(host.default_migrate_grace(), Duration::from_millis);
     let drain = Arc::new(Drain {
         generation,
         request,
         grace,
-        close_timeout: Duration::from_millis(gateway.config.connection.close_timeout_ms),
+        close_timeout: host.close_timeout(),
         started: Instant::now(),
         deadline_ms: AtomicU64::new(request.deadline_ms),
         total: connections.len() as u64,
@@ -313,9 +409,10 @@ fn begin(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>, Dr
     });
     *current = Some(drain.clone());
     drop(current);
-    gateway.refresh_readiness();
-    gateway.metrics.drain_active.set(1);
-    gateway.metrics.drain_remaining.set(drain.total as i64);
+    let metrics = host.metrics();
+    host.drains().refresh(metrics);
+    metrics.drain_active.set(1);
+    metrics.drain_remaining.set(drain.total as i64);
     tracing::info!(
         total = drain.total,
         window_ms = request.window_ms,
@@ -337,20 +434,18 @@ fn begin(gateway: &Arc<Gateway>, request: DrainRequest) -> Result<Arc<Drain>, Dr
         ended_otherwise = tracing::field::Empty,
         cancelled = tracing::field::Empty
     );
-    tokio::spawn(run(gateway.clone(), drain.clone(), plan).instrument(span));
+    tokio::spawn(run(host.clone(), drain.clone(), plan).instrument(span));
     Ok(drain)
 }
 
 /// Cancels the running drain (rollback: no more closes), or lifts a
 /// finished one; either way readiness returns. Refused during shutdown.
-pub fn cancel(gateway: &Gateway) -> Result<Arc<Drain>, DrainRefused> {
-    if gateway.is_shutting_down() {
+pub fn cancel<H: DrainHost>(host: &H) -> Result<Arc<Drain>, DrainRefused> {
+    let drains = host.drains();
+    if drains.is_shutting_down() {
         return Err(DrainRefused::ShuttingDown);
     }
-    let drain = gateway
-        .drain_slot()
-        .clone()
-        .ok_or(DrainRefused::NotDraining)?;
+    let drain = drains.current().ok_or(DrainRefused::NotDraining)?;
     let cancelled = [RUNNING, FINISHED].into_iter().any(|from| {
         drain
             .state
@@ -361,7 +456,7 @@ pub fn cancel(gateway: &Gateway) -> Result<Arc<Drain>, DrainRefused> {
         return Err(DrainRefused::NotDraining);
     }
     drain.wake.notify_one();
-    gateway.refresh_readiness();
+    drains.refresh(host.metrics());
     tracing::info!("drain cancelled");
     Ok(drain)
 }
@@ -473,7 +568,7 @@ impl ReleasePace {
 }
 
 /// The drain task.
-async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle>, u64)>) {
+async fn run<H: DrainHost>(host: Arc<H>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle>, u64)>) {
     let mut slots = plan.into_iter().peekable();
     let mut graces: VecDeque<(Instant, Arc<ConnHandle>)> = VecDeque::new();
     // Slots whose time has come, waiting for room under the cap.
@@ -491,7 +586,7 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
         drain.request.max_rate,
     );
     let mut cap = ReleasePace::new(pace, drain.request.max_rate, Instant::now());
-    let metrics = &gateway.metrics;
+    let metrics = host.metrics();
     let forced = loop {
         let now = Instant::now();
         let deadline = drain.deadline();
@@ -526,7 +621,7 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
             .drain_remaining
             .set(drain.unended.load(Ordering::Relaxed) as i64);
         if now >= drain.deadline() {
-            force_remaining(&gateway, &drain);
+            force_remaining(host.hub(), metrics, &drain);
             break true;
         }
         while let Some((handle, _)) =
@@ -588,8 +683,8 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
         .compare_exchange(RUNNING, FINISHED, Ordering::Relaxed, Ordering::Relaxed);
     metrics.drain_active.set(0);
     metrics.drain_remaining.set(0);
-    gateway.refresh_readiness();
-    let status = drain.status(gateway.hub.len() as u64);
+    host.drains().refresh(metrics);
+    let status = drain.status(host.hub().len() as u64);
     tracing::info!(
         cancelled = status.cancelled,
         total = status.total,
@@ -607,7 +702,7 @@ async fn run(gateway: Arc<Gateway>, drain: Arc<Drain>, plan: Vec<(Arc<ConnHandle
     span.record("forced_at_deadline", status.forced_at_deadline);
     span.record("ended_otherwise", status.ended_otherwise);
     span.record("cancelled", status.cancelled);
-    gateway.drain_finished.notify_waiters();
+    host.drains().finished.notify_waiters();
 }
 
 fn close(metrics: &Metrics, handle: &ConnHandle, drain: &Drain, mark: u8) {
@@ -623,16 +718,15 @@ fn close(metrics: &Metrics, handle: &ConnHandle, drain: &Drain, mark: u8) {
 /// At the deadline: whatever the plan still has open is closed. (New
 /// connections are refused while a drain holds the gateway, so the plan is
 /// everything.)
-fn force_remaining(gateway: &Gateway, drain: &Drain) {
-    let left: Vec<_> = gateway
-        .hub
+fn force_remaining(hub: &Hub, metrics: &Metrics, drain: &Drain) {
+    let left: Vec<_> = hub
         .snapshot()
         .into_iter()
         .filter(|handle| drain.plans(handle) && handle.outbox.end_request().is_none())
         .collect();
     tracing::info!(left = left.len(), "drain deadline: closing what is left");
     for handle in left {
-        close(&gateway.metrics, &handle, drain, CLOSED_AT_DEADLINE);
+        close(metrics, &handle, drain, CLOSED_AT_DEADLINE);
     }
 }
 

@@ -17,10 +17,10 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::broker::BrokerError;
 use crate::drain::DrainRefused;
-use crate::security::tickets::{new_ticket, TicketGrant};
+use crate::gateway::Gateway;
+use crate::security::tickets::{new_ticket, TicketError, TicketGrant};
 use crate::security::token::MAX_TOKEN_PATTERNS;
 use crate::security::unix_ms;
-use crate::server::Gateway;
 use switchyard_protocol::drain::DrainRequest;
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
@@ -144,7 +144,7 @@ pub fn admin_routes(
         .and(warp::delete())
         .and(with_gateway(gateway))
         .map(
-            |gateway: Arc<Gateway>| match crate::drain::cancel(&gateway) {
+            |gateway: Arc<Gateway>| match crate::drain::cancel(gateway.as_ref()) {
                 Ok(drain) => {
                     warp::reply::json(&drain.status(gateway.hub.len() as u64)).into_response()
                 }
@@ -240,7 +240,7 @@ async fn mint_ticket(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::
             )
         }
     };
-    match gateway.broker.store_ticket(&ticket, grant_json, ttl).await {
+    match gateway.tickets.store_ticket(&ticket, grant_json, ttl).await {
         Ok(()) => {
             gateway.metrics.tickets_issued.inc();
             warp::reply::with_status(
@@ -252,7 +252,7 @@ async fn mint_ticket(body: bytes::Bytes, gateway: Arc<Gateway>) -> warp::reply::
             )
             .into_response()
         }
-        Err(err @ BrokerError::TicketsFull(_)) => api_error(
+        Err(err @ TicketError::Full(_)) => api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "tickets_full",
             err.to_string(),
@@ -358,7 +358,7 @@ async fn publish(
             "too_many_topics",
             err.to_string(),
         ),
-        Err(err @ (BrokerError::Unavailable(_) | BrokerError::TicketsFull(_))) => api_error(
+        Err(err @ BrokerError::Unavailable(_)) => api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             err.to_string(),

@@ -12,6 +12,7 @@
 //! - [`head`]: the first request head of a connection, read without hyper.
 //! - [`upgrade`]: the WebSocket handshake.
 //! - [`http`]: the HTTP routes of both listeners (warp).
+//! - [`gateway`]: the shared state (config, metrics, hub, broker, security, drain slot).
 //! - [`server`]: listeners, accept loops, shutdown.
 //! - [`repoll`]: a future polled again at once when it wakes itself (hyper's connections).
 //! - [`security`]: origin check, authentication, sessions, rate limits.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod drain;
+pub mod gateway;
 pub mod head;
 pub mod http;
 pub mod hub;

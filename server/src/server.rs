@@ -1,10 +1,9 @@
-//! The gateway as a whole: shared state, listeners, accept loops, keepalive
-//! and shutdown. Shutdown is a `watch` signal that flows down: the accept
-//! loops stop, every connection is asked to close with 1001, and the process
-//! waits (bounded) for them to go.
+//! The gateway's listeners, accept loops, keepalive and shutdown (the
+//! shared state is [`crate::gateway`]). Shutdown is a `watch` signal that
+//! flows down: the accept loops stop, every connection is asked to close
+//! (or is drained), and the process waits, bounded, for them to go.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,298 +12,20 @@ use http::{Method, Request};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::value::RawValue;
-use switchyard_protocol::admin::StatusResponse;
 use switchyard_protocol::close::CloseReason;
-use switchyard_protocol::{CloseCode, Position};
+use switchyard_protocol::drain::DrainRequest;
+use switchyard_protocol::CloseCode;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tower_service::Service;
 use warp::Filter;
 
-use crate::broker::backplane::{BackplaneMetrics, RedisBroker, RedisOptions};
-use crate::broker::log::Retention;
-use crate::broker::memory::{MemoryBroker, MemorySettings};
-use crate::broker::{Broker, BrokerError};
-use crate::config::{AdminSettings, BrokerKind, Config};
-use crate::drain::Drain;
+use crate::config::Config;
+pub use crate::gateway::Gateway;
 use crate::head::{self, Parsed, Replay};
-use crate::hub::{Hub, Route};
-use crate::metrics::{Initiator, Metrics};
-use crate::outbox::OutboxLimits;
+use crate::hub::Route;
 use crate::repoll::Repoll;
-use crate::security::auth::{AdminAuth, Authenticator};
-use crate::security::expiry::SessionExpiries;
-use crate::security::origin::OriginPolicy;
-use crate::security::ratelimit::IpRateLimiter;
 use crate::security::unix_ms;
-use switchyard_protocol::drain::DrainRequest;
-
-/// Addresses the per-IP handshake limiter tracks at most: its memory stays
-/// bounded (a bucket and a map entry each) under a flood from many
-/// addresses, and a busy gateway's legitimate clients still fit.
-const MAX_RATE_LIMITED_IPS: usize = 100_000;
-
-/// Everything the listeners and connections share.
-pub struct Gateway {
-    /// The effective configuration.
-    pub config: Config,
-    /// This gateway's id.
-    pub server_id: String,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Live connections.
-    pub hub: Hub,
-    /// Topic broker.
-    pub broker: Arc<dyn Broker>,
-    /// tungstenite settings for every connection.
-    pub ws_config: WebSocketConfig,
-    started: Instant,
-    shutting_down: AtomicBool,
-    drain: std::sync::Mutex<Option<Arc<Drain>>>,
-    /// Notified when a drain finishes (or is cancelled).
-    pub drain_finished: tokio::sync::Notify,
-    /// The Origin check of the public listener.
-    pub origin: OriginPolicy,
-    /// Authenticates handshakes; holds the revocations.
-    pub auth: Authenticator,
-    /// The admin listener's bearer token.
-    pub admin_auth: AdminAuth,
-    /// TLS on the public listener, when configured.
-    pub public_tls: Option<TlsAcceptor>,
-    /// TLS on the admin listener, when configured.
-    pub admin_tls: Option<TlsAcceptor>,
-    /// Handshakes per second per IP, when limited.
-    pub handshake_limiter: Option<IpRateLimiter>,
-    /// When each authenticated session expires.
-    pub expiries: SessionExpiries,
-}
-
-impl Gateway {
-    /// Builds the gateway state and its broker from a validated config. Must
-    /// run inside a tokio runtime (brokers start background tasks).
-    pub fn new(config: Config) -> anyhow::Result<Arc<Gateway>> {
-        let server_id = config
-            .server_id
-            .clone()
-            .or_else(|| std::env::var("POD_NAME").ok().filter(|v| !v.is_empty()))
-            .unwrap_or_else(|| format!("sy-{:06x}", rand::random::<u32>() & 0xff_ffff));
-        let metrics = Metrics::new().context("registering metrics")?;
-        let broker = make_broker(&config, &metrics)?;
-        let ws = &config.websocket;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(ws.read_buffer_bytes)
-            .write_buffer_size(ws.write_buffer_bytes)
-            .max_write_buffer_size(ws.max_write_buffer_bytes)
-            .max_message_size(Some(ws.max_message_bytes))
-            .max_frame_size(Some(ws.max_frame_bytes));
-        let limits = OutboxLimits {
-            max_messages: config.connection.outbox_max_messages,
-            max_bytes: config.connection.outbox_max_bytes,
-        };
-        let origin = OriginPolicy::new(
-            &config.origin.allowed,
-            config.origin.allow_same_host,
-            config.origin.allow_missing,
-        )
-        .context("origin.allowed")?;
-        let auth = Authenticator::new(&config).context("auth.jwt")?;
-        let admin_auth = AdminAuth::new(admin_token(&config.admin)?);
-        let handshake_limiter = (ws.handshake_rate_per_ip > 0).then(|| {
-            IpRateLimiter::new(
-                ws.handshake_rate_per_ip,
-                ws.handshake_burst_per_ip,
-                MAX_RATE_LIMITED_IPS,
-            )
-        });
-        Ok(Arc::new(Gateway {
-            origin,
-            auth,
-            admin_auth,
-            handshake_limiter,
-            public_tls: crate::tls::acceptor(&config.tls, "tls")?,
-            admin_tls: crate::tls::acceptor(&config.admin.tls, "admin.tls")?,
-            expiries: SessionExpiries::default(),
-            metrics,
-            hub: Hub::new(server_id.clone(), limits),
-            broker,
-            ws_config,
-            started: Instant::now(),
-            shutting_down: AtomicBool::new(false),
-            drain: std::sync::Mutex::new(None),
-            drain_finished: tokio::sync::Notify::new(),
-            server_id,
-            config,
-        }))
-    }
-
-    /// Counts a handshake refused for `reason` (every refusal, at any layer, comes here).
-    pub fn count_rejection(&self, reason: &str) {
-        self.metrics
-            .handshakes_rejected
-            .with_label_values(&[reason])
-            .inc();
-    }
-
-    /// Whether the gateway refuses new work (readiness is 503): a drain
-    /// runs or has drained it (until cancelled), or the process is shutting
-    /// down.
-    pub fn is_draining(&self) -> bool {
-        self.is_shutting_down() || self.drain_slot().as_ref().is_some_and(|d| d.holds())
-    }
-
-    /// Whether SIGTERM (or SIGINT) has been received.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Relaxed)
-    }
-
-    /// Why a new connection is refused now, if it is: the process shuts
-    /// down, or a drain holds the gateway. `admitted` is a connection that
-    /// has already joined the hub: it stays if the drain planned it (it
-    /// joined just before the drain took its snapshot).
-    pub fn refusal(&self, admitted: Option<&crate::hub::ConnHandle>) -> Option<&'static str> {
-        let drain = self.drain_slot().clone();
-        if let (Some(drain), Some(handle)) = (&drain, admitted) {
-            if drain.plans(handle) {
-                return None;
-            }
-        }
-        if self.is_shutting_down() {
-            Some("shutting_down")
-        } else if drain.is_some_and(|d| d.holds()) {
-            Some("draining")
-        } else {
-            None
-        }
-    }
-
-    /// Re-derives the `switchyard_draining` gauge from the state.
-    pub fn refresh_readiness(&self) {
-        self.metrics.draining.set(i64::from(self.is_draining()));
-    }
-
-    fn set_shutting_down(&self) {
-        self.shutting_down.store(true, Ordering::Relaxed);
-        self.refresh_readiness();
-    }
-
-    /// The current or last drain.
-    pub fn drain_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Drain>>> {
-        self.drain.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Counts a connection that ended, for the drain that planned it (if
-    /// any); `initiator` says who closed it.
-    pub fn connection_ended(&self, handle: &crate::hub::ConnHandle, initiator: Initiator) {
-        let Some(drain) = self.drain_slot().clone() else {
-            return;
-        };
-        if let Some(outcome) = drain.connection_ended(handle, initiator) {
-            self.metrics
-                .migrations
-                .with_label_values(&[outcome.as_str()])
-                .inc();
-            if drain.is_active() {
-                self.metrics.drain_remaining.set(drain.unended() as i64);
-            }
-        }
-    }
-
-    /// Closes every connection of `subject` with 4503 and refuses its older
-    /// credentials from now on; returns how many connections were closed.
-    pub fn revoke(&self, subject: &str) -> usize {
-        self.auth.revocations.revoke(subject, unix_ms() / 1000);
-        let closed = self
-            .hub
-            .close_subject(subject, CloseCode::SessionRevoked, "session revoked");
-        self.metrics
-            .sessions_ended
-            .with_label_values(&["revoked"])
-            .inc_by(closed as u64);
-        tracing::info!(closed, "subject revoked");
-        closed
-    }
-
-    /// Publishes through the broker and counts it. Both publish paths (the
-    /// admin API and client `publish` frames) come here.
-    pub async fn publish(&self, topic: &str, data: &RawValue) -> Result<Position, BrokerError> {
-        let position = self.broker.publish(topic, data).await?;
-        self.metrics.messages_published.inc();
-        Ok(position)
-    }
-
-    /// The `/admin/status` body.
-    pub fn status(&self) -> StatusResponse {
-        StatusResponse {
-            server_id: self.server_id.clone(),
-            connections: self.hub.len() as u64,
-            subscriptions: self.metrics.subscriptions.get().max(0) as u64,
-            topics: self.broker.topic_count() as u64,
-            draining: self.is_draining(),
-            uptime_seconds: self.started.elapsed().as_secs(),
-            drain: self
-                .drain_slot()
-                .as_ref()
-                .map(|d| d.status(self.hub.len() as u64)),
-        }
-    }
-}
-
-/// The admin token from `admin.token` or `admin.token_file`.
-fn admin_token(settings: &AdminSettings) -> anyhow::Result<Option<String>> {
-    let token = match (&settings.token, &settings.token_file) {
-        (Some(token), _) => token.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading admin.token_file {path}"))?
-            .trim()
-            .to_owned(),
-        (None, None) => return Ok(None),
-    };
-    if token.len() < 16 {
-        anyhow::bail!("admin token: must be at least 16 bytes");
-    }
-    Ok(Some(token))
-}
-
-/// The broker the config asks for.
-fn make_broker(config: &Config, metrics: &Metrics) -> anyhow::Result<Arc<dyn Broker>> {
-    let retention = Retention {
-        max_entries: config.topics.history_size,
-        max_age: Duration::from_millis(config.topics.history_ttl_ms),
-    };
-    match config.broker {
-        BrokerKind::Memory => {
-            metrics.backplane_up.set(1);
-            let memory = Arc::new(MemoryBroker::new(MemorySettings {
-                retention,
-                max_topics: config.topics.max_topics,
-                max_tickets: config.auth.tickets.max_outstanding,
-            }));
-            memory.spawn_janitor(Duration::from_millis(
-                config.topics.history_ttl_ms.clamp(1_000, 60_000),
-            ));
-            Ok(memory)
-        }
-        BrokerKind::Redis => {
-            let redis = RedisBroker::start(RedisOptions {
-                settings: config.redis.clone(),
-                retention,
-                max_topics: config.topics.max_topics,
-                max_pending: config.connection.outbox_max_messages,
-                metrics: BackplaneMetrics {
-                    up: metrics.backplane_up.clone(),
-                    publish_seconds: metrics.backplane_publish_seconds.clone(),
-                    reconnects: metrics.backplane_reconnects.clone(),
-                    recovered_messages: metrics.backplane_recovered_messages.clone(),
-                },
-            })
-            .context("redis broker")?;
-            Ok(redis)
-        }
-    }
-}
 
 /// Binds a TCP listener, optionally with SO_REUSEPORT so several gateway
 /// processes can share the port.
@@ -431,7 +152,7 @@ async fn drain_until_empty(
     let close_timeout = Duration::from_millis(gateway.config.connection.close_timeout_ms);
     let drain_by = tokio::time::Instant::now() + grace;
     let stop_at = drain_by + close_timeout;
-    let running = gateway.drain_slot().clone().filter(|d| d.is_active());
+    let running = gateway.drains.current().filter(|d| d.is_active());
     let drain = match running {
         Some(drain) => {
             drain.cap_deadline(drain_by);
@@ -465,7 +186,7 @@ async fn drain_until_empty(
         // gone; let it, within the same stop time.
         if let Some(drain) = drain {
             while drain.is_active() {
-                let finished = gateway.drain_finished.notified();
+                let finished = gateway.drains.finished.notified();
                 if !drain.is_active() || tokio::time::timeout_at(stop_at, finished).await.is_err() {
                     break;
                 }

@@ -33,10 +33,10 @@ use tracing::Instrument;
 use warp::Reply;
 
 use crate::connection::{self, Welcome};
+use crate::gateway::Gateway;
 use crate::head::RequestHead;
 use crate::hub::{ConnHandle, Route};
 use crate::security::{unix_ms, RedactedTarget, Session};
-use crate::server::Gateway;
 
 /// Why an upgrade request was refused with an HTTP error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,7 +463,7 @@ async fn admit(
         .authenticate(
             request.headers,
             request.query,
-            gateway.broker.as_ref(),
+            gateway.tickets.as_ref(),
             unix_ms(),
         )
         .await;

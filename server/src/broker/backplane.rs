@@ -50,6 +50,7 @@ use super::{Broker, BrokerError, Subscribed};
 use crate::config::RedisSettings;
 use crate::hub::ConnHandle;
 use crate::outbox::Outgoing;
+use crate::security::tickets::{TicketError, TicketStore};
 use switchyard_protocol::position::is_after;
 
 /// The metrics the backplane reports.
@@ -845,15 +846,17 @@ impl Broker for RedisBroker {
             Err("Redis backplane down".into())
         }
     }
+}
 
+impl TicketStore for RedisBroker {
     fn store_ticket<'a>(
         &'a self,
         ticket: &'a str,
         grant_json: String,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+    ) -> BoxFuture<'a, Result<(), TicketError>> {
         async move {
-            let mut connection = self.inner.connection()?;
+            let mut connection = self.inner.connection().map_err(ticket_unavailable)?;
             let key = self.inner.ticket_key(ticket);
             let ttl_ms = ttl.as_millis().max(1) as u64;
             let stored: Option<String> = redis::cmd("SET")
@@ -864,11 +867,11 @@ impl Broker for RedisBroker {
                 .arg("NX")
                 .query_async(&mut connection)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| TicketError::Unavailable(e.to_string()))?;
             // NX refuses only a collision of 256 random bits: treat it as a failure, not a success.
             stored
                 .map(|_| ())
-                .ok_or_else(|| unavailable("ticket collision"))
+                .ok_or_else(|| TicketError::Unavailable("ticket collision".into()))
         }
         .boxed()
     }
@@ -876,18 +879,22 @@ impl Broker for RedisBroker {
     fn take_ticket<'a>(
         &'a self,
         ticket: &'a str,
-    ) -> BoxFuture<'a, Result<Option<String>, BrokerError>> {
+    ) -> BoxFuture<'a, Result<Option<String>, TicketError>> {
         async move {
-            let mut connection = self.inner.connection()?;
+            let mut connection = self.inner.connection().map_err(ticket_unavailable)?;
             // GETDEL: a ticket is redeemed once even when two pods race for it.
             redis::cmd("GETDEL")
                 .arg(self.inner.ticket_key(ticket))
                 .query_async(&mut connection)
                 .await
-                .map_err(unavailable)
+                .map_err(|e| TicketError::Unavailable(e.to_string()))
         }
         .boxed()
     }
+}
+
+fn ticket_unavailable(err: BrokerError) -> TicketError {
+    TicketError::Unavailable(err.to_string())
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use super::log::{Resume, Retention, TopicLog};
 use super::{Broker, BrokerError, Subscribed};
 use crate::hub::ConnHandle;
 use crate::outbox::Outgoing;
-use crate::security::tickets::TicketBook;
+use crate::security::tickets::{TicketBook, TicketError, TicketStore};
 
 /// Settings of the in-memory broker.
 #[derive(Debug, Clone, Copy)]
@@ -213,26 +213,28 @@ impl Broker for MemoryBroker {
     fn topic_count(&self) -> usize {
         self.topics.read().unwrap_or_else(|e| e.into_inner()).len()
     }
+}
 
+impl TicketStore for MemoryBroker {
     fn store_ticket<'a>(
         &'a self,
         ticket: &'a str,
         grant_json: String,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+    ) -> BoxFuture<'a, Result<(), TicketError>> {
         let stored = self
             .tickets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(ticket.to_owned(), grant_json, ttl, Instant::now())
-            .map_err(|e| BrokerError::TicketsFull(e.to_string()));
+            .map_err(|e| TicketError::Full(e.to_string()));
         future::ready(stored).boxed()
     }
 
     fn take_ticket<'a>(
         &'a self,
         ticket: &'a str,
-    ) -> BoxFuture<'a, Result<Option<String>, BrokerError>> {
+    ) -> BoxFuture<'a, Result<Option<String>, TicketError>> {
         let grant = self
             .tickets
             .lock()

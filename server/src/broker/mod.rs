@@ -17,7 +17,6 @@ pub mod log;
 pub mod memory;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
@@ -35,9 +34,6 @@ pub enum BrokerError {
     /// The broker's backing store cannot be reached.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
-    /// The ticket store is full.
-    #[error("{0}")]
-    TicketsFull(String),
 }
 
 impl BrokerError {
@@ -45,7 +41,7 @@ impl BrokerError {
     pub fn code(&self) -> ErrorCode {
         match self {
             BrokerError::TooManyTopics(_) => ErrorCode::TooManyTopics,
-            BrokerError::Unavailable(_) | BrokerError::TicketsFull(_) => ErrorCode::Unavailable,
+            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -89,19 +85,4 @@ pub trait Broker: Send + Sync + 'static {
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
-
-    /// Stores a single-use ticket (its grant, as JSON) for `ttl`, where every
-    /// gateway sharing this broker can redeem it.
-    fn store_ticket<'a>(
-        &'a self,
-        ticket: &'a str,
-        grant_json: String,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), BrokerError>>;
-
-    /// Removes a ticket and returns its grant, if it existed and had not expired.
-    fn take_ticket<'a>(
-        &'a self,
-        ticket: &'a str,
-    ) -> BoxFuture<'a, Result<Option<String>, BrokerError>>;
 }

@@ -10,10 +10,9 @@ use subtle::ConstantTimeEq;
 use switchyard_protocol::topic::TopicPattern;
 use switchyard_protocol::CloseCode;
 
-use super::tickets::{is_well_formed, TicketGrant};
+use super::tickets::{is_well_formed, TicketGrant, TicketStore};
 use super::token::{JwtVerifier, KeyError, TokenError};
 use super::{pattern_list, patterns, AuthMethod, Session};
-use crate::broker::Broker;
 use crate::config::{Config, CredentialKind};
 
 /// The credential found in a handshake, by precedence: ticket, bearer, cookie.
@@ -222,7 +221,7 @@ impl Authenticator {
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
-        broker: &dyn Broker,
+        tickets: &dyn TicketStore,
         now_ms: u64,
     ) -> Result<Session, AuthFailure> {
         let now = now_ms / 1000;
@@ -238,7 +237,7 @@ impl Authenticator {
                 })
             }
             Credential::None => return Err(AuthFailure::MissingCredentials),
-            Credential::Ticket(ticket) => return self.redeem(ticket, broker, now).await,
+            Credential::Ticket(ticket) => return self.redeem(ticket, tickets, now).await,
             Credential::Bearer(token) => (AuthMethod::Bearer, token),
             Credential::Cookie(token) => (AuthMethod::Cookie, token),
         };
@@ -265,13 +264,13 @@ impl Authenticator {
     async fn redeem(
         &self,
         ticket: &str,
-        broker: &dyn Broker,
+        tickets: &dyn TicketStore,
         now: u64,
     ) -> Result<Session, AuthFailure> {
         if !is_well_formed(ticket) {
             return Err(AuthFailure::BadTicket);
         }
-        let stored = broker
+        let stored = tickets
             .take_ticket(ticket)
             .await
             .map_err(|_| AuthFailure::Unavailable)?

@@ -7,15 +7,47 @@
 //! puts it in `?ticket=`. A ticket is random, expires within seconds and is
 //! deleted when redeemed, so a copy in a log is worthless.
 //!
-//! [`TicketBook`] is the in-process store (memory broker). With the Redis
-//! broker, tickets live in Redis so any pod can redeem what another minted
-//! (see `Broker::store_ticket`).
+//! Tickets live in a [`TicketStore`]: the memory broker's [`TicketBook`]
+//! (this process), or Redis with the Redis broker, so any pod can redeem
+//! what another minted. Authentication depends on the store, not on the
+//! broker that happens to implement it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+
+/// Why a ticket could not be stored or redeemed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TicketError {
+    /// The store holds its maximum of outstanding tickets.
+    #[error("{0}")]
+    Full(String),
+    /// The store cannot be reached.
+    #[error("ticket store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Where single-use tickets are kept until redeemed or expired.
+pub trait TicketStore: Send + Sync + 'static {
+    /// Stores a ticket (its grant, as JSON) for `ttl`, where every gateway
+    /// sharing this store can redeem it.
+    fn store_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+        grant_json: String,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), TicketError>>;
+
+    /// Removes a ticket and returns its grant, if it existed and had not
+    /// expired: a ticket is redeemed once.
+    fn take_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, TicketError>>;
+}
 
 /// What a ticket stands for: the session it opens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
