@@ -11,6 +11,7 @@ use switchyard_protocol::CloseCode;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::broker::Subscriber;
 use crate::outbox::{Outbox, OutboxLimits, Outgoing};
 
 /// Which route a connection came in on.
@@ -40,6 +41,16 @@ pub struct ConnHandle {
     pub subject: Option<String>,
     /// Milliseconds since the hub started when a frame last arrived.
     last_seen_ms: AtomicU64,
+}
+
+impl Subscriber for ConnHandle {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
 }
 
 /// What a drain has done to one connection, and which drain: the drain's

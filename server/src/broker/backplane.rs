@@ -46,9 +46,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::log::{resume_from_snapshot, Resume, Retention};
-use super::{Broker, BrokerError, Subscribed};
+use super::{Broker, BrokerError, Subscribed, Subscriber};
 use crate::config::RedisSettings;
-use crate::hub::ConnHandle;
 use crate::outbox::Outgoing;
 use crate::security::tickets::{TicketError, TicketStore};
 use switchyard_protocol::position::is_after;
@@ -85,7 +84,7 @@ type Pending = Vec<(Position, Utf8Bytes)>;
 
 /// A local subscriber; `pending` is `Some` until its replay is done.
 struct LocalSub {
-    handle: Arc<ConnHandle>,
+    handle: Arc<dyn Subscriber>,
     pending: Option<Pending>,
     /// The head its replay went up to: a message at or before it, still in
     /// flight on pub/sub when the snapshot was taken, is not sent again.
@@ -143,14 +142,14 @@ impl LocalTopic {
                 Some(buffer) if buffer.len() < max_pending => {
                     buffer.push((position, frame.clone()))
                 }
-                Some(_) => sub.handle.outbox.close(
+                Some(_) => sub.handle.outbox().close(
                     CloseCode::SlowConsumer,
                     CloseReason::text("subscribe backlog overflowed").to_json(),
                 ),
                 None if !is_after(sub.replayed_to, position) => {}
                 None => {
                     // A full outbox closes its connection (4002); others are unaffected.
-                    let _ = sub.handle.outbox.push(Outgoing::Live {
+                    let _ = sub.handle.outbox().push(Outgoing::Live {
                         text: frame.clone(),
                         published_at: now,
                     });
@@ -162,7 +161,7 @@ impl LocalTopic {
     fn close_all(&self, code: CloseCode, reason: &str) {
         let reason = CloseReason::text(reason).to_json();
         for sub in self.subscribers.values() {
-            sub.handle.outbox.close(code, reason.clone());
+            sub.handle.outbox().close(code, reason.clone());
         }
     }
 }
@@ -394,9 +393,9 @@ impl Inner {
         &self,
         topic: &str,
         since: Option<Position>,
-        handle: Arc<ConnHandle>,
+        handle: Arc<dyn Subscriber>,
     ) -> Result<Subscribed, BrokerError> {
-        let id = handle.id;
+        let id = handle.id();
         let confirmed = {
             let mut topics = self.topics();
             if !topics.contains_key(topic) && topics.len() >= self.options.max_topics {
@@ -415,7 +414,7 @@ impl Inner {
             (local.channel_generation == current && current != 0).then_some(current)
         };
         let result = self
-            .complete_subscribe(topic, since, &handle, confirmed)
+            .complete_subscribe(topic, since, handle.as_ref(), confirmed)
             .await;
         if result.is_err() {
             self.remove_subscriber(topic, id);
@@ -428,7 +427,7 @@ impl Inner {
         &self,
         topic: &str,
         since: Option<Position>,
-        handle: &ConnHandle,
+        handle: &dyn Subscriber,
         confirmed: Option<u64>,
     ) -> Result<Subscribed, BrokerError> {
         let generation = match confirmed {
@@ -445,7 +444,7 @@ impl Inner {
         let local = topics
             .get_mut(topic)
             .ok_or_else(|| unavailable("subscription vanished"))?;
-        let pending = match local.subscribers.get_mut(&handle.id) {
+        let pending = match local.subscribers.get_mut(&handle.id()) {
             Some(sub) => {
                 sub.replayed_to = Some(snapshot.head);
                 sub.pending.take().unwrap_or_default()
@@ -454,7 +453,7 @@ impl Inner {
         };
         let fetched: Vec<u64> = snapshot.entries.iter().map(|(offset, _)| *offset).collect();
         let resume = resume_from_snapshot(since, snapshot.head, &fetched);
-        let outbox = &handle.outbox;
+        let outbox = handle.outbox();
         let confirmation = ServerFrame::Subscribed {
             topic: topic.to_owned(),
             position: snapshot.head,
@@ -527,7 +526,7 @@ impl Inner {
                     .to_json(),
                 );
                 for sub in local.subscribers.values().filter(|s| s.pending.is_none()) {
-                    let _ = sub.handle.outbox.push(Outgoing::Text(notice.clone()));
+                    let _ = sub.handle.outbox().push(Outgoing::Text(notice.clone()));
                 }
                 local.last = Some(snapshot.head);
             }
@@ -826,7 +825,7 @@ impl Broker for RedisBroker {
         &'a self,
         topic: &'a str,
         since: Option<Position>,
-        subscriber: Arc<ConnHandle>,
+        subscriber: Arc<dyn Subscriber>,
     ) -> BoxFuture<'a, Result<Subscribed, BrokerError>> {
         self.inner.subscribe(topic, since, subscriber).boxed()
     }
@@ -900,6 +899,7 @@ fn ticket_unavailable(err: BrokerError) -> TicketError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::ConnHandle;
 
     /// A subscriber joining with a snapshot head ahead of what this pod has
     /// delivered: the messages still in flight reach the subscriber that was

@@ -21,8 +21,7 @@ use switchyard_protocol::{Position, ServerFrame};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::log::{Resume, Retention, TopicLog};
-use super::{Broker, BrokerError, Subscribed};
-use crate::hub::ConnHandle;
+use super::{Broker, BrokerError, Subscribed, Subscriber};
 use crate::outbox::Outgoing;
 use crate::security::tickets::{TicketBook, TicketError, TicketStore};
 
@@ -39,7 +38,7 @@ pub struct MemorySettings {
 
 struct Topic {
     log: TopicLog<Utf8Bytes>,
-    subscribers: HashMap<u64, Arc<ConnHandle>>,
+    subscribers: HashMap<u64, Arc<dyn Subscriber>>,
 }
 
 /// The embedded single-process broker.
@@ -108,7 +107,7 @@ impl MemoryBroker {
             .entered();
             for subscriber in topic.subscribers.values() {
                 // A full outbox closes its connection (4002); others are unaffected.
-                let _ = subscriber.outbox.push(Outgoing::Live {
+                let _ = subscriber.outbox().push(Outgoing::Live {
                     text: frame.clone(),
                     published_at: now,
                 });
@@ -121,7 +120,7 @@ impl MemoryBroker {
         &self,
         name: &str,
         since: Option<Position>,
-        subscriber: Arc<ConnHandle>,
+        subscriber: Arc<dyn Subscriber>,
     ) -> Result<Subscribed, BrokerError> {
         self.with_topic(name, |topic| {
             topic.log.trim(Instant::now());
@@ -132,7 +131,7 @@ impl MemoryBroker {
                 position,
                 recovered: resume.recovered(),
             };
-            let outbox = &subscriber.outbox;
+            let outbox = subscriber.outbox();
             let _ = outbox.push(Outgoing::Text(Utf8Bytes::from(confirmation.to_json())));
             let mut replayed = 0;
             if let Resume::ReplayAfter(after) = resume {
@@ -143,7 +142,7 @@ impl MemoryBroker {
                     replayed += 1;
                 }
             }
-            topic.subscribers.insert(subscriber.id, subscriber);
+            topic.subscribers.insert(subscriber.id(), subscriber);
             Subscribed {
                 position,
                 recovered: resume.recovered(),
@@ -198,7 +197,7 @@ impl Broker for MemoryBroker {
         &'a self,
         topic: &'a str,
         since: Option<Position>,
-        subscriber: Arc<ConnHandle>,
+        subscriber: Arc<dyn Subscriber>,
     ) -> BoxFuture<'a, Result<Subscribed, BrokerError>> {
         future::ready(self.subscribe_now(topic, since, subscriber)).boxed()
     }
@@ -247,6 +246,7 @@ impl TicketStore for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::ConnHandle;
     use crate::hub::{Hub, Route};
     use crate::outbox::OutboxLimits;
     use std::collections::VecDeque;

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use switchyard_protocol::{ErrorCode, Position};
 use thiserror::Error;
 
-use crate::hub::ConnHandle;
+use crate::outbox::Outbox;
 
 /// Why a broker refused a request.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -57,6 +57,16 @@ pub struct Subscribed {
     pub replayed: usize,
 }
 
+/// A subscriber as the broker sees it: an id and the outbox its frames go
+/// to (the hub's connection handle is one; the broker needs nothing else
+/// of a connection).
+pub trait Subscriber: Send + Sync + 'static {
+    /// Unique within this process.
+    fn id(&self) -> u64;
+    /// Where its frames go.
+    fn outbox(&self) -> &Outbox;
+}
+
 /// A topic broker; see the module documentation for the contract.
 pub trait Broker: Send + Sync + 'static {
     /// Appends `data` to `topic` and fans it out; returns its position.
@@ -71,7 +81,7 @@ pub trait Broker: Send + Sync + 'static {
         &'a self,
         topic: &'a str,
         since: Option<Position>,
-        subscriber: Arc<ConnHandle>,
+        subscriber: Arc<dyn Subscriber>,
     ) -> BoxFuture<'a, Result<Subscribed, BrokerError>>;
 
     /// Stops delivering `topic` to the connection `conn_id`.
