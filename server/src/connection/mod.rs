@@ -1,4 +1,6 @@
-//! One WebSocket connection, served by one task.
+//! One WebSocket connection, served by one task: its lifecycle here (the
+//! select loop, reading, ending and counting the end), writing to the
+//! socket in `io`, the topic protocol in `session`.
 //!
 //! The task owns the socket and runs one select loop over three things: the
 //! client's frames, the connection's [`Outbox`](crate::outbox::Outbox) (where
@@ -19,28 +21,27 @@
 //!   `initiator=server`, our code, whether or not the peer answers in time;
 //! - the socket fails or goes silent (reaped) → `initiator=abrupt`, 1006.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use switchyard_protocol::close::{CloseReason, ABNORMAL_CLOSURE, NO_STATUS_RECEIVED};
-use switchyard_protocol::topic::validate_topic;
-use switchyard_protocol::{ClientFrame, CloseCode, ErrorCode, Position, ServerFrame};
+use switchyard_protocol::{CloseCode, ErrorCode, ServerFrame};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{
-    CloseCode as WireCloseCode, Data, OpCode,
-};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
 use crate::gateway::Gateway;
+mod io;
+mod session;
+
+use io::{send_close, CloseDeadline, Pending};
+
 use crate::hub::{ConnHandle, Route};
 use crate::metrics::Initiator;
 use crate::outbox::{EndRequest, Outgoing};
@@ -303,7 +304,7 @@ impl Connection {
         // write waits, not by every idle connection. Retrying is safe: frames
         // leave the batch one at a time.
         let gateway = self.gateway.clone();
-        let written = match pending.write(socket, &gateway).now_or_never() {
+        let written = match pending.write(socket, &gateway.metrics).now_or_never() {
             Some(Ok(())) => true,
             Some(Err(err)) => {
                 tracing::debug!(%err, "write failed");
@@ -343,7 +344,7 @@ impl Connection {
     {
         let handle = self.handle.clone();
         let gateway = self.gateway.clone();
-        let write = pending.write(socket, &gateway);
+        let write = pending.write(socket, &gateway.metrics);
         tokio::pin!(write);
         loop {
             tokio::select! {
@@ -446,183 +447,6 @@ impl Connection {
         }
     }
 
-    async fn on_text(&mut self, text: &str) {
-        match ClientFrame::parse(text) {
-            Err(err) => {
-                let kind = match err.code() {
-                    ErrorCode::UnknownOp => "unknown_op",
-                    _ => "bad_frame",
-                };
-                self.violation(kind, err.code(), err.to_string(), None);
-            }
-            Ok(ClientFrame::Subscribe { topic, since }) => self.subscribe(topic, since).await,
-            Ok(ClientFrame::Unsubscribe { topic }) => self.unsubscribe(topic),
-            Ok(ClientFrame::Publish { topic, data }) => self.publish(topic, &data).await,
-            Ok(ClientFrame::Ping) => self.send(&ServerFrame::Pong),
-        }
-    }
-
-    /// Reports a protocol violation; enough of them close the connection with 4500.
-    fn violation(&mut self, kind: &str, code: ErrorCode, message: String, topic: Option<String>) {
-        self.gateway
-            .metrics
-            .protocol_violations
-            .with_label_values(&[kind])
-            .inc();
-        tracing::debug!(kind, %message, "protocol violation");
-        self.send_error(code, message, topic);
-        self.violations += 1;
-        if self.violations >= self.gateway.config.connection.max_violations {
-            self.close(CloseCode::ProtocolViolation, "too many protocol violations");
-        }
-    }
-
-    /// Refuses a topic the session may not use: an error frame, and after
-    /// `max_violations` refusals a 4502 close (the client keeps asking for
-    /// what its token does not allow; retrying will not help).
-    fn deny(&mut self, action: &'static str, code: ErrorCode, topic: String) {
-        self.gateway
-            .metrics
-            .authorization_denied
-            .with_label_values(&[action])
-            .inc();
-        tracing::debug!(action, %topic, "topic not allowed for this session");
-        self.send_error(
-            code,
-            format!("this session may not {action} on this topic"),
-            Some(topic),
-        );
-        self.denied += 1;
-        if self.denied >= self.gateway.config.connection.max_violations {
-            self.close(CloseCode::NotAllowed, "topic not allowed");
-        }
-    }
-
-    /// Takes a publish token; an empty bucket gets a `rate_limited` error,
-    /// and `max_violations` of them in a row close the connection with 4002.
-    fn publish_allowed(&mut self, topic: &str) -> bool {
-        if self.publish_bucket.try_take(Instant::now()) {
-            self.rate_limited = 0;
-            return true;
-        }
-        self.gateway.metrics.publishes_rate_limited.inc();
-        self.rate_limited += 1;
-        let rate = self.gateway.config.connection.publish_rate;
-        self.send_error(
-            ErrorCode::RateLimited,
-            format!("at most {rate} publishes per second"),
-            Some(topic.to_owned()),
-        );
-        if self.rate_limited >= self.gateway.config.connection.max_violations {
-            self.close(CloseCode::SlowConsumer, "publish rate exceeded");
-        }
-        false
-    }
-
-    fn check_topic(&mut self, topic: &str) -> bool {
-        match validate_topic(topic, self.gateway.config.topics.max_topic_length) {
-            Ok(()) => true,
-            Err(err) => {
-                self.violation(
-                    "invalid_topic",
-                    ErrorCode::InvalidTopic,
-                    err.to_string(),
-                    Some(topic.chars().take(64).collect()),
-                );
-                false
-            }
-        }
-    }
-
-    async fn subscribe(&mut self, topic: String, since: Option<Position>) {
-        if !self.check_topic(&topic) {
-            return;
-        }
-        if !self.session.may_subscribe(&topic) {
-            return self.deny("subscribe", ErrorCode::SubscribeNotAllowed, topic);
-        }
-        let already = self.topics.contains(&topic);
-        if already {
-            // A second subscribe restarts the subscription from its `since`.
-            self.gateway.broker.unsubscribe(&topic, self.handle.id);
-        } else if self.topics.len() >= self.gateway.config.connection.max_subscriptions {
-            let max = self.gateway.config.connection.max_subscriptions;
-            // A client that keeps subscribing past its limit is misbehaving:
-            // it counts towards the 4500 close like any other violation.
-            return self.violation(
-                "too_many_subscriptions",
-                ErrorCode::TooManySubscriptions,
-                format!("at most {max} subscriptions per connection"),
-                Some(topic),
-            );
-        }
-        match self
-            .gateway
-            .broker
-            .subscribe(&topic, since, self.handle.clone())
-            .await
-        {
-            Ok(outcome) => {
-                if since.is_some() {
-                    let label = if outcome.recovered { "true" } else { "false" };
-                    self.gateway
-                        .metrics
-                        .resume
-                        .with_label_values(&[label])
-                        .inc();
-                }
-                tracing::debug!(%topic, position = %outcome.position, recovered = outcome.recovered, replayed = outcome.replayed, "subscribed");
-                if !already {
-                    self.topics.push(topic);
-                    self.gateway.metrics.subscriptions.inc();
-                }
-            }
-            Err(err) => {
-                if already {
-                    self.forget_topic(&topic);
-                }
-                self.send_error(err.code(), err.to_string(), Some(topic));
-            }
-        }
-    }
-
-    fn forget_topic(&mut self, topic: &str) {
-        if let Some(index) = self.topics.iter().position(|t| t == topic) {
-            self.topics.swap_remove(index);
-            self.gateway.metrics.subscriptions.dec();
-        }
-    }
-
-    fn unsubscribe(&mut self, topic: String) {
-        if !self.topics.contains(&topic) {
-            self.send_error(
-                ErrorCode::NotSubscribed,
-                "not subscribed to this topic".into(),
-                Some(topic),
-            );
-            return;
-        }
-        self.gateway.broker.unsubscribe(&topic, self.handle.id);
-        self.forget_topic(&topic);
-        self.send(&ServerFrame::Unsubscribed { topic });
-    }
-
-    async fn publish(&mut self, topic: String, data: &serde_json::value::RawValue) {
-        if !self.check_topic(&topic) {
-            return;
-        }
-        if !self.session.may_publish(&topic) {
-            return self.deny("publish", ErrorCode::PublishNotAllowed, topic);
-        }
-        if !self.publish_allowed(&topic) {
-            return;
-        }
-        match self.gateway.publish(&topic, data).await {
-            Ok(position) => self.send(&ServerFrame::Published { topic, position }),
-            Err(err) => self.send_error(err.code(), err.to_string(), Some(topic)),
-        }
-    }
-
     /// Lets go of the connection: sends a requested close frame the loop did
     /// not get to (it stops reading on bad input), bounded by the close
     /// timeout, then releases subscriptions and counts the end.
@@ -642,7 +466,7 @@ impl Connection {
                 else {
                     return;
                 };
-                if pending.write(socket, &gateway).await.is_ok() {
+                if pending.write(socket, &gateway.metrics).await.is_ok() {
                     send_close(socket, code, reason).await;
                 }
             };
@@ -674,121 +498,6 @@ impl Connection {
             initiator = ending.initiator.as_str(),
             "connection ended"
         );
-    }
-}
-
-/// When a closing connection is given up on. No timer exists until the
-/// connection starts to close; then one boxed `Sleep`. Held inline, a timer
-/// (112 bytes) would widen every idle connection's task at each select that
-/// waits on it.
-#[derive(Default)]
-struct CloseDeadline(Option<Pin<Box<tokio::time::Sleep>>>);
-
-impl CloseDeadline {
-    /// Starts the deadline `after` from now, unless it is already running.
-    fn start(&mut self, after: Duration) {
-        if self.0.is_none() {
-            self.0 = Some(Box::pin(tokio::time::sleep(after)));
-        }
-    }
-
-    fn is_set(&self) -> bool {
-        self.0.is_some()
-    }
-
-    /// Resolves when the deadline has passed; never while it is not set.
-    async fn elapsed(&mut self) {
-        match &mut self.0 {
-            Some(sleep) => sleep.as_mut().await,
-            None => std::future::pending().await,
-        }
-    }
-}
-
-/// Frames taken from the outbox and not yet written, and whether the close
-/// frame has gone out. Kept across the loop so a write given up on does not
-/// lose track of what was sent.
-#[derive(Default)]
-struct Pending {
-    batch: VecDeque<Outgoing>,
-    /// Publish times of the live frames handed to the socket, not yet flushed.
-    published: Vec<Instant>,
-    /// Data frames and bytes handed to the socket, not yet counted.
-    frames: u64,
-    bytes: u64,
-    close_sent: bool,
-}
-
-impl Pending {
-    /// Writes the batch with one flush, then counts what was sent and
-    /// records the fan-out latency of its live frames.
-    ///
-    /// Safe to abandon at any await and call again: a frame leaves the batch
-    /// only once the socket has taken it (`start_send` after `poll_ready`),
-    /// never while waiting for room, so nothing is lost when the fast path
-    /// gives up on a full socket and the bounded path carries on.
-    async fn write<S>(
-        &mut self,
-        socket: &mut WebSocketStream<S>,
-        gateway: &Gateway,
-    ) -> Result<(), WsError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        while !self.batch.is_empty() {
-            std::future::poll_fn(|cx| Pin::new(&mut *socket).poll_ready(cx)).await?;
-            let Some(frame) = self.batch.pop_front() else {
-                break;
-            };
-            let message = match frame {
-                Outgoing::Live { text, published_at } => {
-                    self.published.push(published_at);
-                    Message::Text(text)
-                }
-                Outgoing::Text(text) => Message::Text(text),
-                Outgoing::Binary(data) => Message::Binary(data),
-                Outgoing::Ping => Message::Ping(Default::default()),
-            };
-            if !matches!(message, Message::Ping(_)) {
-                self.frames += 1;
-                self.bytes += message.len() as u64;
-            }
-            Pin::new(&mut *socket).start_send(message)?;
-        }
-        std::future::poll_fn(|cx| Pin::new(&mut *socket).poll_flush(cx)).await?;
-        // Keep a small queue allocation for the next batch, not a burst's worth.
-        if self.batch.capacity() > 64 {
-            self.batch = VecDeque::new();
-        }
-        let written = Instant::now();
-        let metrics = &gateway.metrics;
-        // Replies and heartbeats carry no fan-out latency: no histogram work.
-        if !self.published.is_empty() {
-            metrics.observe_fanout_latencies(
-                self.published
-                    .drain(..)
-                    .map(|at| written.saturating_duration_since(at).as_secs_f64()),
-            );
-        }
-        metrics
-            .messages_sent
-            .inc_by(std::mem::take(&mut self.frames));
-        metrics.bytes_sent.inc_by(std::mem::take(&mut self.bytes));
-        Ok(())
-    }
-}
-
-/// Sends a close frame; a failure only means the peer is already gone.
-async fn send_close<S>(socket: &mut WebSocketStream<S>, code: CloseCode, reason: String)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let frame = CloseFrame {
-        code: WireCloseCode::from(code.as_u16()),
-        reason: Utf8Bytes::from(reason),
-    };
-    if let Err(err) = socket.send(Message::Close(Some(frame))).await {
-        tracing::debug!(%err, "close frame not sent");
     }
 }
 
