@@ -2,7 +2,10 @@
 //! messages, lets a reconnecting client resume with nothing lost, and reports
 //! its connection counts.
 //!
-//! Layout, one module per concern:
+//! Layout, one module per concern (in layers that only point down:
+//! `tests/layers.rs`). The binary's entry ([`cli`]), the listeners
+//! ([`server`]) and the configuration ([`config`]) are the public API;
+//! everything else is `pub(crate)`, so the compiler reports dead code.
 //! - [`config`]: layered settings with field-named errors.
 //! - [`outbox`]: the bounded per-connection queue (the only way to a connection's socket).
 //! - [`hub`]: the registry of live connections, keepalive sweeps.
@@ -20,19 +23,19 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the binary's entry point.
 
-pub mod broker;
+pub(crate) mod broker;
 pub mod cli;
 pub mod config;
-pub mod connection;
-pub mod drain;
-pub mod gateway;
-pub mod head;
-pub mod http;
-pub mod hub;
-pub mod metrics;
-pub mod outbox;
-pub mod repoll;
-pub mod security;
+pub(crate) mod connection;
+pub(crate) mod drain;
+pub(crate) mod gateway;
+pub(crate) mod head;
+pub(crate) mod http;
+pub(crate) mod hub;
+pub(crate) mod metrics;
+pub(crate) mod outbox;
+pub(crate) mod repoll;
+pub(crate) mod security;
 pub mod server;
-pub mod tls;
-pub mod upgrade;
+pub(crate) mod tls;
+pub(crate) mod upgrade;

@@ -77,6 +77,7 @@ impl<T: Clone> TopicLog<T> {
     }
 
     /// Retained entries.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -123,11 +123,13 @@ impl<V> TicketBook<V> {
     }
 
     /// Tickets held (some may have expired).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.tickets.len()
     }
 
     /// Whether no ticket is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.tickets.is_empty()
     }
