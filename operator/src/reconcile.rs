@@ -183,16 +183,6 @@ async fn reconcile_inner(cs: &ConnectionService, ctx: &Context) -> Result<Action
     }
     let io = ObjectIo::new(ctx, cs, &namespace);
     let token = io.admin_token().await?;
-    if cs.status.as_ref().and_then(|s| s.observed_generation) != cs.metadata.generation {
-        // Once per spec generation: objects that follow the spec but not the
-        // rollout (the Service's port and type, the PDB).
-        io.apply(&io.pdbs, &resources::pod_disruption_budget(cs))
-            .await?;
-        if let Some(color) = cs.status.as_ref().and_then(|s| s.active_color) {
-            io.apply(&io.services, &resources::service(cs, color))
-                .await?;
-        }
-    }
     let observed = io.observe(&token).await?;
     let plan = rollout::plan(&observed);
     let span = tracing::Span::current();
@@ -335,8 +325,7 @@ impl<'a> ObjectIo<'a> {
             .list(&selector)
             .await
             .map_err(kube_error("listing deployments"))?;
-        let pod_selector =
-            ListParams::default().labels(&format!("{}={}", resources::INSTANCE_LABEL, self.name));
+        let pod_selector = ListParams::default().labels(&resources::pod_selector(&self.name));
         let pods = self
             .pods
             .list(&pod_selector)
@@ -388,7 +377,7 @@ impl<'a> ObjectIo<'a> {
         Ok(found
             .and_then(|s| s.spec)
             .and_then(|spec| spec.selector)
-            .and_then(|selector| selector.get(COLOR_LABEL).and_then(|c| Color::parse(c))))
+            .and_then(|selector| label_color(&selector)))
     }
 
     /// Asks every pod with an address for its status, all at once.
@@ -437,6 +426,10 @@ impl<'a> ObjectIo<'a> {
             Step::Scale { color, replicas } => self.scale(*color, *replicas).await,
             Step::RouteService { color } => {
                 self.apply(&self.services, &resources::service(self.cs, *color))
+                    .await
+            }
+            Step::ApplyPodDisruptionBudget => {
+                self.apply(&self.pdbs, &resources::pod_disruption_budget(self.cs))
                     .await
             }
             Step::RoutePreview { color } => {
@@ -594,6 +587,8 @@ impl<'a> ObjectIo<'a> {
     }
 }
 
+/// The color a set of labels (an object's, or a Service's selector) names:
+/// the one place the color label is read.
 fn label_color(labels: &std::collections::BTreeMap<String, String>) -> Option<Color> {
     labels.get(COLOR_LABEL).and_then(|c| Color::parse(c))
 }
@@ -605,8 +600,10 @@ fn pod_ip(pod: &Pod) -> Option<String> {
         .filter(|ip| !ip.is_empty())
 }
 
-/// A Deployment is ready when its controller has seen the latest spec and
-/// every replica is updated, available and ready, with no old pods left.
+/// The one place a Deployment is judged Ready: it asks for at least one
+/// replica, its controller has seen the latest spec, and every replica is
+/// updated and ready, with no old pods left. (The planner only compares the
+/// revision it runs.)
 fn deployment_view(deployment: &Deployment) -> DeploymentView {
     let replicas = deployment
         .spec
@@ -618,13 +615,14 @@ fn deployment_view(deployment: &Deployment) -> DeploymentView {
         .get(REVISION_LABEL)
         .cloned()
         .unwrap_or_default();
-    let ready = deployment.status.as_ref().is_some_and(|status| {
-        let seen =
-            status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
-        seen && status.updated_replicas.unwrap_or(0) >= replicas
-            && status.ready_replicas.unwrap_or(0) >= replicas
-            && status.replicas.unwrap_or(0) == replicas
-    });
+    let ready = replicas > 0
+        && deployment.status.as_ref().is_some_and(|status| {
+            let seen = status.observed_generation.unwrap_or(0)
+                >= deployment.metadata.generation.unwrap_or(0);
+            seen && status.updated_replicas.unwrap_or(0) >= replicas
+                && status.ready_replicas.unwrap_or(0) >= replicas
+                && status.replicas.unwrap_or(0) == replicas
+        });
     DeploymentView {
         revision,
         replicas,

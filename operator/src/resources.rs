@@ -84,6 +84,16 @@ pub fn instance_selector(name: &str) -> String {
     format!("{INSTANCE_LABEL}={name},{MANAGED_BY_LABEL}={FIELD_MANAGER}")
 }
 
+/// The label selector (as a string) for the gateway pods of `name`, either
+/// color: the labels every pod template carries.
+pub fn pod_selector(name: &str) -> String {
+    format!(
+        "{NAME_LABEL}=switchyard,{INSTANCE_LABEL}={name},{COLOR_LABEL} in ({},{})",
+        Color::Blue.as_str(),
+        Color::Green.as_str()
+    )
+}
+
 /// Labels selecting one color's pods (the Deployment's immutable selector).
 pub fn color_selector(name: &str, color: Color) -> BTreeMap<String, String> {
     BTreeMap::from([

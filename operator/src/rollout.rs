@@ -78,8 +78,9 @@ pub struct DeploymentView {
     pub revision: String,
     /// `spec.replicas`.
     pub replicas: i32,
-    /// Every replica is updated to the template and Ready (the Deployment
-    /// controller has seen the latest generation).
+    /// At least one replica asked for, and every replica updated to the
+    /// template and Ready (the Deployment controller has seen the latest
+    /// generation); judged in one place, where the Deployment is read.
     pub ready: bool,
 }
 
@@ -93,10 +94,12 @@ pub struct ColorView {
 }
 
 impl ColorView {
+    /// Ready (as the observation judged it: at least one replica, all of
+    /// them ready) and running `revision`.
     fn ready_at(&self, revision: &str) -> bool {
         self.deployment
             .as_ref()
-            .is_some_and(|d| d.ready && d.revision == revision && d.replicas > 0)
+            .is_some_and(|d| d.ready && d.revision == revision)
     }
 
     /// Ready at `revision` with at least `replicas` pods asked for (and at
@@ -227,6 +230,8 @@ pub enum Step {
         /// The color to select.
         color: Color,
     },
+    /// Server-side apply the PodDisruptionBudget (once per spec generation).
+    ApplyPodDisruptionBudget,
     /// Point the preview Service at a color.
     RoutePreview {
         /// The color to select.
@@ -304,6 +309,15 @@ pub fn plan(observed: &Observed) -> Plan {
     };
     // The message describes this plan's phase; it is rebuilt every time.
     planner.status.message = None;
+    if observed.status.observed_generation != observed.generation {
+        // Once per spec generation: what follows the spec but not the
+        // rollout (the PDB; the Service's port and type, re-applied at the
+        // color it already selects).
+        planner.steps.push(Step::ApplyPodDisruptionBudget);
+        if let Some(color) = observed.status.active_color {
+            planner.steps.push(Step::RouteService { color });
+        }
+    }
     match (observed.status.phase, observed.status.rollout.clone()) {
         (None, _) => planner.install(),
         (Some(Phase::Progressing), Some(rollout)) => planner.progressing(rollout),

@@ -98,6 +98,9 @@ impl GatewayAdmin for RecordingGateways {
     }
 }
 
+/// The operator's gateway pods, either color (`resources::pod_selector`).
+const PODS: &str = "labelSelector=app.kubernetes.io%2Fname%3Dswitchyard%2Capp.kubernetes.io%2Finstance%3Dchat%2Cswitchyard.dev%2Fcolor+in+%28blue%2Cgreen%29";
+
 fn resource(status: Value, annotations: Value) -> ConnectionService {
     serde_json::from_value(json!({
         "apiVersion": "switchyard.dev/v1alpha1",
@@ -245,14 +248,15 @@ async fn first_install() {
         vec![
             format!("GET /api/v1{NS}/secrets/chat-admin"),
             format!("POST /api/v1{NS}/secrets?&fieldManager=switchyard-operator"),
+            format!("GET /apis/apps/v1{NS}/deployments?&{selector}"),
+            format!("GET /api/v1{NS}/pods?&{PODS}"),
+            format!("GET /api/v1{NS}/services/chat"),
+            format!("GET /api/v1{NS}/services/chat-preview"),
+            // Once per spec generation, a planned step like every change.
             format!(
                 "PATCH {}",
                 apply_uri(&format!("/apis/policy/v1{NS}/poddisruptionbudgets/chat"))
             ),
-            format!("GET /apis/apps/v1{NS}/deployments?&{selector}"),
-            format!("GET /api/v1{NS}/pods?&labelSelector=app.kubernetes.io%2Finstance%3Dchat"),
-            format!("GET /api/v1{NS}/services/chat"),
-            format!("GET /api/v1{NS}/services/chat-preview"),
             format!(
                 "PATCH {}",
                 apply_uri(&format!("/api/v1{NS}/configmaps/chat-config-{rev}"))
@@ -375,7 +379,7 @@ async fn rollout_step_switching_to_draining() {
         vec![
             format!("GET /api/v1{NS}/secrets/chat-admin"),
             format!("GET /apis/apps/v1{NS}/deployments?&labelSelector=app.kubernetes.io%2Finstance%3Dchat%2Capp.kubernetes.io%2Fmanaged-by%3Dswitchyard-operator"),
-            format!("GET /api/v1{NS}/pods?&labelSelector=app.kubernetes.io%2Finstance%3Dchat"),
+            format!("GET /api/v1{NS}/pods?&{PODS}"),
             format!("GET /api/v1{NS}/services/chat"),
             format!("GET /api/v1{NS}/services/chat-preview"),
             format!("POST /apis/events.k8s.io/v1{NS}/events?"),

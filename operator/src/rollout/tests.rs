@@ -46,6 +46,7 @@ fn stable() -> Observed {
             phase: Some(Phase::Stable),
             active_color: Some(Color::Blue),
             active_revision: Some("r1".to_string()),
+            observed_generation: Some(1),
             ..ConnectionServiceStatus::default()
         },
         blue: ColorView {
@@ -367,8 +368,22 @@ fn transitions() {
         pods: vec![pod("g-1", "10.0.1.1", 0, true)],
     };
 
+    let mut new_generation = stable();
+    new_generation.generation = Some(2);
+
     let blue_pods = vec![target("b-1", "10.0.0.1"), target("b-2", "10.0.0.2")];
     let cases = vec![
+        Case {
+            name: "a new spec generation re-applies the PDB and the Service (at the color it selects)",
+            observed: new_generation,
+            steps: vec![
+                Step::ApplyPodDisruptionBudget,
+                Step::RouteService { color: Blue },
+            ],
+            events: vec![],
+            phase: Phase::Stable,
+            active: Blue,
+        },
         Case {
             name: "explorer: a promote given before a retarget does not approve the newer revision",
             observed: promoted_then_retargeted,
@@ -422,6 +437,7 @@ fn transitions() {
             name: "first install",
             observed: install,
             steps: vec![
+                Step::ApplyPodDisruptionBudget,
                 Step::ApplyDeployment {
                     color: Blue,
                     revision: "r1".into(),
@@ -438,6 +454,7 @@ fn transitions() {
             name: "status lost: adopt the Service's color, then roll out",
             observed: adopt,
             steps: vec![
+                Step::ApplyPodDisruptionBudget,
                 Step::ApplyDeployment {
                     color: Blue,
                     revision: "r1".into(),
@@ -940,6 +957,7 @@ fn transitions() {
             name: "status lost mid-rollout: green keeps its pods at the revision it runs",
             observed: lost_mid_progress,
             steps: vec![
+                Step::ApplyPodDisruptionBudget,
                 Step::ApplyDeployment {
                     color: Green,
                     revision: "r2".into(),
@@ -1108,6 +1126,7 @@ impl Sim {
                     }
                 }
                 Step::CancelDrain { .. }
+                | Step::ApplyPodDisruptionBudget
                 | Step::ClearAnnotation { .. }
                 | Step::PruneConfigMaps { .. }
                 | Step::Record(_) => {}
