@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use switchyard_protocol::admin::PublishResponse;
 use switchyard_protocol::Position;
 
@@ -113,7 +113,7 @@ impl GatewayProcess {
 
     /// Resident set size of the gateway process, in KiB.
     pub fn rss_kib(&self) -> Result<u64> {
-        rss_kib(self.pid())
+        Ok(switchyard_host::rss_kib(self.pid())?)
     }
 
     /// Log lines so far.
@@ -209,34 +209,15 @@ impl Drop for GatewayProcess {
     }
 }
 
-/// Resident set size of a process, in KiB, from /proc.
-pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
-}
-
 /// The Python virtual environment the test command creates (`websockets` installed).
 pub fn python() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     root.join(".venv/bin/python")
 }
 
-/// Raises this process's open-file limit to its hard limit (tests that hold
-/// thousands of sockets).
-pub fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit with a pointer to a local struct.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+/// The resident set size of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    Ok(switchyard_host::rss_kib(pid)?)
 }
+
+pub use switchyard_host::raise_fd_limit;
