@@ -328,8 +328,8 @@ fn unix_micros() -> u64 {
 
 /// The `"t":<micros>` field of a message frame, without a full JSON parse.
 fn sent_micros(text: &[u8]) -> Option<u64> {
-    // Built once: a searcher set up per message was 14% of the load
-    // generator's samples at 1M deliveries/s.
+    // Built once: setting a searcher up per message showed in the load
+    // generator's own profile at 1M deliveries/s (docs/benchmarks.md).
     static FIELD: OnceLock<memchr::memmem::Finder<'static>> = OnceLock::new();
     let field = FIELD.get_or_init(|| memchr::memmem::Finder::new(br#""t":"#));
     leading_number(&text[field.find(text)? + 4..])

@@ -509,8 +509,9 @@ impl Default for WebSocketSettings {
             max_frame_bytes: 64 * 1024,
             // What an idle connection keeps for reading: client frames are
             // small (subscribe, publish), and a larger frame gets a buffer of
-            // its own size once its header is read. 512 rather than 2048 is
-            // 1.4 KiB less per idle connection (docs/benchmarks.md).
+            // its own size once its header is read, so the idle buffer is
+            // kept small (bench/core.sh measures the idle cost per
+            // connection; figures in docs/benchmarks.md).
             read_buffer_bytes: 512,
             write_buffer_bytes: 16 * 1024,
             max_write_buffer_bytes: 1024 * 1024,

@@ -286,8 +286,8 @@ impl Metrics {
     /// Observes the fan-out latencies of one written batch (seconds each).
     ///
     /// A histogram observation is four atomic updates on cache lines every
-    /// worker thread writes; at 1M deliveries/s, one per frame was 4.5% of the
-    /// gateway's CPU. The batch is counted in this thread's local histogram
+    /// worker thread writes, once per frame a visible share of the gateway's
+    /// CPU under fan-out (`bench/cpu.sh`). The batch is counted in this thread's local histogram
     /// first and flushed before returning: one set of updates per batch, and
     /// nothing left behind in a thread that then goes idle.
     pub fn observe_fanout_latencies(&self, latencies: impl IntoIterator<Item = f64>) {

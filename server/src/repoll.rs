@@ -9,9 +9,9 @@
 //! Normally that costs a wasted poll. During a fan-out it is the whole
 //! delay: the publish handler has just woken 10,000 connection tasks, the
 //! admin connection lands behind them, and the publisher's next request
-//! waits there — 150–230 ms at 1M deliveries/s (docs/benchmarks.md, "The
-//! publisher's wait: a self-wake"), where a task woken by its socket would
-//! have run next.
+//! waits there (measured in docs/benchmarks.md, "The publisher's wait: a
+//! self-wake"; `bench/ab.sh WORKLOAD=fanout`), where a task woken by its
+//! socket would have run next.
 //!
 //! [`Repoll`] gives the inner future a waker of its own. A wake that arrives
 //! while the inner future is being polled (from itself, or from another
