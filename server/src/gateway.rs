@@ -34,40 +34,42 @@ use crate::security::unix_ms;
 /// addresses, and a busy gateway's legitimate clients still fit.
 const MAX_RATE_LIMITED_IPS: usize = 100_000;
 
-/// Everything the listeners and connections share.
+/// Everything the listeners and connections share. Outside the crate only
+/// its construction and its metrics are reachable (for embedding and the
+/// load generator's tests); the rest is the gateway's own.
 pub struct Gateway {
     /// The effective configuration.
-    pub config: Config,
+    pub(crate) config: Config,
     /// This gateway's id.
-    pub server_id: String,
+    pub(crate) server_id: String,
     /// Metrics.
     pub metrics: Metrics,
     /// Live connections.
-    pub hub: Hub,
+    pub(crate) hub: Hub,
     /// Topic broker.
-    pub broker: Arc<dyn Broker>,
+    pub(crate) broker: Arc<dyn Broker>,
     /// Where connection tickets live (the same memory or Redis store as the
     /// broker's, reached through its own trait).
-    pub tickets: Arc<dyn TicketStore>,
+    pub(crate) tickets: Arc<dyn TicketStore>,
     /// tungstenite settings for every connection.
-    pub ws_config: WebSocketConfig,
+    pub(crate) ws_config: WebSocketConfig,
     started: Instant,
     /// The drain state: the current or last drain, shutting down.
-    pub drains: Drains,
+    pub(crate) drains: Drains,
     /// The Origin check of the public listener.
-    pub origin: OriginPolicy,
+    pub(crate) origin: OriginPolicy,
     /// Authenticates handshakes; holds the revocations.
-    pub auth: Authenticator,
+    pub(crate) auth: Authenticator,
     /// The admin listener's bearer token.
-    pub admin_auth: AdminAuth,
+    pub(crate) admin_auth: AdminAuth,
     /// TLS on the public listener, when configured.
-    pub public_tls: Option<TlsAcceptor>,
+    pub(crate) public_tls: Option<TlsAcceptor>,
     /// TLS on the admin listener, when configured.
-    pub admin_tls: Option<TlsAcceptor>,
+    pub(crate) admin_tls: Option<TlsAcceptor>,
     /// Handshakes per second per IP, when limited.
-    pub handshake_limiter: Option<IpRateLimiter>,
+    pub(crate) handshake_limiter: Option<IpRateLimiter>,
     /// When each authenticated session expires.
-    pub expiries: SessionExpiries,
+    pub(crate) expiries: SessionExpiries,
 }
 
 impl Gateway {
@@ -128,7 +130,7 @@ impl Gateway {
     }
 
     /// Counts a handshake refused for `reason` (every refusal, at any layer, comes here).
-    pub fn count_rejection(&self, reason: &str) {
+    pub(crate) fn count_rejection(&self, reason: &str) {
         self.metrics
             .handshakes_rejected
             .with_label_values(&[reason])
@@ -137,17 +139,12 @@ impl Gateway {
 
     /// Whether the gateway refuses new work (readiness is 503); see
     /// [`Drains::is_draining`].
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.drains.is_draining()
     }
 
-    /// Whether SIGTERM (or SIGINT) has been received.
-    pub fn is_shutting_down(&self) -> bool {
-        self.drains.is_shutting_down()
-    }
-
     /// Why a new connection is refused now, if it is; see [`Drains::refusal`].
-    pub fn refusal(&self, admitted: Option<&ConnHandle>) -> Option<&'static str> {
+    pub(crate) fn refusal(&self, admitted: Option<&ConnHandle>) -> Option<&'static str> {
         self.drains.refusal(admitted)
     }
 
@@ -158,14 +155,14 @@ impl Gateway {
 
     /// Counts a connection that ended, for the drain that planned it (if
     /// any); `initiator` says who closed it.
-    pub fn connection_ended(&self, handle: &ConnHandle, initiator: Initiator) {
+    pub(crate) fn connection_ended(&self, handle: &ConnHandle, initiator: Initiator) {
         self.drains
             .connection_ended(handle, initiator, &self.metrics);
     }
 
     /// Closes every connection of `subject` with 4503 and refuses its older
     /// credentials from now on; returns how many connections were closed.
-    pub fn revoke(&self, subject: &str) -> usize {
+    pub(crate) fn revoke(&self, subject: &str) -> usize {
         self.auth.revocations.revoke(subject, unix_ms() / 1000);
         let closed = self
             .hub
@@ -180,14 +177,18 @@ impl Gateway {
 
     /// Publishes through the broker and counts it. Both publish paths (the
     /// admin API and client `publish` frames) come here.
-    pub async fn publish(&self, topic: &str, data: &RawValue) -> Result<Position, BrokerError> {
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        data: &RawValue,
+    ) -> Result<Position, BrokerError> {
         let position = self.broker.publish(topic, data).await?;
         self.metrics.messages_published.inc();
         Ok(position)
     }
 
     /// The `/admin/status` body.
-    pub fn status(&self) -> StatusResponse {
+    pub(crate) fn status(&self) -> StatusResponse {
         StatusResponse {
             server_id: self.server_id.clone(),
             connections: self.hub.len() as u64,

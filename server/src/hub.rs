@@ -130,6 +130,7 @@ impl Hub {
     }
 
     /// Registers a new anonymous connection and returns its handle.
+    #[cfg(test)]
     pub fn register(&self, route: Route) -> Arc<ConnHandle> {
         let handle = self.new_handle(route, None);
         self.lock().insert(handle.id, handle.clone());

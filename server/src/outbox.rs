@@ -59,11 +59,6 @@ impl Outgoing {
             Outgoing::Ping => 0,
         }
     }
-
-    /// Whether the frame carries no payload.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// How a connection has been asked to end.
@@ -198,6 +193,7 @@ impl Outbox {
     }
 
     /// Frames currently queued.
+    #[cfg(test)]
     pub fn queued(&self) -> usize {
         self.lock().queue.len()
     }

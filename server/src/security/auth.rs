@@ -211,11 +211,6 @@ impl Authenticator {
         })
     }
 
-    /// Whether anonymous sessions are admitted.
-    pub fn anonymous_allowed(&self) -> bool {
-        self.anonymous
-    }
-
     /// The session a handshake opens, at Unix time `now_ms`.
     pub async fn authenticate(
         &self,

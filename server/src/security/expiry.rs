@@ -50,12 +50,8 @@ impl SessionExpiries {
         (due, None)
     }
 
-    /// Scheduled expiries.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
     /// Whether nothing is scheduled.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }

@@ -121,6 +121,7 @@ impl IpRateLimiter {
     }
 
     /// Addresses currently tracked.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.table
             .lock()
