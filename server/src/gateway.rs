@@ -275,6 +275,7 @@ fn make_broker(
                     publish_seconds: metrics.backplane_publish_seconds.clone(),
                     reconnects: metrics.backplane_reconnects.clone(),
                     recovered_messages: metrics.backplane_recovered_messages.clone(),
+                    foreign_messages: metrics.backplane_foreign_messages.clone(),
                 },
             })
             .context("redis broker")?;

@@ -96,6 +96,10 @@ pub struct Metrics {
     /// `switchyard_backplane_recovered_messages_total`: messages a pod missed
     /// on pub/sub and delivered from the stream after reconnecting.
     pub backplane_recovered_messages: IntCounter,
+    /// `switchyard_backplane_foreign_messages_total`: pub/sub messages of
+    /// another deployment whose prefix and topic name the same channel,
+    /// dropped.
+    pub backplane_foreign_messages: IntCounter,
     /// `switchyard_authorization_denied_total{action="subscribe|publish"}`:
     /// requests on topics the session may not use.
     pub authorization_denied: IntCounterVec,
@@ -236,6 +240,10 @@ impl Metrics {
             backplane_recovered_messages: counter(
                 "switchyard_backplane_recovered_messages_total",
                 "Messages missed on pub/sub during a reconnect and delivered from the stream.",
+            )?,
+            backplane_foreign_messages: counter(
+                "switchyard_backplane_foreign_messages_total",
+                "Pub/sub messages of another deployment on a channel this one also uses (a key prefix nested in another), dropped.",
             )?,
             authorization_denied: counter_vec(
                 "switchyard_authorization_denied_total",

@@ -540,3 +540,57 @@ async fn a_client_session_retries_a_subscribe_refused_while_redis_is_down() {
         }
     }
 }
+
+/// Two deployments sharing one Redis under prefixes where one is the other
+/// plus `:v2` (`app` with topic `v2:x`, `app:v2` with topic `x`) meet on the
+/// same pub/sub channel name. Each gateway delivers only its own tenant's
+/// messages: the other's arrive on its channel and are dropped, counted,
+/// never shown to a subscriber of a topic they were not published to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_whose_prefixes_nest_never_see_each_others_messages() {
+    let redis = RedisServer::start().expect("redis");
+    let app = gateways(&redis, 1, &["redis.key_prefix=app"]).remove(0);
+    let app_v2 = gateways(&redis, 1, &["redis.key_prefix=app:v2"]).remove(0);
+    let mut on_app = Connection::connect(&app.ws_url()).await.expect("connect");
+    subscribe(&mut on_app, "v2:x", None).await;
+    let mut on_app_v2 = Connection::connect(&app_v2.ws_url())
+        .await
+        .expect("connect");
+    subscribe(&mut on_app_v2, "x", None).await;
+
+    // The other tenant first, then this one's own message: if the other's
+    // leaked, it would arrive first.
+    app_v2
+        .publish("x", r#"{"tenant":"app:v2"}"#)
+        .expect("publish");
+    app.publish("v2:x", r#"{"tenant":"app"}"#).expect("publish");
+    let (position, data) = next_message(&mut on_app).await;
+    assert_eq!(
+        data,
+        serde_json::json!({"tenant": "app"}),
+        "app sees only its own"
+    );
+    assert_eq!(position.offset, 1);
+    let (position, data) = next_message(&mut on_app_v2).await;
+    assert_eq!(
+        data,
+        serde_json::json!({"tenant": "app:v2"}),
+        "app:v2 sees only its own"
+    );
+    assert_eq!(position.offset, 1);
+    // And nothing else arrives on either.
+    for conn in [&mut on_app, &mut on_app_v2] {
+        match tokio::time::timeout(Duration::from_millis(500), conn.next_event()).await {
+            Err(_) => {}
+            Ok(event) => panic!("a foreign message arrived: {event:?}"),
+        }
+    }
+    for gw in [&app, &app_v2] {
+        assert_eq!(
+            gw.metric("switchyard_backplane_foreign_messages_total")
+                .expect("metric"),
+            1.0,
+            "the other tenant's message was dropped and counted"
+        );
+    }
+}

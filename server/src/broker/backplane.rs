@@ -63,6 +63,8 @@ pub struct BackplaneMetrics {
     pub reconnects: IntCounter,
     /// `switchyard_backplane_recovered_messages_total`.
     pub recovered_messages: IntCounter,
+    /// `switchyard_backplane_foreign_messages_total`.
+    pub foreign_messages: IntCounter,
 }
 
 /// Everything the Redis broker needs to start.
@@ -556,10 +558,29 @@ impl Inner {
             tracing::warn!(%channel, "ignoring a malformed backplane message");
             return;
         };
+        // Channels are `prefix:topic`, and both may contain ':': prefix
+        // `app` with topic `v2:x` and prefix `app:v2` with topic `x` share a
+        // channel. The frame names its topic; another deployment's is dropped
+        // before any subscriber sees it.
+        if !frame_is_for(frame.as_bytes(), topic) {
+            self.options.metrics.foreign_messages.inc();
+            return;
+        }
         if let Some(local) = self.topics().get_mut(topic) {
             local.deliver(position, &frame, self.options.max_pending);
         }
     }
+}
+
+/// Whether a frame built by `publish.lua` was published to `topic`: it
+/// begins `{"op":"message","topic":"<topic>",`. Topic names need no JSON
+/// escaping (`protocol::topic`'s character set), so the name appears as is.
+fn frame_is_for(frame: &[u8], topic: &str) -> bool {
+    const HEAD: &[u8] = br#"{"op":"message","topic":""#;
+    frame
+        .strip_prefix(HEAD)
+        .and_then(|rest| rest.strip_prefix(topic.as_bytes()))
+        .is_some_and(|rest| rest.starts_with(br#"","#))
 }
 
 /// Parses `"<epoch> <offset>\n<frame>"`.
@@ -899,6 +920,20 @@ fn ticket_unavailable(err: BrokerError) -> TicketError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_is_for_the_topic_it_names_and_no_other() {
+        let frame = br#"{"op":"message","topic":"v2:x","epoch":7,"offset":1,"data":{}}"#;
+        assert!(frame_is_for(frame, "v2:x"));
+        for other in ["x", "v2", "v2:x:y", "v2:", ""] {
+            assert!(!frame_is_for(frame, other), "{other}");
+        }
+        assert!(
+            !frame_is_for(br#"{"op":"message","topic":"v2:x"#, "v2:x"),
+            "cut short"
+        );
+        assert!(!frame_is_for(b"garbage", "v2:x"));
+    }
     use crate::hub::ConnHandle;
 
     /// A subscriber joining with a snapshot head ahead of what this pod has
