@@ -594,3 +594,106 @@ async fn tenants_whose_prefixes_nest_never_see_each_others_messages() {
         );
     }
 }
+
+/// Redis comes back with less than it acknowledged (a restart from an RDB
+/// snapshot older than the last writes; the same as a failover to a replica
+/// that is behind). The topic's meta still names the old epoch, with an
+/// older offset: offsets would be reused for new messages, and a client at
+/// the lost offsets would take them for duplicates. Any new instance starts
+/// every topic over with a new epoch instead: the next publish is at a new
+/// epoch, a subscriber is told `recovered:false`, and a client resuming from
+/// a lost position is told so too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_lost_recent_writes_starts_a_new_epoch() {
+    let mut redis = RedisServer::start().expect("redis");
+    let pods = gateways(&redis, 2, &["redis.reconnect_max_delay_ms=200"]);
+    let mut live = Connection::connect(&pods[0].ws_url())
+        .await
+        .expect("connect");
+    subscribe(&mut live, "t", None).await;
+    let mut last = None;
+    for n in 1..=8u64 {
+        if n == 6 {
+            // Redis keeps 1..5 on disk; 6..8 are acknowledged but only in memory.
+            redis.cli(&["SAVE"]).expect("SAVE");
+        }
+        last = Some(
+            pods[0]
+                .publish("t", &format!(r#"{{"n":{n}}}"#))
+                .expect("publish"),
+        );
+    }
+    let last = last.expect("published");
+    for n in 1..=8u64 {
+        let (position, data) = next_message(&mut live).await;
+        assert_eq!(
+            (position, data),
+            (Position::new(last.epoch, n), serde_json::json!({ "n": n }))
+        );
+    }
+
+    redis.restart().expect("restart from the snapshot");
+    assert_eq!(
+        redis
+            .cli(&["HGET", "switchyard:{t}:meta", "offset"])
+            .expect("meta"),
+        "5"
+    );
+    for pod in &pods {
+        pod.wait_metric("switchyard_backplane_reconnects_total", 1.0, STEP)
+            .expect("pub/sub reconnected");
+        assert!(
+            wait_status(pod.public, "/readyz", 200, STEP),
+            "backplane back"
+        );
+    }
+    // A pooled command connection learns of the restart on its first use
+    // (a write on the dead socket, refused before it reached Redis), so
+    // only that failure is retried.
+    let mut attempts = 0;
+    let next = loop {
+        match pods[1].publish("t", r#"{"n":9}"#) {
+            Ok(position) => break position,
+            Err(err) if attempts < 3 && err.to_string().contains("broken pipe") => attempts += 1,
+            Err(err) => panic!("publish after the loss: {err}"),
+        }
+    };
+    assert_ne!(
+        next.epoch, last.epoch,
+        "offset {} at the old epoch would reuse a lost offset",
+        next.offset
+    );
+    assert_eq!(next.offset, 1);
+    // The live subscriber is told, then gets the new message.
+    let mut told = false;
+    loop {
+        match next_frame(&mut live).await {
+            ServerFrame::Subscribed { recovered, .. } => {
+                assert!(!recovered);
+                told = true;
+            }
+            ServerFrame::Message {
+                epoch,
+                offset,
+                data,
+                ..
+            } => {
+                assert!(told, "the gap was announced before new messages");
+                assert_eq!((epoch, offset), (next.epoch, 1));
+                assert_eq!(data, serde_json::json!({"n": 9}));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    // A client resuming from a lost position is told the stream did not
+    // continue, at the new epoch's start, and gets what it holds.
+    let mut resuming = Connection::connect(&pods[1].ws_url())
+        .await
+        .expect("connect");
+    let (position, recovered) = subscribe(&mut resuming, "t", Some(last)).await;
+    assert!(!recovered, "resumed from a position Redis no longer has");
+    assert_eq!(position, Position::new(next.epoch, 0));
+    let (position, data) = next_message(&mut resuming).await;
+    assert_eq!((position, data), (next, serde_json::json!({"n": 9})));
+}

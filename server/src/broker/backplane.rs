@@ -456,14 +456,19 @@ impl Inner {
         let fetched: Vec<u64> = snapshot.entries.iter().map(|(offset, _)| *offset).collect();
         let resume = resume_from_snapshot(since, snapshot.head, &fetched);
         let outbox = handle.outbox();
+        // A restarted epoch is announced at its start, then replayed whole.
+        let start = match resume {
+            Resume::Restarted => Position::new(snapshot.head.epoch, 0),
+            _ => snapshot.head,
+        };
         let confirmation = ServerFrame::Subscribed {
             topic: topic.to_owned(),
-            position: snapshot.head,
+            position: start,
             recovered: resume.recovered(),
         };
         let _ = outbox.push(Outgoing::Text(Utf8Bytes::from(confirmation.to_json())));
         let mut replayed = 0;
-        if let Resume::ReplayAfter(_) = resume {
+        if let Resume::ReplayAfter(_) | Resume::Restarted = resume {
             for (_, frame) in snapshot.entries.iter().rev() {
                 let _ = outbox.push(Outgoing::Text(frame.clone()));
                 replayed += 1;
@@ -517,12 +522,19 @@ impl Inner {
         let buffered = local.recovering.take().unwrap_or_default();
         let fetched: Vec<u64> = snapshot.entries.iter().map(|(offset, _)| *offset).collect();
         match resume_from_snapshot(since, snapshot.head, &fetched) {
-            Resume::Lost => {
-                tracing::warn!(%topic, ?since, head = %snapshot.head, "backplane gap cannot be filled");
+            resume @ (Resume::Lost | Resume::Restarted) => {
+                tracing::warn!(%topic, ?since, head = %snapshot.head, ?resume, "backplane gap cannot be filled");
+                // A restarted epoch (Redis lost history) is announced at its
+                // start and replayed whole, so nothing published since the
+                // loss is skipped; otherwise the stream resumes at the head.
+                let start = match resume {
+                    Resume::Restarted => Position::new(snapshot.head.epoch, 0),
+                    _ => snapshot.head,
+                };
                 let notice = Utf8Bytes::from(
                     ServerFrame::Subscribed {
                         topic: topic.to_owned(),
-                        position: snapshot.head,
+                        position: start,
                         recovered: false,
                     }
                     .to_json(),
@@ -530,7 +542,13 @@ impl Inner {
                 for sub in local.subscribers.values().filter(|s| s.pending.is_none()) {
                     let _ = sub.handle.outbox().push(Outgoing::Text(notice.clone()));
                 }
-                local.last = Some(snapshot.head);
+                local.last = Some(start);
+                if resume == Resume::Restarted {
+                    for (offset, frame) in snapshot.entries.iter().rev() {
+                        let position = Position::new(snapshot.head.epoch, *offset);
+                        local.deliver(position, frame, max_pending);
+                    }
+                }
             }
             Resume::UpToDate => {}
             Resume::ReplayAfter(_) => {

@@ -32,12 +32,17 @@ pub enum Resume {
     /// The position cannot be continued without a gap (another epoch, trimmed
     /// history, or an offset past the head): start from the head, not recovered.
     Lost,
+    /// The position is in an epoch the log has moved past (its history was
+    /// lost), and the log still holds the whole new epoch (offsets 1 ..=
+    /// head): not recovered, but the new epoch is replayed from its start,
+    /// so nothing published since the loss is skipped.
+    Restarted,
 }
 
 impl Resume {
     /// Whether the subscriber's stream continues without a gap.
     pub fn recovered(self) -> bool {
-        !matches!(self, Resume::Lost)
+        !matches!(self, Resume::Lost | Resume::Restarted)
     }
 }
 
@@ -150,7 +155,18 @@ pub fn resume_from_snapshot(since: Option<Position>, head: Position, fetched: &[
     let Some(since) = since else {
         return Resume::UpToDate;
     };
-    if since.epoch != head.epoch || since.offset > head.offset {
+    if since.epoch != head.epoch {
+        let whole = fetched.len() as u64 == head.offset
+            && fetched
+                .iter()
+                .all(|&offset| (1..=head.offset).contains(&offset));
+        return if whole {
+            Resume::Restarted
+        } else {
+            Resume::Lost
+        };
+    }
+    if since.offset > head.offset {
         return Resume::Lost;
     }
     if since.offset == head.offset {
@@ -177,7 +193,8 @@ mod tests {
     #[test]
     fn snapshot_resume_table() {
         let head = Position::new(EPOCH, 10);
-        let table: [(Option<Position>, &[u64], Resume); 8] = [
+        let whole: Vec<u64> = (1..=10).rev().collect();
+        let table: [(Option<Position>, &[u64], Resume); 10] = [
             (None, &[], Resume::UpToDate),
             (Some(Position::new(EPOCH, 10)), &[], Resume::UpToDate),
             (
@@ -190,6 +207,13 @@ mod tests {
             (Some(Position::new(EPOCH, 11)), &[], Resume::Lost),
             (Some(Position::new(EPOCH + 1, 7)), &[10, 9, 8], Resume::Lost),
             (Some(Position::new(EPOCH, 7)), &[10, 9, 7], Resume::Lost),
+            // from an epoch the log moved past, with the new epoch all there
+            (Some(Position::new(EPOCH + 1, 7)), &whole, Resume::Restarted),
+            (
+                Some(Position::new(EPOCH - 1, 70)),
+                &whole[1..],
+                Resume::Lost,
+            ),
         ];
         for (since, fetched, expected) in table {
             assert_eq!(

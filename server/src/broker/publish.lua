@@ -1,16 +1,26 @@
 -- Switchyard: publish one message atomically.
--- KEYS[1] topic meta (hash: epoch, offset)   KEYS[2] topic log (stream)
+-- KEYS[1] topic meta (hash: epoch, offset, run)   KEYS[2] topic log (stream)
 -- ARGV[1] epoch to use if the log does not exist (decimal string)
 -- ARGV[2] topic name as a JSON string        ARGV[3] data (JSON text)
 -- ARGV[4] history size (MAXLEN)              ARGV[5] history age (ms)
 -- ARGV[6] key TTL (ms)                       ARGV[7] pub/sub channel
 -- Returns {epoch, offset}. Publishes "<epoch> <offset>\n<frame>" on the channel.
+-- The instance that last wrote the topic is in its meta (`run`): Redis can
+-- come back with less than it acknowledged (a restart from an RDB snapshot
+-- or an everysec AOF, a failover to a replica that is behind) with the meta
+-- of an older offset and the same epoch. Any other instance, or a meta from
+-- before `run` was kept, may have lost history: the topic starts over with a
+-- new epoch rather than reuse offsets.
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and redis.call('HGET', KEYS[1], 'run') ~= run then
+  epoch = false
+end
 if not epoch then
   -- A lost log starts over with a new epoch; drop any stream left without its meta.
   redis.call('DEL', KEYS[2])
   epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
 end
 local offset = string.format('%d', redis.call('HINCRBY', KEYS[1], 'offset', 1))
 local frame = '{"op":"message","topic":' .. ARGV[2] .. ',"epoch":' .. epoch ..

@@ -4,26 +4,38 @@
 -- ARGV[3] since offset   ARGV[4] most entries to return   ARGV[5] history age (ms)
 -- ARGV[6] key TTL (ms)
 -- Returns {epoch, head, entries}: entries are the log's newest (head - since)
--- entries, newest first, as XREVRANGE gives them, when the epoch matches and
--- at most ARGV[4] are needed; otherwise none.
+-- entries, newest first, as XREVRANGE gives them, when the epoch matches, or
+-- all `head` of them when `since` is of another epoch; none when more than
+-- ARGV[4] would be needed.
+-- As in publish.lua: a meta written by another Redis instance (a restart,
+-- a failover) may describe history this one lost; start over.
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and redis.call('HGET', KEYS[1], 'run') ~= run then
+  epoch = false
+end
 if not epoch then
   redis.call('DEL', KEYS[2])
   epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
 end
 local head = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 local entries = {}
+local want = 0
 if ARGV[2] == epoch then
-  local want = head - tonumber(ARGV[3])
-  if want > 0 and want <= tonumber(ARGV[4]) then
-    local now = redis.call('TIME')
-    local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[5])
-    if oldest > 0 then
-      redis.call('XTRIM', KEYS[2], 'MINID', oldest)
-    end
-    entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', want)
+  want = head - tonumber(ARGV[3])
+elseif ARGV[2] ~= '' then
+  -- Resuming from an epoch the topic has moved past: the whole new epoch
+  -- (its log was emptied when it began), so nothing since is skipped.
+  want = head
+end
+if want > 0 and want <= tonumber(ARGV[4]) then
+  local now = redis.call('TIME')
+  local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[5])
+  if oldest > 0 then
+    redis.call('XTRIM', KEYS[2], 'MINID', oldest)
   end
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', want)
 end
 return {epoch, head, entries}
