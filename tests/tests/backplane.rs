@@ -697,3 +697,34 @@ async fn redis_that_lost_recent_writes_starts_a_new_epoch() {
     let (position, data) = next_message(&mut resuming).await;
     assert_eq!((position, data), (next, serde_json::json!({"n": 9})));
 }
+
+/// A topic that is read but not written keeps its log and epoch: every
+/// snapshot (a subscribe, a recovery) refreshes the keys' TTL as a publish
+/// does. Before, a quiet topic expired `redis.topic_ttl_ms` after its last
+/// publish however often it was read, and restarted its epoch under its
+/// readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_is_only_read_does_not_expire() {
+    let redis = RedisServer::start().expect("redis");
+    let pod = gateways(
+        &redis,
+        1,
+        &["redis.topic_ttl_ms=1500", "topics.history_ttl_ms=1500"],
+    )
+    .remove(0);
+    let first = pod.publish("quiet", r#"{"n":1}"#).expect("publish");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(3_500) {
+        let mut reader = Connection::connect(&pod.ws_url()).await.expect("connect");
+        let (position, recovered) = subscribe(&mut reader, "quiet", Some(first)).await;
+        assert!(recovered, "read at {:?}", started.elapsed());
+        assert_eq!(position, first);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let second = pod.publish("quiet", r#"{"n":2}"#).expect("publish");
+    assert_eq!(
+        second,
+        Position::new(first.epoch, 2),
+        "same log, next offset"
+    );
+}

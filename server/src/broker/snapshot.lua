@@ -18,8 +18,11 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
 end
+-- Read counts as use: a topic that is subscribed to but quiet keeps its log
+-- and epoch as long as one that is published to.
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
 local head = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 local entries = {}
 local want = 0
