@@ -728,3 +728,42 @@ async fn a_topic_that_is_only_read_does_not_expire() {
         "same log, next offset"
     );
 }
+
+/// Redis stops answering (here `CLIENT PAUSE`, as a silent partition would)
+/// while the gateway subscribes a new channel: the SUBSCRIBE is bounded by
+/// `redis.command_timeout_ms`, so the gateway gives the link up, reports
+/// itself not ready, refuses the subscribe as `unavailable`, and is back
+/// once Redis answers. Before, the supervisor waited in the SUBSCRIBE (no
+/// health pings meanwhile) and readiness stayed 200 throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_redis_never_answers_is_given_up_and_readiness_says_so() {
+    let redis = RedisServer::start().expect("redis");
+    let pod = gateways(&redis, 1, &["redis.command_timeout_ms=300"]).remove(0);
+    let mut conn = Connection::connect(&pod.ws_url()).await.expect("connect");
+    redis
+        .cli(&["CLIENT", "PAUSE", "4000", "ALL"])
+        .expect("pause");
+    let paused = std::time::Instant::now();
+    conn.subscribe("during-pause", None)
+        .await
+        .expect("send subscribe");
+    let not_ready = wait_status(pod.public, "/readyz", 503, Duration::from_millis(2_500));
+    assert!(
+        not_ready && paused.elapsed() < Duration::from_millis(3_000),
+        "readiness still 200 {:?} into the pause",
+        paused.elapsed()
+    );
+    match next_frame(&mut conn).await {
+        ServerFrame::Error { code, topic, .. } => {
+            assert_eq!(code, switchyard_protocol::ErrorCode::Unavailable);
+            assert_eq!(topic.as_deref(), Some("during-pause"));
+        }
+        other => panic!("expected the subscribe refused, got {other:?}"),
+    }
+    assert!(
+        wait_status(pod.public, "/readyz", 200, STEP),
+        "back after the pause"
+    );
+    let (_, recovered) = subscribe(&mut conn, "during-pause", None).await;
+    assert!(recovered);
+}

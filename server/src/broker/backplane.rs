@@ -707,7 +707,18 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
         let max_delay = Duration::from_millis(inner.settings().reconnect_max_delay_ms);
         let connected = async {
             connect_pool(&inner).await?;
-            connect_pubsub(&inner).await
+            let (mut sink, stream) = connect_pubsub(&inner).await?;
+            // Connected is not answering: a Redis that accepts connections
+            // but runs no command (paused, overloaded, half partitioned)
+            // is not up, or readiness would flap back to 200 at once.
+            let timeout = Duration::from_millis(inner.settings().command_timeout_ms);
+            match tokio::time::timeout(timeout, sink.ping::<Value>()).await {
+                Ok(Ok(_)) => Ok((sink, stream)),
+                Ok(Err(err)) => Err(unavailable(err)),
+                Err(_) => Err(unavailable(
+                    "no answer to PING within redis.command_timeout_ms",
+                )),
+            }
         }
         .await;
         let (mut sink, stream) = match connected {
@@ -731,9 +742,17 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
         };
         let channels: Vec<String> = names.iter().map(|t| inner.channel(t)).collect();
         if !channels.is_empty() {
-            if let Err(err) = sink.subscribe(&channels).await {
+            let command_timeout = Duration::from_millis(inner.settings().command_timeout_ms);
+            let resubscribed =
+                match tokio::time::timeout(command_timeout, sink.subscribe(&channels)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(err)) => Err(err.to_string()),
+                    Err(_) => Err("no answer within redis.command_timeout_ms".to_owned()),
+                };
+            if let Err(err) = resubscribed {
                 // Backs off like a failed connect: a Redis that accepts
-                // connections but refuses the subscribe is not hammered.
+                // connections but refuses (or never answers) the subscribe
+                // is not hammered.
                 tracing::warn!(%err, retry_in_ms = delay.as_millis() as u64, "resubscribing failed");
                 drop(inner);
                 refuse_until(&mut requests, delay).await;
@@ -758,7 +777,14 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
             tokio::spawn(async move { inner.recover(&name, generation).await });
         }
         let (lost_tx, mut lost) = oneshot::channel::<()>();
-        tokio::spawn(read_messages(Arc::downgrade(&inner), stream, lost_tx));
+        // Ended with the link, whatever ends it: a reader left running on a
+        // link given up for silence would dispatch twice and fill the next
+        // connection's recovery buffers.
+        let reader = AbortOnDrop(tokio::spawn(read_messages(
+            Arc::downgrade(&inner),
+            stream,
+            lost_tx,
+        )));
         let ping_every = Duration::from_millis(inner.settings().command_timeout_ms.max(1000));
         let mut ping = tokio::time::interval(ping_every);
         ping.tick().await;
@@ -767,7 +793,12 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
             tokio::select! {
                 request = requests.recv() => match request {
                     None => return,
-                    Some(request) => serve(&inner, &mut sink, request, generation).await,
+                    Some(request) => {
+                        if !serve(&inner, &mut sink, request, generation).await {
+                            tracing::warn!("Redis pub/sub command unanswered");
+                            break;
+                        }
+                    }
                 },
                 _ = ping.tick() => {
                     // Detects a silent partition, which never ends the stream. In
@@ -790,32 +821,55 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
                 _ = &mut lost => break,
             }
         }
+        drop(reader);
         inner.up.store(false, Ordering::Relaxed);
         inner.options.metrics.up.set(0);
         tracing::warn!("Redis backplane connection lost; reconnecting");
     }
 }
 
-/// Serves one control request on a live connection.
-async fn serve(inner: &Inner, sink: &mut PubSubSink, request: Control, generation: u64) {
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves one control request on a live connection, each command bounded
+/// by `redis.command_timeout_ms`: a silent partition during a (un)subscribe
+/// would otherwise hold the supervisor (no health pings, readiness still
+/// 200) until TCP gave up. False when the link is to be given up.
+async fn serve(inner: &Inner, sink: &mut PubSubSink, request: Control, generation: u64) -> bool {
+    let timeout = Duration::from_millis(inner.settings().command_timeout_ms);
     match request {
         Control::Subscribe { topic, done } => {
-            let result = sink
-                .subscribe(inner.channel(&topic))
-                .await
-                .map(|()| generation)
-                .map_err(unavailable);
+            let answered =
+                tokio::time::timeout(timeout, sink.subscribe(inner.channel(&topic))).await;
+            let alive = answered.is_ok();
+            let result = match answered {
+                Ok(result) => result.map(|()| generation).map_err(unavailable),
+                Err(_) => Err(unavailable("subscribe timed out")),
+            };
             let _ = done.send(result);
+            alive
         }
         Control::Unsubscribe(topic) => {
             let unused = inner
                 .topics()
                 .get(&topic)
                 .is_none_or(|local| local.subscribers.is_empty());
-            if unused {
-                if let Err(err) = sink.unsubscribe(inner.channel(&topic)).await {
+            if !unused {
+                return true;
+            }
+            match tokio::time::timeout(timeout, sink.unsubscribe(inner.channel(&topic))).await {
+                Ok(Ok(())) => true,
+                Ok(Err(err)) => {
                     tracing::debug!(%topic, %err, "unsubscribe failed");
+                    true
                 }
+                Err(_) => false,
             }
         }
     }
