@@ -514,8 +514,26 @@ impl Inner {
                 }
             }
         };
+        self.apply_recovery(topic, generation, since, snapshot);
+    }
+
+    /// Applies a recovery's snapshot to its topic — unless the pub/sub link
+    /// reconnected meanwhile: the newer link's recovery owns the topic's
+    /// buffer now, and this one's snapshot may predate what that buffer
+    /// holds, so taking it would deliver around a gap and move the topic's
+    /// position past it.
+    fn apply_recovery(
+        &self,
+        topic: &str,
+        generation: u64,
+        since: Option<Position>,
+        snapshot: Snapshot,
+    ) {
         let max_pending = self.options.max_pending;
         let mut topics = self.topics();
+        if self.generation.load(Ordering::Relaxed) != generation {
+            return;
+        }
         let Some(local) = topics.get_mut(topic) else {
             return;
         };
@@ -992,6 +1010,127 @@ fn ticket_unavailable(err: BrokerError) -> TicketError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::{ConnHandle, Hub, Route};
+    use crate::outbox::OutboxLimits;
+
+    /// An `Inner` that never connects (no supervisor runs).
+    fn offline_inner() -> Inner {
+        let (control, _requests) = mpsc::unbounded_channel();
+        let metric = |name: &str| IntCounter::new(name, "test").expect("counter");
+        Inner {
+            options: RedisOptions {
+                settings: RedisSettings::default(),
+                retention: Retention {
+                    max_entries: 100,
+                    max_age: Duration::from_secs(60),
+                },
+                max_topics: 100,
+                max_pending: 100,
+                metrics: BackplaneMetrics {
+                    up: IntGauge::new("up", "test").expect("gauge"),
+                    publish_seconds: Histogram::with_opts(prometheus::HistogramOpts::new(
+                        "publish", "test",
+                    ))
+                    .expect("histogram"),
+                    reconnects: metric("reconnects"),
+                    recovered_messages: metric("recovered"),
+                    foreign_messages: metric("foreign"),
+                },
+            },
+            client: redis::Client::open("redis://127.0.0.1:1").expect("client"),
+            pool: Mutex::new(Vec::new()),
+            next_connection: AtomicUsize::new(0),
+            topics: Mutex::new(HashMap::new()),
+            control,
+            generation: AtomicU64::new(0),
+            up: AtomicBool::new(false),
+            publish: Script::new(include_str!("publish.lua")),
+            snapshot: Script::new(include_str!("snapshot.lua")),
+        }
+    }
+
+    fn texts(handle: &ConnHandle) -> Vec<String> {
+        let mut batch = std::collections::VecDeque::new();
+        let _ = handle.outbox.next_batch(&mut batch).now_or_never();
+        batch
+            .into_iter()
+            .map(|frame| match frame {
+                Outgoing::Live { text, .. } | Outgoing::Text(text) => text.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// A recovery begun on one pub/sub link whose snapshot arrives after the
+    /// link reconnected again: the newer link's recovery owns the buffer.
+    /// The late one leaves the topic alone — no delivery around the gap, no
+    /// position moved past it.
+    #[tokio::test]
+    async fn a_recovery_overtaken_by_a_reconnect_leaves_the_topic_alone() {
+        let inner = offline_inner();
+        let hub = Hub::new(
+            "t".into(),
+            OutboxLimits {
+                max_messages: 100,
+                max_bytes: 1 << 20,
+            },
+        );
+        let sub = hub.register(Route::Topics);
+        let epoch = 9;
+        let mut topic = LocalTopic {
+            last: Some(Position::new(epoch, 5)),
+            // What arrived on the newer link while it recovers: offset 12.
+            recovering: Some(vec![(Position::new(epoch, 12), Utf8Bytes::from("m12"))]),
+            ..LocalTopic::default()
+        };
+        topic.subscribers.insert(
+            sub.id,
+            LocalSub {
+                handle: sub.clone(),
+                pending: None,
+                replayed_to: None,
+            },
+        );
+        inner.topics().insert("t".into(), topic);
+        // The older recovery (link 1) fetched 6..=8; link 2 is current.
+        inner.generation.store(2, Ordering::Relaxed);
+        let stale = Snapshot {
+            head: Position::new(epoch, 8),
+            entries: (6..=8)
+                .rev()
+                .map(|o| (o, Utf8Bytes::from(format!("m{o}"))))
+                .collect(),
+        };
+        inner.apply_recovery("t", 1, Some(Position::new(epoch, 5)), stale);
+        assert!(
+            texts(&sub).is_empty(),
+            "nothing delivered by the stale recovery"
+        );
+        let topics = inner.topics();
+        let local = topics.get("t").expect("topic");
+        assert_eq!(
+            local.last,
+            Some(Position::new(epoch, 5)),
+            "position unmoved"
+        );
+        assert_eq!(
+            local.recovering.as_ref().map(Vec::len),
+            Some(1),
+            "the newer recovery's buffer is left to it"
+        );
+        drop(topics);
+        // The current recovery (link 2) applies and delivers 6..=12 in order.
+        let current = Snapshot {
+            head: Position::new(epoch, 11),
+            entries: (6..=11)
+                .rev()
+                .map(|o| (o, Utf8Bytes::from(format!("m{o}"))))
+                .collect(),
+        };
+        inner.apply_recovery("t", 2, Some(Position::new(epoch, 5)), current);
+        let expected: Vec<String> = (6..=12).map(|o| format!("m{o}")).collect();
+        assert_eq!(texts(&sub), expected);
+    }
 
     #[test]
     fn a_frame_is_for_the_topic_it_names_and_no_other() {
@@ -1006,15 +1145,12 @@ mod tests {
         );
         assert!(!frame_is_for(b"garbage", "v2:x"));
     }
-    use crate::hub::ConnHandle;
 
     /// A subscriber joining with a snapshot head ahead of what this pod has
     /// delivered: the messages still in flight reach the subscriber that was
     /// already here, and are not sent twice to the newcomer.
     #[tokio::test]
     async fn in_flight_messages_reach_old_subscribers_once_and_new_ones_never_twice() {
-        use crate::hub::{Hub, Route};
-        use crate::outbox::OutboxLimits;
         let hub = Hub::new(
             "t".into(),
             OutboxLimits {
@@ -1044,17 +1180,6 @@ mod tests {
         }
         // A duplicate from a recovery overlap is dropped for everyone.
         topic.deliver(Position::new(epoch, 9), &Utf8Bytes::from("m9"), 100);
-        let texts = |handle: &ConnHandle| -> Vec<String> {
-            let mut batch = std::collections::VecDeque::new();
-            let _ = handle.outbox.next_batch(&mut batch).now_or_never();
-            batch
-                .into_iter()
-                .map(|frame| match frame {
-                    Outgoing::Live { text, .. } => text.to_string(),
-                    other => panic!("{other:?}"),
-                })
-                .collect()
-        };
         assert_eq!(texts(&old), vec!["m6", "m7", "m8", "m9"]);
         assert_eq!(texts(&new), vec!["m9"]);
         assert_eq!(topic.last, Some(Position::new(epoch, 9)));
