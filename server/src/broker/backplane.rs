@@ -557,8 +557,22 @@ impl Inner {
                     }
                     .to_json(),
                 );
-                for sub in local.subscribers.values().filter(|s| s.pending.is_none()) {
-                    let _ = sub.handle.outbox().push(Outgoing::Text(notice.clone()));
+                // Told to whoever had the stream before the loss: a live
+                // subscriber now; one still subscribing finds the notice among
+                // its pending arrivals, after its own snapshot's replay (it
+                // would otherwise go from its older head straight to what
+                // follows `start`, silently). One that subscribed after the
+                // loss (its snapshot at or past `start`) lost nothing.
+                for sub in local.subscribers.values_mut() {
+                    if !is_after(sub.replayed_to, start) {
+                        continue;
+                    }
+                    match &mut sub.pending {
+                        Some(buffer) => buffer.push((start, notice.clone())),
+                        None => {
+                            let _ = sub.handle.outbox().push(Outgoing::Text(notice.clone()));
+                        }
+                    }
                 }
                 local.last = Some(start);
                 if resume == Resume::Restarted {
@@ -1059,6 +1073,77 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect()
+    }
+
+    /// A gap a recovery cannot fill is told to every subscriber that had the
+    /// stream before it — a live one at once, one still subscribing through
+    /// its pending arrivals (after its own replay) — and not to one that
+    /// subscribed after the loss.
+    #[tokio::test]
+    async fn a_lost_gap_is_told_to_those_who_missed_it_even_mid_subscribe() {
+        let inner = offline_inner();
+        let hub = Hub::new(
+            "t".into(),
+            OutboxLimits {
+                max_messages: 100,
+                max_bytes: 1 << 20,
+            },
+        );
+        let (live, joining, late) = (
+            hub.register(Route::Topics),
+            hub.register(Route::Topics),
+            hub.register(Route::Topics),
+        );
+        let epoch = 9;
+        let mut topic = LocalTopic {
+            last: Some(Position::new(epoch, 5)),
+            recovering: Some(Vec::new()),
+            ..LocalTopic::default()
+        };
+        for (handle, pending, replayed_to) in [
+            (&live, None, 5),
+            (&joining, Some(Vec::new()), 3),
+            (&late, None, 9),
+        ] {
+            topic.subscribers.insert(
+                handle.id,
+                LocalSub {
+                    handle: handle.clone(),
+                    pending,
+                    replayed_to: Some(Position::new(epoch, replayed_to)),
+                },
+            );
+        }
+        inner.topics().insert("t".into(), topic);
+        // 6..=9 were missed and only 8..=9 are still in the log: lost.
+        let snapshot = Snapshot {
+            head: Position::new(epoch, 9),
+            entries: vec![(9, Utf8Bytes::from("m9")), (8, Utf8Bytes::from("m8"))],
+        };
+        inner.apply_recovery("t", 0, Some(Position::new(epoch, 5)), snapshot);
+        let notice = |texts: Vec<String>| {
+            texts
+                .iter()
+                .map(|t| serde_json::from_str::<serde_json::Value>(t).expect("json"))
+                .collect::<Vec<_>>()
+        };
+        let told = notice(texts(&live));
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0]["op"], "subscribed");
+        assert_eq!(told[0]["recovered"], false);
+        assert_eq!(told[0]["position"]["offset"], 9);
+        assert!(
+            texts(&late).is_empty(),
+            "subscribed after the loss: nothing to tell"
+        );
+        let topics = inner.topics();
+        let pending = topics["t"].subscribers[&joining.id]
+            .pending
+            .clone()
+            .expect("still subscribing");
+        assert_eq!(pending.len(), 1, "the notice waits among its arrivals");
+        assert_eq!(pending[0].0, Position::new(epoch, 9));
+        assert!(pending[0].1.as_str().contains(r#""recovered":false"#));
     }
 
     /// A recovery begun on one pub/sub link whose snapshot arrives after the
