@@ -363,6 +363,11 @@ async fn publish(
             "unavailable",
             err.to_string(),
         ),
+        Err(err @ BrokerError::OutcomeUnknown(_)) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outcome_unknown",
+            err.to_string(),
+        ),
     }
 }
 

@@ -332,7 +332,7 @@ impl Inner {
             .metrics
             .publish_seconds
             .observe(started.elapsed().as_secs_f64());
-        let (epoch, offset) = result.map_err(unavailable)?;
+        let (epoch, offset) = result.map_err(publish_error)?;
         match (epoch.parse(), offset.parse()) {
             (Ok(epoch), Ok(offset)) => Ok(Position::new(epoch, offset)),
             _ => Err(unavailable(format!(
@@ -619,6 +619,25 @@ impl Inner {
         if let Some(local) = self.topics().get_mut(topic) {
             local.deliver(position, &frame, self.options.max_pending);
         }
+    }
+}
+
+/// What a failed publish means for a retry. Nothing was applied when Redis
+/// answered with an error, or when the request never left (a write refused
+/// on a connection already gone: a broken pipe, refused, not connected).
+/// Anything else — a timeout, a connection lost while the answer was due —
+/// leaves the outcome unknown, and says so rather than invite a blind retry.
+fn publish_error(err: redis::RedisError) -> BrokerError {
+    // redis-rs keeps the io::Error's kind private; its message names it.
+    let message = err.to_string().to_ascii_lowercase();
+    let not_sent = err.is_io_error()
+        && ["broken pipe", "connection refused", "not connected"]
+            .iter()
+            .any(|kind| message.contains(kind));
+    match err.kind() {
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension => unavailable(err),
+        _ if not_sent => unavailable(err),
+        _ => BrokerError::OutcomeUnknown(err.to_string()),
     }
 }
 
@@ -1215,6 +1234,28 @@ mod tests {
         inner.apply_recovery("t", 2, Some(Position::new(epoch, 5)), current);
         let expected: Vec<String> = (6..=12).map(|o| format!("m{o}")).collect();
         assert_eq!(texts(&sub), expected);
+    }
+
+    #[test]
+    fn a_publish_that_never_left_is_unavailable_one_unanswered_is_unknown() {
+        let io = |kind| publish_error(redis::RedisError::from(std::io::Error::from(kind)));
+        for kind in [
+            std::io::ErrorKind::BrokenPipe,
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::NotConnected,
+        ] {
+            assert!(matches!(io(kind), BrokerError::Unavailable(_)), "{kind:?}");
+        }
+        for kind in [
+            std::io::ErrorKind::TimedOut,
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::UnexpectedEof,
+        ] {
+            assert!(
+                matches!(io(kind), BrokerError::OutcomeUnknown(_)),
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

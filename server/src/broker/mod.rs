@@ -31,9 +31,15 @@ pub enum BrokerError {
     /// Creating the topic would exceed the topic limit.
     #[error("the gateway holds its maximum of {0} topics")]
     TooManyTopics(usize),
-    /// The broker's backing store cannot be reached.
+    /// The broker's backing store cannot be reached; the request was not
+    /// carried out (a retry is safe).
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// A publish was sent to the backing store and its answer did not come
+    /// back: it may or may not have been applied (a retry may publish the
+    /// message twice, at two offsets).
+    #[error("publish outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl BrokerError {
@@ -41,7 +47,7 @@ impl BrokerError {
     pub fn code(&self) -> ErrorCode {
         match self {
             BrokerError::TooManyTopics(_) => ErrorCode::TooManyTopics,
-            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+            BrokerError::Unavailable(_) | BrokerError::OutcomeUnknown(_) => ErrorCode::Unavailable,
         }
     }
 }
