@@ -148,7 +148,17 @@ impl JwtVerifier {
             }
         };
         let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience is required, not only compared
+        // when present: a token without `aud` from another service sharing
+        // the key must not pass (`configured_issuer_and_audience_are_required`).
+        let mut required = vec!["exp", "sub"];
+        if settings.issuer.is_some() {
+            required.push("iss");
+        }
+        if settings.audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_exp = false;
         validation.validate_nbf = true;
         validation.leeway = settings.leeway_s;
@@ -307,6 +317,62 @@ mod tests {
         for (token, expected) in table {
             let err = verifier.verify(&token, NOW).expect_err(expected);
             assert!(err.to_string().contains(expected), "{err} vs {expected}");
+        }
+    }
+
+    /// Every configured claim is required, not only checked when present:
+    /// a token from another service sharing the key (no `aud`), or from
+    /// the same provider for another audience, is refused. Wrong, missing,
+    /// wrong type and null, for `iss` and `aud` alike.
+    #[test]
+    fn configured_issuer_and_audience_are_required() {
+        let verifier = JwtVerifier::from_settings(&JwtSettings {
+            issuer: Some("https://idp.example".into()),
+            audience: Some("switchyard".into()),
+            ..settings()
+        })
+        .expect("settings")
+        .expect("a key is configured");
+        let with = |extra: serde_json::Value| {
+            let mut claims = json!({"sub": "a", "exp": NOW + 60,
+                "iss": "https://idp.example", "aud": "switchyard"});
+            for (key, value) in extra.as_object().expect("object") {
+                if value == &json!("<absent>") {
+                    claims.as_object_mut().expect("object").remove(key);
+                } else {
+                    claims[key] = value.clone();
+                }
+            }
+            sign(claims, SECRET)
+        };
+        assert!(verifier.verify(&with(json!({})), NOW).is_ok(), "both right");
+        assert!(
+            verifier
+                .verify(&with(json!({"aud": ["other", "switchyard"]})), NOW)
+                .is_ok(),
+            "an audience list naming this one"
+        );
+        let table = [
+            (json!({"iss": "https://evil.example"}), "wrong issuer"),
+            (json!({"iss": "<absent>"}), "missing claim iss"),
+            // A claim of the wrong type, or null, does not count as present.
+            (json!({"iss": 7}), "missing claim iss"),
+            (json!({"iss": null}), "missing claim iss"),
+            (json!({"aud": "other"}), "wrong audience"),
+            (json!({"aud": ["other"]}), "wrong audience"),
+            (json!({"aud": "<absent>"}), "missing claim aud"),
+            (json!({"aud": 7}), "missing claim aud"),
+            (json!({"aud": null}), "missing claim aud"),
+            (json!({"aud": []}), "wrong audience"),
+        ];
+        for (extra, expected) in table {
+            let err = verifier
+                .verify(&with(extra.clone()), NOW)
+                .expect_err(&format!("{extra} must be refused"));
+            assert!(
+                err.to_string().contains(expected),
+                "{extra}: {err} vs {expected}"
+            );
         }
     }
 
