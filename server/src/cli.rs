@@ -124,14 +124,22 @@ pub fn main() -> ExitCode {
         Err(err) => {
             tracing::error!("{err:#}");
             eprintln!("switchyard-server: {err:#}");
-            ExitCode::FAILURE
+            // Every configuration error exits 2, naming its setting, whether
+            // found while loading or only at startup.
+            if err.downcast_ref::<crate::config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // The state first: a setting only startup can check (a key file, a
+    // certificate) is reported before anything is bound.
+    let gateway = Gateway::new(config.clone())?;
     let listeners = Listeners::bind(&config)?;
-    let gateway = Gateway::new(config)?;
     let (trigger, stop) = watch::channel(Stop::Running);
     tokio::spawn(async move {
         // SIGTERM drains, SIGINT stops now; a second signal always stops now.

@@ -49,7 +49,8 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn field(field: &str, message: impl Into<String>) -> Self {
+    /// A setting that is wrong, named by its dotted path.
+    pub(crate) fn field(field: &str, message: impl Into<String>) -> Self {
         ConfigError::Field {
             field: field.to_owned(),
             message: message.into(),

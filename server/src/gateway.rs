@@ -17,7 +17,7 @@ use crate::broker::backplane::{BackplaneMetrics, RedisBroker, RedisOptions};
 use crate::broker::log::Retention;
 use crate::broker::memory::{MemoryBroker, MemorySettings};
 use crate::broker::{Broker, BrokerError};
-use crate::config::{AdminSettings, BrokerKind, Config};
+use crate::config::{AdminSettings, BrokerKind, Config, ConfigError};
 use crate::drain::{DrainHost, Drains};
 use crate::hub::{ConnHandle, Hub};
 use crate::metrics::{Initiator, Metrics};
@@ -94,14 +94,22 @@ impl Gateway {
             max_messages: config.connection.outbox_max_messages,
             max_bytes: config.connection.outbox_max_bytes,
         };
+        // What the settings name but only startup can check (files, keys,
+        // certificates) fails as a configuration error naming the setting,
+        // which the binary reports with exit code 2 like any other.
         let origin = OriginPolicy::new(
             &config.origin.allowed,
             config.origin.allow_same_host,
             config.origin.allow_missing,
         )
-        .context("origin.allowed")?;
-        let auth = Authenticator::new(&config).context("auth.jwt")?;
+        .map_err(|err| ConfigError::field("origin.allowed", err.to_string()))?;
+        let auth = Authenticator::new(&config)
+            .map_err(|err| ConfigError::field("auth.jwt", err.to_string()))?;
         let admin_auth = AdminAuth::new(admin_token(&config.admin)?);
+        let public_tls = crate::tls::acceptor(&config.tls, "tls")
+            .map_err(|err| ConfigError::field("tls", err.to_string()))?;
+        let admin_tls = crate::tls::acceptor(&config.admin.tls, "admin.tls")
+            .map_err(|err| ConfigError::field("admin.tls", err.to_string()))?;
         let handshake_limiter = (ws.handshake_rate_per_ip > 0).then(|| {
             IpRateLimiter::new(
                 ws.handshake_rate_per_ip,
@@ -114,8 +122,8 @@ impl Gateway {
             auth,
             admin_auth,
             handshake_limiter,
-            public_tls: crate::tls::acceptor(&config.tls, "tls")?,
-            admin_tls: crate::tls::acceptor(&config.admin.tls, "admin.tls")?,
+            public_tls,
+            admin_tls,
             expiries: SessionExpiries::default(),
             metrics,
             hub: Hub::new(server_id.clone(), limits),
@@ -227,17 +235,22 @@ impl DrainHost for Gateway {
 }
 
 /// The admin token from `admin.token` or `admin.token_file`.
-fn admin_token(settings: &AdminSettings) -> anyhow::Result<Option<String>> {
-    let token = match (&settings.token, &settings.token_file) {
-        (Some(token), _) => token.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading admin.token_file {path}"))?
-            .trim()
-            .to_owned(),
+fn admin_token(settings: &AdminSettings) -> Result<Option<String>, ConfigError> {
+    let (token, field) = match (&settings.token, &settings.token_file) {
+        (Some(token), _) => (token.clone(), "admin.token"),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                ConfigError::field("admin.token_file", format!("cannot read {path}: {err}"))
+            })?;
+            (text.trim().to_owned(), "admin.token_file")
+        }
         (None, None) => return Ok(None),
     };
     if token.len() < 16 {
-        anyhow::bail!("admin token: must be at least 16 bytes");
+        return Err(ConfigError::field(
+            field,
+            "the admin token must be at least 16 bytes",
+        ));
     }
     Ok(Some(token))
 }
@@ -278,7 +291,7 @@ fn make_broker(
                     foreign_messages: metrics.backplane_foreign_messages.clone(),
                 },
             })
-            .context("redis broker")?;
+            .map_err(|err| ConfigError::field("redis", err.to_string()))?;
             Ok((redis.clone(), redis))
         }
     }

@@ -626,7 +626,7 @@ async fn closes_are_counted_by_initiator_and_logs_carry_the_connection_id() {
 #[tokio::test]
 async fn invalid_configuration_exits_2_naming_the_field() {
     type Row<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let table: [Row; 3] = [
+    let table: [Row; 8] = [
         (
             &["--set", "connection.keepalive_interval_ms=soon"],
             &[],
@@ -638,15 +638,63 @@ async fn invalid_configuration_exits_2_naming_the_field() {
             &[],
             "websocket.max_frame_bytes",
         ),
+        // Settings only startup can check (files, keys, certificates): the
+        // same exit code, the same naming.
+        (
+            &[
+                "--set",
+                "admin_listen=0.0.0.0:0",
+                "--set",
+                "admin.token_file=/nonexistent/admin-token",
+            ],
+            &[],
+            "admin.token_file",
+        ),
+        (&["--set", "admin.token=short"], &[], "admin.token"),
+        (
+            &["--set", "auth.jwt.secret_file=/nonexistent/secret"],
+            &[],
+            "auth.jwt.secret_file",
+        ),
+        (
+            &[
+                "--set",
+                "tls.cert_file=/nonexistent/cert.pem",
+                "--set",
+                "tls.key_file=/nonexistent/key.pem",
+            ],
+            &[],
+            "tls",
+        ),
+        (
+            &["--set", "origin.allowed=[\"not an origin\"]"],
+            &[],
+            "origin.allowed",
+        ),
     ];
     for (args, env, field) in table {
-        let output = std::process::Command::new(switchyard_tests::gateway_bin())
+        let mut child = std::process::Command::new(switchyard_tests::gateway_bin())
             .args(args)
             .envs(env.iter().copied())
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("run");
-        assert_eq!(output.status.code(), Some(2), "{args:?} {env:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?} {env:?}: the gateway started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert_eq!(status.code(), Some(2), "{args:?} {env:?}: {stderr}");
         assert!(stderr.contains(field), "{stderr:?} should name {field}");
     }
 }
