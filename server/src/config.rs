@@ -48,6 +48,10 @@ pub enum ConfigError {
     },
 }
 
+/// A message frame's bytes beyond its data and topic name: the op, the
+/// epoch and offset, the JSON punctuation (well under this).
+const FRAME_ENVELOPE_BYTES: usize = 256;
+
 impl ConfigError {
     /// A setting that is wrong, named by its dotted path.
     pub(crate) fn field(field: &str, message: impl Into<String>) -> Self {
@@ -670,6 +674,19 @@ impl Config {
                 "must be greater than websocket.write_buffer_bytes",
             ));
         }
+        // The largest frame the gateway sends is the largest message it
+        // accepts (an echo, a publish) in its envelope; a write buffer that
+        // cannot hold it would end such a connection (with 1011).
+        let largest_frame =
+            ws.max_message_bytes + self.topics.max_topic_length + FRAME_ENVELOPE_BYTES;
+        if ws.max_write_buffer_bytes < largest_frame {
+            return Err(ConfigError::field(
+                "websocket.max_write_buffer_bytes",
+                format!(
+                    "must hold the largest frame the gateway sends: websocket.max_message_bytes + topics.max_topic_length + {FRAME_ENVELOPE_BYTES} = {largest_frame}"
+                ),
+            ));
+        }
         if ws.max_header_bytes < 8192 {
             return Err(ConfigError::field(
                 "websocket.max_header_bytes",
@@ -949,8 +966,16 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         type Row<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
-        let table: [Row; 8] = [
+        let table: [Row; 9] = [
             (&[], &["worker_threads=0"], "worker_threads"),
+            (
+                &[],
+                &[
+                    "websocket.max_message_bytes=2000000",
+                    "websocket.max_frame_bytes=65536",
+                ],
+                "websocket.max_write_buffer_bytes",
+            ),
             (&[], &["broker=redis", "redis.url=http://x"], "redis.url"),
             (
                 &[],

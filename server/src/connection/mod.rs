@@ -48,6 +48,29 @@ use crate::outbox::{EndRequest, Outgoing};
 use crate::security::ratelimit::TokenBucket;
 use crate::security::Session;
 
+/// What became of a batch written to the socket.
+enum Written {
+    /// Every frame was handed to the socket and flushed.
+    All,
+    /// The socket failed, or the connection is to be dropped.
+    Failed,
+    /// A frame was larger than the write buffer can ever hold.
+    TooLarge,
+}
+
+impl From<Result<(), WsError>> for Written {
+    fn from(result: Result<(), WsError>) -> Self {
+        match result {
+            Ok(()) => Written::All,
+            Err(WsError::WriteBufferFull(_)) => Written::TooLarge,
+            Err(err) => {
+                tracing::debug!(%err, "write failed");
+                Written::Failed
+            }
+        }
+    }
+}
+
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Ending {
@@ -305,17 +328,32 @@ impl Connection {
         // leave the batch one at a time.
         let gateway = self.gateway.clone();
         let written = match pending.write(socket, &gateway.metrics).now_or_never() {
-            Some(Ok(())) => true,
-            Some(Err(err)) => {
-                tracing::debug!(%err, "write failed");
-                false
-            }
+            Some(result) => Written::from(result),
             None => Box::pin(self.write_bounded(socket, pending, close_deadline)).await,
         };
-        if !written {
-            self.handle.outbox.abort();
-            return Some(self.ending_or_abrupt());
-        }
+        let end = match written {
+            Written::All => end,
+            Written::Failed => {
+                self.handle.outbox.abort();
+                return Some(self.ending_or_abrupt());
+            }
+            // A frame larger than `websocket.max_write_buffer_bytes` can
+            // never be taken: the peer is told so with a close code (what
+            // was already written goes first), not a reset. Configuration
+            // validation keeps this from happening to a message the gateway
+            // accepted; this is the guard if it does.
+            Written::TooLarge => {
+                let code = CloseCode::InternalError;
+                let reason = "a frame larger than the gateway's write buffer";
+                pending.batch.clear();
+                self.close(code, reason);
+                self.close_requested(code, close_deadline);
+                Some(EndRequest::Close {
+                    code,
+                    reason: CloseReason::text(reason).to_json(),
+                })
+            }
+        };
         if let Some(EndRequest::Close { code, reason }) = end {
             pending.close_sent = true;
             let send = send_close(socket, code, reason);
@@ -338,7 +376,7 @@ impl Connection {
         socket: &mut WebSocketStream<S>,
         pending: &mut Pending,
         close_deadline: &mut CloseDeadline,
-    ) -> bool
+    ) -> Written
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -348,19 +386,14 @@ impl Connection {
         tokio::pin!(write);
         loop {
             tokio::select! {
-                written = &mut write => {
-                    if let Err(err) = &written {
-                        tracing::debug!(%err, "write failed");
-                    }
-                    return written.is_ok();
-                }
+                written = &mut write => return Written::from(written),
                 end = handle.outbox.ended(), if !close_deadline.is_set() => match end {
-                    EndRequest::Abort => return false,
+                    EndRequest::Abort => return Written::Failed,
                     EndRequest::Close { code, .. } => self.close_requested(code, close_deadline),
                 },
                 () = close_deadline.elapsed() => {
                     tracing::debug!("peer did not take its frames before the close deadline");
-                    return false;
+                    return Written::Failed;
                 }
             }
         }
@@ -530,7 +563,19 @@ mod tests {
         impl std::future::Future<Output = ()> + Send,
         DuplexStream,
     ) {
-        let gateway = Gateway::new(Config::default()).expect("gateway");
+        connection_with(Config::default(), pipe_bytes).await
+    }
+
+    async fn connection_with(
+        config: Config,
+        pipe_bytes: usize,
+    ) -> (
+        Arc<Gateway>,
+        Arc<ConnHandle>,
+        impl std::future::Future<Output = ()> + Send,
+        DuplexStream,
+    ) {
+        let gateway = Gateway::new(config).expect("gateway");
         let (server_io, client_io) = tokio::io::duplex(pipe_bytes);
         let socket =
             WebSocketStream::from_raw_socket(server_io, Role::Server, Some(gateway.ws_config))
@@ -625,6 +670,41 @@ mod tests {
         task.await.expect("connection task");
         assert_eq!(gateway.hub.len(), 0);
         assert_eq!(closes(&gateway, "1001", "server"), 1);
+    }
+
+    /// A frame the write buffer can never hold (a configuration the
+    /// validation now refuses) ends the connection with 1011 and a reason,
+    /// after what was written before it — not with a reset.
+    #[tokio::test]
+    async fn a_frame_larger_than_the_write_buffer_closes_with_a_code() {
+        let mut config = Config::default();
+        config.websocket.write_buffer_bytes = 1024;
+        config.websocket.max_write_buffer_bytes = 4096;
+        let (gateway, handle, task, client_io) = connection_with(config, 64 * 1024).await;
+        for text in ["before".to_owned(), "y".repeat(8192), "after".to_owned()] {
+            handle
+                .outbox
+                .push(Outgoing::Text(Utf8Bytes::from(text)))
+                .expect("push");
+        }
+        let task = tokio::spawn(task);
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let welcome = client.next().await.expect("frame").expect("welcome");
+        assert!(welcome.to_text().expect("text").contains("\"welcome\""));
+        assert_eq!(
+            client.next().await.expect("frame").expect("text"),
+            Message::text("before")
+        );
+        match client.next().await.expect("frame").expect("close") {
+            Message::Close(Some(frame)) => {
+                assert_eq!(u16::from(frame.code), 1011);
+                assert!(frame.reason.contains("write buffer"), "{}", frame.reason);
+            }
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+        while client.next().await.is_some() {}
+        task.await.expect("connection task");
+        assert_eq!(closes(&gateway, "1011", "server"), 1);
     }
 
     #[tokio::test]
