@@ -253,6 +253,9 @@ pub struct AuthSettings {
     /// How long a revocation refuses older credentials of its subject; at
     /// least the longest token lifetime you issue.
     pub revocation_ttl_ms: u64,
+    /// Most connections one subject (`sub`) may hold on this gateway; the
+    /// next is refused with 4003. 0: no limit.
+    pub max_connections_per_subject: usize,
 }
 
 impl Default for AuthSettings {
@@ -270,6 +273,7 @@ impl Default for AuthSettings {
             default_subscribe: vec!["*".to_owned()],
             tickets: TicketSettings::default(),
             revocation_ttl_ms: 24 * 3_600_000,
+            max_connections_per_subject: 0,
         }
     }
 }

@@ -74,6 +74,24 @@ impl DrainMark {
     }
 }
 
+/// The limits a new connection is admitted under.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitLimits {
+    /// Connections on the gateway.
+    pub max: usize,
+    /// Connections of one subject; 0 for no limit.
+    pub per_subject: usize,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmitRefused {
+    /// The gateway holds its maximum.
+    AtCapacity,
+    /// The subject holds its maximum.
+    SubjectLimit,
+}
+
 /// What one keepalive sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
@@ -86,6 +104,9 @@ pub struct SweepReport {
 /// All live connections of this gateway.
 pub struct Hub {
     connections: Mutex<HashMap<u64, Arc<ConnHandle>>>,
+    /// Open connections per subject (only subjects with some), kept with
+    /// `connections` (taken after its lock) for the per-subject limit.
+    per_subject: Mutex<HashMap<String, usize>>,
     next_id: AtomicU64,
     started: Instant,
     server_id: String,
@@ -99,6 +120,7 @@ impl Hub {
     pub fn new(server_id: String, limits: OutboxLimits) -> Self {
         Hub {
             connections: Mutex::new(HashMap::new()),
+            per_subject: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
             server_id,
@@ -137,21 +159,31 @@ impl Hub {
         handle
     }
 
-    /// Registers a new connection of `subject` unless `max` are open already
-    /// (checked and inserted under one lock, so the limit is exact).
+    /// Registers a new connection of `subject` unless `limits` refuse it:
+    /// `max` connections on the gateway, or `per_subject` of one subject
+    /// (0: no limit). Checked and counted under one lock, so both limits are
+    /// exact.
     pub fn admit(
         &self,
         route: Route,
         subject: Option<String>,
-        max: usize,
-    ) -> Option<Arc<ConnHandle>> {
+        limits: AdmitLimits,
+    ) -> Result<Arc<ConnHandle>, AdmitRefused> {
         let mut map = self.lock();
-        if map.len() >= max {
-            return None;
+        if map.len() >= limits.max {
+            return Err(AdmitRefused::AtCapacity);
+        }
+        let mut per_subject = self.per_subject.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(subject) = &subject {
+            let open = per_subject.get(subject).copied().unwrap_or(0);
+            if limits.per_subject > 0 && open >= limits.per_subject {
+                return Err(AdmitRefused::SubjectLimit);
+            }
+            *per_subject.entry(subject.clone()).or_insert(0) += 1;
         }
         let handle = self.new_handle(route, subject);
         map.insert(handle.id, handle.clone());
-        Some(handle)
+        Ok(handle)
     }
 
     /// The connection `id`, if it is open.
@@ -175,7 +207,16 @@ impl Hub {
     /// Removes a connection that has ended.
     pub fn remove(&self, id: u64) {
         let mut map = self.lock();
-        map.remove(&id);
+        let removed = map.remove(&id);
+        if let Some(subject) = removed.as_ref().and_then(|h| h.subject.as_ref()) {
+            let mut per_subject = self.per_subject.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(open) = per_subject.get_mut(subject) {
+                *open -= 1;
+                if *open == 0 {
+                    per_subject.remove(subject);
+                }
+            }
+        }
         if map.is_empty() {
             self.emptied.notify_waiters();
         }
@@ -321,16 +362,28 @@ mod tests {
     #[test]
     fn admit_is_bounded_and_close_subject_picks_the_subject() {
         let hub = hub();
+        let limits = AdmitLimits {
+            max: 3,
+            per_subject: 2,
+        };
         let alice = hub
-            .admit(Route::Topics, Some("alice".into()), 3)
+            .admit(Route::Topics, Some("alice".into()), limits)
             .expect("room");
         let alice2 = hub
-            .admit(Route::Topics, Some("alice".into()), 3)
+            .admit(Route::Topics, Some("alice".into()), limits)
             .expect("room");
+        assert_eq!(
+            hub.admit(Route::Topics, Some("alice".into()), limits).err(),
+            Some(AdmitRefused::SubjectLimit),
+            "alice's third"
+        );
         let bob = hub
-            .admit(Route::Topics, Some("bob".into()), 3)
+            .admit(Route::Topics, Some("bob".into()), limits)
             .expect("room");
-        assert!(hub.admit(Route::Topics, None, 3).is_none(), "at capacity");
+        assert_eq!(
+            hub.admit(Route::Topics, None, limits).err(),
+            Some(AdmitRefused::AtCapacity)
+        );
         assert_eq!(
             hub.close_subject("alice", CloseCode::SessionRevoked, "revoked"),
             2
@@ -347,6 +400,12 @@ mod tests {
         assert_eq!(bob.outbox.end_request(), None);
         hub.remove(bob.id);
         assert!(hub.get(bob.id).is_none());
-        assert!(hub.admit(Route::Topics, None, 3).is_some(), "room again");
+        assert!(hub.admit(Route::Topics, None, limits).is_ok(), "room again");
+        hub.remove(alice.id);
+        assert!(
+            hub.admit(Route::Topics, Some("alice".into()), limits)
+                .is_ok(),
+            "alice has room again once one of hers ended"
+        );
     }
 }

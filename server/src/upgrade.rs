@@ -35,7 +35,7 @@ use warp::Reply;
 use crate::connection::{self, Welcome};
 use crate::gateway::Gateway;
 use crate::head::RequestHead;
-use crate::hub::{ConnHandle, Route};
+use crate::hub::{AdmitLimits, AdmitRefused, ConnHandle, Route};
 use crate::security::{unix_ms, RedactedTarget, Session};
 
 /// Why an upgrade request was refused with an HTTP error.
@@ -487,11 +487,13 @@ async fn admit(
         }
     };
     let max = gateway.config.connection.max_connections;
+    let per_subject = gateway.config.auth.max_connections_per_subject;
+    let limits = AdmitLimits { max, per_subject };
     match gateway
         .hub
-        .admit(request.route, session.subject.clone(), max)
+        .admit(request.route, session.subject.clone(), limits)
     {
-        Some(handle) => {
+        Ok(handle) => {
             // A drain that started while this handshake was judged planned it
             // (it joined the hub before the drain's snapshot) or refuses it.
             if let Some(reason) = gateway.refusal(Some(&handle)) {
@@ -501,19 +503,23 @@ async fn admit(
             tracing::debug!(%peer, %target, conn = %handle.label, method = session.method.as_str(), "handshake accepted");
             Ok(Admission::Accept(handle, session))
         }
-        None if reject_with_http => Err(refuse_http(
-            gateway,
-            "at_capacity",
-            StatusCode::SERVICE_UNAVAILABLE,
-            peer,
-            target,
-        )),
-        None => {
-            let mut admission = refused(
-                "at_capacity",
-                CloseCode::AtCapacity,
-                format!("at capacity ({max} connections)"),
-            );
+        Err(refused_why) => {
+            let (reason, status, message) = match refused_why {
+                AdmitRefused::AtCapacity => (
+                    "at_capacity",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("at capacity ({max} connections)"),
+                ),
+                AdmitRefused::SubjectLimit => (
+                    "subject_limit",
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("at most {per_subject} connections per subject"),
+                ),
+            };
+            if reject_with_http {
+                return Err(refuse_http(gateway, reason, status, peer, target));
+            }
+            let mut admission = refused(reason, CloseCode::AtCapacity, message);
             if let Admission::Refuse(_, reason) = &mut admission {
                 // Spread the retries so a full gateway is not hit by all of them at once.
                 reason.retry_ms = Some(1_000 + rand::random_range(0..4_000));

@@ -892,3 +892,38 @@ async fn es256_tokens_verify_against_a_public_key_file() {
     assert_eq!(bearer(&gw, &user_token("alice")).await.closed().0, 4501);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `auth.max_connections_per_subject`: one subject cannot take the gateway.
+/// The N+1th connection of one `sub` is refused with 4003 (a retry hint),
+/// counted as `subject_limit`; another subject, and the same one once a
+/// connection of its ended, are admitted.
+#[tokio::test]
+async fn one_subject_holds_at_most_its_share_of_connections() {
+    let gw = jwt_gateway(&["auth.max_connections_per_subject=2"]);
+    let alice = user_token("alice");
+    let first = bearer(&gw, &alice).await.welcome();
+    let _second = bearer(&gw, &alice).await.welcome();
+    let (code, reason) = bearer(&gw, &alice).await.closed();
+    assert_eq!(code, 4003);
+    let reason: Value = serde_json::from_str(&reason).expect("reason JSON");
+    assert!(reason["retry_ms"].as_u64().is_some(), "{reason}");
+    assert!(
+        reason["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("2 connections per subject")),
+        "{reason}"
+    );
+    assert_eq!(rejected(&gw, "subject_limit"), 1.0);
+    let _bob = bearer(&gw, &user_token("bob")).await.welcome();
+    drop(first);
+    // Once the gateway has seen one of alice's connections end, she has a
+    // place again.
+    gw.wait_metric("switchyard_connections", 2.0, Duration::from_secs(10))
+        .expect("metrics");
+    let _again = bearer(&gw, &alice).await.welcome();
+    assert_eq!(
+        rejected(&gw, "subject_limit"),
+        1.0,
+        "no extra refusal counted"
+    );
+}
