@@ -318,3 +318,49 @@ fn hostile_inputs_are_refused_counted_and_contained() {
     }
     assert!(String::from_utf8_lossy(&seen).contains("after the storm"));
 }
+
+/// A client still sending a message over the limit gets the 1009 close, not
+/// a reset: the gateway keeps reading and discarding (bounded in bytes and
+/// time) after its close frame, so the kernel does not answer the unread
+/// input with a RST that would destroy the close on its way. 100 times in a
+/// row, because a reset was occasional.
+#[test]
+fn the_close_after_an_oversized_message_arrives_every_time() {
+    let gw = GatewayProcess::start(&[
+        "websocket.max_message_bytes=1024",
+        "websocket.max_frame_bytes=1024",
+    ])
+    .expect("start");
+    let mut lost = 0;
+    for _ in 0..100 {
+        let mut socket = RawSocket::connect(gw.public, "/ws").expect("upgrade");
+        let mut writer = socket.try_clone_stream().expect("clone");
+        // A text frame announcing 4 MiB, its payload streamed while the
+        // gateway refuses it.
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&(4u64 << 20).to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        let sender = std::thread::spawn(move || {
+            let _ = writer.write_all(&header);
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..64 {
+                if writer.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        // A client that reads a moment later: the close is waiting in its
+        // socket buffer when the gateway lets go of the connection.
+        std::thread::sleep(Duration::from_millis(30));
+        match socket.read_close_code() {
+            Ok(Some(1009)) => {}
+            other => {
+                lost += 1;
+                eprintln!("no 1009: {other:?}");
+            }
+        }
+        drop(socket);
+        let _ = sender.join();
+    }
+    assert_eq!(lost, 0, "the 1009 close was lost {lost} times in 100");
+}
