@@ -107,7 +107,7 @@ PY
 poller=$!; PIDS+=($poller)
 start_ms=$(date +%s%3N)
 for i in 1 2 3; do
-  curl -sf -XPOST "127.0.0.1:$((BLUE + i))/admin/drain" -d \
+  curl -sf -XPOST "127.0.0.1:$((BLUE + i))/admin/drain" -H "content-type: application/json" -d \
     "{\"window_ms\":$WINDOW,\"max_rate\":$RATE,\"deadline_ms\":120000,\"mode\":\"$MODE\",\"retry_jitter_ms\":2000}" >/dev/null
 done
 while [ "$(blue_conns)" -gt 0 ]; do sleep 0.2; done

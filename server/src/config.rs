@@ -305,6 +305,10 @@ pub struct AdminSettings {
     pub token_file: Option<String>,
     /// TLS on the admin listener.
     pub tls: TlsSettings,
+    /// Names the admin listener answers in `Host` besides its address and
+    /// `localhost` (e.g. a Service name a client calls). Off loopback, any
+    /// name passes while this is empty.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Drain defaults.

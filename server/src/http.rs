@@ -167,6 +167,25 @@ pub fn admin_routes(
 }
 
 /// The 401 every admin route answers without the bearer token.
+/// A request the admin listener refuses as coming from a web page: 403 (415
+/// for a body not declared JSON), counted by reason.
+pub fn admin_refused(
+    gateway: &Gateway,
+    refusal: crate::security::browser::BrowserRefusal,
+) -> warp::reply::Response {
+    use crate::security::browser::BrowserRefusal;
+    gateway
+        .metrics
+        .admin_refused
+        .with_label_values(&[refusal.as_str()])
+        .inc();
+    let status = match refusal {
+        BrowserRefusal::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        _ => StatusCode::FORBIDDEN,
+    };
+    api_error(status, refusal.as_str(), refusal.message())
+}
+
 pub fn admin_unauthorized(gateway: &Gateway) -> warp::reply::Response {
     gateway.metrics.admin_unauthorized.inc();
     let mut response = api_error(

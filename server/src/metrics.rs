@@ -110,6 +110,9 @@ pub struct Metrics {
     pub sessions_ended: IntCounterVec,
     /// `switchyard_admin_unauthorized_total`: admin requests without the bearer token.
     pub admin_unauthorized: IntCounter,
+    /// `switchyard_admin_refused_total{reason}`: admin requests refused as
+    /// coming from a web page (`security::browser`).
+    pub admin_refused: IntCounterVec,
     /// `switchyard_tickets_issued_total`.
     pub tickets_issued: IntCounter,
 }
@@ -263,6 +266,11 @@ impl Metrics {
                 "switchyard_admin_unauthorized_total",
                 "Admin listener requests refused with 401 for a missing or wrong bearer token.",
             )?,
+            admin_refused: counter_vec(
+                "switchyard_admin_refused_total",
+                "Admin listener requests refused as coming from a web page: origin, fetch_metadata, host, content_type.",
+                &["reason"],
+            )?,
             tickets_issued: counter(
                 "switchyard_tickets_issued_total",
                 "Single-use connection tickets minted through POST /api/tickets.",
@@ -276,6 +284,9 @@ impl Metrics {
         }
         for how in ["client", "slot", "deadline", "other"] {
             metrics.migrations.with_label_values(&[how]);
+        }
+        for refusal in crate::security::browser::BrowserRefusal::ALL {
+            metrics.admin_refused.with_label_values(&[refusal.as_str()]);
         }
         for signal in ["migrate", "close"] {
             metrics.drain_signals.with_label_values(&[signal]);

@@ -333,6 +333,24 @@ async fn serve_connection<IO, R>(
     let service = service_fn(move |request: Request<Incoming>| {
         let gateway = service_gateway.clone();
         let upgrade = upgrade_route(&gateway, which, request.method(), request.uri().path());
+        // Web pages are kept off the admin listener before anything else,
+        // whatever the token setting (`security::browser`).
+        let refused = (which == Listener::Admin)
+            .then(|| {
+                crate::security::browser::refusal(
+                    request.method(),
+                    request.headers(),
+                    &gateway.config.admin.allowed_hosts,
+                    gateway.config.admin_listen.ip().is_loopback(),
+                )
+            })
+            .flatten();
+        if let Some(refusal) = refused {
+            let response = crate::http::admin_refused(&gateway, refusal);
+            return futures_util::future::Either::Left(futures_util::future::Either::Left(
+                std::future::ready(Ok::<_, std::convert::Infallible>(response)),
+            ));
+        }
         let authorized = which == Listener::Public
             || gateway.admin_auth.allows(
                 request
@@ -343,13 +361,13 @@ async fn serve_connection<IO, R>(
         if upgrade.is_none() && authorized {
             return futures_util::future::Either::Right(routes.clone().call(request));
         }
-        futures_util::future::Either::Left(async move {
+        futures_util::future::Either::Left(futures_util::future::Either::Right(async move {
             let response = match upgrade {
                 Some(route) => crate::upgrade::upgrade(gateway, request, route, peer).await,
                 None => crate::http::admin_unauthorized(&gateway),
             };
             Ok::<_, std::convert::Infallible>(response)
-        })
+        }))
     });
     // hyper wakes this task while polling it (the two ends of a request
     // body's channel wake each other); `Repoll` answers that with a second

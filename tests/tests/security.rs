@@ -699,7 +699,8 @@ async fn wss_and_https_with_a_test_certificate() {
     // The admin API over https.
     let body = r#"{"topic":"secure","data":42}"#;
     let request = format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/publish HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        gw.admin,
         body.len()
     );
     let answer = https(&connector, gw.admin, &request).await;
@@ -926,4 +927,132 @@ async fn one_subject_holds_at_most_its_share_of_connections() {
         1.0,
         "no extra refusal counted"
     );
+}
+
+/// One request to the admin listener, written by hand so every header is
+/// the test's: (status, body).
+fn raw_admin(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read");
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (
+        status,
+        raw.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// The admin listener in its default setup (loopback, no token) does not
+/// answer web pages: a cross-site "simple" POST (`text/plain`, no
+/// preflight), anything with `Origin` or fetch metadata, and a DNS-rebinding
+/// page's own name in `Host` are refused and counted, before any route; an
+/// API client's request (an address in `Host`, a JSON body) passes.
+#[test]
+fn the_admin_listener_refuses_web_pages_whatever_the_token_setting() {
+    let gw = GatewayProcess::start(&[]).expect("start");
+    let addr = gw.admin;
+    let publish = r#"{"topic":"t","data":1}"#;
+    let host = format!("Host: {addr}");
+    let table: [(String, u16, &str); 7] = [
+        // what curl -d, or a page's form or fetch without preflight, sends
+        (
+            format!("POST /api/publish HTTP/1.1\r\n{host}\r\nContent-Type: text/plain"),
+            415,
+            "content_type",
+        ),
+        (
+            format!("POST /api/publish HTTP/1.1\r\n{host}\r\nContent-Type: application/x-www-form-urlencoded"),
+            415,
+            "content_type",
+        ),
+        (format!("POST /api/publish HTTP/1.1\r\n{host}"), 415, "content_type"),
+        (
+            format!("POST /api/publish HTTP/1.1\r\n{host}\r\nContent-Type: application/json\r\nOrigin: https://evil.example"),
+            403,
+            "origin",
+        ),
+        (
+            format!("POST /admin/drain HTTP/1.1\r\n{host}\r\nContent-Type: application/json\r\nOrigin: null"),
+            403,
+            "origin",
+        ),
+        (
+            format!("GET /admin/status HTTP/1.1\r\n{host}\r\nSec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: cors"),
+            403,
+            "fetch_metadata",
+        ),
+        (
+            format!("GET /admin/status HTTP/1.1\r\nHost: rebind.evil.example:{}", addr.port()),
+            403,
+            "host",
+        ),
+    ];
+    for (head, status, reason) in &table {
+        let (got, body) = raw_admin(addr, head, publish);
+        assert_eq!(got, *status, "{head}: {body}");
+        assert!(body.contains(reason), "{head}: {body}");
+    }
+    for (reason, count) in [
+        ("content_type", 3.0),
+        ("origin", 2.0),
+        ("fetch_metadata", 1.0),
+        ("host", 1.0),
+    ] {
+        let series = format!("switchyard_admin_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(gw.metric(&series).expect("metric"), count, "{reason}");
+    }
+    // Nothing was published by any of them; an API client's request passes.
+    let (status, body) = raw_admin(
+        addr,
+        &format!("POST /api/publish HTTP/1.1\r\n{host}\r\nContent-Type: application/json"),
+        publish,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(r#""offset":1"#),
+        "the first publish that got through: {body}"
+    );
+    let (status, _) = raw_admin(
+        addr,
+        &format!(
+            "GET /admin/status HTTP/1.1\r\nHost: localhost:{}",
+            addr.port()
+        ),
+        "",
+    );
+    assert_eq!(status, 200);
+
+    // With a token too: a page that somehow holds it is still a page.
+    let gw = GatewayProcess::start(&[&format!("admin.token={ADMIN_TOKEN}")]).expect("start");
+    let auth = format!("Authorization: Bearer {ADMIN_TOKEN}");
+    let host = format!("Host: {}", gw.admin);
+    let json = "Content-Type: application/json";
+    let (status, body) = raw_admin(
+        gw.admin,
+        &format!("POST /api/publish HTTP/1.1\r\n{host}\r\n{auth}\r\n{json}\r\nOrigin: https://evil.example"),
+        publish,
+    );
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = raw_admin(
+        gw.admin,
+        &format!("POST /api/publish HTTP/1.1\r\n{host}\r\n{auth}\r\n{json}"),
+        publish,
+    );
+    assert_eq!(status, 200, "{body}");
 }

@@ -9,6 +9,7 @@
 //! - [`ratelimit`]: token buckets (handshakes per IP, publishes per connection).
 
 pub mod auth;
+pub mod browser;
 pub mod expiry;
 pub mod origin;
 pub mod ratelimit;
