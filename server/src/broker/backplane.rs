@@ -248,7 +248,20 @@ impl RedisBroker {
         let client = client(&options.settings)?;
         let (control, requests) = mpsc::unbounded_channel();
         options.metrics.up.set(0);
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(Inner::new(options, client, control));
+        tokio::spawn(supervise(Arc::downgrade(&inner), requests));
+        Ok(Arc::new(RedisBroker { inner }))
+    }
+}
+
+impl Inner {
+    /// The broker's state, not yet connected (the supervisor connects it).
+    fn new(
+        options: RedisOptions,
+        client: redis::Client,
+        control: mpsc::UnboundedSender<Control>,
+    ) -> Inner {
+        Inner {
             options,
             client,
             pool: Mutex::new(Vec::new()),
@@ -259,13 +272,9 @@ impl RedisBroker {
             up: AtomicBool::new(false),
             publish: Script::new(include_str!("publish.lua")),
             snapshot: Script::new(include_str!("snapshot.lua")),
-        });
-        tokio::spawn(supervise(Arc::downgrade(&inner), requests));
-        Ok(Arc::new(RedisBroker { inner }))
+        }
     }
-}
 
-impl Inner {
     fn topics(&self) -> MutexGuard<'_, HashMap<String, LocalTopic>> {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1050,36 +1059,27 @@ mod tests {
     fn offline_inner() -> Inner {
         let (control, _requests) = mpsc::unbounded_channel();
         let metric = |name: &str| IntCounter::new(name, "test").expect("counter");
-        Inner {
-            options: RedisOptions {
-                settings: RedisSettings::default(),
-                retention: Retention {
-                    max_entries: 100,
-                    max_age: Duration::from_secs(60),
-                },
-                max_topics: 100,
-                max_pending: 100,
-                metrics: BackplaneMetrics {
-                    up: IntGauge::new("up", "test").expect("gauge"),
-                    publish_seconds: Histogram::with_opts(prometheus::HistogramOpts::new(
-                        "publish", "test",
-                    ))
-                    .expect("histogram"),
-                    reconnects: metric("reconnects"),
-                    recovered_messages: metric("recovered"),
-                    foreign_messages: metric("foreign"),
-                },
+        let options = RedisOptions {
+            settings: RedisSettings::default(),
+            retention: Retention {
+                max_entries: 100,
+                max_age: Duration::from_secs(60),
             },
-            client: redis::Client::open("redis://127.0.0.1:1").expect("client"),
-            pool: Mutex::new(Vec::new()),
-            next_connection: AtomicUsize::new(0),
-            topics: Mutex::new(HashMap::new()),
-            control,
-            generation: AtomicU64::new(0),
-            up: AtomicBool::new(false),
-            publish: Script::new(include_str!("publish.lua")),
-            snapshot: Script::new(include_str!("snapshot.lua")),
-        }
+            max_topics: 100,
+            max_pending: 100,
+            metrics: BackplaneMetrics {
+                up: IntGauge::new("up", "test").expect("gauge"),
+                publish_seconds: Histogram::with_opts(prometheus::HistogramOpts::new(
+                    "publish", "test",
+                ))
+                .expect("histogram"),
+                reconnects: metric("reconnects"),
+                recovered_messages: metric("recovered"),
+                foreign_messages: metric("foreign"),
+            },
+        };
+        let client = redis::Client::open("redis://127.0.0.1:1").expect("client");
+        Inner::new(options, client, control)
     }
 
     fn texts(handle: &ConnHandle) -> Vec<String> {
