@@ -585,8 +585,10 @@ async fn exited(
 }
 
 /// How much later than its stop time a process may exit here: it shares
-/// two cores with the clients, the other gateway and the proxy.
-const EXIT_SLACK: Duration = Duration::from_millis(1_500);
+/// two cores with the clients, the other gateway, the proxy and the other
+/// tests of this file. (Before the stop time existed, these gateways ran
+/// on for 18 s to 30 s past it.)
+const EXIT_SLACK: Duration = Duration::from_millis(3_000);
 
 /// SIGTERM while the Service still routes to the stopping gateway: every
 /// client it closes comes back to it. Each comes back to a 4000 with
@@ -904,9 +906,12 @@ async fn closes_after_the_grace_keep_the_cap() {
         }
     }
     assert_eq!(signals.len(), 2 * PEERS, "a migrate and a close each");
+    // Timed where they arrive, by a test process that shares the cores: a
+    // read delayed by a busy moment stamps frames of two windows at once,
+    // hence the 10% (before the fix: 2x the cap).
     let peak = max_in_window(&signals, 1000);
     assert!(
-        peak as u64 <= RATE + 2,
+        peak as f64 <= RATE as f64 * 1.1,
         "{peak} signals in one second, cap {RATE}; per second: {:?}",
         per_second(&signals)
     );
