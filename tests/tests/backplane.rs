@@ -716,19 +716,21 @@ async fn redis_that_lost_recent_writes_starts_a_new_epoch() {
 /// snapshot (a subscribe, a recovery) refreshes the keys' TTL as a publish
 /// does. Before, a quiet topic expired `redis.topic_ttl_ms` after its last
 /// publish however often it was read, and restarted its epoch under its
-/// readers.
+/// readers (here at 3 s of 6.5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_that_is_only_read_does_not_expire() {
     let redis = RedisServer::start().expect("redis");
     let pod = gateways(
         &redis,
         1,
-        &["redis.topic_ttl_ms=1500", "topics.history_ttl_ms=1500"],
+        &["redis.topic_ttl_ms=3000", "topics.history_ttl_ms=3000"],
     )
     .remove(0);
     let first = pod.publish("quiet", r#"{"n":1}"#).expect("publish");
     let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(3_500) {
+    // Reads 400 ms apart for more than twice the TTL: margin enough for a
+    // loaded machine, and the keys (before the fix) gone halfway.
+    while started.elapsed() < Duration::from_millis(6_500) {
         let mut reader = Connection::connect(&pod.ws_url()).await.expect("connect");
         let (position, recovered) = subscribe(&mut reader, "quiet", Some(first)).await;
         assert!(recovered, "read at {:?}", started.elapsed());
