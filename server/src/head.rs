@@ -7,7 +7,7 @@
 //! ahead) and a second write for the welcome frame: the profile of 15,000
 //! handshakes put those at a quarter of the gateway's CPU per handshake
 //! (docs/benchmarks.md). So the gateway reads the first head itself; an
-//! upgrade is answered directly ([`crate::upgrade::upgrade_direct`]) and
+//! upgrade is answered directly (by the upgrade module, a layer above) and
 //! anything else — another route, HTTP/1.0, a head hyper would refuse — is
 //! handed to hyper together with the bytes already read ([`Replay`]), so
 //! hyper answers exactly as it would have.

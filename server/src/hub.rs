@@ -55,8 +55,8 @@ impl Subscriber for ConnHandle {
 
 /// What a drain has done to one connection, and which drain: the drain's
 /// generation in the high bits, a state in the low byte (the states are the
-/// drain engine's, in `crate::drain`). It lives with the connection so that
-/// the hub does not depend on the drain engine.
+/// drain engine's to define). It lives with the connection so that the hub
+/// does not depend on the drain engine.
 #[derive(Debug, Default)]
 pub struct DrainMark(AtomicU64);
 

@@ -1082,6 +1082,16 @@ mod tests {
         Inner::new(options, client, control)
     }
 
+    fn test_hub() -> Hub {
+        Hub::new(
+            "t".into(),
+            OutboxLimits {
+                max_messages: 100,
+                max_bytes: 1 << 20,
+            },
+        )
+    }
+
     fn texts(handle: &ConnHandle) -> Vec<String> {
         let mut batch = std::collections::VecDeque::new();
         let _ = handle.outbox.next_batch(&mut batch).now_or_never();
@@ -1101,13 +1111,7 @@ mod tests {
     #[tokio::test]
     async fn a_lost_gap_is_told_to_those_who_missed_it_even_mid_subscribe() {
         let inner = offline_inner();
-        let hub = Hub::new(
-            "t".into(),
-            OutboxLimits {
-                max_messages: 100,
-                max_bytes: 1 << 20,
-            },
-        );
+        let hub = test_hub();
         let (live, joining, late) = (
             hub.register(Route::Topics),
             hub.register(Route::Topics),
@@ -1172,13 +1176,7 @@ mod tests {
     #[tokio::test]
     async fn a_recovery_overtaken_by_a_reconnect_leaves_the_topic_alone() {
         let inner = offline_inner();
-        let hub = Hub::new(
-            "t".into(),
-            OutboxLimits {
-                max_messages: 100,
-                max_bytes: 1 << 20,
-            },
-        );
+        let hub = test_hub();
         let sub = hub.register(Route::Topics);
         let epoch = 9;
         let mut topic = LocalTopic {
@@ -1277,13 +1275,7 @@ mod tests {
     /// already here, and are not sent twice to the newcomer.
     #[tokio::test]
     async fn in_flight_messages_reach_old_subscribers_once_and_new_ones_never_twice() {
-        let hub = Hub::new(
-            "t".into(),
-            OutboxLimits {
-                max_messages: 100,
-                max_bytes: 1 << 20,
-            },
-        );
+        let hub = test_hub();
         let (old, new) = (hub.register(Route::Topics), hub.register(Route::Topics));
         let epoch = 9;
         let mut topic = LocalTopic {
