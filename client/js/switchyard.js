@@ -31,9 +31,13 @@ export function backoffDelay(attempt, baseMs, capMs, unit = Math.random()) {
   return Math.floor(ceiling * unit);
 }
 
-/** Whether a message at (epoch, offset) comes after the cursor. */
+/**
+ * Whether a message at (epoch, offset) comes after the cursor: a later offset
+ * of the same epoch or any offset of a later one. Epochs are ordered (below
+ * 2^53, exact as numbers); a message of an earlier epoch is stale.
+ */
 export function isAfter(cursor, epoch, offset) {
-  return !cursor || cursor.epoch !== epoch || offset > cursor.offset;
+  return !cursor || epoch > cursor.epoch || (epoch === cursor.epoch && offset > cursor.offset);
 }
 
 function parseReason(reason) {

@@ -65,7 +65,8 @@ impl Cursor {
     }
 
     /// Whether a message at `position` is new (and if so, moves past it):
-    /// a later offset in the same epoch, or any offset of a new epoch.
+    /// a later offset in the same epoch, or any offset of a later epoch (a
+    /// message of an earlier one is stale).
     /// Duplicates from a replay or an overlapping connection return false.
     pub fn accept(&mut self, position: Position) -> bool {
         let new = switchyard_protocol::position::is_after(self.last, position);
@@ -157,6 +158,8 @@ mod tests {
             (Position::new(7, 3), true),
             (Position::new(9, 1), true),
             (Position::new(9, 1), false),
+            // a late message of the epoch the log moved past is stale
+            (Position::new(7, 4), false),
         ];
         for (position, expected) in table {
             assert_eq!(cursor.accept(position), expected, "{position}");

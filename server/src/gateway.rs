@@ -289,6 +289,7 @@ fn make_broker(
                     reconnects: metrics.backplane_reconnects.clone(),
                     recovered_messages: metrics.backplane_recovered_messages.clone(),
                     foreign_messages: metrics.backplane_foreign_messages.clone(),
+                    stale_messages: metrics.backplane_stale_messages.clone(),
                 },
             })
             .map_err(|err| ConfigError::field("redis", err.to_string()))?;

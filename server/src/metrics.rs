@@ -100,6 +100,10 @@ pub struct Metrics {
     /// another deployment whose prefix and topic name the same channel,
     /// dropped.
     pub backplane_foreign_messages: IntCounter,
+    /// `switchyard_backplane_stale_messages_total`: pub/sub messages of an
+    /// epoch their topic has moved past (its keys were lost and made
+    /// again), dropped.
+    pub backplane_stale_messages: IntCounter,
     /// `switchyard_authorization_denied_total{action="subscribe|publish"}`:
     /// requests on topics the session may not use.
     pub authorization_denied: IntCounterVec,
@@ -247,6 +251,10 @@ impl Metrics {
             backplane_foreign_messages: counter(
                 "switchyard_backplane_foreign_messages_total",
                 "Pub/sub messages of another deployment on a channel this one also uses (a key prefix nested in another), dropped.",
+            )?,
+            backplane_stale_messages: counter(
+                "switchyard_backplane_stale_messages_total",
+                "Pub/sub messages of an epoch their topic has moved past (its Redis keys were lost and made again), dropped.",
             )?,
             authorization_denied: counter_vec(
                 "switchyard_authorization_denied_total",

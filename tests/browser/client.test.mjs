@@ -28,6 +28,9 @@ test("duplicates and new epochs", () => {
   assert.equal(isAfter({ epoch: 7, offset: 5 }, 7, 5), false);
   assert.equal(isAfter({ epoch: 7, offset: 5 }, 7, 3), false);
   assert.equal(isAfter({ epoch: 7, offset: 5 }, 9, 1), true);
+  // an epoch the log has moved past is stale, whatever its offset
+  assert.equal(isAfter({ epoch: 7, offset: 5 }, 6, 9), false);
+  assert.equal(isAfter({ epoch: 2 ** 53 - 1, offset: 0 }, 2 ** 53 - 2, 1), false);
 });
 
 test("withTicket adds the ticket to the query, encoded, before any fragment", () => {

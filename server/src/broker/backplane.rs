@@ -40,7 +40,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubS
 use redis::{Script, Value};
 use serde_json::value::RawValue;
 use switchyard_protocol::close::CloseReason;
-use switchyard_protocol::position::MAX_EPOCH;
+use switchyard_protocol::position::EPOCH_TIE_BITS;
 use switchyard_protocol::{CloseCode, Position, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -65,6 +65,8 @@ pub struct BackplaneMetrics {
     pub recovered_messages: IntCounter,
     /// `switchyard_backplane_foreign_messages_total`.
     pub foreign_messages: IntCounter,
+    /// `switchyard_backplane_stale_messages_total`.
+    pub stale_messages: IntCounter,
 }
 
 /// Everything the Redis broker needs to start.
@@ -108,13 +110,56 @@ struct LocalTopic {
     /// (0: not yet). While it matches the current generation the channel is
     /// live, so a new local subscriber needs no round trip to Redis.
     channel_generation: u64,
-    /// `Some` while the topic recovers after a reconnect; arrivals wait in it.
+    /// `Some` while the topic recovers (after a reconnect, or to learn a new
+    /// epoch from Redis); arrivals wait in it.
     recovering: Option<Pending>,
+    /// Epochs left behind when Redis answered with an *older* epoch than
+    /// this pod had seen (a clock that stepped back; see
+    /// [`Inner::apply_recovery`]): their frames still in flight are stale
+    /// although their numbers are larger.
+    retired: Vec<u64>,
 }
 
+/// What [`LocalTopic::deliver`] made of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Delivered, buffered, or dropped as a duplicate.
+    Done,
+    /// Of an epoch the topic has moved past: dropped and counted.
+    Stale,
+    /// Of an epoch this pod has not seen: the topic now recovers (the message
+    /// waits in its buffer) and Redis decides what the subscribers are told.
+    NewEpoch,
+}
+
+/// How many retired epochs a topic remembers.
+const MAX_RETIRED: usize = 4;
+
 impl LocalTopic {
+    /// The newest position this pod knows the topic at.
+    fn known(&self) -> Option<Position> {
+        self.last.or(self.floor)
+    }
+
+    /// Starts a recovery unless one runs; false if one was running.
+    fn start_recovering(&mut self) -> bool {
+        if self.recovering.is_some() {
+            return false;
+        }
+        self.recovering = Some(Vec::new());
+        true
+    }
+
     /// Hands one message to every local subscriber (or to the buffers).
-    fn deliver(&mut self, position: Position, frame: &Utf8Bytes, max_pending: usize) {
+    ///
+    /// Epoch succession is explicit: a message of a later epoch than the
+    /// topic's is never passed on by itself (the topic's keys were lost and
+    /// made again, and what came before may be lost with them); the topic
+    /// recovers, and the snapshot says whether subscribers get a replay of
+    /// the new epoch or `recovered: false`. A message of an earlier epoch
+    /// is stale and never passes. Unit tests: `a_new_epoch_is_learned_from_redis`,
+    /// `stale_epochs_never_pass_after_a_new_one`.
+    fn deliver(&mut self, position: Position, frame: &Utf8Bytes, max_pending: usize) -> Delivery {
         if let Some(buffer) = &mut self.recovering {
             if buffer.len() < max_pending {
                 buffer.push((position, frame.clone()));
@@ -124,10 +169,22 @@ impl LocalTopic {
                 buffer.clear();
                 self.close_all(CloseCode::SlowConsumer, "backplane recovery overflowed");
             }
-            return;
+            return Delivery::Done;
+        }
+        if self.retired.contains(&position.epoch) {
+            return Delivery::Stale;
+        }
+        if let Some(known) = self.known() {
+            if position.epoch < known.epoch {
+                return Delivery::Stale;
+            }
+            if position.epoch > known.epoch {
+                self.recovering = Some(vec![(position, frame.clone())]);
+                return Delivery::NewEpoch;
+            }
         }
         if !is_after(self.last, position) {
-            return;
+            return Delivery::Done;
         }
         self.last = Some(position);
         // A trace of its own: the publisher's trace context does not travel
@@ -158,6 +215,7 @@ impl LocalTopic {
                 }
             }
         }
+        Delivery::Done
     }
 
     fn close_all(&self, code: CloseCode, reason: &str) {
@@ -237,8 +295,10 @@ fn unavailable(err: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(err.to_string())
 }
 
-fn new_epoch() -> u64 {
-    rand::rng().random_range(1..=MAX_EPOCH)
+/// The tie-breaker for an epoch the scripts may have to begin (see
+/// [`switchyard_protocol::position::epoch_at`]).
+fn epoch_tie() -> u64 {
+    rand::rng().random_range(0..1 << EPOCH_TIE_BITS)
 }
 
 impl RedisBroker {
@@ -277,6 +337,14 @@ impl Inner {
 
     fn topics(&self) -> MutexGuard<'_, HashMap<String, LocalTopic>> {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest epoch this pod has seen for `topic` ("0": none): a new
+    /// epoch Redis begins is always later, whatever its clock says. (Not a
+    /// client's `since`: a forged one could push epochs past 2^53.)
+    fn epoch_floor(&self, topic: &str) -> String {
+        let known = self.topics().get(topic).and_then(LocalTopic::known);
+        known.map_or(0, |p| p.epoch).to_string()
     }
 
     fn settings(&self) -> &RedisSettings {
@@ -328,13 +396,14 @@ impl Inner {
             .publish
             .key(self.meta_key(topic))
             .key(self.log_key(topic))
-            .arg(new_epoch().to_string())
+            .arg(epoch_tie())
             .arg(topic_json)
             .arg(data.get())
             .arg(retention.max_entries)
             .arg(retention.max_age.as_millis() as u64)
             .arg(self.settings().topic_ttl_ms)
             .arg(self.channel(topic))
+            .arg(self.epoch_floor(topic))
             .invoke_async(&mut connection)
             .await;
         self.options
@@ -363,12 +432,13 @@ impl Inner {
             .snapshot
             .key(self.meta_key(topic))
             .key(self.log_key(topic))
-            .arg(new_epoch().to_string())
+            .arg(epoch_tie())
             .arg(since_epoch)
             .arg(since_offset)
             .arg(retention.max_entries)
             .arg(retention.max_age.as_millis() as u64)
             .arg(self.settings().topic_ttl_ms)
+            .arg(self.epoch_floor(topic))
             .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
@@ -401,7 +471,7 @@ impl Inner {
     }
 
     async fn subscribe(
-        &self,
+        self: &Arc<Self>,
         topic: &str,
         since: Option<Position>,
         handle: Arc<dyn Subscriber>,
@@ -435,7 +505,7 @@ impl Inner {
 
     /// Steps 2–4 of a subscribe: channel, snapshot, switch to live.
     async fn complete_subscribe(
-        &self,
+        self: &Arc<Self>,
         topic: &str,
         since: Option<Position>,
         handle: &dyn Subscriber,
@@ -455,6 +525,26 @@ impl Inner {
         let local = topics
             .get_mut(topic)
             .ok_or_else(|| unavailable("subscription vanished"))?;
+        // The subscriber's snapshot and the topic agree on the epoch, or
+        // the later one wins: a topic that moved past the snapshot's epoch
+        // meanwhile (its subscribers were told) cannot hand this one the new
+        // epoch's messages since the move, so the subscribe is retried; a
+        // snapshot of a later epoch than the topic's is news for the others,
+        // whom a recovery tells.
+        let known = local.known().filter(|_| local.recovering.is_none());
+        match known {
+            Some(known) if known.epoch > snapshot.head.epoch => {
+                return Err(BrokerError::Unavailable(
+                    "the topic began a new epoch during the subscribe; retry".into(),
+                ));
+            }
+            Some(known) if known.epoch < snapshot.head.epoch && local.start_recovering() => {
+                let inner = self.clone();
+                let topic = topic.to_owned();
+                tokio::spawn(async move { inner.recover(&topic, generation).await });
+            }
+            _ => {}
+        }
         let pending = match local.subscribers.get_mut(&handle.id()) {
             Some(sub) => {
                 sub.replayed_to = Some(snapshot.head);
@@ -503,50 +593,77 @@ impl Inner {
         })
     }
 
-    /// Fills the gap of one topic after a reconnect, then lets it go live.
+    /// Fills the gap of one recovering topic (after a reconnect, or when a
+    /// new epoch showed up), then lets it go live: again, if what it had
+    /// buffered meanwhile shows yet another epoch.
     async fn recover(&self, topic: &str, generation: u64) {
         let mut delay = FIRST_RETRY;
-        let since = match self.topics().get(topic) {
-            Some(local) => local.last.or(local.floor),
-            None => return,
-        };
-        let snapshot = loop {
-            if self.generation.load(Ordering::Relaxed) != generation {
-                return; // a newer connection runs its own recovery
-            }
-            match self.snapshot(topic, since).await {
-                Ok(snapshot) => break snapshot,
-                Err(err) => {
-                    tracing::warn!(%topic, %err, "backplane recovery snapshot failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+        loop {
+            let since = match self.topics().get(topic) {
+                Some(local) => local.known(),
+                None => return,
+            };
+            let snapshot = loop {
+                if self.generation.load(Ordering::Relaxed) != generation {
+                    return; // a newer connection runs its own recovery
                 }
+                match self.snapshot(topic, since).await {
+                    Ok(snapshot) => break snapshot,
+                    Err(err) => {
+                        tracing::warn!(%topic, %err, "backplane recovery snapshot failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            };
+            if !self.apply_recovery(topic, generation, since, snapshot) {
+                return;
             }
-        };
-        self.apply_recovery(topic, generation, since, snapshot);
+        }
     }
 
     /// Applies a recovery's snapshot to its topic — unless the pub/sub link
     /// reconnected meanwhile: the newer link's recovery owns the topic's
     /// buffer now, and this one's snapshot may predate what that buffer
     /// holds, so taking it would deliver around a gap and move the topic's
-    /// position past it.
+    /// position past it. True when the topic must recover again: its
+    /// buffer held a message of an epoch later than the snapshot's.
     fn apply_recovery(
         &self,
         topic: &str,
         generation: u64,
         since: Option<Position>,
         snapshot: Snapshot,
-    ) {
+    ) -> bool {
         let max_pending = self.options.max_pending;
         let mut topics = self.topics();
         if self.generation.load(Ordering::Relaxed) != generation {
-            return;
+            return false;
         }
         let Some(local) = topics.get_mut(topic) else {
-            return;
+            return false;
         };
         let buffered = local.recovering.take().unwrap_or_default();
+        if let Some(since) = since.filter(|since| since.epoch > snapshot.head.epoch) {
+            // Redis went back to an earlier epoch than this pod had seen: a
+            // clock that stepped back when the topic's keys were lost and
+            // made again by a pod that knew nothing of them. Ordered filters
+            // (here and in clients) would take the earlier epoch for stale,
+            // so every subscriber here reconnects and resumes from a fresh
+            // snapshot, which tells it the truth; the later epoch is retired.
+            tracing::error!(%topic, %since, head = %snapshot.head, "backplane epoch went back; subscribers resume");
+            local.close_all(
+                CloseCode::TryAgainLater,
+                "backplane epoch went back; resume",
+            );
+            if local.retired.len() >= MAX_RETIRED {
+                local.retired.remove(0);
+            }
+            local.retired.push(since.epoch);
+            local.last = None;
+            local.floor = Some(snapshot.head);
+            return false;
+        }
         let fetched: Vec<u64> = snapshot.entries.iter().map(|(offset, _)| *offset).collect();
         match resume_from_snapshot(since, snapshot.head, &fetched) {
             resume @ (Resume::Lost | Resume::Restarted) => {
@@ -602,14 +719,25 @@ impl Inner {
                 }
             }
         }
+        if local.last.is_none() {
+            // Nothing delivered yet: the snapshot is the newest known position.
+            local.floor = Some(snapshot.head);
+        }
+        let mut again = false;
         for (position, frame) in buffered {
-            local.deliver(position, &frame, max_pending);
+            match local.deliver(position, &frame, max_pending) {
+                Delivery::Done => {}
+                Delivery::Stale => self.options.metrics.stale_messages.inc(),
+                // The rest of the buffer follows it into the new recovery's.
+                Delivery::NewEpoch => again = true,
+            }
         }
         tracing::info!(%topic, head = %snapshot.head, "backplane topic recovered");
+        again
     }
 
     /// Delivers one pub/sub message to the local subscribers of its topic.
-    fn dispatch(&self, channel: &str, payload: &[u8]) {
+    fn dispatch(self: &Arc<Self>, channel: &str, payload: &[u8]) {
         let Some(topic) = self.topic_of(channel) else {
             return;
         };
@@ -625,8 +753,19 @@ impl Inner {
             self.options.metrics.foreign_messages.inc();
             return;
         }
-        if let Some(local) = self.topics().get_mut(topic) {
-            local.deliver(position, &frame, self.options.max_pending);
+        let delivery = match self.topics().get_mut(topic) {
+            Some(local) => local.deliver(position, &frame, self.options.max_pending),
+            None => return,
+        };
+        match delivery {
+            Delivery::Done => {}
+            Delivery::Stale => self.options.metrics.stale_messages.inc(),
+            Delivery::NewEpoch => {
+                let generation = self.generation.load(Ordering::Relaxed);
+                let inner = self.clone();
+                let topic = topic.to_owned();
+                tokio::spawn(async move { inner.recover(&topic, generation).await });
+            }
         }
     }
 }
@@ -1076,6 +1215,7 @@ mod tests {
                 reconnects: metric("reconnects"),
                 recovered_messages: metric("recovered"),
                 foreign_messages: metric("foreign"),
+                stale_messages: metric("stale"),
             },
         };
         let client = redis::Client::open("redis://127.0.0.1:1").expect("client");
@@ -1232,6 +1372,128 @@ mod tests {
         inner.apply_recovery("t", 2, Some(Position::new(epoch, 5)), current);
         let expected: Vec<String> = (6..=12).map(|o| format!("m{o}")).collect();
         assert_eq!(texts(&sub), expected);
+    }
+
+    /// A topic with one live subscriber at `last`, registered in `inner`.
+    fn live_topic(inner: &Inner, hub: &Hub, last: Position) -> Arc<ConnHandle> {
+        let sub = hub.register(Route::Topics);
+        let mut topic = LocalTopic {
+            last: Some(last),
+            ..LocalTopic::default()
+        };
+        topic.subscribers.insert(
+            sub.id,
+            LocalSub {
+                handle: sub.clone(),
+                pending: None,
+                replayed_to: Some(last),
+            },
+        );
+        inner.topics().insert("t".into(), topic);
+        sub
+    }
+
+    fn deliver(inner: &Inner, position: Position, frame: &str) -> Delivery {
+        let mut topics = inner.topics();
+        let local = topics.get_mut("t").expect("topic");
+        local.deliver(position, &Utf8Bytes::from(frame.to_owned()), 100)
+    }
+
+    /// Break 5 of issue 23: the topic's keys were lost and made again
+    /// (epoch 9 -> 11). The new epoch is not passed on by itself: Redis is
+    /// asked, subscribers are told and get the new epoch whole, and frames
+    /// of the old epoch still in flight, and duplicates of the new one,
+    /// never pass afterwards (before: both passed, as any other epoch
+    /// counted as "after").
+    #[tokio::test]
+    async fn stale_epochs_never_pass_after_a_new_one() {
+        let inner = offline_inner();
+        let hub = test_hub();
+        let sub = live_topic(&inner, &hub, Position::new(9, 5));
+        assert_eq!(
+            deliver(&inner, Position::new(11, 1), "b1"),
+            Delivery::NewEpoch
+        );
+        assert!(texts(&sub).is_empty(), "not passed on by itself");
+        // In flight on pub/sub while Redis is asked: an old-epoch frame.
+        assert_eq!(deliver(&inner, Position::new(9, 6), "a6"), Delivery::Done);
+        let snapshot = Snapshot {
+            head: Position::new(11, 2),
+            entries: vec![(2, Utf8Bytes::from("b2")), (1, Utf8Bytes::from("b1"))],
+        };
+        let again = inner.apply_recovery("t", 0, Some(Position::new(9, 5)), snapshot);
+        assert!(!again);
+        let got = texts(&sub);
+        assert_eq!(got.len(), 3, "{got:?}");
+        let notice: serde_json::Value = serde_json::from_str(&got[0]).expect("json");
+        assert_eq!(notice["op"], "subscribed");
+        assert_eq!(notice["recovered"], false);
+        assert_eq!(notice["position"]["epoch"], 11);
+        assert_eq!(notice["position"]["offset"], 0);
+        assert_eq!(got[1..], ["b1", "b2"], "the new epoch whole, in order");
+        assert_eq!(inner.options.metrics.stale_messages.get(), 1, "a6 dropped");
+        for (position, frame, expected) in [
+            (Position::new(9, 7), "a7", Delivery::Stale),
+            (Position::new(11, 2), "b2", Delivery::Done),
+            (Position::new(11, 3), "b3", Delivery::Done),
+            (Position::new(9, 8), "a8", Delivery::Stale),
+            (Position::new(11, 3), "b3", Delivery::Done),
+        ] {
+            assert_eq!(deliver(&inner, position, frame), expected, "{position}");
+        }
+        assert_eq!(texts(&sub), ["b3"], "only the new one, once");
+    }
+
+    /// A later epoch found in the recovery's buffer (the keys were lost
+    /// again while Redis was being asked) makes the topic recover again,
+    /// with the rest of the buffer waiting behind it.
+    #[tokio::test]
+    async fn a_later_epoch_in_the_buffer_recovers_again() {
+        let inner = offline_inner();
+        let hub = test_hub();
+        let sub = live_topic(&inner, &hub, Position::new(9, 5));
+        assert_eq!(
+            deliver(&inner, Position::new(11, 1), "b1"),
+            Delivery::NewEpoch
+        );
+        assert_eq!(deliver(&inner, Position::new(13, 1), "c1"), Delivery::Done);
+        assert_eq!(deliver(&inner, Position::new(13, 2), "c2"), Delivery::Done);
+        let snapshot = Snapshot {
+            head: Position::new(11, 1),
+            entries: vec![(1, Utf8Bytes::from("b1"))],
+        };
+        assert!(inner.apply_recovery("t", 0, Some(Position::new(9, 5)), snapshot));
+        assert_eq!(texts(&sub).len(), 2, "told of epoch 11, given b1");
+        let topics = inner.topics();
+        let buffer = topics["t"].recovering.clone().expect("recovering again");
+        let positions: Vec<Position> = buffer.iter().map(|(p, _)| *p).collect();
+        assert_eq!(positions, [Position::new(13, 1), Position::new(13, 2)]);
+    }
+
+    /// Redis answering with an earlier epoch than this pod saw can only be a
+    /// clock that stepped back: ordered filters would drop the truth as
+    /// stale, so subscribers resume from fresh snapshots instead (1013),
+    /// and the later epoch's frames still in flight are dropped.
+    #[tokio::test]
+    async fn an_epoch_that_goes_back_makes_subscribers_resume() {
+        let inner = offline_inner();
+        let hub = test_hub();
+        let sub = live_topic(&inner, &hub, Position::new(11, 5));
+        inner.topics().get_mut("t").expect("topic").recovering = Some(Vec::new());
+        let snapshot = Snapshot {
+            head: Position::new(9, 3),
+            entries: Vec::new(),
+        };
+        assert!(!inner.apply_recovery("t", 0, Some(Position::new(11, 5)), snapshot));
+        assert!(matches!(
+            sub.outbox.end_request(),
+            Some(crate::outbox::EndRequest::Close {
+                code: CloseCode::TryAgainLater,
+                ..
+            })
+        ));
+        assert_eq!(deliver(&inner, Position::new(11, 6), "a6"), Delivery::Stale);
+        assert_eq!(deliver(&inner, Position::new(9, 4), "b4"), Delivery::Done);
     }
 
     #[test]

@@ -8,15 +8,16 @@
 //! and for writing only to create or evict topics.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::{self, BoxFuture};
 use futures_util::FutureExt;
 use rand::Rng;
 use serde_json::value::RawValue;
 use switchyard_protocol::frame::encode_message;
-use switchyard_protocol::position::MAX_EPOCH;
+use switchyard_protocol::position::epoch_at;
 use switchyard_protocol::{Position, ServerFrame};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -53,9 +54,23 @@ fn lock(topic: &Mutex<Topic>) -> MutexGuard<'_, Topic> {
     topic.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A fresh epoch: random, so a restarted process never continues a log it lost.
+/// A fresh epoch, after every epoch this process issued before (a topic
+/// evicted and made again gets a later one) and by the clock otherwise, so a
+/// restarted process neither continues a log it lost nor goes back in order.
 fn new_epoch() -> u64 {
-    rand::rng().random_range(1..=MAX_EPOCH)
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64);
+    let tie = rand::rng().random::<u64>();
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let epoch = epoch_at(unix_ms, tie, last);
+        match LAST.compare_exchange_weak(last, epoch, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return epoch,
+            Err(newer) => last = newer,
+        }
+    }
 }
 
 impl MemoryBroker {

@@ -1,8 +1,8 @@
 -- Switchyard: a consistent view of a topic for a subscriber or a recovery.
 -- KEYS[1] topic meta   KEYS[2] topic log
--- ARGV[1] epoch to use if the log does not exist   ARGV[2] since epoch ("" for none)
+-- ARGV[1] tie-breaker (0..2047) for a new epoch   ARGV[2] since epoch ("" for none)
 -- ARGV[3] since offset   ARGV[4] most entries to return   ARGV[5] history age (ms)
--- ARGV[6] key TTL (ms)
+-- ARGV[6] key TTL (ms)   ARGV[7] newest epoch the caller knows ("0" for none)
 -- Returns {epoch, head, entries}: entries are the log's newest (head - since)
 -- entries, newest first, as XREVRANGE gives them, when the epoch matches, or
 -- all `head` of them when `since` is of another epoch; none when more than
@@ -10,13 +10,28 @@
 -- As in publish.lua: a meta written by another Redis instance (a restart,
 -- a failover) may describe history this one lost; start over.
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+-- A new epoch comes after every epoch the topic had: Redis' clock in ms
+-- shifted past an 11-bit tie-breaker (ARGV[1]), and at least one more than
+-- the epoch being replaced and the newest one the caller has seen,
+-- so epochs stay ordered even if a failover brings a clock that is behind.
+local function successor(old, floor)
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local epoch = ms * 2048 + tonumber(ARGV[1])
+  local known = math.max(tonumber(old or '0') or 0, tonumber(floor))
+  if epoch <= known then
+    epoch = known + 1
+  end
+  return string.format('%.0f', epoch)
+end
+local old = redis.call('HGET', KEYS[1], 'epoch')
+local epoch = old
 if epoch and redis.call('HGET', KEYS[1], 'run') ~= run then
   epoch = false
 end
 if not epoch then
   redis.call('DEL', KEYS[2])
-  epoch = ARGV[1]
+  epoch = successor(old, ARGV[7])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
 end
 -- Read counts as use: a topic that is subscribed to but quiet keeps its log
