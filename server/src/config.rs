@@ -182,6 +182,20 @@ pub struct JwtSettings {
     pub public_key_file: Option<String>,
     /// RS256/ES256: JSON Web Key Set; the token's `kid` picks the key.
     pub jwks_file: Option<String>,
+    /// RS256/ES256: the identity provider's JWKS endpoint (`https://` only),
+    /// fetched at startup, refreshed on its `Cache-Control: max-age` and on
+    /// a token with an unknown `kid`; the last good set is kept while the
+    /// provider is down.
+    pub jwks_url: Option<String>,
+    /// PEM CA certificates trusted for `jwks_url` besides the system's (a
+    /// private CA).
+    pub jwks_ca_file: Option<String>,
+    /// Refresh interval when the JWKS response has no `max-age`.
+    pub jwks_refresh_ms: u64,
+    /// Least time between two fetches of `jwks_url`: tokens with unknown
+    /// `kid`s trigger at most one fetch per interval, so a flood of random
+    /// `kid`s cannot hammer the provider.
+    pub jwks_min_refresh_ms: u64,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
     /// Required `aud`, if set.
@@ -199,6 +213,10 @@ impl Default for JwtSettings {
             secret_file: None,
             public_key_file: None,
             jwks_file: None,
+            jwks_url: None,
+            jwks_ca_file: None,
+            jwks_refresh_ms: 300_000,
+            jwks_min_refresh_ms: 10_000,
             issuer: None,
             audience: None,
             leeway_s: 5,
@@ -766,7 +784,8 @@ impl Config {
         .map_err(|e| ConfigError::field("origin.allowed", e.to_string()))?;
         let jwt = &self.auth.jwt;
         let symmetric = jwt.secret.is_some() || jwt.secret_file.is_some();
-        let asymmetric = jwt.public_key_file.is_some() || jwt.jwks_file.is_some();
+        let asymmetric =
+            jwt.public_key_file.is_some() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
         match jwt.algorithm {
             JwtAlgorithm::Hs256 if asymmetric => {
                 return Err(ConfigError::field(
@@ -777,10 +796,36 @@ impl Config {
             JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 if symmetric => {
                 return Err(ConfigError::field(
                     "auth.jwt.algorithm",
-                    "RS256/ES256 take public_key_file or jwks_file, not a secret",
+                    "RS256/ES256 take public_key_file, jwks_file or jwks_url, not a secret",
                 ))
             }
             _ => {}
+        }
+        let key_sources = [
+            jwt.public_key_file.is_some(),
+            jwt.jwks_file.is_some(),
+            jwt.jwks_url.is_some(),
+        ];
+        if key_sources.iter().filter(|set| **set).count() > 1 {
+            return Err(ConfigError::field(
+                "auth.jwt",
+                "set one of public_key_file, jwks_file and jwks_url",
+            ));
+        }
+        if let Some(url) = &jwt.jwks_url {
+            crate::security::jwks::JwksUrl::parse(url)
+                .map_err(|e| ConfigError::field("auth.jwt.jwks_url", e))?;
+            if jwt.jwks_min_refresh_ms == 0 || jwt.jwks_refresh_ms < jwt.jwks_min_refresh_ms {
+                return Err(ConfigError::field(
+                    "auth.jwt.jwks_refresh_ms",
+                    "must be at least auth.jwt.jwks_min_refresh_ms, which must be above 0",
+                ));
+            }
+        } else if jwt.jwks_ca_file.is_some() {
+            return Err(ConfigError::field(
+                "auth.jwt.jwks_ca_file",
+                "only used with auth.jwt.jwks_url",
+            ));
         }
         if jwt.secret.as_deref().is_some_and(|s| s.len() < 32) {
             return Err(ConfigError::field(
@@ -846,6 +891,7 @@ impl Config {
             || jwt.secret_file.is_some()
             || jwt.public_key_file.is_some()
             || jwt.jwks_file.is_some()
+            || jwt.jwks_url.is_some()
     }
 
     /// Whether handshakes without a credential are admitted (see [`AuthSettings::anonymous`]).

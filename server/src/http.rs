@@ -77,7 +77,14 @@ pub fn public_routes(
             } else if let Err(why) = gateway.broker.health() {
                 warp::reply::with_status(why, StatusCode::SERVICE_UNAVAILABLE).into_response()
             } else {
-                "ready".into_response()
+                match gateway.auth.jwks().map(|jwks| jwks.health()) {
+                    Some(Err(why)) => {
+                        warp::reply::with_status(why, StatusCode::SERVICE_UNAVAILABLE)
+                            .into_response()
+                    }
+                    Some(Ok(Some(note))) => format!("ready ({note})").into_response(),
+                    _ => "ready".into_response(),
+                }
             }
         });
     let metrics = warp::path!("metrics")

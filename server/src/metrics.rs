@@ -119,6 +119,8 @@ pub struct Metrics {
     pub admin_refused: IntCounterVec,
     /// `switchyard_tickets_issued_total`.
     pub tickets_issued: IntCounter,
+    /// `switchyard_jwks_*`: fetches of `auth.jwt.jwks_url` and the set in hand.
+    pub jwks: crate::security::jwks::JwksMetrics,
 }
 
 impl Metrics {
@@ -283,6 +285,21 @@ impl Metrics {
                 "switchyard_tickets_issued_total",
                 "Single-use connection tickets minted through POST /api/tickets.",
             )?,
+            jwks: crate::security::jwks::JwksMetrics {
+                refreshes: counter_vec(
+                    "switchyard_jwks_refreshes_total",
+                    "Fetches of the identity provider's key set (auth.jwt.jwks_url), by result: ok, error (the last good set stays).",
+                    &["result"],
+                )?,
+                keys: gauge(
+                    "switchyard_jwks_keys",
+                    "Usable keys in the identity provider's key set in hand.",
+                )?,
+                last_success: gauge(
+                    "switchyard_jwks_last_success_timestamp_seconds",
+                    "Unix time of the last good fetch of the identity provider's key set.",
+                )?,
+            },
             registry,
         };
         // Known label values start at zero, so dashboards and alerts see the
@@ -298,6 +315,9 @@ impl Metrics {
         }
         for signal in ["migrate", "close"] {
             metrics.drain_signals.with_label_values(&[signal]);
+        }
+        for result in ["ok", "error"] {
+            metrics.jwks.refreshes.with_label_values(&[result]);
         }
         Ok(metrics)
     }

@@ -103,6 +103,10 @@ pub async fn serve(
     ));
     let keepalive = tokio::spawn(keepalive_loop(gateway.clone()));
     let expiry = tokio::spawn(session_expiry_loop(gateway.clone()));
+    let jwks = gateway
+        .auth
+        .jwks()
+        .map(|jwks| tokio::spawn(jwks.clone().run(gateway.metrics.jwks.clone())));
 
     // A sender that goes away means the same as "stop now".
     let mut how = Stop::Running;
@@ -129,6 +133,9 @@ pub async fn serve(
     let _ = close_listeners.send(true);
     keepalive.abort();
     expiry.abort();
+    if let Some(jwks) = jwks {
+        jwks.abort();
+    }
     let _ = public.await;
     let _ = admin.await;
     tracing::info!("gateway stopped");

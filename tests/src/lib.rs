@@ -1,7 +1,7 @@
 //! Test support for Switchyard's end-to-end tests, one module per concern
 //! (every item is re-exported at the crate root): processes under test,
 //! HTTP, raw WebSocket framing, Redis, the Service proxy and blue/green
-//! fleet, certificates, Prometheus text; the Kubernetes emulator (`kube`)
+//! fleet, certificates, a canned HTTPS server, Prometheus text; the Kubernetes emulator (`kube`)
 //! and an OTLP receiver (`otlp`). docs/testing.md lists the helpers.
 
 pub mod kube;
@@ -9,6 +9,7 @@ pub mod otlp;
 
 mod certs;
 mod http;
+mod https;
 mod metrics;
 mod process;
 mod proxy;
@@ -17,6 +18,7 @@ mod ws;
 
 pub use certs::*;
 pub use http::*;
+pub use https::*;
 pub use metrics::*;
 pub use process::*;
 pub use proxy::*;

@@ -626,7 +626,7 @@ async fn closes_are_counted_by_initiator_and_logs_carry_the_connection_id() {
 #[tokio::test]
 async fn invalid_configuration_exits_2_naming_the_field() {
     type Row<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let table: [Row; 8] = [
+    let table: [Row; 13] = [
         (
             &["--set", "connection.keepalive_interval_ms=soon"],
             &[],
@@ -670,6 +670,64 @@ async fn invalid_configuration_exits_2_naming_the_field() {
             &["--set", "origin.allowed=[\"not an origin\"]"],
             &[],
             "origin.allowed",
+        ),
+        // The identity provider's keys: HTTPS only, one key source, a CA
+        // file that holds a certificate.
+        (
+            &[
+                "--set",
+                "auth.jwt.algorithm=RS256",
+                "--set",
+                "auth.jwt.jwks_url=http://127.0.0.1:9/keys",
+            ],
+            &[],
+            "auth.jwt.jwks_url",
+        ),
+        (
+            &[
+                "--set",
+                "auth.jwt.algorithm=RS256",
+                "--set",
+                "auth.jwt.jwks_url=https://user:pw@127.0.0.1:9/keys",
+            ],
+            &[],
+            "auth.jwt.jwks_url",
+        ),
+        (
+            &[
+                "--set",
+                "auth.jwt.algorithm=RS256",
+                "--set",
+                "auth.jwt.jwks_url=https://127.0.0.1:9/keys",
+                "--set",
+                "auth.jwt.jwks_file=/etc/hostname",
+            ],
+            &[],
+            "auth.jwt",
+        ),
+        (
+            &[
+                "--set",
+                "auth.jwt.algorithm=RS256",
+                "--set",
+                "auth.jwt.jwks_url=https://127.0.0.1:9/keys",
+                "--set",
+                "auth.jwt.jwks_ca_file=/etc/hostname",
+            ],
+            &[],
+            "auth.jwt.jwks_ca_file",
+        ),
+        (
+            &[
+                "--set",
+                "auth.jwt.algorithm=RS256",
+                "--set",
+                "auth.jwt.jwks_url=https://127.0.0.1:9/keys",
+                "--set",
+                "auth.jwt.jwks_min_refresh_ms=0",
+            ],
+            &[],
+            "auth.jwt.jwks_refresh_ms",
         ),
     ];
     for (args, env, field) in table {

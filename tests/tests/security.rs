@@ -11,7 +11,10 @@ use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{json, Value};
 use switchyard_protocol::{ErrorCode, ServerFrame};
-use switchyard_tests::{http_request_with, GatewayProcess, RedisServer, TestCertificates, STEP};
+use switchyard_tests::{
+    base64url, http_request, http_request_with, wait_status, CannedHttps, CannedResponse,
+    GatewayProcess, RedisServer, TestCertificates, STEP,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -1055,4 +1058,307 @@ fn the_admin_listener_refuses_web_pages_whatever_the_token_setting() {
         publish,
     );
     assert_eq!(status, 200, "{body}");
+}
+
+// ------------------------------------------------ the identity provider's keys
+
+/// An RS256 key the identity provider signs with, and its public JWK.
+struct ProviderKey {
+    kid: String,
+    pem: Vec<u8>,
+    jwk: Value,
+}
+
+impl ProviderKey {
+    /// A fresh 2048-bit RSA key in `dir`, by `openssl`.
+    fn new(dir: &std::path::Path, kid: &str) -> ProviderKey {
+        let file = dir.join(format!("{kid}.key"));
+        let run = |args: &[&str]| {
+            let output = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl");
+            assert!(output.status.success(), "openssl {args:?}");
+            String::from_utf8(output.stdout).expect("utf-8")
+        };
+        let path = file.to_str().expect("path");
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            path,
+        ]);
+        let modulus = run(&["rsa", "-in", path, "-noout", "-modulus"]);
+        let hex = modulus.trim().trim_start_matches("Modulus=");
+        let n: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        ProviderKey {
+            kid: kid.to_owned(),
+            pem: std::fs::read(&file).expect("key"),
+            jwk: json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+                        "n": base64url(&n), "e": "AQAB"}),
+        }
+    }
+
+    /// A token for `sub` signed with this key, naming `kid` in its header.
+    fn sign_as(&self, sub: &str, kid: &str) -> String {
+        let mut header = Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(
+            &header,
+            &json!({"sub": sub, "exp": now() + 600}),
+            &EncodingKey::from_rsa_pem(&self.pem).expect("rsa key"),
+        )
+        .expect("sign")
+    }
+
+    fn sign(&self, sub: &str) -> String {
+        self.sign_as(sub, &self.kid)
+    }
+}
+
+/// The provider's answer: these keys, cacheable for an hour.
+fn key_set(keys: &[&ProviderKey]) -> CannedResponse {
+    let keys: Vec<&Value> = keys.iter().map(|k| &k.jwk).collect();
+    CannedResponse {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("cache-control".into(), "public, max-age=3600".into()),
+        ],
+        body: json!({ "keys": keys }).to_string().into_bytes(),
+    }
+}
+
+/// A provider (HTTPS with a private CA) and three keys, of which it
+/// publishes the ones the test says.
+struct Provider {
+    dir: std::path::PathBuf,
+    certs: TestCertificates,
+    keys: [ProviderKey; 3],
+}
+
+impl Provider {
+    fn new(name: &str) -> Provider {
+        let dir = std::env::temp_dir().join(format!("sy-{name}-{}", std::process::id()));
+        let certs = TestCertificates::create(&dir).expect("certificates");
+        let keys = ["a", "b", "c"].map(|kid| ProviderKey::new(&dir, kid));
+        Provider { dir, certs, keys }
+    }
+
+    fn serve(&self, response: CannedResponse) -> CannedHttps {
+        CannedHttps::start(&self.certs.cert, &self.certs.key, response).expect("https")
+    }
+
+    fn gateway(&self, https: &CannedHttps, min_refresh_ms: u64) -> GatewayProcess {
+        let url = format!(
+            "auth.jwt.jwks_url=https://{}/.well-known/jwks.json",
+            https.addr
+        );
+        let ca = format!("auth.jwt.jwks_ca_file={}", self.certs.ca.display());
+        let min = format!("auth.jwt.jwks_min_refresh_ms={min_refresh_ms}");
+        GatewayProcess::start(&[
+            "auth.jwt.algorithm=RS256",
+            &url,
+            &ca,
+            &min,
+            "auth.anonymous=false",
+        ])
+        .expect("start")
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn readiness(gw: &GatewayProcess) -> (u16, String) {
+    http_request(gw.public, "GET", "/readyz", None).expect("readyz")
+}
+
+/// Waits until the gateway has the provider's keys (readiness 200).
+fn wait_keys(gw: &GatewayProcess) {
+    if !wait_status(gw.public, "/readyz", 200, Duration::from_secs(10)) {
+        panic!("not ready: {:?}\n{}", readiness(gw), gw.logs().join("\n"));
+    }
+}
+
+async fn refused_unknown_key(gw: &GatewayProcess, token: &str) {
+    let (code, reason) = bearer(gw, token).await.closed();
+    assert_eq!(
+        (code, reason.contains("unknown key id")),
+        (4501, true),
+        "{reason}"
+    );
+}
+
+/// `auth.jwt.jwks_url`: the gateway takes the provider's keys over HTTPS
+/// (private CA), follows a rotation without a restart, and keeps the last
+/// good set through every way the provider can fail — an error status,
+/// a body that is not JSON, a set with no usable key, an oversized body, no
+/// answer at all — saying so in readiness and the metrics, until the
+/// provider is back.
+#[tokio::test]
+async fn the_gateway_follows_the_providers_key_rotation_and_outages() {
+    let provider = Provider::new("jwks-rotation");
+    let [a, b, c] = &provider.keys;
+    let mut https = provider.serve(key_set(&[a]));
+    let gw = provider.gateway(&https, 300);
+    wait_keys(&gw);
+    assert_eq!(readiness(&gw), (200, "ready".into()));
+    assert_eq!(https.requests(), 1, "one fetch at startup (max-age 3600)");
+    bearer(&gw, &a.sign("alice")).await.welcome();
+    // Past the rate limit (300 ms) an unknown kid fetches the set once.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    refused_unknown_key(&gw, &b.sign("bob")).await;
+    assert_eq!(https.requests(), 2, "the unknown kid fetched the set once");
+
+    // The provider rotates: b in, a out. No restart.
+    https.set_response(key_set(&[b]));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    bearer(&gw, &b.sign("bob")).await.welcome();
+    refused_unknown_key(&gw, &a.sign("alice")).await;
+    assert_eq!(gw.metric("switchyard_jwks_keys").expect("metric"), 1.0);
+
+    // Every way the provider can fail keeps the set in hand.
+    let bad: [(&str, CannedResponse); 4] = [
+        (
+            "HTTP 500",
+            CannedResponse {
+                status: 500,
+                headers: vec![],
+                body: b"oops".to_vec(),
+            },
+        ),
+        (
+            "not JSON",
+            CannedResponse {
+                body: b"<html>login</html>".to_vec(),
+                ..key_set(&[c])
+            },
+        ),
+        (
+            "no usable key",
+            CannedResponse {
+                body: br#"{"keys":[{"kty":"RSA","kid":"c","n":"","e":""},{"kty":"XX"}]}"#.to_vec(),
+                ..key_set(&[c])
+            },
+        ),
+        (
+            "oversized",
+            CannedResponse {
+                body: vec![b' '; 300 * 1024],
+                ..key_set(&[c])
+            },
+        ),
+    ];
+    for (n, (name, response)) in bad.into_iter().enumerate() {
+        https.set_response(response);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        refused_unknown_key(&gw, &c.sign("carol")).await;
+        bearer(&gw, &b.sign("bob")).await.welcome();
+        let (status, body) = readiness(&gw);
+        assert_eq!(status, 200, "{name}: {body}");
+        assert!(
+            body.contains(&format!("serving the last good key set; {} fetches", n + 1)),
+            "{name}: {body}"
+        );
+    }
+    https.down();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    refused_unknown_key(&gw, &c.sign("carol")).await;
+    bearer(&gw, &b.sign("bob")).await.welcome();
+    let (status, body) = readiness(&gw);
+    assert!(status == 200 && body.contains("connect"), "{status} {body}");
+    assert_eq!(
+        gw.metric("switchyard_jwks_refreshes_total{result=\"error\"}")
+            .expect("metric"),
+        5.0
+    );
+    assert_eq!(
+        gw.metric("switchyard_jwks_refreshes_total{result=\"ok\"}")
+            .expect("metric"),
+        3.0
+    );
+
+    // Back, with c added: c's first token brings it in.
+    https.set_response(key_set(&[b, c]));
+    https.up().expect("up");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    bearer(&gw, &c.sign("carol")).await.welcome();
+    assert_eq!(readiness(&gw), (200, "ready".into()));
+    assert_eq!(gw.metric("switchyard_jwks_keys").expect("metric"), 2.0);
+}
+
+/// Tokens with random `kid`s cannot make the gateway hammer the provider:
+/// at most one fetch per `jwks_min_refresh_ms`, however many arrive, and
+/// a good token is admitted in the middle of the flood.
+#[tokio::test]
+async fn a_flood_of_unknown_kids_does_not_hammer_the_provider() {
+    let provider = Provider::new("jwks-flood");
+    let [a, _, c] = &provider.keys;
+    let https = provider.serve(key_set(&[a]));
+    let gw = provider.gateway(&https, 2000);
+    wait_keys(&gw);
+    assert_eq!(https.requests(), 1);
+    let started = std::time::Instant::now();
+    for n in 0..200 {
+        let kid = format!("random-{n}-{}", rand::random::<u32>());
+        refused_unknown_key(&gw, &c.sign_as("mallory", &kid)).await;
+        if n == 100 {
+            bearer(&gw, &a.sign("alice")).await.welcome();
+        }
+    }
+    let allowed = 1 + 1 + started.elapsed().as_millis() as usize / 2000;
+    assert!(
+        https.requests() <= allowed,
+        "{} fetches for 200 unknown kids in {:?} (at most {allowed})",
+        https.requests(),
+        started.elapsed()
+    );
+    assert_eq!(rejected(&gw, "bad_token"), 200.0);
+}
+
+/// Before the first good set the gateway can verify no token: it is not
+/// ready, and a handshake with a token is told to come back (1013, counted
+/// as `auth_unavailable`) rather than refused as invalid. Once the provider
+/// answers, the retries bring the set in, and its `max-age` sets the pace
+/// of the refreshes that follow.
+#[tokio::test]
+async fn without_the_providers_keys_the_gateway_is_not_ready_and_asks_to_retry() {
+    let provider = Provider::new("jwks-down");
+    let [a, ..] = &provider.keys;
+    let mut https = provider.serve(key_set(&[a]));
+    https.down();
+    let gw = provider.gateway(&https, 300);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = readiness(&gw);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("jwks: no key set from https://"), "{body}");
+    assert_eq!(bearer(&gw, &a.sign("alice")).await.closed().0, 1013);
+    assert_eq!(rejected(&gw, "auth_unavailable"), 1.0);
+    // The provider now says its set is good for one second: the gateway
+    // comes back for it on that schedule, with no token asking.
+    https.set_response(CannedResponse {
+        headers: vec![("cache-control".into(), "max-age=1".into())],
+        ..key_set(&[a])
+    });
+    https.up().expect("up");
+    wait_keys(&gw);
+    bearer(&gw, &a.sign("alice")).await.welcome();
+    let before = https.requests();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let refreshes = https.requests() - before;
+    // About 3 (the default schedule would make none); margin for a loaded machine.
+    assert!(
+        (2..=5).contains(&refreshes),
+        "{refreshes} fetches in 3.5 s at max-age=1"
+    );
 }

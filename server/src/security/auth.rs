@@ -91,7 +91,8 @@ pub enum AuthFailure {
     /// The subject's sessions were revoked after this credential was issued.
     #[error("session revoked")]
     Revoked,
-    /// The ticket store cannot be reached.
+    /// The ticket store cannot be reached, or the identity provider's keys
+    /// are not loaded yet.
     #[error("authentication unavailable, retry")]
     Unavailable,
 }
@@ -240,8 +241,17 @@ impl Authenticator {
             .verifier
             .as_ref()
             .ok_or_else(|| AuthFailure::BadToken("this gateway has no token key".into()))?;
-        let claims = verifier.verify(token, now).map_err(|err| match err {
+        let claims = match verifier.verify(token, now) {
+            // The provider may have rotated its keys since the last fetch.
+            Err(TokenError::UnknownKey) if verifier.refresh_for_unknown_key().await => {
+                verifier.verify(token, now)
+            }
+            verified => verified,
+        }
+        .map_err(|err| match err {
             TokenError::Expired => AuthFailure::Expired,
+            TokenError::NoKeys => AuthFailure::Unavailable,
+            TokenError::UnknownKey => AuthFailure::BadToken(err.to_string()),
             TokenError::Invalid(why) => AuthFailure::BadToken(format!("invalid token: {why}")),
         })?;
         if self.revocations.is_revoked(&claims.sub, claims.iat, now) {
@@ -254,6 +264,12 @@ impl Authenticator {
             subject: Some(claims.sub),
             method,
         })
+    }
+
+    /// The identity provider's key set, when tokens are verified against
+    /// `auth.jwt.jwks_url` (its refresher runs with the gateway).
+    pub fn jwks(&self) -> Option<&Arc<super::jwks::Jwks>> {
+        self.verifier.as_ref().and_then(JwtVerifier::jwks)
     }
 
     async fn redeem(

@@ -1,7 +1,7 @@
 //! Handshake security and session lifetime; see docs/security.md for the
 //! threat model. Pure parts, each tested as tables:
 //! - [`origin`]: the Origin allow-list (cross-site WebSocket hijacking).
-//! - [`token`]: JWT verification.
+//! - [`token`]: JWT verification; [`jwks`]: the identity provider's keys.
 //! - [`tickets`]: single-use tickets for `?ticket=`.
 //! - [`auth`]: which credential a handshake carries, and the session it opens;
 //!   revocations; the admin listener's bearer token.
@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod browser;
 pub mod expiry;
+pub mod jwks;
 pub mod origin;
 pub mod ratelimit;
 pub mod tickets;

@@ -1,15 +1,18 @@
 //! JWT verification: HS256 with a shared secret, RS256/ES256 with a public
-//! key or a JWKS file. Signature, algorithm, `nbf`, `iss` and `aud` are
+//! key, a JWKS file or the identity provider's JWKS endpoint
+//! ([`super::jwks`]). Signature, algorithm, `nbf`, `iss` and `aud` are
 //! checked by `jsonwebtoken`; `exp` is checked here to the second, without
 //! leeway, because the same instant closes the connection later (4001).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use super::jwks::Jwks;
 use crate::config::{JwtAlgorithm, JwtSettings};
 
 /// Most topic patterns one token may carry (per list).
@@ -43,6 +46,13 @@ pub enum TokenError {
     /// issuer or audience, missing claims.
     #[error("invalid token: {0}")]
     Invalid(String),
+    /// The token's `kid` names no key in the set (the provider may have
+    /// rotated: [`JwtVerifier::refresh_for_unknown_key`]).
+    #[error("invalid token: unknown key id")]
+    UnknownKey,
+    /// The identity provider's keys have not been fetched yet.
+    #[error("the identity provider's keys are not loaded yet")]
+    NoKeys,
 }
 
 /// Why the verifier could not be built from the settings.
@@ -68,11 +78,132 @@ pub enum KeyError {
     },
 }
 
+/// Keys by `kid`, from a JWKS.
+pub struct KeySet {
+    by_kid: HashMap<String, DecodingKey>,
+    /// The key a token without `kid` gets: only when the set has one key.
+    only: Option<DecodingKey>,
+    len: usize,
+}
+
+impl KeySet {
+    /// The keys of a JWKS document. `strict` (a file the operator wrote):
+    /// any key that cannot be used is an error. Otherwise (a provider's
+    /// set, which may also hold encryption keys or other key types) such
+    /// keys are skipped; a set with no usable key is an error either way.
+    pub fn parse(json: &[u8], field: &'static str, strict: bool) -> Result<KeySet, KeyError> {
+        // Key by key: one key of a type this build does not know must not
+        // make a provider's whole set unreadable.
+        #[derive(Deserialize)]
+        struct RawSet {
+            keys: Vec<serde_json::Value>,
+        }
+        let set: RawSet = serde_json::from_slice(json).map_err(|err| KeyError::Parse {
+            field,
+            message: err.to_string(),
+        })?;
+        let mut by_kid = HashMap::new();
+        let mut all = Vec::new();
+        for raw in set.keys {
+            let jwk: Jwk = match serde_json::from_value(raw) {
+                Ok(jwk) => jwk,
+                Err(err) if strict => {
+                    return Err(KeyError::Parse {
+                        field,
+                        message: err.to_string(),
+                    })
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "JWKS key skipped");
+                    continue;
+                }
+            };
+            let for_encryption = matches!(
+                jwk.common.public_key_use,
+                Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+            );
+            if let Err(why) = public_key_shape(&jwk) {
+                if strict {
+                    return Err(KeyError::Parse {
+                        field,
+                        message: why,
+                    });
+                }
+                tracing::debug!(kid = ?jwk.common.key_id, %why, "JWKS key skipped");
+                continue;
+            }
+            let key = match DecodingKey::from_jwk(&jwk) {
+                Ok(key) if strict || !for_encryption => key,
+                Ok(_) => continue,
+                Err(err) if strict => return Err(parse_err(field)(err)),
+                Err(err) => {
+                    tracing::debug!(kid = ?jwk.common.key_id, %err, "JWKS key skipped");
+                    continue;
+                }
+            };
+            if let Some(kid) = &jwk.common.key_id {
+                by_kid.insert(kid.clone(), key.clone());
+            }
+            all.push(key);
+        }
+        if all.is_empty() {
+            return Err(KeyError::Parse {
+                field,
+                message: "the key set has no usable key".into(),
+            });
+        }
+        let len = all.len();
+        let only = (len == 1).then(|| all.remove(0));
+        Ok(KeySet { by_kid, only, len })
+    }
+
+    /// How many usable keys the set holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The key `token`'s header names.
+    fn pick(&self, token: &str) -> Result<&DecodingKey, TokenError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| TokenError::Invalid("malformed".into()))?;
+        match header.kid {
+            Some(kid) => self.by_kid.get(&kid).ok_or(TokenError::UnknownKey),
+            None => self
+                .only
+                .as_ref()
+                .ok_or_else(|| TokenError::Invalid("no key id (kid)".into())),
+        }
+    }
+}
+
+/// Whether `jwk` is a public key these algorithms can verify with: RSA of
+/// at least 2048 bits, or EC P-256 with both coordinates. `jsonwebtoken`
+/// builds a key from empty or short components, which would then refuse
+/// every token ("bad signature") in place of the set it replaced.
+fn public_key_shape(jwk: &Jwk) -> Result<(), String> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
+    // Unpadded base64url lengths: 2048 bits are 342 characters, a P-256
+    // coordinate (32 bytes) 43.
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(rsa) if rsa.n.len() >= 342 && !rsa.e.is_empty() => Ok(()),
+        AlgorithmParameters::RSA(_) => Err("an RSA key below 2048 bits".into()),
+        AlgorithmParameters::EllipticCurve(ec)
+            if ec.curve == EllipticCurve::P256 && ec.x.len() == 43 && ec.y.len() == 43 =>
+        {
+            Ok(())
+        }
+        AlgorithmParameters::EllipticCurve(_) => Err("not a P-256 public key".into()),
+        _ => Err("not an RSA or EC public key".into()),
+    }
+}
+
 enum Keys {
     /// One key for every token.
     Single(DecodingKey),
-    /// JWKS: by `kid`; a token without `kid` is accepted only when the set has one key.
-    Set(HashMap<String, DecodingKey>, Option<DecodingKey>),
+    /// A JWKS file: by `kid`.
+    Set(KeySet),
+    /// The identity provider's JWKS, refreshed in the background.
+    Remote(Arc<Jwks>),
 }
 
 /// Verifies tokens with the configured key.
@@ -132,6 +263,9 @@ impl JwtVerifier {
             }
             JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
                 match (&settings.public_key_file, &settings.jwks_file) {
+                    (None, None) if settings.jwks_url.is_some() => {
+                        Keys::Remote(Arc::new(Jwks::new(settings)?))
+                    }
                     (Some(path), _) => {
                         let pem = read("auth.jwt.public_key_file", path)?;
                         let field = "auth.jwt.public_key_file";
@@ -142,7 +276,11 @@ impl JwtVerifier {
                         };
                         Keys::Single(key)
                     }
-                    (None, Some(path)) => jwks_keys(&read("auth.jwt.jwks_file", path)?)?,
+                    (None, Some(path)) => Keys::Set(KeySet::parse(
+                        &read("auth.jwt.jwks_file", path)?,
+                        "auth.jwt.jwks_file",
+                        true,
+                    )?),
                     (None, None) => return Ok(None),
                 }
             }
@@ -187,18 +325,13 @@ impl JwtVerifier {
             ErrorKind::Json(err) => TokenError::Invalid(format!("claims: {err}")),
             _ => TokenError::Invalid("malformed".into()),
         };
+        let remote;
         let key = match &self.keys {
             Keys::Single(key) => key,
-            Keys::Set(by_kid, only) => {
-                let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
-                match header.kid {
-                    Some(kid) => by_kid
-                        .get(&kid)
-                        .ok_or_else(|| TokenError::Invalid("unknown key id".into()))?,
-                    None => only
-                        .as_ref()
-                        .ok_or_else(|| TokenError::Invalid("no key id (kid)".into()))?,
-                }
+            Keys::Set(set) => set.pick(token)?,
+            Keys::Remote(jwks) => {
+                remote = jwks.current().ok_or(TokenError::NoKeys)?;
+                remote.pick(token)?
             }
         };
         let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
@@ -218,31 +351,24 @@ impl JwtVerifier {
         }
         Ok(claims)
     }
-}
 
-fn jwks_keys(json: &[u8]) -> Result<Keys, KeyError> {
-    let field = "auth.jwt.jwks_file";
-    let set: JwkSet = serde_json::from_slice(json).map_err(|err| KeyError::Parse {
-        field,
-        message: err.to_string(),
-    })?;
-    let mut by_kid = HashMap::new();
-    let mut all = Vec::new();
-    for jwk in &set.keys {
-        let key = DecodingKey::from_jwk(jwk).map_err(parse_err(field))?;
-        if let Some(kid) = &jwk.common.key_id {
-            by_kid.insert(kid.clone(), key.clone());
+    /// The identity provider's key set, when the keys come from `jwks_url`.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        match &self.keys {
+            Keys::Remote(jwks) => Some(jwks),
+            _ => None,
         }
-        all.push(key);
     }
-    if all.is_empty() {
-        return Err(KeyError::Parse {
-            field,
-            message: "the key set is empty".into(),
-        });
+
+    /// After [`TokenError::UnknownKey`]: fetches the provider's keys again
+    /// if the rate limit allows, and says whether a fresh set arrived (then
+    /// verify once more). Files and single keys never change.
+    pub async fn refresh_for_unknown_key(&self) -> bool {
+        match &self.keys {
+            Keys::Remote(jwks) => jwks.refresh_now().await,
+            _ => false,
+        }
     }
-    let only = (all.len() == 1).then(|| all.remove(0));
-    Ok(Keys::Set(by_kid, only))
 }
 
 #[cfg(test)]
@@ -400,6 +526,57 @@ mod tests {
         let err = verifier.verify(&token, NOW).expect_err("wrong algorithm");
         assert_eq!(err, TokenError::Invalid("algorithm not accepted".into()));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_providers_set_skips_keys_it_cannot_use_and_a_file_may_not() {
+        let rsa = |kid: &str, usage: &str| {
+            json!({"kty": "RSA", "kid": kid, "use": usage, "e": "AQAB",
+                   "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"})
+        };
+        let set = |keys: Vec<serde_json::Value>| json!({ "keys": keys }).to_string();
+        let mixed = set(vec![
+            rsa("sig", "sig"),
+            rsa("enc", "enc"),
+            json!({"kty": "OKP", "kid": "ed", "crv": "Ed448", "x": "AA"}),
+            // Keys jsonwebtoken would build, and that verify nothing.
+            json!({"kty": "RSA", "kid": "short", "n": "AQAB", "e": "AQAB"}),
+            json!({"kty": "RSA", "kid": "empty", "n": "", "e": ""}),
+            json!({"kty": "EC", "kid": "ec", "crv": "P-256", "x": "", "y": ""}),
+            json!({"kty": "oct", "kid": "hmac", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}),
+            json!({"kty": "future-type", "kid": "new"}),
+        ]);
+        let provider = KeySet::parse(mixed.as_bytes(), "auth.jwt.jwks_url", false).expect("set");
+        assert_eq!(provider.len(), 1);
+        assert!(provider.by_kid.contains_key("sig") && !provider.by_kid.contains_key("enc"));
+        assert!(KeySet::parse(mixed.as_bytes(), "auth.jwt.jwks_file", true).is_err());
+        // Nothing usable, not JSON, no `keys`: errors either way.
+        for body in [
+            set(vec![rsa("enc", "enc")]),
+            set(vec![]),
+            "<html>".into(),
+            "{}".into(),
+        ] {
+            assert!(
+                KeySet::parse(body.as_bytes(), "auth.jwt.jwks_url", false).is_err(),
+                "{body}"
+            );
+        }
+        // A kid the set does not hold is UnknownKey (the refresh hint), a
+        // token without a kid against a set of one key takes that key.
+        let verifier = JwtVerifier {
+            keys: Keys::Set(provider),
+            validation: Validation::new(Algorithm::RS256),
+        };
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("rotated".into());
+        let token = jsonwebtoken::encode(
+            &header,
+            &json!({"sub": "a", "exp": NOW + 60}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign");
+        assert_eq!(verifier.verify(&token, NOW), Err(TokenError::UnknownKey));
     }
 
     #[test]
