@@ -113,6 +113,14 @@ struct LocalTopic {
     /// `Some` while the topic recovers (after a reconnect, or to learn a new
     /// epoch from Redis); arrivals wait in it.
     recovering: Option<Pending>,
+    /// The recovery that owns `recovering` (an id from
+    /// [`Inner::next_recovery`]). Only it may apply a snapshot: two
+    /// recoveries of one topic can run at once (a new epoch seen just as
+    /// the link reconnects), and the one that finishes second would apply
+    /// a snapshot taken from an older position — moving the topic back and
+    /// replaying what its subscribers already have
+    /// (`a_second_recovery_of_a_topic_applies_nothing`).
+    recovery: u64,
     /// Epochs left behind when Redis answered with an *older* epoch than
     /// this pod had seen (a clock that stepped back; see
     /// [`Inner::apply_recovery`]): their frames still in flight are stale
@@ -141,12 +149,14 @@ impl LocalTopic {
         self.last.or(self.floor)
     }
 
-    /// Starts a recovery unless one runs; false if one was running.
-    fn start_recovering(&mut self) -> bool {
+    /// Starts a recovery owned by `id` unless one runs; false if one was
+    /// running.
+    fn start_recovering(&mut self, id: u64) -> bool {
         if self.recovering.is_some() {
             return false;
         }
         self.recovering = Some(Vec::new());
+        self.recovery = id;
         true
     }
 
@@ -255,6 +265,8 @@ struct Inner {
     /// Incarnation of the pub/sub connection; a subscribe that spans a
     /// reconnect is refused rather than risk a gap.
     generation: AtomicU64,
+    /// Ids of recoveries ([`LocalTopic::recovery`]).
+    recoveries: AtomicU64,
     up: AtomicBool,
     publish: Script,
     snapshot: Script,
@@ -329,10 +341,16 @@ impl Inner {
             topics: Mutex::new(HashMap::new()),
             control,
             generation: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
             up: AtomicBool::new(false),
             publish: Script::new(include_str!("publish.lua")),
             snapshot: Script::new(include_str!("snapshot.lua")),
         }
+    }
+
+    /// A fresh recovery id (never 0, the id of no recovery).
+    fn next_recovery(&self) -> u64 {
+        self.recoveries.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     fn topics(&self) -> MutexGuard<'_, HashMap<String, LocalTopic>> {
@@ -538,10 +556,12 @@ impl Inner {
                     "the topic began a new epoch during the subscribe; retry".into(),
                 ));
             }
-            Some(known) if known.epoch < snapshot.head.epoch && local.start_recovering() => {
-                let inner = self.clone();
-                let topic = topic.to_owned();
-                tokio::spawn(async move { inner.recover(&topic, generation).await });
+            Some(known)
+                if known.epoch < snapshot.head.epoch
+                    && local.start_recovering(self.next_recovery()) =>
+            {
+                let (inner, topic, id) = (self.clone(), topic.to_owned(), local.recovery);
+                tokio::spawn(async move { inner.recover(&topic, generation, id).await });
             }
             _ => {}
         }
@@ -596,12 +616,12 @@ impl Inner {
     /// Fills the gap of one recovering topic (after a reconnect, or when a
     /// new epoch showed up), then lets it go live: again, if what it had
     /// buffered meanwhile shows yet another epoch.
-    async fn recover(&self, topic: &str, generation: u64) {
+    async fn recover(&self, topic: &str, generation: u64, id: u64) {
         let mut delay = FIRST_RETRY;
         loop {
             let since = match self.topics().get(topic) {
-                Some(local) => local.known(),
-                None => return,
+                Some(local) if local.recovery == id && local.recovering.is_some() => local.known(),
+                _ => return, // gone, or another recovery owns it now
             };
             let snapshot = loop {
                 if self.generation.load(Ordering::Relaxed) != generation {
@@ -616,7 +636,7 @@ impl Inner {
                     }
                 }
             };
-            if !self.apply_recovery(topic, generation, since, snapshot) {
+            if !self.apply_recovery(topic, generation, id, since, snapshot) {
                 return;
             }
         }
@@ -632,6 +652,7 @@ impl Inner {
         &self,
         topic: &str,
         generation: u64,
+        id: u64,
         since: Option<Position>,
         snapshot: Snapshot,
     ) -> bool {
@@ -643,6 +664,10 @@ impl Inner {
         let Some(local) = topics.get_mut(topic) else {
             return false;
         };
+        if local.recovery != id || local.recovering.is_none() {
+            // Another recovery owns the topic, or one has already applied.
+            return false;
+        }
         let buffered = local.recovering.take().unwrap_or_default();
         if let Some(since) = since.filter(|since| since.epoch > snapshot.head.epoch) {
             // Redis went back to an earlier epoch than this pod had seen: a
@@ -753,18 +778,21 @@ impl Inner {
             self.options.metrics.foreign_messages.inc();
             return;
         }
-        let delivery = match self.topics().get_mut(topic) {
-            Some(local) => local.deliver(position, &frame, self.options.max_pending),
-            None => return,
+        let mut topics = self.topics();
+        let Some(local) = topics.get_mut(topic) else {
+            return;
         };
-        match delivery {
+        match local.deliver(position, &frame, self.options.max_pending) {
             Delivery::Done => {}
             Delivery::Stale => self.options.metrics.stale_messages.inc(),
             Delivery::NewEpoch => {
+                // Claimed under the topics lock, with the generation of
+                // that moment: a reconnect after it claims the topic anew.
+                local.recovery = self.next_recovery();
+                let (inner, topic, id) = (self.clone(), topic.to_owned(), local.recovery);
                 let generation = self.generation.load(Ordering::Relaxed);
-                let inner = self.clone();
-                let topic = topic.to_owned();
-                tokio::spawn(async move { inner.recover(&topic, generation).await });
+                drop(topics);
+                tokio::spawn(async move { inner.recover(&topic, generation, id).await });
             }
         }
     }
@@ -932,14 +960,18 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
         };
         let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
         // Every topic with local subscribers recovers from where it stopped.
-        let names: Vec<String> = {
+        let names: Vec<(String, u64)> = {
             let mut topics = inner.topics();
-            for local in topics.values_mut() {
-                local.recovering = Some(Vec::new());
-            }
-            topics.keys().cloned().collect()
+            topics
+                .iter_mut()
+                .map(|(name, local)| {
+                    local.recovering = Some(Vec::new());
+                    local.recovery = inner.next_recovery();
+                    (name.clone(), local.recovery)
+                })
+                .collect()
         };
-        let channels: Vec<String> = names.iter().map(|t| inner.channel(t)).collect();
+        let channels: Vec<String> = names.iter().map(|(t, _)| inner.channel(t)).collect();
         if !channels.is_empty() {
             let command_timeout = Duration::from_millis(inner.settings().command_timeout_ms);
             let resubscribed =
@@ -971,9 +1003,9 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
             generation,
             "Redis backplane connected"
         );
-        for name in names {
+        for (name, id) in names {
             let inner = inner.clone();
-            tokio::spawn(async move { inner.recover(&name, generation).await });
+            tokio::spawn(async move { inner.recover(&name, generation, id).await });
         }
         let (lost_tx, mut lost) = oneshot::channel::<()>();
         // Ended with the link, whatever ends it: a reader left running on a
@@ -1283,7 +1315,7 @@ mod tests {
             head: Position::new(epoch, 9),
             entries: vec![(9, Utf8Bytes::from("m9")), (8, Utf8Bytes::from("m8"))],
         };
-        inner.apply_recovery("t", 0, Some(Position::new(epoch, 5)), snapshot);
+        inner.apply_recovery("t", 0, 0, Some(Position::new(epoch, 5)), snapshot);
         let notice = |texts: Vec<String>| {
             texts
                 .iter()
@@ -1343,7 +1375,7 @@ mod tests {
                 .map(|o| (o, Utf8Bytes::from(format!("m{o}"))))
                 .collect(),
         };
-        inner.apply_recovery("t", 1, Some(Position::new(epoch, 5)), stale);
+        inner.apply_recovery("t", 1, 0, Some(Position::new(epoch, 5)), stale);
         assert!(
             texts(&sub).is_empty(),
             "nothing delivered by the stale recovery"
@@ -1369,7 +1401,7 @@ mod tests {
                 .map(|o| (o, Utf8Bytes::from(format!("m{o}"))))
                 .collect(),
         };
-        inner.apply_recovery("t", 2, Some(Position::new(epoch, 5)), current);
+        inner.apply_recovery("t", 2, 0, Some(Position::new(epoch, 5)), current);
         let expected: Vec<String> = (6..=12).map(|o| format!("m{o}")).collect();
         assert_eq!(texts(&sub), expected);
     }
@@ -1421,7 +1453,7 @@ mod tests {
             head: Position::new(11, 2),
             entries: vec![(2, Utf8Bytes::from("b2")), (1, Utf8Bytes::from("b1"))],
         };
-        let again = inner.apply_recovery("t", 0, Some(Position::new(9, 5)), snapshot);
+        let again = inner.apply_recovery("t", 0, 0, Some(Position::new(9, 5)), snapshot);
         assert!(!again);
         let got = texts(&sub);
         assert_eq!(got.len(), 3, "{got:?}");
@@ -1462,12 +1494,53 @@ mod tests {
             head: Position::new(11, 1),
             entries: vec![(1, Utf8Bytes::from("b1"))],
         };
-        assert!(inner.apply_recovery("t", 0, Some(Position::new(9, 5)), snapshot));
+        assert!(inner.apply_recovery("t", 0, 0, Some(Position::new(9, 5)), snapshot));
         assert_eq!(texts(&sub).len(), 2, "told of epoch 11, given b1");
         let topics = inner.topics();
         let buffer = topics["t"].recovering.clone().expect("recovering again");
         let positions: Vec<Position> = buffer.iter().map(|(p, _)| *p).collect();
         assert_eq!(positions, [Position::new(13, 1), Position::new(13, 2)]);
+    }
+
+    /// Found by the fault checker: a new epoch seen on pub/sub just as the
+    /// link reconnected started two recoveries of one topic. The first
+    /// applied (the subscriber got epoch 11 from its start); the second,
+    /// whose snapshot was taken from the old epoch, applied again — moving
+    /// the topic back to 11:0 and replaying 11:2..=4 to a subscriber that
+    /// had them (a duplicate without a notice). A recovery applies only
+    /// while it owns the topic's recovery, and only once.
+    #[tokio::test]
+    async fn a_second_recovery_of_a_topic_applies_nothing() {
+        let inner = offline_inner();
+        let hub = test_hub();
+        let sub = live_topic(&inner, &hub, Position::new(9, 5));
+        let restarted = || Snapshot {
+            head: Position::new(11, 4),
+            entries: (1..=4)
+                .rev()
+                .map(|o| (o, Utf8Bytes::from(format!("b{o}"))))
+                .collect(),
+        };
+        let (first, second) = (inner.next_recovery(), inner.next_recovery());
+        {
+            let mut topics = inner.topics();
+            let local = topics.get_mut("t").expect("topic");
+            assert!(local.start_recovering(first));
+            // The reconnect claims the topic for its own recovery.
+            local.recovery = second;
+        }
+        // The superseded one applies nothing.
+        assert!(!inner.apply_recovery("t", 0, first, Some(Position::new(9, 5)), restarted()));
+        assert!(texts(&sub).is_empty());
+        // The owner applies: told of epoch 11, given it whole.
+        assert!(!inner.apply_recovery("t", 0, second, Some(Position::new(9, 5)), restarted()));
+        let got = texts(&sub);
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(got[1..], ["b1", "b2", "b3", "b4"]);
+        // Applying again (a late retry of the owner) changes nothing.
+        assert!(!inner.apply_recovery("t", 0, second, Some(Position::new(9, 5)), restarted()));
+        assert!(texts(&sub).is_empty(), "no replay of what it has");
+        assert_eq!(inner.topics()["t"].last, Some(Position::new(11, 4)));
     }
 
     /// Redis answering with an earlier epoch than this pod saw can only be a
@@ -1484,7 +1557,7 @@ mod tests {
             head: Position::new(9, 3),
             entries: Vec::new(),
         };
-        assert!(!inner.apply_recovery("t", 0, Some(Position::new(11, 5)), snapshot));
+        assert!(!inner.apply_recovery("t", 0, 0, Some(Position::new(11, 5)), snapshot));
         assert!(matches!(
             sub.outbox.end_request(),
             Some(crate::outbox::EndRequest::Close {
