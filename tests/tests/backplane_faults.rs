@@ -605,10 +605,26 @@ async fn the_resume_promise_holds_under_overlapping_redis_faults() {
         CLIENTS * 3,
         "seed {seed}: every client subscribed every topic"
     );
+    // The whole history of a failed run, for reading beside the violations.
+    let dump = std::env::temp_dir().join(format!("switchyard-faults-{seed}.txt"));
+    if !violations.is_empty() {
+        let mut text = String::new();
+        for ((client, topic), steps) in &history.streams {
+            text.push_str(&format!("client {client} {topic}\n"));
+            for step in steps {
+                text.push_str(&format!("  {step:?}\n"));
+            }
+        }
+        for publish in &history.publishes {
+            text.push_str(&format!("{publish:?}\n"));
+        }
+        let _ = std::fs::write(&dump, text);
+    }
     assert!(
         violations.is_empty(),
-        "seed {seed}: {} violations (FAULTS_SEED={seed} replays the schedule):\n{}",
+        "seed {seed}: {} violations (FAULTS_SEED={seed} replays the schedule; the history is in {}):\n{}",
         violations.len(),
+        dump.display(),
         violations
             .iter()
             .take(40)
