@@ -157,8 +157,11 @@ fn env_field(name: &str, path: &str) -> EnvVar {
 /// The gateway container's environment: identity and listen addresses from
 /// the downward API (each pod binds its own IP, so the admin port is never on
 /// a shared address), the admin token from the Secret, the SIGTERM drain
-/// bounded by the rollout's deadline, JSON logs; then the user's variables,
-/// which win (Kubernetes keeps the last of duplicate names).
+/// bounded by the rollout's deadline, JSON logs; then the user's variables.
+/// `env` is a list keyed by name: server-side apply refuses a body with one
+/// name twice (500 "duplicate entries for key"), so a user's variable
+/// replaces the operator's of that name in place (keeping the order that
+/// `$(VAR)` references rely on) and the rest follow.
 fn gateway_env(cs: &ConnectionService) -> Vec<EnvVar> {
     let name = cs.name_any();
     let deadline_ms = u64::from(cs.spec.rollout.drain.deadline_seconds) * 1000;
@@ -183,7 +186,12 @@ fn gateway_env(cs: &ConnectionService) -> Vec<EnvVar> {
         env_value("SWITCHYARD_DRAIN__GRACE_PERIOD_MS", deadline_ms.to_string()),
         env_value("SWITCHYARD_LOG__FORMAT", "json"),
     ];
-    env.extend(cs.spec.pod.env.iter().cloned());
+    for user in &cs.spec.pod.env {
+        match env.iter_mut().find(|e| e.name == user.name) {
+            Some(slot) => *slot = user.clone(),
+            None => env.push(user.clone()),
+        }
+    }
     env
 }
 
@@ -550,16 +558,30 @@ mod tests {
     }
 
     #[test]
-    fn user_env_comes_last_so_it_wins() {
+    fn user_env_is_merged_by_name_and_wins() {
         let mut cs = sample("gw:1", "");
-        cs.spec.pod.env = vec![env_value("SWITCHYARD_LOG__FORMAT", "text")];
+        cs.spec.pod.env = vec![
+            env_value("SWITCHYARD_LOG__FORMAT", "text"),
+            env_value("EXTRA", "1"),
+            // Twice in the user's own list (a CRD from before list-type
+            // map let it in): the last one, once.
+            env_value("EXTRA", "2"),
+        ];
         let env = gateway_env(&cs);
-        let last = env
-            .iter()
-            .rposition(|e| e.name == "SWITCHYARD_LOG__FORMAT")
-            .expect("present");
-        assert_eq!(env[last].value.as_deref(), Some("text"));
-        assert_eq!(last, env.len() - 1);
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(unique.len(), names.len(), "no name twice: {names:?}");
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.as_deref())
+        };
+        assert_eq!(value("SWITCHYARD_LOG__FORMAT"), Some("text"));
+        assert_eq!(value("EXTRA"), Some("2"));
+        // Replaced in place: POD_IP still comes before what references it.
+        let at = |name: &str| names.iter().position(|n| *n == name);
+        assert!(at("POD_IP") < at("SWITCHYARD_LISTEN"));
+        assert_eq!(at("EXTRA"), Some(names.len() - 1));
     }
 
     #[test]

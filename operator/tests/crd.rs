@@ -3,8 +3,7 @@
 
 use std::path::PathBuf;
 
-use kube::CustomResourceExt;
-use switchyard_operator::crd::{crd_yaml, ConnectionService};
+use switchyard_operator::crd::{crd, crd_yaml, MAX_NAME_LENGTH, NAME_PATTERN};
 
 fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -30,7 +29,7 @@ fn committed_copies_match_the_generated_crd() {
 
 #[test]
 fn schema_validates_and_shows_what_kubectl_needs() {
-    let crd = serde_json::to_value(ConnectionService::crd()).expect("crd");
+    let crd = serde_json::to_value(crd()).expect("crd");
     let spec = &crd["spec"];
     assert_eq!(spec["group"], "switchyard.dev");
     assert_eq!(spec["names"]["shortNames"][0], "csvc");
@@ -65,5 +64,13 @@ fn schema_validates_and_shows_what_kubectl_needs() {
     assert_eq!(
         schema["status"]["properties"]["phase"]["enum"],
         serde_json::json!(["Stable", "Progressing", "Switching", "Draining", "Failed"])
+    );
+    // A name the operator's Services and labels can carry, checked on create.
+    let name = &schema["metadata"]["properties"]["name"];
+    assert_eq!(name["maxLength"], MAX_NAME_LENGTH as u64);
+    assert_eq!(name["pattern"], NAME_PATTERN);
+    assert_eq!(
+        format!("chat-{}", "x".repeat(MAX_NAME_LENGTH - 5)).len() + "-preview".len(),
+        63
     );
 }

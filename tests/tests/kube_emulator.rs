@@ -1,8 +1,9 @@
 //! The emulator's API semantics, through kube's own client: the watch
 //! protocol (from a version, bookmarks, 410 Gone), 409 on a stale write,
 //! generation, set-based selectors, server-side apply removing what a manager
-//! stopped sending, garbage collection, and loud refusals of what it does not
-//! support.
+//! stopped sending, garbage collection, what kube-apiserver refuses (duplicate
+//! keys in an applied associative list, custom resources that break their
+//! CRD's schema) and loud refusals of what it does not support.
 
 use std::time::Duration;
 
@@ -30,10 +31,158 @@ fn config_map(name: &str, labels: serde_json::Value) -> ConfigMap {
 }
 
 fn status_code(err: kube::Error) -> u16 {
+    api_error(err).0
+}
+
+fn api_error(err: kube::Error) -> (u16, String) {
     match err {
-        kube::Error::Api(status) => status.code,
+        kube::Error::Api(status) => (status.code, status.message),
         other => panic!("expected an API error, got {other}"),
     }
+}
+
+/// Server-side apply of a Deployment whose container lists one env name
+/// twice is refused like kube-apiserver refuses it (500, "duplicate entries
+/// for key"), forced or not; the same name in two containers is fine.
+#[tokio::test]
+async fn applied_associative_lists_with_duplicate_keys_are_refused() {
+    let emu = Emulator::start().await.expect("emulator");
+    let deployments: Api<Deployment> = Api::namespaced(client(&emu).await, "ns");
+    let deployment = |env: serde_json::Value| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+               "spec": {"selector": {"matchLabels": {"a": "b"}},
+                        "template": {"metadata": {"labels": {"a": "b"}},
+                                     "spec": {"containers": [
+                                         {"name": "one", "image": "i", "env": env},
+                                         {"name": "two", "image": "i", "env": [{"name": "A"}]}]}}}})
+    };
+    for force in [false, true] {
+        let mut params = PatchParams::apply("switchyard-operator");
+        params.force = force;
+        let twice = deployment(json!([{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]));
+        let (code, message) = api_error(
+            deployments
+                .patch("d", &params, &Patch::Apply(&twice))
+                .await
+                .expect_err("duplicate env"),
+        );
+        assert_eq!(code, 500, "{message}");
+        assert!(
+            message.contains(
+                r#".spec.template.spec.containers[name="one"].env: duplicate entries for key [name="A"]"#
+            ),
+            "{message}"
+        );
+    }
+    deployments
+        .patch(
+            "d",
+            &PatchParams::apply("switchyard-operator"),
+            &Patch::Apply(&deployment(json!([{"name": "A"}, {"name": "B"}]))),
+        )
+        .await
+        .expect("unique names apply");
+}
+
+/// A custom resource is held to its CRD's schema on every write: the
+/// ConnectionService CRD's `env` is a list keyed by name, `replicas` is
+/// bounded, `image` required, the name fits the Services made from it;
+/// unknown fields are pruned and defaults filled in, as kube-apiserver does.
+#[tokio::test]
+async fn custom_resources_are_held_to_their_schema() {
+    let emu = Emulator::start().await.expect("emulator");
+    let resource = |spec: &str| {
+        format!("apiVersion: switchyard.dev/v1alpha1\nkind: ConnectionService\nmetadata:\n  name: chat\nspec:\n{spec}")
+    };
+    let created = emu
+        .install("ns", &resource("  image: gw:1\n  surprise: 1\n"))
+        .expect("a valid resource");
+    assert_eq!(created["spec"]["replicas"], 2, "defaulted: {created}");
+    assert!(
+        created["spec"].get("surprise").is_none(),
+        "pruned: {created}"
+    );
+    let table = [
+        (
+            "  image: gw:1\n  pod:\n    env:\n    - name: A\n      value: '1'\n    - name: A\n      value: '2'\n",
+            r#"spec.pod.env[1]: Duplicate value: map[string]interface {}{"name":"A"}"#,
+        ),
+        ("  image: gw:1\n  replicas: 5000\n", "spec.replicas in body should be less than or equal to 1000"),
+        ("  replicas: 1\n", "spec.image: Required value"),
+        ("  image: gw:1\n  replicas: many\n", "spec.replicas in body must be of type integer"),
+        ("  image: gw:1\n  replicas: null\n", "spec.replicas in body must be of type"),
+    ];
+    let kind = emu
+        .kind("switchyard.dev", "connectionservices")
+        .expect("served");
+    for (n, (spec, expected)) in table.into_iter().enumerate() {
+        let mut object: serde_json::Value = serde_yaml::from_str(&resource(spec)).expect("yaml");
+        object["metadata"]["name"] = json!(format!("bad-{n}"));
+        let err = emu
+            .store
+            .create(&kind, "ns", object, Some("test"))
+            .expect_err(spec);
+        assert_eq!(err.code, 422, "{spec}: {}", err.message);
+        assert!(err.message.contains(expected), "{spec}: {}", err.message);
+        assert!(
+            err.message.starts_with(&format!(
+                "ConnectionService.switchyard.dev \"bad-{n}\" is invalid: "
+            )),
+            "{}",
+            err.message
+        );
+    }
+    // A name the operator's Services and labels could not carry is refused
+    // when the resource is created, not half-way through the install: dots
+    // and a leading digit are fine for a custom resource but not for a
+    // Service, and NAME-preview must fit 63 characters.
+    for (name, expected) in [
+        ("chat.v2", "metadata.name in body should match"),
+        ("1chat", "metadata.name in body should match"),
+        (
+            &"c".repeat(56),
+            "metadata.name: Too long: may not be longer than 55",
+        ),
+    ] {
+        let mut object: serde_json::Value =
+            serde_yaml::from_str(&resource("  image: gw:1\n")).expect("yaml");
+        object["metadata"]["name"] = json!(name);
+        let err = emu
+            .store
+            .create(&kind, "ns", object, Some("test"))
+            .expect_err(name);
+        assert_eq!(err.code, 422, "{name}: {}", err.message);
+        assert!(err.message.contains(expected), "{name}: {}", err.message);
+    }
+    let mut longest: serde_json::Value =
+        serde_yaml::from_str(&resource("  image: gw:1\n")).expect("yaml");
+    longest["metadata"]["name"] = json!("c".repeat(55));
+    emu.store
+        .create(&kind, "ns", longest, Some("test"))
+        .expect("55 characters fit");
+    // What those names would have met: the Service the operator creates.
+    let services = emu.kind("", "services").expect("services");
+    let err = emu
+        .store
+        .create(
+            &services,
+            "ns",
+            json!({"metadata": {"name": "chat.v2"}, "spec": {}}),
+            Some("test"),
+        )
+        .expect_err("a Service named like a subdomain");
+    assert!(err.message.contains("a DNS-1035 label"), "{}", err.message);
+    // Updates are held to it too.
+    let err = emu
+        .patch(
+            "switchyard.dev",
+            "connectionservices",
+            "ns",
+            "chat",
+            &json!({"spec": {"replicas": -1}}),
+        )
+        .expect_err("negative replicas");
+    assert!(err.to_string().contains("422 Invalid"), "{err}");
 }
 
 #[tokio::test]

@@ -98,6 +98,12 @@ spec:
       url: {redis_url}
     auth:
       anonymous: true
+  pod:
+    env:
+    # Named like one the operator sets: merged by name, or server-side
+    # apply refuses every reconcile (a duplicate key in an associative list).
+    - name: SWITCHYARD_LOG__FORMAT
+      value: json
   rollout:
 {rollout}
 "

@@ -13,6 +13,7 @@ pub mod patch;
 pub mod selector;
 pub mod store;
 pub mod table;
+pub mod validate;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -37,6 +37,9 @@ pub struct ResourceType {
     pub short_names: Vec<String>,
     /// additionalPrinterColumns (custom resources).
     pub columns: Vec<Value>,
+    /// The CRD's openAPIV3Schema (custom resources): every write is pruned,
+    /// defaulted and validated against it ([`super::validate`]).
+    pub schema: Option<Value>,
 }
 
 impl ResourceType {
@@ -58,6 +61,19 @@ impl ResourceType {
             status,
             short_names: Vec::new(),
             columns: Vec::new(),
+            schema: None,
+        }
+    }
+
+    /// What the API server does to a write of this kind before storing it:
+    /// a custom resource is pruned, defaulted and validated by its schema.
+    fn admit(&self, name: &str, object: &mut Value) -> Result<(), ApiError> {
+        super::validate::names_and_labels(&self.kind, &self.group, object)?;
+        match &self.schema {
+            Some(schema) => {
+                super::validate::custom_resource(schema, &self.kind, &self.group, name, object)
+            }
+            None => Ok(()),
         }
     }
 
@@ -368,6 +384,7 @@ impl Store {
         metadata["uid"] = json!(uid);
         metadata["creationTimestamp"] = json!(now_rfc3339());
         metadata["generation"] = json!(1);
+        rt.admit(&name, &mut object)?;
         let mut entry = Entry::default();
         if let Some(manager) = manager {
             entry
@@ -417,6 +434,7 @@ impl Store {
             )));
         }
         entry.object = settle(rt, &entry.object, object, status_only);
+        rt.admit(name, &mut entry.object)?;
         Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
     }
 
@@ -435,6 +453,7 @@ impl Store {
         let mut patched = entry.object.clone();
         patch::merge_patch(&mut patched, patch_body);
         entry.object = settle(rt, &entry.object, patched, status_only);
+        rt.admit(name, &mut entry.object)?;
         Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
     }
 
@@ -450,6 +469,7 @@ impl Store {
         force: bool,
         status_only: bool,
     ) -> Result<Value, ApiError> {
+        super::validate::applied_lists(&rt.kind, applied)?;
         let exists =
             self.lock()
                 .objects
@@ -517,6 +537,7 @@ impl Store {
             .managed
             .insert((manager.to_string(), status_only), owned);
         entry.object = settle(rt, &entry.object, next, status_only);
+        rt.admit(name, &mut entry.object)?;
         Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
     }
 
@@ -706,6 +727,9 @@ fn custom_type(crd: &Value) -> Result<ResourceType, ApiError> {
             .as_array()
             .cloned()
             .unwrap_or_default(),
+        schema: version["schema"]["openAPIV3Schema"]
+            .as_object()
+            .map(|schema| Value::Object(schema.clone())),
     })
 }
 
