@@ -29,8 +29,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsConnector;
 
-use super::token::{KeyError, KeySet};
-use crate::config::JwtSettings;
+use super::keys::{KeyError, KeySet};
 
 /// Most bytes of a JWKS response: providers' sets are a few KiB.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -140,9 +139,16 @@ pub struct Jwks {
 }
 
 impl Jwks {
-    /// The source `settings` describe (`jwks_url` set); reads the CA file.
-    pub fn new(settings: &JwtSettings) -> Result<Jwks, KeyError> {
-        let url = settings.jwks_url.as_deref().unwrap_or_default();
+    /// The key set at `url` (`auth.jwt.jwks_url`), trusting `ca_file`
+    /// besides the system's CAs, refreshed every `refresh` when the provider
+    /// names no `max-age`, fetched at most once per `min_interval`. Reads
+    /// the CA file.
+    pub fn new(
+        url: &str,
+        ca_file: Option<&str>,
+        refresh: Duration,
+        min_interval: Duration,
+    ) -> Result<Jwks, KeyError> {
         let url = JwksUrl::parse(url).map_err(|message| KeyError::Parse {
             field: "auth.jwt.jwks_url",
             message,
@@ -152,7 +158,7 @@ impl Jwks {
         for cert in rustls_native_certs::load_native_certs().certs {
             let _ = roots.add(cert);
         }
-        if let Some(path) = &settings.jwks_ca_file {
+        if let Some(path) = ca_file {
             let field = "auth.jwt.jwks_ca_file";
             let parse = |message: String| KeyError::Parse { field, message };
             let certs = CertificateDer::pem_file_iter(path)
@@ -179,8 +185,8 @@ impl Jwks {
         Ok(Jwks {
             url,
             connector: TlsConnector::from(Arc::new(tls)),
-            refresh: Duration::from_millis(settings.jwks_refresh_ms),
-            min_interval: Duration::from_millis(settings.jwks_min_refresh_ms),
+            refresh,
+            min_interval,
             current: RwLock::new(None),
             state: Mutex::new(FetchState::default()),
             wake: Notify::new(),

@@ -1,7 +1,8 @@
 //! Handshake security and session lifetime; see docs/security.md for the
 //! threat model. Pure parts, each tested as tables:
 //! - [`origin`]: the Origin allow-list (cross-site WebSocket hijacking).
-//! - [`token`]: JWT verification; [`jwks`]: the identity provider's keys.
+//! - [`token`]: JWT verification; [`keys`]: key sets from a JWKS; [`jwks`]:
+//!   the identity provider's keys, fetched and refreshed.
 //! - [`tickets`]: single-use tickets for `?ticket=`.
 //! - [`auth`]: which credential a handshake carries, and the session it opens;
 //!   revocations; the admin listener's bearer token.
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod browser;
 pub mod expiry;
 pub mod jwks;
+pub mod keys;
 pub mod origin;
 pub mod ratelimit;
 pub mod tickets;

@@ -4,15 +4,16 @@
 //! checked by `jsonwebtoken`; `exp` is checked here to the second, without
 //! leeway, because the same instant closes the connection later (4001).
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::jwks::Jwks;
+use super::keys::parse_err;
+pub use super::keys::{KeyError, KeySet};
 use crate::config::{JwtAlgorithm, JwtSettings};
 
 /// Most topic patterns one token may carry (per list).
@@ -55,145 +56,15 @@ pub enum TokenError {
     NoKeys,
 }
 
-/// Why the verifier could not be built from the settings.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    /// A key file could not be read.
-    #[error("cannot read {field} {path}: {source}")]
-    Read {
-        /// The setting naming the file.
-        field: &'static str,
-        /// The file.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A key could not be parsed.
-    #[error("{field}: {message}")]
-    Parse {
-        /// The setting.
-        field: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
-
-/// Keys by `kid`, from a JWKS.
-pub struct KeySet {
-    by_kid: HashMap<String, DecodingKey>,
-    /// The key a token without `kid` gets: only when the set has one key.
-    only: Option<DecodingKey>,
-    len: usize,
-}
-
-impl KeySet {
-    /// The keys of a JWKS document. `strict` (a file the operator wrote):
-    /// any key that cannot be used is an error. Otherwise (a provider's
-    /// set, which may also hold encryption keys or other key types) such
-    /// keys are skipped; a set with no usable key is an error either way.
-    pub fn parse(json: &[u8], field: &'static str, strict: bool) -> Result<KeySet, KeyError> {
-        // Key by key: one key of a type this build does not know must not
-        // make a provider's whole set unreadable.
-        #[derive(Deserialize)]
-        struct RawSet {
-            keys: Vec<serde_json::Value>,
-        }
-        let set: RawSet = serde_json::from_slice(json).map_err(|err| KeyError::Parse {
-            field,
-            message: err.to_string(),
-        })?;
-        let mut by_kid = HashMap::new();
-        let mut all = Vec::new();
-        for raw in set.keys {
-            let jwk: Jwk = match serde_json::from_value(raw) {
-                Ok(jwk) => jwk,
-                Err(err) if strict => {
-                    return Err(KeyError::Parse {
-                        field,
-                        message: err.to_string(),
-                    })
-                }
-                Err(err) => {
-                    tracing::debug!(%err, "JWKS key skipped");
-                    continue;
-                }
-            };
-            let for_encryption = matches!(
-                jwk.common.public_key_use,
-                Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
-            );
-            if let Err(why) = public_key_shape(&jwk) {
-                if strict {
-                    return Err(KeyError::Parse {
-                        field,
-                        message: why,
-                    });
-                }
-                tracing::debug!(kid = ?jwk.common.key_id, %why, "JWKS key skipped");
-                continue;
-            }
-            let key = match DecodingKey::from_jwk(&jwk) {
-                Ok(key) if strict || !for_encryption => key,
-                Ok(_) => continue,
-                Err(err) if strict => return Err(parse_err(field)(err)),
-                Err(err) => {
-                    tracing::debug!(kid = ?jwk.common.key_id, %err, "JWKS key skipped");
-                    continue;
-                }
-            };
-            if let Some(kid) = &jwk.common.key_id {
-                by_kid.insert(kid.clone(), key.clone());
-            }
-            all.push(key);
-        }
-        if all.is_empty() {
-            return Err(KeyError::Parse {
-                field,
-                message: "the key set has no usable key".into(),
-            });
-        }
-        let len = all.len();
-        let only = (len == 1).then(|| all.remove(0));
-        Ok(KeySet { by_kid, only, len })
-    }
-
-    /// How many usable keys the set holds.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// The key `token`'s header names.
-    fn pick(&self, token: &str) -> Result<&DecodingKey, TokenError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| TokenError::Invalid("malformed".into()))?;
-        match header.kid {
-            Some(kid) => self.by_kid.get(&kid).ok_or(TokenError::UnknownKey),
-            None => self
-                .only
-                .as_ref()
-                .ok_or_else(|| TokenError::Invalid("no key id (kid)".into())),
-        }
-    }
-}
-
-/// Whether `jwk` is a public key these algorithms can verify with: RSA of
-/// at least 2048 bits, or EC P-256 with both coordinates. `jsonwebtoken`
-/// builds a key from empty or short components, which would then refuse
-/// every token ("bad signature") in place of the set it replaced.
-fn public_key_shape(jwk: &Jwk) -> Result<(), String> {
-    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
-    // Unpadded base64url lengths: 2048 bits are 342 characters, a P-256
-    // coordinate (32 bytes) 43.
-    match &jwk.algorithm {
-        AlgorithmParameters::RSA(rsa) if rsa.n.len() >= 342 && !rsa.e.is_empty() => Ok(()),
-        AlgorithmParameters::RSA(_) => Err("an RSA key below 2048 bits".into()),
-        AlgorithmParameters::EllipticCurve(ec)
-            if ec.curve == EllipticCurve::P256 && ec.x.len() == 43 && ec.y.len() == 43 =>
-        {
-            Ok(())
-        }
-        AlgorithmParameters::EllipticCurve(_) => Err("not a P-256 public key".into()),
-        _ => Err("not an RSA or EC public key".into()),
+/// The key of `set` that `token`'s header names.
+fn pick<'a>(set: &'a KeySet, token: &str) -> Result<&'a DecodingKey, TokenError> {
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("malformed".into()))?;
+    match header.kid {
+        Some(kid) => set.by_kid(&kid).ok_or(TokenError::UnknownKey),
+        None => set
+            .only()
+            .ok_or_else(|| TokenError::Invalid("no key id (kid)".into())),
     }
 }
 
@@ -218,13 +89,6 @@ fn read(field: &'static str, path: &str) -> Result<Vec<u8>, KeyError> {
         path: path.to_owned(),
         source,
     })
-}
-
-fn parse_err(field: &'static str) -> impl Fn(jsonwebtoken::errors::Error) -> KeyError {
-    move |err| KeyError::Parse {
-        field,
-        message: err.to_string(),
-    }
 }
 
 impl JwtVerifier {
@@ -264,7 +128,12 @@ impl JwtVerifier {
             JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
                 match (&settings.public_key_file, &settings.jwks_file) {
                     (None, None) if settings.jwks_url.is_some() => {
-                        Keys::Remote(Arc::new(Jwks::new(settings)?))
+                        Keys::Remote(Arc::new(Jwks::new(
+                            settings.jwks_url.as_deref().unwrap_or_default(),
+                            settings.jwks_ca_file.as_deref(),
+                            Duration::from_millis(settings.jwks_refresh_ms),
+                            Duration::from_millis(settings.jwks_min_refresh_ms),
+                        )?))
                     }
                     (Some(path), _) => {
                         let pem = read("auth.jwt.public_key_file", path)?;
@@ -328,10 +197,10 @@ impl JwtVerifier {
         let remote;
         let key = match &self.keys {
             Keys::Single(key) => key,
-            Keys::Set(set) => set.pick(token)?,
+            Keys::Set(set) => pick(set, token)?,
             Keys::Remote(jwks) => {
                 remote = jwks.current().ok_or(TokenError::NoKeys)?;
-                remote.pick(token)?
+                pick(&remote, token)?
             }
         };
         let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
@@ -548,7 +417,7 @@ mod tests {
         ]);
         let provider = KeySet::parse(mixed.as_bytes(), "auth.jwt.jwks_url", false).expect("set");
         assert_eq!(provider.len(), 1);
-        assert!(provider.by_kid.contains_key("sig") && !provider.by_kid.contains_key("enc"));
+        assert!(provider.by_kid("sig").is_some() && provider.by_kid("enc").is_none());
         assert!(KeySet::parse(mixed.as_bytes(), "auth.jwt.jwks_file", true).is_err());
         // Nothing usable, not JSON, no `keys`: errors either way.
         for body in [
