@@ -343,8 +343,14 @@ impl Inner {
             generation: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
             up: AtomicBool::new(false),
-            publish: Script::new(include_str!("publish.lua")),
-            snapshot: Script::new(include_str!("snapshot.lua")),
+            publish: Script::new(concat!(
+                include_str!("epoch.lua"),
+                include_str!("publish.lua")
+            )),
+            snapshot: Script::new(concat!(
+                include_str!("epoch.lua"),
+                include_str!("snapshot.lua")
+            )),
         }
     }
 
@@ -1349,23 +1355,11 @@ mod tests {
     async fn a_recovery_overtaken_by_a_reconnect_leaves_the_topic_alone() {
         let inner = offline_inner();
         let hub = test_hub();
-        let sub = hub.register(Route::Topics);
         let epoch = 9;
-        let mut topic = LocalTopic {
-            last: Some(Position::new(epoch, 5)),
-            // What arrived on the newer link while it recovers: offset 12.
-            recovering: Some(vec![(Position::new(epoch, 12), Utf8Bytes::from("m12"))]),
-            ..LocalTopic::default()
-        };
-        topic.subscribers.insert(
-            sub.id,
-            LocalSub {
-                handle: sub.clone(),
-                pending: None,
-                replayed_to: None,
-            },
-        );
-        inner.topics().insert("t".into(), topic);
+        let sub = live_topic(&inner, &hub, Position::new(epoch, 5));
+        // What arrived on the newer link while it recovers: offset 12.
+        inner.topics().get_mut("t").expect("topic").recovering =
+            Some(vec![(Position::new(epoch, 12), Utf8Bytes::from("m12"))]);
         // The older recovery (link 1) fetched 6..=8; link 2 is current.
         inner.generation.store(2, Ordering::Relaxed);
         let stale = Snapshot {
@@ -1425,6 +1419,17 @@ mod tests {
         sub
     }
 
+    /// A live topic at 9:5 with one subscriber, to which 11:1 (`b1`) has
+    /// just arrived: the topic recovers to learn epoch 11.
+    fn at_a_new_epoch(inner: &Inner, hub: &Hub) -> Arc<ConnHandle> {
+        let sub = live_topic(inner, hub, Position::new(9, 5));
+        assert_eq!(
+            deliver(inner, Position::new(11, 1), "b1"),
+            Delivery::NewEpoch
+        );
+        sub
+    }
+
     fn deliver(inner: &Inner, position: Position, frame: &str) -> Delivery {
         let mut topics = inner.topics();
         let local = topics.get_mut("t").expect("topic");
@@ -1441,11 +1446,7 @@ mod tests {
     async fn stale_epochs_never_pass_after_a_new_one() {
         let inner = offline_inner();
         let hub = test_hub();
-        let sub = live_topic(&inner, &hub, Position::new(9, 5));
-        assert_eq!(
-            deliver(&inner, Position::new(11, 1), "b1"),
-            Delivery::NewEpoch
-        );
+        let sub = at_a_new_epoch(&inner, &hub);
         assert!(texts(&sub).is_empty(), "not passed on by itself");
         // In flight on pub/sub while Redis is asked: an old-epoch frame.
         assert_eq!(deliver(&inner, Position::new(9, 6), "a6"), Delivery::Done);
@@ -1483,11 +1484,7 @@ mod tests {
     async fn a_later_epoch_in_the_buffer_recovers_again() {
         let inner = offline_inner();
         let hub = test_hub();
-        let sub = live_topic(&inner, &hub, Position::new(9, 5));
-        assert_eq!(
-            deliver(&inner, Position::new(11, 1), "b1"),
-            Delivery::NewEpoch
-        );
+        let sub = at_a_new_epoch(&inner, &hub);
         assert_eq!(deliver(&inner, Position::new(13, 1), "c1"), Delivery::Done);
         assert_eq!(deliver(&inner, Position::new(13, 2), "c2"), Delivery::Done);
         let snapshot = Snapshot {

@@ -7,33 +7,9 @@
 -- entries, newest first, as XREVRANGE gives them, when the epoch matches, or
 -- all `head` of them when `since` is of another epoch; none when more than
 -- ARGV[4] would be needed.
--- As in publish.lua: a meta written by another Redis instance (a restart,
--- a failover) may describe history this one lost; start over.
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
--- A new epoch comes after every epoch the topic had: Redis' clock in ms
--- shifted past an 11-bit tie-breaker (ARGV[1]), and at least one more than
--- the epoch being replaced and the newest one the caller has seen,
--- so epochs stay ordered even if a failover brings a clock that is behind.
-local function successor(old, floor)
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local epoch = ms * 2048 + tonumber(ARGV[1])
-  local known = math.max(tonumber(old or '0') or 0, tonumber(floor))
-  if epoch <= known then
-    epoch = known + 1
-  end
-  return string.format('%.0f', epoch)
-end
-local old = redis.call('HGET', KEYS[1], 'epoch')
-local epoch = old
-if epoch and redis.call('HGET', KEYS[1], 'run') ~= run then
-  epoch = false
-end
-if not epoch then
-  redis.call('DEL', KEYS[2])
-  epoch = successor(old, ARGV[7])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
-end
+-- The epoch comes from epoch.lua, prepended (a meta another Redis instance
+-- wrote starts the topic over).
+local epoch = current_epoch(ARGV[7])
 -- Read counts as use: a topic that is subscribed to but quiet keeps its log
 -- and epoch as long as one that is published to.
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
