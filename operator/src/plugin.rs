@@ -273,6 +273,32 @@ mod tests {
         }
     }
 
+    /// A refused reconcile shows in the plugin as it does in the status:
+    /// the Degraded condition's reason and the server's message.
+    #[test]
+    fn renders_a_refused_reconcile() {
+        let t = Timestamp::from_second(1_800_000_000).expect("timestamp");
+        let spec = serde_json::from_value(json!({"image": "gw:2"})).expect("spec");
+        let mut cs = ConnectionService::new("chat", spec);
+        cs.metadata.namespace = Some("prod".into());
+        let message = "reconcile failed: applying Deployment chat-blue: ApiError: Deployment.apps \"chat-blue\" is invalid: spec.template.spec.containers[0].env[9].name: Invalid value: \"BAD=NAME\"";
+        cs.status = Some(ConnectionServiceStatus {
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Degraded".into(),
+                status: "True".into(),
+                reason: "ReconcileFailed".into(),
+                message: message.into(),
+                last_transition_time: Time(t),
+                observed_generation: Some(1),
+            }],
+            message: Some(message.into()),
+            ..ConnectionServiceStatus::default()
+        });
+        let text = render(&cs, t);
+        assert!(text.contains("Degraded=True(ReconcileFailed)"), "{text}");
+        assert!(text.contains(message), "{text}");
+    }
+
     #[test]
     fn renders_a_draining_rollout() {
         let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).expect("timestamp");

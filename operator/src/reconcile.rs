@@ -47,6 +47,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the API server (or the spec itself) refused what this
+    /// reconcile asked, as opposed to a race (409: the next reconcile reads
+    /// afresh) or an API server that did not answer (nothing can be written
+    /// then). A refusal is what a user must see: [`surface_failure`].
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            } => status.code >= 400 && status.code != 409,
+            Error::Kube { .. } => false,
+            Error::InvalidSpec(_) | Error::MissingToken(_) => true,
+        }
+    }
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -166,10 +181,76 @@ pub async fn reconcile(cs: Arc<ConnectionService>, ctx: Arc<Context>) -> Result<
     let result = reconcile_inner(&cs, &ctx).await;
     ctx.metrics
         .reconcile_finished(started.elapsed(), result.is_ok());
-    if result.is_ok() {
-        ctx.clear_failures(&object_key(&cs));
+    match &result {
+        Ok(_) => ctx.clear_failures(&object_key(&cs)),
+        Err(error) if error.is_refusal() => surface_failure(&cs, &ctx, error).await,
+        Err(_) => {}
     }
     result
+}
+
+/// Longest failure message kept in the status and an Event's note (an
+/// Event's note may hold 1 kB).
+const MAX_FAILURE_MESSAGE: usize = 1000;
+
+/// A reconcile the API server refused (an apply it would not take, say)
+/// leaves the objects as they were; without this, the resource's status
+/// would keep showing the last phase as if all were well. The server's
+/// message goes where users look: `Degraded=True` (`ReconcileFailed`) and
+/// the status `message` (`kubectl get`, `kubectl switchyard status`), and a
+/// Warning Event once per new message. The phase is left alone: the
+/// rollout has not moved. The next successful reconcile writes the
+/// planner's conditions back. Best effort: a status that cannot be written
+/// is logged, the error policy retries.
+async fn surface_failure(cs: &ConnectionService, ctx: &Context, error: &Error) {
+    let mut message = format!("reconcile failed: {error}");
+    if message.len() > MAX_FAILURE_MESSAGE {
+        let mut cut = MAX_FAILURE_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    let mut status = cs.status.clone().unwrap_or_default();
+    rollout::set_condition(
+        &mut status.conditions,
+        "Degraded",
+        true,
+        "ReconcileFailed",
+        &message,
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time((ctx.clock)()),
+        cs.metadata.generation,
+    );
+    status.message = Some(message.clone());
+    if cs.status.as_ref() == Some(&status) {
+        return; // told already
+    }
+    let Some(namespace) = cs.namespace() else {
+        return;
+    };
+    let api: Api<ConnectionService> = Api::namespaced(ctx.client.clone(), &namespace);
+    let body = json!({
+        "apiVersion": "switchyard.dev/v1alpha1",
+        "kind": "ConnectionService",
+        "status": status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    if let Err(err) = api
+        .patch_status(&cs.name_any(), &params, &Patch::Apply(&body))
+        .await
+    {
+        warn!(error = %err, "the failure could not be written to the status");
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "ReconcileFailed".to_string(),
+        note: Some(message),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &cs.object_ref(&())).await {
+        warn!(error = %err, "the failure could not be recorded as an Event");
+    }
 }
 
 async fn reconcile_inner(cs: &ConnectionService, ctx: &Context) -> Result<Action, Error> {

@@ -1117,7 +1117,7 @@ impl Planner<'_> {
 }
 
 /// Sets a condition, keeping its `lastTransitionTime` unless its status flips.
-fn set_condition(
+pub(crate) fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
     value: bool,

@@ -537,6 +537,108 @@ const SLOW_DRAIN: &str = "    readyTimeoutSeconds: 60
 /// Clients in the failure-path tests (the drain is paced at 4 closes/s).
 const FEW: usize = 80;
 
+/// Issue 19, defect 7: a write the API server refuses (here a Deployment
+/// whose env names a variable `BAD=NAME`, which the CRD lets through and
+/// kube-apiserver does not) is visible where users look — `Degraded=True`
+/// with the server's message, the status message, a Warning Event — not
+/// only in the operator's log; once the spec is fixed, the resource
+/// installs and the condition clears. (Before: the reconcile failed before
+/// writing any status, which stayed empty.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_api_server_refuses_shows_in_status_and_events() {
+    let _serial = SERIAL.lock().await;
+    let emu = Emulator::start().await.expect("emulator");
+    let resource = "apiVersion: switchyard.dev/v1alpha1
+kind: ConnectionService
+metadata:
+  name: chat
+spec:
+  image: switchyard/gateway:1
+  replicas: 1
+  config: |
+    worker_threads: 1
+    auth:
+      anonymous: true
+  pod:
+    env:
+    - name: BAD=NAME
+      value: x
+";
+    emu.install(NS, resource).expect("install");
+    let kubeconfig = emu.kubeconfig(NS).expect("kubeconfig");
+    let operator = Operator::start(&kubeconfig, emu.dir().join("operator.log"));
+    let refused = "a valid environment variable name must consist only of printable ASCII characters other than '='";
+    let degraded = |cs: &Value| {
+        cs["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Degraded")
+            .cloned()
+            .unwrap_or_default()
+    };
+    let get = || {
+        emu.get("switchyard.dev", "connectionservices", NS, "chat")
+            .expect("ConnectionService")
+    };
+    let deadline = Instant::now() + PHASE;
+    let cs = loop {
+        let cs = get();
+        if degraded(&cs)["reason"] == "ReconcileFailed" {
+            break cs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never Degraded; status {}\n{}",
+            cs["status"],
+            std::fs::read_to_string(&operator.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let told = degraded(&cs);
+    assert_eq!(told["status"], "True");
+    let message = told["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("applying Deployment chat-blue") && message.contains(refused),
+        "{message}"
+    );
+    assert_eq!(cs["status"]["message"].as_str(), Some(message));
+    let events = emu.list("events.k8s.io", "events", NS).expect("events");
+    let event = events
+        .iter()
+        .find(|e| e["reason"] == "ReconcileFailed")
+        .unwrap_or_else(|| panic!("no ReconcileFailed Event in {events:?}"));
+    assert_eq!(event["type"], "Warning");
+    assert!(
+        event["note"].as_str().is_some_and(|n| n.contains(refused)),
+        "{event}"
+    );
+
+    emu.patch(
+        "switchyard.dev",
+        "connectionservices",
+        NS,
+        "chat",
+        &json!({"spec": {"pod": {"env": [{"name": "GOOD_NAME", "value": "x"}]}}}),
+    )
+    .expect("fix the spec");
+    let deadline = Instant::now() + PHASE;
+    loop {
+        let cs = get();
+        if cs["status"]["phase"] == "Stable" && degraded(&cs)["status"] == "False" {
+            assert_eq!(condition(&cs, "Ready"), "True");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never recovered; status {}",
+            cs["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(operator);
+}
+
 fn drained(cs: &Value) -> u64 {
     cs["status"]["rollout"]["drained"].as_u64().unwrap_or(0)
 }

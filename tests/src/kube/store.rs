@@ -69,6 +69,7 @@ impl ResourceType {
     /// a custom resource is pruned, defaulted and validated by its schema.
     fn admit(&self, name: &str, object: &mut Value) -> Result<(), ApiError> {
         super::validate::names_and_labels(&self.kind, &self.group, object)?;
+        super::validate::env_names(&self.kind, &self.group, object)?;
         match &self.schema {
             Some(schema) => {
                 super::validate::custom_resource(schema, &self.kind, &self.group, name, object)

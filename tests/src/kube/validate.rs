@@ -10,7 +10,8 @@
 //!   violation is a 422 `Invalid` naming each field, as the API server
 //!   answers. CEL validation rules are not evaluated (none are used).
 //! - **Names and labels** of every object (DNS-1035 for Services, DNS-1123
-//!   subdomains otherwise; label keys and 63-character values), 422.
+//!   subdomains otherwise; label keys and 63-character values), and
+//!   environment variable names in pod templates, 422.
 //! - **Server-side apply of associative lists**: Kubernetes' own types mark
 //!   lists such as a container's `env` (by `name`) or `ports` (by
 //!   `containerPort` and `protocol`) as maps; an applied configuration
@@ -369,6 +370,53 @@ pub fn names_and_labels(kind: &str, group: &str, object: &Value) -> Result<(), A
     ))
 }
 
+/// Environment variable names in a Pod's or a Deployment's pod template,
+/// as kube-apiserver checks them on every write: printable ASCII other
+/// than `=`, not empty (the rule since Kubernetes 1.32; older servers were
+/// stricter still).
+pub fn env_names(kind: &str, group: &str, object: &Value) -> Result<(), ApiError> {
+    let (spec, at) = match kind {
+        "Pod" => (&object["spec"], "spec"),
+        "Deployment" => (&object["spec"]["template"]["spec"], "spec.template.spec"),
+        _ => return Ok(()),
+    };
+    let mut errors = Vec::new();
+    for field in ["initContainers", "containers"] {
+        for (c, container) in spec[field].as_array().into_iter().flatten().enumerate() {
+            for (e, env) in container["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let name = env["name"].as_str().unwrap_or_default();
+                let printable = name
+                    .bytes()
+                    .all(|b| (b' '..=b'~').contains(&b) && b != b'=');
+                if name.is_empty() || !printable {
+                    errors.push(format!(
+                        "{at}.{field}[{c}].env[{e}].name: Invalid value: \"{name}\": a valid environment variable name must consist only of printable ASCII characters other than '='"
+                    ));
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let qualified = if group.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}.{group}")
+    };
+    Err(ApiError::new(
+        422,
+        "Invalid",
+        format!("{qualified} \"{name}\" is invalid: {}", errors.join(", ")),
+    ))
+}
+
 /// The associative lists of a pod spec, by their keys (from Kubernetes'
 /// OpenAPI: `x-kubernetes-list-type: map`).
 const POD_SPEC_LISTS: &[(&str, &[&str])] = &[
@@ -613,6 +661,29 @@ mod tests {
             assert!(
                 err.message.contains(expected),
                 "{kind} {name}: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn environment_variable_names_are_printable_ascii_without_equals() {
+        let deployment = |name: &str| {
+            json!({"metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers": [
+                {"name": "c", "env": [{"name": "OK"}, {"name": name}]}]}}}})
+        };
+        for name in ["A", "a.b-c_d", "1X", "with space"] {
+            assert!(
+                env_names("Deployment", "apps", &deployment(name)).is_ok(),
+                "{name}"
+            );
+        }
+        for name in ["A=B", "", "caf\u{e9}", "tab\t"] {
+            let err = env_names("Deployment", "apps", &deployment(name)).expect_err(name);
+            assert_eq!(err.code, 422);
+            assert!(
+                err.message.starts_with("Deployment.apps \"d\" is invalid: spec.template.spec.containers[0].env[1].name"),
+                "{}",
                 err.message
             );
         }
