@@ -45,13 +45,15 @@ enum Command {
 /// Settings of `run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Address of /metrics and /healthz.
-    #[arg(
-        long,
-        env = "SWITCHYARD_OPERATOR_METRICS_ADDR",
-        default_value = "0.0.0.0:8080"
-    )]
-    metrics_addr: SocketAddr,
+    /// Address of /metrics and /healthz. Without it: every address on
+    /// `--metrics-port`, IPv6 and IPv4 (`[::]`, or `0.0.0.0` where the host
+    /// has no IPv6), so kubelet probes reach it on IPv4, IPv6 and
+    /// dual-stack pods.
+    #[arg(long, env = "SWITCHYARD_OPERATOR_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Port of /metrics and /healthz when `--metrics-addr` is not given.
+    #[arg(long, env = "SWITCHYARD_OPERATOR_METRICS_PORT", default_value_t = 8080)]
+    metrics_port: u16,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "SWITCHYARD_OPERATOR_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -136,11 +138,34 @@ async fn until_true(mut receiver: watch::Receiver<bool>) {
     let _ = receiver.wait_for(|stop| *stop).await;
 }
 
+/// The metrics listener: `addr`, or every address on `port` — `[::]`
+/// (dual-stack on Linux: IPv4 clients arrive as IPv4-mapped), else
+/// `0.0.0.0` on a host without IPv6.
+async fn bind_metrics(
+    addr: Option<SocketAddr>,
+    port: u16,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    if let Some(addr) = addr {
+        return tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"));
+    }
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    match tokio::net::TcpListener::bind(any6).await {
+        Ok(listener) => Ok(listener),
+        Err(err) => {
+            let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+            warn!(error = %err, "no IPv6 here; metrics on IPv4 only");
+            tokio::net::TcpListener::bind(any4)
+                .await
+                .with_context(|| format!("binding {any4}"))
+        }
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    let listener = bind_metrics(args.metrics_addr, args.metrics_port).await?;
     info!(addr = %listener.local_addr()?, "metrics listening");
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(crate::serve::serve(
@@ -231,4 +256,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 19, defect 3: the operator's listener bound 0.0.0.0, which an
+    /// IPv6-only kubelet's probes cannot reach. By default it now answers on
+    /// IPv6 and IPv4 alike.
+    #[tokio::test]
+    async fn by_default_metrics_answer_on_ipv6_and_ipv4() {
+        let listener = bind_metrics(None, 0).await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        assert!(listener.local_addr().expect("addr").is_ipv6());
+        for target in [
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+        ] {
+            let connect = tokio::net::TcpStream::connect(target);
+            let (connected, accepted) = tokio::join!(connect, listener.accept());
+            connected.unwrap_or_else(|e| panic!("{target}: {e}"));
+            accepted.expect("accepted");
+        }
+        let explicit = bind_metrics(Some("127.0.0.1:0".parse().expect("addr")), 9)
+            .await
+            .expect("bind");
+        assert!(explicit.local_addr().expect("addr").is_ipv4());
+    }
 }

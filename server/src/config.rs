@@ -80,8 +80,11 @@ pub struct Config {
     /// Defaults to `$POD_NAME`, else `sy-` and random hex.
     pub server_id: Option<String>,
     /// Public listener: `/ws`, `/`, `/healthz`, `/readyz`, `/metrics`.
+    /// `IP:PORT`; an IPv6 IP bracketed or not ([`parse_listen`]).
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Admin listener: `/admin/*`, `/api/publish`. Never expose it publicly.
+    #[serde(deserialize_with = "listen_address")]
     pub admin_listen: SocketAddr,
     /// Set SO_REUSEPORT on the public listener so several gateway processes
     /// can share one port (the kernel spreads connections across them).
@@ -582,6 +585,26 @@ impl Default for TopicSettings {
     }
 }
 
+/// A listen address: `IP:PORT`, where an IPv6 IP may be bracketed
+/// (`[fd00::a]:8080`) or not (`fd00::a:8080`). Kubernetes' `$(POD_IP):8080`
+/// gives the unbracketed form on an IPv6 pod; as a listen address always
+/// has a port, the last `:` starts it.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let invalid = || format!("{text:?} is not IP:PORT (e.g. 10.0.0.1:8080, [fd00::1]:8080)");
+    let (ip, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| invalid())?;
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    Ok(SocketAddr::new(ip.into(), port))
+}
+
+fn listen_address<'de, D: serde::Deserializer<'de>>(de: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(de)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
 impl Config {
     /// Builds the configuration from its layers: defaults, the optional YAML
     /// file, `SWITCHYARD_*` variables from `env`, then `overrides`
@@ -996,6 +1019,40 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(config.connection.keepalive_interval_ms, 25_000);
+    }
+
+    /// Issue 19, defect 3: `$(POD_IP):8080` on an IPv6 pod is an
+    /// unbracketed IPv6 literal and a port; it failed with exit code 2.
+    #[test]
+    fn listen_addresses_take_ipv6_with_or_without_brackets() {
+        let table = [
+            ("10.1.2.3:8080", Some("10.1.2.3:8080")),
+            ("[fd00::a]:8080", Some("[fd00::a]:8080")),
+            ("fd00::a:8080", Some("[fd00::a]:8080")),
+            ("::ffff:127.0.0.10:9090", Some("[::ffff:127.0.0.10]:9090")),
+            ("::1:0", Some("[::1]:0")),
+            ("fd00::a", None),
+            ("10.1.2.3", None),
+            ("fd00::a:99999", None),
+            ("nowhere:80", None),
+            ("", None),
+        ];
+        for (text, expected) in table {
+            let parsed = parse_listen(text).map(|a| a.to_string());
+            assert_eq!(parsed.ok().as_deref(), expected, "{text}");
+        }
+        let config = load(
+            &[
+                ("SWITCHYARD_LISTEN", "fd00::a:8080"),
+                ("SWITCHYARD_ADMIN_LISTEN", "fd00::a:9090"),
+                ("SWITCHYARD_AUTH__ANONYMOUS", "true"),
+                ("SWITCHYARD_ADMIN__TOKEN", "0123456789abcdef-token"),
+            ],
+            &[],
+        )
+        .expect("an IPv6 pod's environment");
+        assert_eq!(config.listen.to_string(), "[fd00::a]:8080");
+        assert_eq!(config.admin_listen.to_string(), "[fd00::a]:9090");
     }
 
     #[test]

@@ -639,6 +639,116 @@ spec:
     drop(operator);
 }
 
+/// Issue 19, defect 3: gateway pods whose pod IPs are IPv6 literals start
+/// (`$(POD_IP):8080` is `::ffff:127.0.0.N:8080` there, which the gateway
+/// refused with exit code 2), pass their readiness probes, serve through
+/// the Service, and are drained by a rollout (the operator reaches their
+/// admin port at `[IP]:9090`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_pods_with_ipv6_addresses_start_serve_and_drain() {
+    let _serial = SERIAL.lock().await;
+    let emu = Emulator::start().await.expect("emulator");
+    emu.cluster.use_ipv6_pod_ips();
+    let resource = |image: &str| {
+        format!(
+            "apiVersion: switchyard.dev/v1alpha1
+kind: ConnectionService
+metadata:
+  name: chat
+spec:
+  image: {image}
+  replicas: 1
+  config: |
+    worker_threads: 1
+    auth:
+      anonymous: true
+  rollout:
+{FAST_ROLLOUT}
+"
+        )
+    };
+    emu.install(NS, &resource("switchyard/gateway:1"))
+        .expect("install");
+    let kubeconfig = emu.kubeconfig(NS).expect("kubeconfig");
+    let operator = Operator::start(&kubeconfig, emu.dir().join("operator.log"));
+    let get = || {
+        emu.get("switchyard.dev", "connectionservices", NS, "chat")
+            .expect("ConnectionService")
+    };
+    let wait = |what: &'static str, done: Box<dyn Fn(&Value) -> bool>| {
+        let log = operator.log.clone();
+        let get = &get;
+        async move {
+            let deadline = Instant::now() + PHASE;
+            loop {
+                let cs = get();
+                if done(&cs) {
+                    return cs;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {what}; status {}\n{}",
+                    cs["status"],
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let installed = wait(
+        "installed",
+        Box::new(|cs| cs["status"]["phase"] == "Stable" && condition(cs, "Ready") == "True"),
+    )
+    .await;
+    let pods = emu.list("", "pods", NS).expect("pods");
+    assert_eq!(pods.len(), 1);
+    let ip = pods[0]["status"]["podIP"].as_str().unwrap_or_default();
+    assert!(ip.starts_with("::ffff:127.0.0."), "{ip}");
+    // A client through the Service, on the blue pod.
+    let addr = loop {
+        if let Some(addr) = emu.cluster.service_addr(NS, "chat") {
+            break addr;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut conn = switchyard_client::Connection::connect(&format!("ws://{addr}/ws"))
+        .await
+        .expect("connect through the Service");
+    assert!(conn.welcome().server_id.starts_with("chat-blue-"));
+    emu.patch(
+        "switchyard.dev",
+        "connectionservices",
+        NS,
+        "chat",
+        &json!({"spec": {"image": "switchyard/gateway:2"}}),
+    )
+    .expect("roll out");
+    // The drain reaches the IPv6 pod: its client is closed with 4000.
+    let closed = tokio::time::timeout(PHASE, async {
+        loop {
+            match conn.next_event().await {
+                Ok(switchyard_client::Event::Closed(closed)) => return closed.code,
+                Ok(_) => {}
+                Err(err) => panic!("the connection failed instead of closing: {err}"),
+            }
+        }
+    })
+    .await
+    .expect("closed by the drain");
+    assert_eq!(closed, 4000);
+    let before = installed["status"]["activeRevision"].clone();
+    wait(
+        "rolled out",
+        Box::new(move |cs| {
+            cs["status"]["phase"] == "Stable"
+                && cs["status"]["activeColor"] == "green"
+                && cs["status"]["activeRevision"] != before
+        }),
+    )
+    .await;
+    drop(operator);
+}
+
 fn drained(cs: &Value) -> u64 {
     cs["status"]["rollout"]["drained"].as_u64().unwrap_or(0)
 }

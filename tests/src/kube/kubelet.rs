@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -44,11 +44,25 @@ type Routed = (Arc<ServiceProxy>, Vec<SocketAddr>);
 /// A readiness probe: port and path.
 type Probe = (u16, String);
 
+/// A pod's IP: `127.0.0.N`, or on an IPv6 cluster the same loopback
+/// address written as IPv6 (`::ffff:127.0.0.N`, IPv4-mapped), so every
+/// place a pod IP is written (`$(POD_IP):8080`, probes, endpoints) meets an
+/// IPv6 literal while the traffic stays on loopback.
+fn pod_ip(octet: u8, ipv6: bool) -> IpAddr {
+    let v4 = Ipv4Addr::new(127, 0, 0, octet);
+    if ipv6 {
+        IpAddr::V6(v4.to_ipv6_mapped())
+    } else {
+        IpAddr::V4(v4)
+    }
+}
+
 /// One pod's gateway process.
 struct PodProcess {
     namespace: String,
     name: String,
     octet: u8,
+    ipv6: bool,
     child: Option<Child>,
     command: Option<Command>,
     log: PathBuf,
@@ -61,8 +75,8 @@ struct PodProcess {
 }
 
 impl PodProcess {
-    fn ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(127, 0, 0, self.octet)
+    fn ip(&self) -> IpAddr {
+        pod_ip(self.octet, self.ipv6)
     }
 }
 
@@ -72,6 +86,8 @@ pub struct Cluster {
     dir: PathBuf,
     pods: Mutex<HashMap<PodKey, PodProcess>>,
     services: Mutex<HashMap<PodKey, Routed>>,
+    /// Pods get IPv6 addresses ([`Cluster::use_ipv6_pod_ips`]).
+    ipv6: std::sync::atomic::AtomicBool,
 }
 
 fn template_hash(template: &Value) -> String {
@@ -94,7 +110,14 @@ impl Cluster {
             dir,
             pods: Mutex::new(HashMap::new()),
             services: Mutex::new(HashMap::new()),
+            ipv6: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Pods started from now on have IPv6 pod IPs, as on an IPv6 (or
+    /// IPv6-first dual-stack) cluster: see [`pod_ip`].
+    pub fn use_ipv6_pod_ips(&self) {
+        self.ipv6.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Where a Service listens, once it has a proxy.
@@ -268,7 +291,8 @@ impl Cluster {
     fn start_pod(&self, deployment: &Value, namespace: &str, name: &str, hash: &str) -> Result<()> {
         let template = &deployment["spec"]["template"];
         let octet = allocate_ip().context("no free loopback address for a pod")?;
-        let ip = Ipv4Addr::new(127, 0, 0, octet);
+        let ipv6 = self.ipv6.load(std::sync::atomic::Ordering::Relaxed);
+        let ip = pod_ip(octet, ipv6);
         let suffix: u32 = rand::random();
         let pod_name = format!("{name}-{}-{:05x}", &hash[..5], suffix & 0xfffff);
         let mut pod_labels = template["metadata"]["labels"].clone();
@@ -289,7 +313,7 @@ impl Cluster {
             .store
             .create(&pods_kind, namespace, pod, None)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        let process = self.prepare(&created, namespace, &pod_name, octet)?;
+        let process = self.prepare(&created, namespace, &pod_name, octet, ipv6)?;
         self.pods
             .lock()
             .expect("pods")
@@ -300,7 +324,14 @@ impl Cluster {
     /// Builds the container's command: the gateway binary (whatever the
     /// image), the template's args with mounted paths mapped to files on
     /// disk, and exactly the template's environment.
-    fn prepare(&self, pod: &Value, namespace: &str, name: &str, octet: u8) -> Result<PodProcess> {
+    fn prepare(
+        &self,
+        pod: &Value,
+        namespace: &str,
+        name: &str,
+        octet: u8,
+        ipv6: bool,
+    ) -> Result<PodProcess> {
         let spec = &pod["spec"];
         let container = &spec["containers"][0];
         let root = self.dir.join(namespace).join(name);
@@ -330,7 +361,7 @@ impl Cluster {
             }
             mounts.push((mount_path.to_string(), local));
         }
-        let env = self.environment(pod, container, namespace, octet)?;
+        let env = self.environment(pod, container, namespace, pod_ip(octet, ipv6))?;
         let args: Vec<String> = container["args"]
             .as_array()
             .into_iter()
@@ -378,6 +409,7 @@ impl Cluster {
             namespace: namespace.to_string(),
             name: name.to_string(),
             octet,
+            ipv6,
             child: None,
             command: Some(command),
             log,
@@ -400,7 +432,7 @@ impl Cluster {
         pod: &Value,
         container: &Value,
         namespace: &str,
-        octet: u8,
+        ip: IpAddr,
     ) -> Result<Vec<(String, String)>> {
         let mut env: Vec<(String, String)> = Vec::new();
         for var in container["env"].as_array().into_iter().flatten() {
@@ -414,7 +446,7 @@ impl Cluster {
                         .unwrap_or_default()
                         .to_string(),
                     "metadata.namespace" => namespace.to_string(),
-                    "status.podIP" => Ipv4Addr::new(127, 0, 0, octet).to_string(),
+                    "status.podIP" => ip.to_string(),
                     other => anyhow::bail!("fieldRef {other} is not emulated"),
                 }
             } else if let Some(secret) = var["valueFrom"]["secretKeyRef"].as_object() {
@@ -497,7 +529,7 @@ impl Cluster {
 
     /// Restarts exited processes, probes readiness, reflects it in the Pod.
     async fn kubelet(&self) -> Result<()> {
-        let probes: Vec<(PodKey, Ipv4Addr, Option<Probe>)> = {
+        let probes: Vec<(PodKey, IpAddr, Option<Probe>)> = {
             let mut pods = self.pods.lock().expect("pods");
             for pod in pods.values_mut() {
                 let exited = pod
