@@ -70,6 +70,56 @@ def crd_validator():
     return jsonschema.Draft7Validator(schema)
 
 
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+
+
+def pod_security_restricted(spec):
+    """What of Pod Security `restricted` (kubernetes.io/docs/concepts/security/
+    pod-security-standards) a pod spec breaks. The emulator applies the same
+    rules to the pods it starts (tests/src/kube/podsecurity.rs); this checks
+    the chart's own pod templates, which the emulator never runs."""
+    out = []
+    pod = spec.get("securityContext") or {}
+    containers = [c for f in ("initContainers", "containers", "ephemeralContainers")
+                  for c in spec.get(f) or []]
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            out.append(f"{field}=true")
+    for volume in spec.get("volumes") or []:
+        kinds = [k for k in volume if k != "name"]
+        if not kinds or kinds[0] not in RESTRICTED_VOLUMES:
+            out.append(f"volume {volume.get('name')} of type {kinds}")
+    if (pod.get("seccompProfile") or {}).get("type") == "Unconfined" or pod.get("runAsUser") == 0:
+        out.append("pod seccompProfile Unconfined or runAsUser 0")
+    for c in containers:
+        sc = c.get("securityContext") or {}
+        name = c.get("name")
+        if sc.get("privileged") or any(p.get("hostPort") for p in c.get("ports") or []):
+            out.append(f"{name}: privileged or hostPort")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation != false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []) or set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: capabilities must drop ALL and add at most NET_BIND_SERVICE")
+        if sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True or sc.get("runAsUser") == 0:
+            out.append(f"{name}: runAsNonRoot != true")
+        seccomp = (sc.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile {seccomp}")
+    return out
+
+
+def pod_specs(doc):
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "Pod":
+        return [spec]
+    if doc.get("kind") == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]["spec"]]
+    template = spec.get("template")
+    return [template["spec"]] if isinstance(template, dict) and "spec" in template else []
+
+
 def rules(docs, kind):
     found = [d for d in docs if d.get("kind") == kind]
     check(len(found) == 1, f"expected one {kind}, found {len(found)}")
@@ -126,6 +176,19 @@ def main():
     for expected in ["-1", "teleport", "'image' is a required property"]:
         check(expected in messages, f"the CRD schema did not refuse {expected}: {messages}")
 
+    # Every pod the chart and the kustomize base run meets Pod Security
+    # `restricted`, and the check refuses what it should.
+    shipped = [d for _, d in default_docs] + [d for _, d in all_docs] + base_docs + examples
+    templates = [(d["kind"], d["metadata"]["name"], spec) for d in shipped for spec in pod_specs(d)]
+    check(len(templates) >= 3, f"pod templates found: {[(k, n) for k, n, _ in templates]}")
+    for kind, name, spec in templates:
+        broken = pod_security_restricted(spec)
+        check(not broken, f"{kind} {name} breaks Pod Security restricted: {broken}")
+    loose = copy.deepcopy(templates[0][2])
+    loose.pop("securityContext", None)
+    loose["containers"][0].pop("securityContext", None)
+    check(len(pod_security_restricted(loose)) >= 3, "the restricted check refuses a loose pod")
+
     check(rules([d for _, d in default_docs], "ClusterRole") == rules(base_docs, "ClusterRole"),
           "the chart's ClusterRole differs from k8s/base/rbac.yaml")
     check(rules([d for _, d in default_docs], "Role") == rules(base_docs, "Role"),
@@ -142,7 +205,8 @@ def main():
     if failures:
         print(f"{len(failures)} packaging check(s) failed")
         sys.exit(1)
-    print("packaging: chart (default + every option), kustomize base, examples, CRD schema, RBAC, dashboards: ok")
+    print("packaging: chart (default + every option), kustomize base, examples, CRD schema, RBAC, "
+          "Pod Security restricted, dashboards: ok")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,9 @@ impl Fleet {
             GatewayProcess::start(&["broker=redis", &redis_setting, "worker_threads=1"])
                 .expect("publisher gateway");
         let emu = Emulator::start().await.expect("emulator");
+        // As a production namespace would: pods that break Pod Security
+        // `restricted` are refused.
+        emu.enforce_restricted(NS);
         emu.install(NS, &spec(&redis.url(), "switchyard/gateway:1", rollout))
             .expect("install");
         let kubeconfig = emu.kubeconfig(NS).expect("kubeconfig");
@@ -648,6 +651,7 @@ spec:
 async fn gateway_pods_with_ipv6_addresses_start_serve_and_drain() {
     let _serial = SERIAL.lock().await;
     let emu = Emulator::start().await.expect("emulator");
+    emu.enforce_restricted(NS);
     emu.cluster.use_ipv6_pod_ips();
     let resource = |image: &str| {
         format!(

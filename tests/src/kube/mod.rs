@@ -10,6 +10,7 @@
 pub mod api;
 pub mod kubelet;
 pub mod patch;
+pub mod podsecurity;
 pub mod selector;
 pub mod store;
 pub mod table;
@@ -133,6 +134,12 @@ impl Emulator {
         .context("the CRD")?;
         self.create("switchyard.dev", "connectionservices", namespace, resource)
             .context("the ConnectionService")
+    }
+
+    /// Makes `namespace` enforce Pod Security `restricted` (see
+    /// [`podsecurity`]).
+    pub fn enforce_restricted(&self, namespace: &str) {
+        self.store.enforce_restricted(namespace);
     }
 
     /// Reads an object.

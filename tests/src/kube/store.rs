@@ -165,6 +165,10 @@ struct Inner {
 pub struct Store {
     inner: Mutex<Inner>,
     notify: watch::Sender<u64>,
+    /// Namespaces whose pods must meet Pod Security `restricted`
+    /// ([`super::podsecurity`]), as with the label
+    /// `pod-security.kubernetes.io/enforce: restricted`.
+    restricted: Mutex<BTreeSet<String>>,
 }
 
 /// Labels of an object.
@@ -250,7 +254,48 @@ impl Store {
                 next_uid: 1,
             }),
             notify,
+            restricted: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Pods created in `namespace` from now on must meet Pod Security
+    /// `restricted`, or are refused (403) as Pod Security admission refuses
+    /// them. Workload objects (Deployments) are not refused, only their
+    /// pods, as on a real cluster.
+    pub fn enforce_restricted(&self, namespace: &str) {
+        self.restricted
+            .lock()
+            .expect("restricted namespaces")
+            .insert(namespace.to_owned());
+    }
+
+    fn pod_security(
+        &self,
+        rt: &ResourceType,
+        namespace: &str,
+        object: &Value,
+    ) -> Result<(), ApiError> {
+        let enforced = self
+            .restricted
+            .lock()
+            .expect("restricted namespaces")
+            .contains(namespace);
+        if !enforced || rt.key() != "/pods" {
+            return Ok(());
+        }
+        let violations = super::podsecurity::restricted(&object["spec"]);
+        if violations.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "pods \"{}\" is forbidden: violates PodSecurity \"restricted:latest\": {}",
+                object["metadata"]["name"].as_str().unwrap_or_default(),
+                violations.join(", ")
+            ),
+        ))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -386,6 +431,7 @@ impl Store {
         metadata["creationTimestamp"] = json!(now_rfc3339());
         metadata["generation"] = json!(1);
         rt.admit(&name, &mut object)?;
+        self.pod_security(rt, namespace, &object)?;
         let mut entry = Entry::default();
         if let Some(manager) = manager {
             entry
