@@ -40,6 +40,13 @@ enum Command {
     Run,
     /// Print the ConnectionService CRD as YAML.
     Crd,
+    /// Print, as YAML, every object the operator would apply for the
+    /// ConnectionService in FILE (both colors), without a cluster.
+    Render {
+        /// The ConnectionService (YAML); `-` for standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+    },
 }
 
 /// Settings of `run`.
@@ -89,6 +96,27 @@ pub fn main() -> std::process::ExitCode {
     if let Some(Command::Crd) = args.command {
         print!("{}", crd_yaml());
         return std::process::ExitCode::SUCCESS;
+    }
+    if let Some(Command::Render { file }) = &args.command {
+        let text = if file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(file)
+        };
+        let rendered = text
+            .map_err(|e| format!("reading {}: {e}", file.display()))
+            .and_then(|text| crate::render::parse(&text).map_err(|e| e.to_string()))
+            .map(|cs| crate::render::render(&cs));
+        return match rendered {
+            Ok(yaml) => {
+                print!("{yaml}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                std::process::ExitCode::from(2)
+            }
+        };
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

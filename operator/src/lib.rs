@@ -6,7 +6,8 @@
 //! - [`reconcile`]: the thin I/O layer that observes, applies plans and
 //!   writes status; [`gateway`]: the gateways' admin API.
 //! - [`leader`], [`metrics`], [`serve`], [`telemetry`]: running it.
-//! - [`plugin`]: the `kubectl switchyard` plugin.
+//! - [`plugin`]: the `kubectl switchyard` plugin; [`render`]: the objects a
+//!   resource would get, without a cluster.
 
 pub mod cli;
 pub mod crd;
@@ -15,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod plugin;
 pub mod reconcile;
+pub mod render;
 pub mod resources;
 pub mod rollout;
 pub mod serve;

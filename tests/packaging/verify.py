@@ -8,6 +8,7 @@ operator's requests); the dashboards ship as labelled ConfigMaps."""
 
 import copy
 import json
+import re
 import pathlib
 import subprocess
 import sys
@@ -120,6 +121,95 @@ def pod_specs(doc):
     return [template["spec"]] if isinstance(template, dict) and "spec" in template else []
 
 
+def selects(selector, labels):
+    """Whether a LabelSelector (matchLabels, matchExpressions) selects `labels`."""
+    if selector is None:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if (op == "In" and labels.get(key) not in values) \
+                or (op == "NotIn" and key in labels and labels[key] in values) \
+                or (op == "Exists" and key not in labels) \
+                or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def operator_render(resource):
+    """What the operator applies for `resource` (`switchyard-operator render`)."""
+    out = subprocess.run(
+        ["cargo", "run", "-q", "-p", "switchyard-operator", "--bin", "switchyard-operator",
+         "--", "render", "-f", "-"],
+        input=yaml.safe_dump(resource), capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def template_labels(doc):
+    return dict((doc["spec"]["template"].get("metadata") or {}).get("labels") or {})
+
+
+def check_selectors(chart_docs, resources, job):
+    """Every pod selector the chart ships, evaluated against the labels of
+    the pods the operator's Deployments create (plus the ReplicaSet's
+    pod-template-hash), the chart's operator pod and the example publisher
+    Job's pod."""
+    gateway_pods = []
+    for resource in resources:
+        rendered = operator_render(resource)
+        deployments = [d for d in rendered if d["kind"] == "Deployment"]
+        check(len(deployments) == 2, f"render gave {len(deployments)} Deployments")
+        pods = [dict(template_labels(d), **{"pod-template-hash": "5d8f7c9b6"}) for d in deployments]
+        for pdb in (d for d in rendered if d["kind"] == "PodDisruptionBudget"):
+            for labels in pods:
+                check(selects(pdb["spec"]["selector"], labels), f"the PDB misses pod {labels}")
+        for service in (d for d in rendered if d["kind"] == "Service"):
+            check(selects({"matchLabels": service["spec"]["selector"]}, pods[0]),
+                  f"Service {service['metadata']['name']} misses the blue pod")
+        gateway_pods += pods
+    operator = [d for d in chart_docs if d["kind"] == "Deployment"]
+    check(len(operator) == 1, "one operator Deployment in the chart")
+    operator_pod = template_labels(operator[0])
+    for policy in (d for d in chart_docs if d["kind"] == "NetworkPolicy"):
+        for labels in gateway_pods:
+            check(selects(policy["spec"]["podSelector"], labels),
+                  f"NetworkPolicy {policy['metadata']['namespace']} misses gateway pod {labels}")
+        check(not selects(policy["spec"]["podSelector"], operator_pod),
+              "the gateways' NetworkPolicy selects the operator's pod")
+        admin_peers = [peer for rule in policy["spec"]["ingress"]
+                       if any(p.get("port") == 9090 for p in rule.get("ports") or [])
+                       for peer in rule.get("from") or []]
+        check(any(selects(p.get("podSelector"), operator_pod) for p in admin_peers),
+              "the admin port is closed to the operator")
+        check(any(selects(p.get("podSelector"), job) and "namespaceSelector" not in p
+                  for p in admin_peers),
+              "the admin port is closed to the example publisher Job")
+        check(not any(selects(p.get("podSelector"), {"app": "anything"}) for p in admin_peers),
+              "the admin port is open to any pod")
+    monitors = [d for d in chart_docs if d["kind"] == "PodMonitor"]
+    check(len(monitors) == 1, "one PodMonitor")
+    for monitor in monitors:
+        for labels in gateway_pods:
+            check(selects(monitor["spec"]["selector"], labels), f"the PodMonitor misses pod {labels}")
+        check(not selects(monitor["spec"]["selector"], operator_pod), "the PodMonitor scrapes the operator")
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            for relabel in endpoint.get("relabelings") or []:
+                for source in relabel.get("sourceLabels") or []:
+                    if source.startswith("__meta_kubernetes_pod_label_"):
+                        wanted = source[len("__meta_kubernetes_pod_label_"):]
+                        present = {re.sub(r"[^a-zA-Z0-9_]", "_", k) for k in gateway_pods[0]}
+                        check(wanted in present, f"the PodMonitor relabels from {source}, a label no gateway pod has")
+    services = [d for d in chart_docs if d["kind"] == "Service"]
+    for monitor in (d for d in chart_docs if d["kind"] == "ServiceMonitor"):
+        matched = [s for s in services if selects(monitor["spec"]["selector"], s["metadata"].get("labels") or {})]
+        check(len(matched) == 1, f"the ServiceMonitor selects {len(matched)} Services")
+        for service in matched:
+            check(selects({"matchLabels": service["spec"]["selector"]}, operator_pod),
+                  "the operator's metrics Service misses the operator pod")
+
+
 def rules(docs, kind):
     found = [d for d in docs if d.get("kind") == kind]
     check(len(found) == 1, f"expected one {kind}, found {len(found)}")
@@ -189,6 +279,10 @@ def main():
     loose["containers"][0].pop("securityContext", None)
     check(len(pod_security_restricted(loose)) >= 3, "the restricted check refuses a loose pod")
 
+    jobs = [d for d in examples if d["kind"] == "Job"]
+    check(len(jobs) == 1, "the example publisher Job")
+    check_selectors([d for _, d in all_docs], resources, template_labels(jobs[0]))
+
     check(rules([d for _, d in default_docs], "ClusterRole") == rules(base_docs, "ClusterRole"),
           "the chart's ClusterRole differs from k8s/base/rbac.yaml")
     check(rules([d for _, d in default_docs], "Role") == rules(base_docs, "Role"),
@@ -206,7 +300,7 @@ def main():
         print(f"{len(failures)} packaging check(s) failed")
         sys.exit(1)
     print("packaging: chart (default + every option), kustomize base, examples, CRD schema, RBAC, "
-          "Pod Security restricted, dashboards: ok")
+          "Pod Security restricted, selectors against the operator's pods, dashboards: ok")
 
 
 if __name__ == "__main__":
