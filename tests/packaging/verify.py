@@ -234,6 +234,9 @@ def main():
     check(not lint["errors"], f"helm lint errors: {lint['errors']}")
     serious = [m for m in lint["messages"] if m["severity"] >= 2]
     check(not serious, f"helm lint warnings: {serious}")
+    # As a subchart, the chart gets its parent's `global` values: the
+    # schema must take them (it refused them before: additionalProperties).
+    render({"global": {"imageRegistry": "registry.example.com"}})
     # A values file that breaks the schema must be refused.
     try:
         render({"operator": {"replicas": "many"}})
