@@ -100,6 +100,8 @@ pub struct Context {
     pub clock: Clock,
     /// Consecutive failures per object, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// When each object's status was last written ([`status_write_due`]).
+    status_written: Mutex<HashMap<String, Timestamp>>,
 }
 
 impl Context {
@@ -117,6 +119,7 @@ impl Context {
             admin_port: ADMIN_PORT,
             clock: Arc::new(Timestamp::now),
             failures: Mutex::new(HashMap::new()),
+            status_written: Mutex::new(HashMap::new()),
         }
     }
 
@@ -648,7 +651,18 @@ impl<'a> ObjectIo<'a> {
     }
 
     async fn write_status(&self, plan: &Plan) -> Result<(), Error> {
-        if self.cs.status.as_ref() == Some(&plan.status) {
+        let key = object_key(self.cs);
+        let now = (self.ctx.clock)();
+        let last = self
+            .ctx
+            .status_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        let since_last =
+            last.map(|at| Duration::try_from(now.duration_since(at)).unwrap_or(Duration::ZERO));
+        if !status_write_due(self.cs.status.as_ref(), &plan.status, since_last) {
             return Ok(());
         }
         let mut body = json!({
@@ -664,8 +678,42 @@ impl<'a> ObjectIo<'a> {
             .patch_status(&self.name, &params, &Patch::Apply(&body))
             .await
             .map_err(kube_error("writing status"))?;
+        self.ctx
+            .status_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, now);
         Ok(())
     }
+}
+
+/// Whether `new` should be written over `old`, the status last written
+/// `since_last` ago (`None`: not by this process). Any change but the
+/// connection counts is written at once. Counts alone are written at once
+/// while a rollout moves (they are its progress) and at most once per
+/// [`rollout::STABLE_POLL`] otherwise: every status write is a watch event
+/// that triggers the next reconcile, so writing every change of a Stable
+/// resource's counts made it reconcile itself about once a second under
+/// traffic (`a_stable_resource_under_traffic_does_not_write_status_in_a_loop`).
+pub fn status_write_due(
+    old: Option<&crate::crd::ConnectionServiceStatus>,
+    new: &crate::crd::ConnectionServiceStatus,
+    since_last: Option<Duration>,
+) -> bool {
+    let Some(old) = old else {
+        return true;
+    };
+    if old == new {
+        return false;
+    }
+    let mut without_counts = old.clone();
+    without_counts.connections = new.connections;
+    let counts_only = &without_counts == new;
+    let moving = matches!(
+        new.phase,
+        Some(Phase::Progressing | Phase::Switching | Phase::Draining)
+    );
+    !counts_only || moving || since_last.is_none_or(|t| t >= rollout::STABLE_POLL)
 }
 
 /// The color a set of labels (an object's, or a Service's selector) names:
@@ -714,6 +762,67 @@ fn deployment_view(deployment: &Deployment) -> DeploymentView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_counts_alone_are_written_on_a_period_unless_a_rollout_moves() {
+        use crate::crd::{ColorConnections, ConnectionServiceStatus};
+        let status = |phase: Phase, blue: u64, message: &str| ConnectionServiceStatus {
+            phase: Some(phase),
+            connections: ColorConnections { blue, green: 0 },
+            message: Some(message.into()),
+            ..ConnectionServiceStatus::default()
+        };
+        let s = Duration::from_secs;
+        let stable = status(Phase::Stable, 10, "blue serves r1");
+        let table = [
+            (
+                None,
+                status(Phase::Stable, 10, "blue serves r1"),
+                Some(s(1)),
+                true,
+            ),
+            (Some(stable.clone()), stable.clone(), None, false),
+            (
+                Some(stable.clone()),
+                status(Phase::Stable, 11, "blue serves r1"),
+                Some(s(1)),
+                false,
+            ),
+            (
+                Some(stable.clone()),
+                status(Phase::Stable, 11, "blue serves r1"),
+                Some(s(30)),
+                true,
+            ),
+            (
+                Some(stable.clone()),
+                status(Phase::Stable, 11, "blue serves r1"),
+                None,
+                true,
+            ),
+            (
+                Some(stable.clone()),
+                status(Phase::Stable, 10, "blue serves r2"),
+                Some(s(1)),
+                true,
+            ),
+            (
+                Some(stable.clone()),
+                status(Phase::Progressing, 10, "blue serves r1"),
+                Some(s(1)),
+                true,
+            ),
+            (
+                Some(status(Phase::Draining, 10, "draining")),
+                status(Phase::Draining, 9, "draining"),
+                Some(s(1)),
+                true,
+            ),
+        ];
+        for (n, (old, new, since, due)) in table.into_iter().enumerate() {
+            assert_eq!(status_write_due(old.as_ref(), &new, since), due, "row {n}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_to_a_cap() {

@@ -753,6 +753,52 @@ spec:
     drop(operator);
 }
 
+/// Issue 19, defect 10: a Stable resource with live traffic does not
+/// reconcile itself in a loop. Its own status writes (connection counts that
+/// change with every client) used to trigger the next reconcile, about once
+/// a second; counts are now refreshed on the Stable period and only spec and
+/// annotation changes (and owned Deployments) trigger a reconcile. Counted at
+/// the emulated API server over 20 s of clients coming and going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stable_resource_under_traffic_does_not_write_status_in_a_loop() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(FAST_ROLLOUT).await;
+    let url = fleet.service_url().await;
+    let before = fleet.emu.store.requests();
+    let started = Instant::now();
+    // A count that keeps changing: up to 30 connections, then all gone.
+    let mut held: Vec<switchyard_client::Connection> = Vec::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        if held.len() >= 30 {
+            for mut conn in held.drain(..) {
+                let _ = conn.close(1000).await;
+            }
+        }
+        if let Ok(conn) = switchyard_client::Connection::connect(&url).await {
+            held.push(conn);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let after = fleet.emu.store.requests();
+    let delta =
+        |key: &str| after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0);
+    let total: u64 = after.keys().map(|k| delta(k)).sum();
+    let status_writes = delta("PATCH connectionservices/status");
+    eprintln!(
+        "stable under traffic: {status_writes} status writes, {total} API requests in {seconds:.0} s ({:.0}/min): {:?}",
+        total as f64 * 60.0 / seconds,
+        after.keys().map(|k| (k.as_str(), delta(k))).filter(|(_, n)| *n > 0).collect::<Vec<_>>()
+    );
+    // One refresh per Stable period (30 s), and the connection counts it
+    // carries; before: a write about every second.
+    assert!(
+        status_writes <= 2,
+        "{status_writes} status writes in {seconds:.0} s"
+    );
+    assert_eq!(fleet.resource()["status"]["phase"], "Stable");
+}
+
 fn drained(cs: &Value) -> u64 {
     cs["status"]["rollout"]["drained"].as_u64().unwrap_or(0)
 }

@@ -192,6 +192,13 @@ async fn route(
     if rt.namespaced && namespace.is_none() && (name.is_some() || *method != Method::GET) {
         return Err(ApiError::bad_request(format!("{plural} are namespaced")));
     }
+    let watching = query.flag("watch");
+    store.count_request(&format!(
+        "{} {}{}",
+        if watching { "WATCH" } else { method.as_str() },
+        rt.plural,
+        if status { "/status" } else { "" }
+    ));
     let target = Target {
         rt,
         namespace,

@@ -169,6 +169,8 @@ pub struct Store {
     /// ([`super::podsecurity`]), as with the label
     /// `pod-security.kubernetes.io/enforce: restricted`.
     restricted: Mutex<BTreeSet<String>>,
+    /// Requests served, by `VERB plural[/status]` ([`Store::requests`]).
+    requests: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Labels of an object.
@@ -255,7 +257,24 @@ impl Store {
             }),
             notify,
             restricted: Mutex::new(BTreeSet::new()),
+            requests: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Counts one API request (`VERB plural[/status]`; a watch is `WATCH`).
+    pub fn count_request(&self, what: &str) {
+        *self
+            .requests
+            .lock()
+            .expect("requests")
+            .entry(what.to_owned())
+            .or_default() += 1;
+    }
+
+    /// The API requests served so far, by `VERB plural[/status]`: what a
+    /// client costs the API server.
+    pub fn requests(&self) -> BTreeMap<String, u64> {
+        self.requests.lock().expect("requests").clone()
     }
 
     /// Pods created in `namespace` from now on must meet Pod Security
