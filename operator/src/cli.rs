@@ -220,18 +220,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             &identity,
             Duration::from_secs(args.lease_seconds),
         ));
-        tokio::select! {
-            _ = elector.acquire() => {}
+        let acquired = tokio::select! {
+            at = elector.acquire() => at,
             _ = shutdown_signal() => return Ok(()),
-        }
-        Some(elector)
+        };
+        Some((elector, acquired))
     };
     metrics.set_leader(true);
 
     let (lost_tx, lost) = watch::channel(false);
-    if let Some(elector) = elector.clone() {
+    if let Some((elector, acquired)) = elector.clone() {
         tokio::spawn(async move {
-            elector.hold().await;
+            elector.hold(acquired).await;
             let _ = lost_tx.send(true);
         });
     }
@@ -263,7 +263,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // it a drain (whose counts change constantly) would poll the gateways in
     // a tight loop instead of about once a second.
     let config = ControllerConfig::default().debounce(Duration::from_secs(1));
-    Controller::new(resources, watcher::Config::default())
+    let controller = Controller::new(resources, watcher::Config::default())
         .owns(deployments, owned)
         .with_config(config)
         .graceful_shutdown_on(until_true(stopped))
@@ -272,14 +272,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             if let Err(err) = result {
                 warn!(error = %err, "controller event");
             }
-        })
-        .await;
+        });
+    // On SIGTERM the controller finishes its reconciles. A lost Lease
+    // drops it at once, cancelling reconciles in flight: another replica
+    // may take over a third of a lease later, and a graceful shutdown can
+    // hang on the very API server that stopped answering.
+    tokio::select! {
+        () = controller => {}
+        () = until_true(lost.clone()) => {}
+    }
 
     metrics.set_leader(false);
     if *lost.borrow() {
         anyhow::bail!("leader Lease lost");
     }
-    if let Some(elector) = elector {
+    if let Some((elector, _)) = elector {
         elector.release().await;
     }
     info!("stopped");

@@ -1,15 +1,31 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so that two operator
-//! replicas never drive the same rollout. The decision is a pure function of
-//! the Lease; the elector reads, decides, and writes with the Lease's
+//! replicas never drive the same rollout, with client-go's semantics:
+//!
+//! - A replica waiting for the Lease never compares the holder's
+//!   `renewTime` with its own clock (the two clocks may differ): it notes,
+//!   on its own clock, when it last saw the Lease record change, and takes
+//!   over only after a whole lease duration without a change.
+//! - The leader renews every [`retry_period`] and counts its lease from the
+//!   moment it *sent* the last successful renewal; every call is bounded by
+//!   the time left before [`renew_deadline`] (2/3 of the lease), past which
+//!   it stops leading. A replica that took over saw the record change no
+//!   earlier than that send, so it waits at least a lease duration from it:
+//!   the old leader has stopped a third of a lease before (tested with an
+//!   API server that stops answering the leader:
+//!   `a_leader_cut_off_from_the_api_server_stops_before_another_takes_over`).
+//!
+//! The decision is a pure function ([`decide`]); writes carry the Lease's
 //! resourceVersion (a concurrent writer gets 409 and loses the round).
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::Api;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// What to do with the Lease.
@@ -19,20 +35,21 @@ pub enum LeaseDecision {
     Renew,
     /// Nobody holds it, or the holder stopped renewing: take it.
     TakeOver,
-    /// Someone else holds it until this time.
+    /// Someone else holds it for at least this much longer.
     Wait {
         /// The current holder.
         holder: String,
-        /// When their lease expires unless renewed.
-        until: Timestamp,
+        /// Until the record may be taken over, unless it changes meanwhile.
+        remaining: Duration,
     },
 }
 
-/// The decision for `me` at `now`.
+/// The decision for `me` about `lease`, whose record this replica has seen
+/// unchanged for `unchanged_for` (on its own clock).
 pub fn decide(
     lease: Option<&LeaseSpec>,
     me: &str,
-    now: Timestamp,
+    unchanged_for: Duration,
     default_duration: Duration,
 ) -> LeaseDecision {
     let Some(spec) = lease else {
@@ -45,21 +62,38 @@ pub fn decide(
     if holder == me {
         return LeaseDecision::Renew;
     }
-    let seconds = spec
+    let duration = spec
         .lease_duration_seconds
-        .map_or(default_duration.as_secs() as i64, i64::from);
-    let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
-        return LeaseDecision::TakeOver;
-    };
-    let until = renewed
-        .0
-        .saturating_add(SignedDuration::from_secs(seconds))
-        .unwrap_or(renewed.0);
-    if now >= until {
-        LeaseDecision::TakeOver
-    } else {
-        LeaseDecision::Wait { holder, until }
+        .and_then(|s| u64::try_from(s).ok())
+        .map_or(default_duration, Duration::from_secs);
+    match duration.checked_sub(unchanged_for) {
+        Some(remaining) if !remaining.is_zero() => LeaseDecision::Wait { holder, remaining },
+        _ => LeaseDecision::TakeOver,
     }
+}
+
+/// How long a leader may go without a successful renewal before it stops
+/// leading: 2/3 of the lease (client-go: 10 s of 15 s).
+pub fn renew_deadline(lease: Duration) -> Duration {
+    lease * 2 / 3
+}
+
+/// How often renewals (and acquisition attempts) are made: 2/15 of the
+/// lease (client-go: 2 s of 15 s).
+pub fn retry_period(lease: Duration) -> Duration {
+    lease * 2 / 15
+}
+
+/// A Lease record as seen: what must change for it to count as renewed.
+type Record = (Option<String>, Option<String>, Option<String>);
+
+fn record(lease: Option<&Lease>) -> Record {
+    let spec = lease.and_then(|l| l.spec.as_ref());
+    (
+        spec.and_then(|s| s.holder_identity.clone()),
+        spec.and_then(|s| s.renew_time.as_ref().map(|t| t.0.to_string())),
+        lease.and_then(|l| l.metadata.resource_version.clone()),
+    )
 }
 
 /// Holds (or waits for) one Lease.
@@ -68,6 +102,8 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     duration: Duration,
+    /// The record last seen, and when it was first seen (local clock).
+    observed: Mutex<Option<(Record, Instant)>>,
 }
 
 impl LeaderElector {
@@ -78,6 +114,7 @@ impl LeaderElector {
             name: name.to_string(),
             identity: identity.to_string(),
             duration,
+            observed: Mutex::new(None),
         }
     }
 
@@ -92,17 +129,30 @@ impl LeaderElector {
         }
     }
 
+    /// How long the record `lease` has been seen unchanged, on this clock.
+    fn unchanged_for(&self, lease: Option<&Lease>) -> Duration {
+        let seen = record(lease);
+        let mut observed = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        match observed.as_ref() {
+            Some((last, since)) if *last == seen => since.elapsed(),
+            _ => {
+                *observed = Some((seen, Instant::now()));
+                Duration::ZERO
+            }
+        }
+    }
+
     /// One round: read the Lease, and take or renew it if we may. `Ok(true)`
-    /// when we hold it afterwards.
+    /// when we hold it afterwards. Callers bound it in time.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
-        let now = Timestamp::now();
         let existing = self.api.get_opt(&self.name).await?;
         let decision = decide(
             existing.as_ref().and_then(|l| l.spec.as_ref()),
             &self.identity,
-            now,
+            self.unchanged_for(existing.as_ref()),
             self.duration,
         );
+        let now = Timestamp::now();
         let written = match (existing, decision) {
             (_, LeaseDecision::Wait { .. }) => return Ok(false),
             (None, _) => {
@@ -136,48 +186,63 @@ impl LeaderElector {
         }
     }
 
-    /// Waits until this replica holds the Lease.
-    pub async fn acquire(&self) {
-        let retry = self.duration / 5;
+    /// Waits until this replica holds the Lease; returns when the winning
+    /// attempt was sent, from which its lease counts.
+    pub async fn acquire(&self) -> Instant {
+        let retry = retry_period(self.duration);
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {
+            let started = Instant::now();
+            match tokio::time::timeout(retry, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => {
                     info!(lease = %self.name, identity = %self.identity, "leading");
-                    return;
+                    return started;
                 }
-                Ok(false) => {}
-                Err(err) => warn!(error = %err, "lease not readable"),
+                Ok(Ok(false)) => {}
+                Ok(Err(err)) => warn!(error = %err, "lease not readable"),
+                Err(_) => warn!("lease request unanswered"),
             }
-            tokio::time::sleep(retry).await;
+            tokio::time::sleep(retry.saturating_sub(started.elapsed())).await;
         }
     }
 
-    /// Renews every third of the lease duration; returns when the Lease is
-    /// lost (someone else holds it, or it could not be renewed before it
-    /// expired), at which point this replica must stop acting.
-    pub async fn hold(&self) {
-        let mut last_renewed = tokio::time::Instant::now();
+    /// Renews every [`retry_period`] from `acquired` (when the acquiring
+    /// attempt was sent); returns when the Lease is lost — someone else
+    /// holds it, or no renewal succeeded within [`renew_deadline`] of the
+    /// last successful one's send — at which point this replica must stop
+    /// acting.
+    pub async fn hold(&self, acquired: Instant) {
+        let deadline_after = renew_deadline(self.duration);
+        let retry = retry_period(self.duration);
+        let mut renewed = acquired;
         loop {
-            tokio::time::sleep(self.duration / 3).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewed = tokio::time::Instant::now(),
-                Ok(false) => {
-                    warn!(lease = %self.name, "lease taken by another replica");
-                    return;
-                }
-                Err(err) => warn!(error = %err, "lease renewal failed"),
-            }
-            // Stop before the lease can expire, so two leaders never overlap.
-            if last_renewed.elapsed() >= self.duration.mul_f32(0.8) {
+            let deadline = renewed + deadline_after;
+            tokio::time::sleep_until((Instant::now() + retry).min(deadline)).await;
+            let started = Instant::now();
+            if started >= deadline {
                 warn!(lease = %self.name, "lease not renewed in time");
                 return;
             }
+            match tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => renewed = started,
+                Ok(Ok(false)) => {
+                    warn!(lease = %self.name, "lease taken by another replica");
+                    return;
+                }
+                Ok(Err(err)) => warn!(error = %err, "lease renewal failed"),
+                Err(_) => warn!(lease = %self.name, "lease renewal unanswered"),
+            }
         }
     }
 
-    /// Gives the Lease up (on shutdown) so another replica need not wait for it to expire.
+    /// Gives the Lease up (on shutdown) so another replica need not wait for
+    /// it to expire. Bounded: a server that does not answer is left to the
+    /// lease's expiry.
     pub async fn release(&self) {
-        if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await {
+        let bound = retry_period(self.duration);
+        let released = tokio::time::timeout(bound, async {
+            let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+                return;
+            };
             let ours = lease
                 .spec
                 .as_ref()
@@ -196,6 +261,10 @@ impl LeaderElector {
                     warn!(error = %err, "lease not released");
                 }
             }
+        })
+        .await;
+        if released.is_err() {
+            warn!("lease release unanswered");
         }
     }
 }
@@ -204,23 +273,21 @@ impl LeaderElector {
 mod tests {
     use super::*;
 
-    fn t(seconds: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + seconds).expect("timestamp")
-    }
-
-    fn held_by(holder: &str, renewed: i64) -> LeaseSpec {
+    fn held_by(holder: &str) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(holder.to_string()),
             lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(t(renewed))),
+            renew_time: Some(MicroTime(
+                Timestamp::from_second(1_800_000_000).expect("timestamp"),
+            )),
             ..LeaseSpec::default()
         }
     }
 
     #[test]
-    fn decisions() {
-        let d = Duration::from_secs(15);
-        let table: Vec<(&str, Option<LeaseSpec>, i64, LeaseDecision)> = vec![
+    fn decisions_use_the_local_time_the_record_went_unchanged() {
+        let s = Duration::from_secs;
+        let table: Vec<(&str, Option<LeaseSpec>, u64, LeaseDecision)> = vec![
             ("no lease", None, 0, LeaseDecision::TakeOver),
             (
                 "released",
@@ -228,34 +295,58 @@ mod tests {
                 0,
                 LeaseDecision::TakeOver,
             ),
-            ("ours", Some(held_by("me", -100)), 0, LeaseDecision::Renew),
+            ("ours", Some(held_by("me")), 100, LeaseDecision::Renew),
             (
-                "theirs, fresh",
-                Some(held_by("them", 0)),
-                14,
+                "theirs, just seen",
+                Some(held_by("them")),
+                0,
                 LeaseDecision::Wait {
                     holder: "them".into(),
-                    until: t(15),
+                    remaining: s(15),
                 },
             ),
             (
-                "theirs, expired",
-                Some(held_by("them", 0)),
+                "theirs, unchanged 14 s",
+                Some(held_by("them")),
+                14,
+                LeaseDecision::Wait {
+                    holder: "them".into(),
+                    remaining: s(1),
+                },
+            ),
+            (
+                "theirs, unchanged 15 s",
+                Some(held_by("them")),
                 15,
                 LeaseDecision::TakeOver,
             ),
             (
-                "theirs, never renewed",
+                "theirs, no duration: ours applies",
                 Some(LeaseSpec {
-                    holder_identity: Some("them".into()),
-                    ..LeaseSpec::default()
+                    lease_duration_seconds: None,
+                    ..held_by("them")
                 }),
-                0,
-                LeaseDecision::TakeOver,
+                9,
+                LeaseDecision::Wait {
+                    holder: "them".into(),
+                    remaining: s(1),
+                },
             ),
         ];
-        for (name, lease, now, expected) in table {
-            assert_eq!(decide(lease.as_ref(), "me", t(now), d), expected, "{name}");
+        for (name, lease, unchanged, expected) in table {
+            assert_eq!(
+                decide(lease.as_ref(), "me", s(unchanged), s(10)),
+                expected,
+                "{name}"
+            );
         }
+    }
+
+    #[test]
+    fn the_leader_stops_a_third_of_a_lease_before_anyone_may_take_over() {
+        let lease = Duration::from_secs(15);
+        assert_eq!(renew_deadline(lease), Duration::from_secs(10));
+        assert_eq!(retry_period(lease), Duration::from_secs(2));
+        assert!(renew_deadline(lease) + retry_period(lease) < lease);
     }
 }

@@ -40,6 +40,15 @@ struct Operator {
 
 impl Operator {
     fn start(kubeconfig: &std::path::Path, log: PathBuf) -> Operator {
+        Operator::start_as(kubeconfig, log, "switchyard-operator-0", &[])
+    }
+
+    fn start_as(
+        kubeconfig: &std::path::Path,
+        log: PathBuf,
+        identity: &str,
+        args: &[&str],
+    ) -> Operator {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -47,8 +56,9 @@ impl Operator {
             .expect("operator log");
         let child = Command::new(operator_bin())
             .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env("POD_NAME", "switchyard-operator-0")
+            .env("POD_NAME", identity)
             .env("POD_NAMESPACE", NS)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
@@ -797,6 +807,79 @@ async fn a_stable_resource_under_traffic_does_not_write_status_in_a_loop() {
         "{status_writes} status writes in {seconds:.0} s"
     );
     assert_eq!(fleet.resource()["status"]["phase"], "Stable");
+}
+
+/// Issue 19, defect 4: a leader the API server stops answering stops
+/// leading before its lease could expire, and the other replica takes over
+/// only after that — never two leaders. (Before: the leader's renewal hung
+/// without a timeout, its deadline was never checked, and it kept running
+/// its controller while the other replica took the expired Lease.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_api_server_stops_before_another_takes_over() {
+    let _serial = SERIAL.lock().await;
+    let emu = Emulator::start().await.expect("emulator");
+    let lease_seconds = 3;
+    let lease = Duration::from_secs(lease_seconds);
+    let seconds = lease_seconds.to_string();
+    let args = ["--lease-seconds", seconds.as_str()];
+    let holder = || {
+        emu.get("coordination.k8s.io", "leases", NS, "switchyard-operator")
+            .ok()
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    };
+    let start = |who: &str| {
+        let kubeconfig = emu.kubeconfig_as(NS, who).expect("kubeconfig");
+        Operator::start_as(
+            &kubeconfig,
+            emu.dir().join(format!("operator-{who}.log")),
+            who,
+            &args,
+        )
+    };
+    let mut a = start("a");
+    let deadline = Instant::now() + PHASE;
+    while holder().as_deref() != Some("a") {
+        assert!(Instant::now() < deadline, "a never led");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _b = start("b");
+    tokio::time::sleep(lease).await;
+    assert_eq!(holder().as_deref(), Some("a"), "b took a lease a renews");
+    // a's requests now go unanswered; b's are answered.
+    emu.store.partition("a");
+    let cut = Instant::now();
+    let (mut a_stopped, mut b_led) = (None, None);
+    while a_stopped.is_none() || b_led.is_none() {
+        if a_stopped.is_none() {
+            if let Ok(Some(status)) = a.child.try_wait() {
+                a_stopped = Some((Instant::now(), status.code()));
+            }
+        }
+        if b_led.is_none() && holder().as_deref() == Some("b") {
+            b_led = Some(Instant::now());
+        }
+        assert!(
+            cut.elapsed() < lease * 4,
+            "after {:?}: a stopped {:?}, b led {:?}\n{}",
+            cut.elapsed(),
+            a_stopped.map(|(at, code)| (at - cut, code)),
+            b_led.map(|at| at - cut),
+            std::fs::read_to_string(&a.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (a_at, a_code) = a_stopped.expect("a stopped");
+    let b_at = b_led.expect("b led");
+    eprintln!(
+        "leader cut off: a stopped {:?} after the cut (exit {a_code:?}), b led {:?} after it",
+        a_at - cut,
+        b_at - cut
+    );
+    assert_eq!(a_code, Some(1), "a lost leadership and exits 1");
+    assert!(a_at < b_at, "two leaders: b led before a stopped");
+    assert!(a_at - cut < lease, "a outlived its own lease");
+    emu.store.heal("a");
+    a.kill();
 }
 
 fn drained(cs: &Value) -> u64 {

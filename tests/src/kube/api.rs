@@ -126,6 +126,15 @@ pub async fn handle(store: Arc<Store>, request: Request<Incoming>) -> Response<B
     let path = request.uri().path().to_string();
     let query = request.uri().query().map(str::to_string);
     let headers = request.headers().clone();
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    while store.is_partitioned(&token) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
         Err(err) => return error_response(&ApiError::bad_request(err.to_string())),

@@ -86,10 +86,20 @@ impl Emulator {
 
     /// Writes a kubeconfig pointing at the emulator (namespace `namespace`).
     pub fn kubeconfig(&self, namespace: &str) -> Result<PathBuf> {
-        let path = self.dir.join("kubeconfig");
+        self.kubeconfig_as(namespace, "emulator")
+    }
+
+    /// A kubeconfig whose bearer token is `token`: what
+    /// [`store::Store::partition`] cuts off.
+    pub fn kubeconfig_as(&self, namespace: &str, token: &str) -> Result<PathBuf> {
+        let path = if token == "emulator" {
+            self.dir.join("kubeconfig")
+        } else {
+            self.dir.join(format!("kubeconfig-{token}"))
+        };
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: http://{}\n\
-             users:\n- name: tester\n  user:\n    token: emulator\n\
+             users:\n- name: tester\n  user:\n    token: {token}\n\
              contexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: tester\n    namespace: {namespace}\n\
              current-context: emulator\n",
             self.addr

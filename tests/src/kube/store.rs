@@ -171,6 +171,8 @@ pub struct Store {
     restricted: Mutex<BTreeSet<String>>,
     /// Requests served, by `VERB plural[/status]` ([`Store::requests`]).
     requests: Mutex<BTreeMap<String, u64>>,
+    /// Bearer tokens whose requests go unanswered ([`Store::partition`]).
+    partitioned: Mutex<BTreeSet<String>>,
 }
 
 /// Labels of an object.
@@ -258,7 +260,31 @@ impl Store {
             notify,
             restricted: Mutex::new(BTreeSet::new()),
             requests: Mutex::new(BTreeMap::new()),
+            partitioned: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// From now on, requests carrying `token` get no answer (they hang,
+    /// connection open, as behind a silent partition) until
+    /// [`Store::heal`].
+    pub fn partition(&self, token: &str) {
+        self.partitioned
+            .lock()
+            .expect("partitioned")
+            .insert(token.to_owned());
+    }
+
+    /// Answers `token`'s requests again.
+    pub fn heal(&self, token: &str) {
+        self.partitioned.lock().expect("partitioned").remove(token);
+    }
+
+    /// Whether `token` is cut off.
+    pub fn is_partitioned(&self, token: &str) -> bool {
+        self.partitioned
+            .lock()
+            .expect("partitioned")
+            .contains(token)
     }
 
     /// Counts one API request (`VERB plural[/status]`; a watch is `WATCH`).
