@@ -1,7 +1,8 @@
 //! The emulator's API semantics, through kube's own client: the watch
 //! protocol (from a version, bookmarks, 410 Gone), 409 on a stale write,
 //! generation, set-based selectors, server-side apply removing what a manager
-//! stopped sending, garbage collection, what kube-apiserver refuses (duplicate
+//! stopped sending, garbage collection, selector watches that see objects
+//! leave and enter the selection, what kube-apiserver refuses (duplicate
 //! keys in an applied associative list, custom resources that break their
 //! CRD's schema) and loud refusals of what it does not support.
 
@@ -183,6 +184,62 @@ async fn custom_resources_are_held_to_their_schema() {
         )
         .expect_err("negative replicas");
     assert!(err.to_string().contains("422 Invalid"), "{err}");
+}
+
+/// A watch with a label selector sees an object that stops matching as
+/// DELETED and one that starts matching as ADDED, as kube-apiserver sends
+/// them (before: the first was silently dropped, the second a MODIFIED of
+/// an object the watcher never had).
+#[tokio::test]
+async fn selector_watches_see_objects_leave_and_enter_the_selection() {
+    let emu = Emulator::start().await.expect("emulator");
+    let api: Api<ConfigMap> = Api::namespaced(client(&emu).await, "ns");
+    api.create(
+        &PostParams::default(),
+        &config_map("a", json!({"team": "x"})),
+    )
+    .await
+    .expect("create");
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .expect("version");
+    let params = WatchParams::default().labels("team=x").timeout(10);
+    let mut events = api.watch(&params, &rv).await.expect("watch").boxed();
+    let relabel = |team: &str| json!({"metadata": {"labels": {"team": team}}});
+    for (team, expected) in [("y", "DELETED"), ("z", ""), ("x", "ADDED")] {
+        api.patch("a", &PatchParams::default(), &Patch::Merge(&relabel(team)))
+            .await
+            .expect("relabel");
+        if expected.is_empty() {
+            continue; // y -> z: never in the selection, nothing to see
+        }
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event");
+        let (kind, labels) = match event {
+            Some(Ok(WatchEvent::Deleted(cm))) => ("DELETED", cm.metadata.labels),
+            Some(Ok(WatchEvent::Added(cm))) => ("ADDED", cm.metadata.labels),
+            other => panic!("after team={team}: {other:?}"),
+        };
+        assert_eq!(kind, expected, "after team={team}");
+        assert_eq!(labels.expect("labels")["team"], team);
+    }
+    // Still matching: an ordinary MODIFIED.
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"data": {"k": "2"}})),
+    )
+    .await
+    .expect("patch");
+    match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+        Ok(Some(Ok(WatchEvent::Modified(_)))) => {}
+        other => panic!("expected a MODIFIED, got {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -392,10 +392,23 @@ fn watch(
                 Ok(changes) => {
                     for change in changes {
                         since = change.rv;
-                        if selector.matches(&labels(&change.object))
-                            && tx.send(line(change.event, &change.object)).await.is_err()
-                        {
-                            return;
+                        let now = selector.matches(&labels(&change.object));
+                        let before = change
+                            .previous_labels
+                            .as_ref()
+                            .map(|previous| selector.matches(previous));
+                        // A MODIFIED that moves an object across the
+                        // selector is an ADDED or a DELETED for this watch.
+                        let event = match (change.event, before, now) {
+                            ("MODIFIED", Some(false), true) => Some("ADDED"),
+                            ("MODIFIED", Some(true), false) => Some("DELETED"),
+                            (event, _, true) => Some(event),
+                            _ => None,
+                        };
+                        if let Some(event) = event {
+                            if tx.send(line(event, &change.object)).await.is_err() {
+                                return;
+                            }
                         }
                     }
                 }

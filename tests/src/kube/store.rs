@@ -141,6 +141,10 @@ pub struct Change {
     pub event: &'static str,
     /// The object after the change (before, for DELETED).
     pub object: Value,
+    /// Its labels before a MODIFIED change: a watch with a label selector
+    /// tells a watcher an object stopped (DELETED) or started (ADDED)
+    /// matching, as kube-apiserver's watch cache does.
+    pub previous_labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -719,7 +723,8 @@ impl Inner {
         self.rv += 1;
         entry.object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let object = entry.object.clone();
-        self.record(&key, event, object.clone());
+        let previous = self.objects.get(&key).map(|e| labels(&e.object));
+        self.record(&key, event, object.clone(), previous);
         self.objects.insert(key, entry);
         notify.send_replace(self.rv);
         object
@@ -730,18 +735,25 @@ impl Inner {
             self.rv += 1;
             let mut object = entry.object;
             object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-            self.record(&key, "DELETED", object);
+            self.record(&key, "DELETED", object, None);
             notify.send_replace(self.rv);
         }
     }
 
-    fn record(&mut self, key: &ObjectKey, event: &'static str, object: Value) {
+    fn record(
+        &mut self,
+        key: &ObjectKey,
+        event: &'static str,
+        object: Value,
+        previous_labels: Option<BTreeMap<String, String>>,
+    ) {
         self.history.push_back(Change {
             rv: self.rv,
             type_key: key.0.clone(),
             namespace: key.1.clone(),
             event,
             object,
+            previous_labels,
         });
         while self.history.len() > HISTORY {
             if let Some(old) = self.history.pop_front() {
