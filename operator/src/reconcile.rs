@@ -432,6 +432,7 @@ impl<'a> ObjectIo<'a> {
                     name: pod.name_any(),
                     ip: pod_ip(pod),
                     report,
+                    waiting: pod_waiting(pod),
                 });
             }
         }
@@ -720,6 +721,24 @@ pub fn status_write_due(
 /// the one place the color label is read.
 fn label_color(labels: &std::collections::BTreeMap<String, String>) -> Option<Color> {
     labels.get(COLOR_LABEL).and_then(|c| Color::parse(c))
+}
+
+/// Why a pod's container is not running (`REASON: message`), as the
+/// kubelet reports it.
+fn pod_waiting(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find_map(|c| c.state.as_ref()?.waiting.as_ref())
+        .and_then(|w| {
+            let reason = w.reason.as_deref()?;
+            Some(match w.message.as_deref() {
+                Some(message) if !message.is_empty() => format!("{reason}: {message}"),
+                _ => reason.to_string(),
+            })
+        })
 }
 
 fn pod_ip(pod: &Pod) -> Option<String> {

@@ -60,6 +60,10 @@ pub struct PodView {
     pub ip: Option<String>,
     /// Its gateway's report; `None` when it could not be asked.
     pub report: Option<GatewayReport>,
+    /// Why its container is not running, as the kubelet says
+    /// (`ErrImagePull: …`, `CrashLoopBackOff: …`): told when a rollout
+    /// fails for want of readiness.
+    pub waiting: Option<String>,
 }
 
 /// A pod the operator talks to.
@@ -692,14 +696,15 @@ impl Planner<'_> {
             self.status.phase = Some(Phase::Failed);
             self.status.failed_revision = Some(rollout.to_revision.clone());
             self.finished = Some((Outcome::Failed, duration_since(&rollout.started, o.now)));
-            self.record(
-                true,
-                "ReadyTimeout",
-                format!(
-                    "{} was not Ready within {}s; scaled to zero, {} untouched",
-                    rollout.to_color, o.policy.ready_timeout_seconds, rollout.from_color
-                ),
+            let note = format!(
+                "{} was not Ready within {}s; scaled to zero, {} untouched{}",
+                rollout.to_color,
+                o.policy.ready_timeout_seconds,
+                rollout.from_color,
+                waiting_reasons(o.color(rollout.to_color))
             );
+            self.status.message = Some(note.clone());
+            self.record(true, "ReadyTimeout", note);
             self.status.rollout = Some(rollout);
             return;
         }
@@ -1113,6 +1118,23 @@ impl Planner<'_> {
             &now,
             generation,
         );
+    }
+}
+
+/// `: POD REASON, …` for the pods of `view` whose containers wait (at most
+/// three), or nothing: what a user needs to see why a color never became
+/// Ready (an image that cannot be pulled, a crash loop).
+fn waiting_reasons(view: &ColorView) -> String {
+    let waiting: Vec<String> = view
+        .pods
+        .iter()
+        .filter_map(|p| p.waiting.as_ref().map(|w| format!("{} {w}", p.name)))
+        .take(3)
+        .collect();
+    if waiting.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", waiting.join("; "))
     }
 }
 

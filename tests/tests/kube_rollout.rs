@@ -882,6 +882,45 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_another_takes_over() 
     a.kill();
 }
 
+/// Issue 19: a ConnectionService whose new pods cannot run — an image that
+/// cannot be pulled, a config the gateway exits on (a crash loop) — keeps
+/// the old color serving and ends in Failed with the kubelet's reason in its
+/// status and its Event, not only "not Ready".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_pods_that_cannot_run_fail_the_rollout_with_the_reason() {
+    let _serial = SERIAL.lock().await;
+    let rollout = FAST_ROLLOUT.replace("readyTimeoutSeconds: 60", "readyTimeoutSeconds: 6");
+    let cases = [
+        (
+            json!({"spec": {"image": "switchyard/gateway:missing"}}),
+            "ImagePullBackOff: back-off pulling image \"switchyard/gateway:missing\"",
+        ),
+        (
+            json!({"spec": {"config": "worker_threads: 1\nwebsocket:\n  max_frame_bytes: 0\n"}}),
+            "CrashLoopBackOff: back-off restarting failed container gateway",
+        ),
+    ];
+    for (patch, reason) in cases {
+        let mut fleet = Fleet::start(&rollout).await;
+        fleet.emu.cluster.refuse_image("switchyard/gateway:missing");
+        fleet.patch(patch);
+        let failed = fleet
+            .wait_for("Failed", |cs| cs["status"]["phase"] == "Failed")
+            .await;
+        let message = failed["status"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("green was not Ready within 6s")
+                && message.contains("chat-green-")
+                && message.contains(reason),
+            "{message}"
+        );
+        let note = fleet.event_note("ReadyTimeout");
+        assert!(note.contains(reason), "{note}");
+        assert_eq!(failed["status"]["activeColor"], "blue");
+        assert_eq!(condition(&failed, "Ready"), "True", "blue still serves");
+    }
+}
+
 fn drained(cs: &Value) -> u64 {
     cs["status"]["rollout"]["drained"].as_u64().unwrap_or(0)
 }

@@ -118,6 +118,7 @@ impl SimColor {
                         connections: p.connections,
                         draining: p.draining,
                     }),
+                    waiting: None,
                 })
                 .collect(),
         }

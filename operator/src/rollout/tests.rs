@@ -16,6 +16,7 @@ fn pod(name: &str, ip: &str, connections: u64, draining: bool) -> PodView {
             connections,
             draining,
         }),
+        waiting: None,
     }
 }
 
@@ -1035,6 +1036,30 @@ fn status_details() {
         "True",
         "blue still serves"
     );
+    // Why green never became Ready, as the kubelet says it, is in the
+    // status and the Event (issue 19: an image that cannot be pulled).
+    let unpullable = plan(&{
+        let mut o = progressing();
+        o.now = t(300);
+        let mut waiting = pod("chat-green-a", "10.0.0.9", 0, false);
+        waiting.report = None;
+        waiting.waiting = Some("ImagePullBackOff: back-off pulling image \"gw:9\"".into());
+        o.green.pods = vec![waiting, pod("chat-green-b", "10.0.0.8", 0, false)];
+        o
+    });
+    let told = "chat-green-a ImagePullBackOff: back-off pulling image \"gw:9\"";
+    let message = unpullable.status.message.clone().unwrap_or_default();
+    assert!(message.contains(told), "{message}");
+    assert!(!message.contains("chat-green-b"), "{message}");
+    let notes: Vec<String> = unpullable
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Record(notice) if notice.reason == "ReadyTimeout" => Some(notice.note.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(notes.iter().any(|n| n.contains(told)), "{notes:?}");
 
     // The ready timeout runs from the phase start and bounds the requeue.
     let mut near = progressing();

@@ -72,6 +72,13 @@ struct PodProcess {
     probe: Option<Probe>,
     labels: BTreeMap<String, String>,
     ports: BTreeMap<String, u16>,
+    /// Why the container is not running, as a kubelet reports it in
+    /// `containerStatuses[].state.waiting` (an image that cannot be pulled;
+    /// a process that keeps exiting).
+    waiting: Option<(String, String)>,
+    /// What the Pod's status says now (ready, waiting): written again only
+    /// when it changes.
+    reported: Option<(bool, Option<(String, String)>)>,
 }
 
 impl PodProcess {
@@ -88,6 +95,8 @@ pub struct Cluster {
     services: Mutex<HashMap<PodKey, Routed>>,
     /// Pods get IPv6 addresses ([`Cluster::use_ipv6_pod_ips`]).
     ipv6: std::sync::atomic::AtomicBool,
+    /// Images no pod can pull ([`Cluster::refuse_image`]).
+    unpullable: Mutex<BTreeSet<String>>,
 }
 
 fn template_hash(template: &Value) -> String {
@@ -111,7 +120,17 @@ impl Cluster {
             pods: Mutex::new(HashMap::new()),
             services: Mutex::new(HashMap::new()),
             ipv6: std::sync::atomic::AtomicBool::new(false),
+            unpullable: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Pods of `image` never start: their container waits in
+    /// `ErrImagePull`, as with an image that does not exist.
+    pub fn refuse_image(&self, image: &str) {
+        self.unpullable
+            .lock()
+            .expect("images")
+            .insert(image.to_owned());
     }
 
     /// Pods started from now on have IPv6 pod IPs, as on an IPv6 (or
@@ -419,8 +438,18 @@ impl Cluster {
             probe,
             labels: labels(pod),
             ports,
+            waiting: None,
+            reported: None,
         };
-        spawn(&mut process)?;
+        let image = container["image"].as_str().unwrap_or_default();
+        if self.unpullable.lock().expect("images").contains(image) {
+            process.waiting = Some((
+                "ErrImagePull".into(),
+                format!("failed to pull image \"{image}\": not found"),
+            ));
+        } else {
+            spawn(&mut process)?;
+        }
         Ok(process)
     }
 
@@ -539,6 +568,13 @@ impl Cluster {
                 if exited {
                     pod.restarts += 1;
                     pod.ready = false;
+                    pod.waiting = Some((
+                        "CrashLoopBackOff".into(),
+                        format!(
+                            "back-off restarting failed container gateway (restarted {} times)",
+                            pod.restarts
+                        ),
+                    ));
                     let _ = spawn(pod);
                 }
             }
@@ -557,19 +593,40 @@ impl Cluster {
             .await;
         let pods_kind = kind(&self.store, "", "pods");
         for (key, ready) in results {
-            let (changed, restarts) = {
+            let (changed, restarts, waiting, ready) = {
                 let mut pods = self.pods.lock().expect("pods");
                 let Some(pod) = pods.get_mut(&key) else {
                     continue;
                 };
-                let changed = pod.ready != ready;
+                // An image that cannot be pulled is never ready; a ready
+                // process waits for nothing.
+                let ready = ready && pod.child.is_some();
                 pod.ready = ready;
-                (changed, pod.restarts)
+                if ready {
+                    pod.waiting = None;
+                } else if let Some((reason, message)) = &mut pod.waiting {
+                    if reason == "ErrImagePull" && pod.reported.is_some() {
+                        // After the first failed pull, the kubelet backs off.
+                        *reason = "ImagePullBackOff".into();
+                        *message = message.replace("failed to pull", "back-off pulling");
+                    }
+                }
+                let now = (pod.ready, pod.waiting.clone());
+                let changed = pod.reported.as_ref() != Some(&now);
+                pod.reported = Some(now);
+                (changed, pod.restarts, pod.waiting.clone(), ready)
             };
             if changed {
+                let state = match &waiting {
+                    Some((reason, message)) => {
+                        json!({"waiting": {"reason": reason, "message": message}})
+                    }
+                    None => json!({"running": {}}),
+                };
                 let status = json!({"status": {
                     "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
-                    "containerStatuses": [{"name": "gateway", "ready": ready, "restartCount": restarts}],
+                    "containerStatuses": [{"name": "gateway", "ready": ready, "restartCount": restarts,
+                                           "state": state}],
                 }});
                 let _ = self.store.merge(&pods_kind, &key.0, &key.1, &status, true);
             }
