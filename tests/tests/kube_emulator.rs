@@ -1,7 +1,7 @@
 //! The emulator's API semantics, through kube's own client: the watch
 //! protocol (from a version, bookmarks, 410 Gone), 409 on a stale write,
 //! generation, set-based selectors, server-side apply removing what a manager
-//! stopped sending, garbage collection, selector watches that see objects
+//! stopped sending, no-op writes that change no version, garbage collection, selector watches that see objects
 //! leave and enter the selection, what kube-apiserver refuses (duplicate
 //! keys in an applied associative list, custom resources that break their
 //! CRD's schema) and loud refusals of what it does not support.
@@ -317,8 +317,12 @@ async fn writes_conflicts_generation_and_selectors() {
         ),
         409
     );
-    // A replace carrying an outdated resourceVersion is refused.
-    maps.replace("a", &PostParams::default(), &first)
+    // A replace carrying an outdated resourceVersion is refused. (The first
+    // one changes something: a replace that changes nothing keeps the
+    // version, as on kube-apiserver.)
+    let mut changed = first.clone();
+    changed.data = Some([("k".to_string(), "w".to_string())].into());
+    maps.replace("a", &PostParams::default(), &changed)
         .await
         .expect("current version");
     assert_eq!(
@@ -416,6 +420,38 @@ async fn server_side_apply_and_refusals() {
         1,
         "the field the manager stopped sending is gone: {data:?}"
     );
+    // Applying the same again changes nothing: the resourceVersion stays
+    // and no watch event is sent, as kube-apiserver skips a no-op write.
+    let version = applied.metadata.resource_version.clone();
+    let mut events = maps
+        .watch(
+            &WatchParams::default().timeout(5),
+            version.as_deref().unwrap_or("0"),
+        )
+        .await
+        .expect("watch")
+        .boxed();
+    let again = maps
+        .patch("c", &apply, &Patch::Apply(&fewer))
+        .await
+        .expect("apply again");
+    assert_eq!(
+        again.metadata.resource_version, version,
+        "a no-op apply bumped the version"
+    );
+    let unchanged = maps
+        .patch(
+            "c",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"data": {"a": "1"}})),
+        )
+        .await
+        .expect("no-op merge");
+    assert_eq!(unchanged.metadata.resource_version, version);
+    match tokio::time::timeout(Duration::from_millis(1500), events.next()).await {
+        Err(_) => {}
+        Ok(event) => panic!("a no-op write sent a watch event: {event:?}"),
+    }
     // Another manager changing an owned field conflicts unless forced.
     let theirs = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
                         "data": {"a": "other"}});

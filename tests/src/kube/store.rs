@@ -531,7 +531,7 @@ impl Store {
         }
         entry.object = settle(rt, &entry.object, object, status_only);
         rt.admit(name, &mut entry.object)?;
-        Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
+        Ok(inner.update(key, entry, &self.notify))
     }
 
     /// PATCH with application/merge-patch+json.
@@ -550,7 +550,7 @@ impl Store {
         patch::merge_patch(&mut patched, patch_body);
         entry.object = settle(rt, &entry.object, patched, status_only);
         rt.admit(name, &mut entry.object)?;
-        Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
+        Ok(inner.update(key, entry, &self.notify))
     }
 
     /// PATCH with application/apply-patch+yaml (server-side apply).
@@ -634,7 +634,7 @@ impl Store {
             .insert((manager.to_string(), status_only), owned);
         entry.object = settle(rt, &entry.object, next, status_only);
         rt.admit(name, &mut entry.object)?;
-        Ok(inner.commit(key, "MODIFIED", entry, &self.notify))
+        Ok(inner.update(key, entry, &self.notify))
     }
 
     /// DELETE, then garbage-collects every object owned (transitively) by it.
@@ -728,6 +728,23 @@ impl Inner {
         self.objects.insert(key, entry);
         notify.send_replace(self.rv);
         object
+    }
+
+    /// Stores a modified object — unless nothing changed (the object with
+    /// its resourceVersion aside, and who owns which fields): like
+    /// kube-apiserver, a no-op write keeps the resourceVersion and sends no
+    /// watch event, so a controller that re-applies what is there does not
+    /// wake itself up.
+    fn update(&mut self, key: ObjectKey, entry: Entry, notify: &watch::Sender<u64>) -> Value {
+        if let Some(current) = self.objects.get(&key) {
+            let mut proposed = entry.object.clone();
+            proposed["metadata"]["resourceVersion"] =
+                current.object["metadata"]["resourceVersion"].clone();
+            if proposed == current.object && entry.managed == current.managed {
+                return current.object.clone();
+            }
+        }
+        self.commit(key, "MODIFIED", entry, notify)
     }
 
     fn remove(&mut self, key: ObjectKey, notify: &watch::Sender<u64>) {
