@@ -92,7 +92,8 @@ struct Fleet {
     phases: Vec<String>,
 }
 
-fn spec(redis_url: &str, image: &str, rollout: &str) -> String {
+/// The start of the ConnectionService `chat`, up to `spec.replicas`.
+fn resource_head(image: &str, replicas: u32) -> String {
     format!(
         "apiVersion: switchyard.dev/v1alpha1
 kind: ConnectionService
@@ -100,8 +101,14 @@ metadata:
   name: chat
 spec:
   image: {image}
-  replicas: 2
-  config: |
+  replicas: {replicas}
+"
+    )
+}
+
+fn spec(redis_url: &str, image: &str, rollout: &str) -> String {
+    format!(
+        "{}  config: |
     worker_threads: 1
     broker: redis
     redis:
@@ -116,7 +123,8 @@ spec:
       value: json
   rollout:
 {rollout}
-"
+",
+        resource_head(image, 2)
     )
 }
 
@@ -561,14 +569,8 @@ const FEW: usize = 80;
 async fn a_write_the_api_server_refuses_shows_in_status_and_events() {
     let _serial = SERIAL.lock().await;
     let emu = Emulator::start().await.expect("emulator");
-    let resource = "apiVersion: switchyard.dev/v1alpha1
-kind: ConnectionService
-metadata:
-  name: chat
-spec:
-  image: switchyard/gateway:1
-  replicas: 1
-  config: |
+    let resource = resource_head("switchyard/gateway:1", 1)
+        + "  config: |
     worker_threads: 1
     auth:
       anonymous: true
@@ -577,7 +579,7 @@ spec:
     - name: BAD=NAME
       value: x
 ";
-    emu.install(NS, resource).expect("install");
+    emu.install(NS, &resource).expect("install");
     let kubeconfig = emu.kubeconfig(NS).expect("kubeconfig");
     let operator = Operator::start(&kubeconfig, emu.dir().join("operator.log"));
     let refused = "a valid environment variable name must consist only of printable ASCII characters other than '='";
@@ -665,20 +667,14 @@ async fn gateway_pods_with_ipv6_addresses_start_serve_and_drain() {
     emu.cluster.use_ipv6_pod_ips();
     let resource = |image: &str| {
         format!(
-            "apiVersion: switchyard.dev/v1alpha1
-kind: ConnectionService
-metadata:
-  name: chat
-spec:
-  image: {image}
-  replicas: 1
-  config: |
+            "{}  config: |
     worker_threads: 1
     auth:
       anonymous: true
   rollout:
 {FAST_ROLLOUT}
-"
+",
+            resource_head(image, 1)
         )
     };
     emu.install(NS, &resource("switchyard/gateway:1"))
