@@ -232,16 +232,7 @@ async fn surface_failure(cs: &ConnectionService, ctx: &Context, error: &Error) {
         return;
     };
     let api: Api<ConnectionService> = Api::namespaced(ctx.client.clone(), &namespace);
-    let body = json!({
-        "apiVersion": "switchyard.dev/v1alpha1",
-        "kind": "ConnectionService",
-        "status": status,
-    });
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    if let Err(err) = api
-        .patch_status(&cs.name_any(), &params, &Patch::Apply(&body))
-        .await
-    {
+    if let Err(err) = apply_status(&api, &cs.name_any(), &status, None).await {
         warn!(error = %err, "the failure could not be written to the status");
     }
     let event = Event {
@@ -251,8 +242,36 @@ async fn surface_failure(cs: &ConnectionService, ctx: &Context, error: &Error) {
         action: "Reconcile".to_string(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&event, &cs.object_ref(&())).await {
-        warn!(error = %err, "the failure could not be recorded as an Event");
+    publish_event(ctx, cs, &event).await;
+}
+
+/// Writes `status` to the status subresource by server-side apply under the
+/// operator's field manager; with `version`, only over that resourceVersion.
+async fn apply_status(
+    api: &Api<ConnectionService>,
+    name: &str,
+    status: &crate::crd::ConnectionServiceStatus,
+    version: Option<String>,
+) -> Result<(), kube::Error> {
+    let mut body = json!({
+        "apiVersion": "switchyard.dev/v1alpha1",
+        "kind": "ConnectionService",
+        "status": status,
+    });
+    if let Some(version) = version {
+        body["metadata"] = json!({ "resourceVersion": version });
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(name, &params, &Patch::Apply(&body))
+        .await
+        .map(drop)
+}
+
+/// Records an Event about `cs`. One that cannot be written is logged: it
+/// must not stop a rollout or hide the failure it reports.
+async fn publish_event(ctx: &Context, cs: &ConnectionService, event: &Event) {
+    if let Err(err) = ctx.recorder.publish(event, &cs.object_ref(&())).await {
+        warn!(error = %err, reason = %event.reason, "event not recorded");
     }
 }
 
@@ -559,15 +578,7 @@ impl<'a> ObjectIo<'a> {
                     action: "Rollout".to_string(),
                     secondary: None,
                 };
-                // An Event that cannot be written must not stop a rollout.
-                if let Err(err) = self
-                    .ctx
-                    .recorder
-                    .publish(&event, &self.cs.object_ref(&()))
-                    .await
-                {
-                    warn!(error = %err, reason = notice.reason, "event not recorded");
-                }
+                publish_event(self.ctx, self.cs, &event).await;
                 Ok(())
             }
         }
@@ -666,19 +677,14 @@ impl<'a> ObjectIo<'a> {
         if !status_write_due(self.cs.status.as_ref(), &plan.status, since_last) {
             return Ok(());
         }
-        let mut body = json!({
-            "apiVersion": "switchyard.dev/v1alpha1",
-            "kind": "ConnectionService",
-            "status": plan.status,
-        });
-        if let Some(version) = self.seen_version() {
-            body["metadata"] = json!({ "resourceVersion": version });
-        }
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        self.resources
-            .patch_status(&self.name, &params, &Patch::Apply(&body))
-            .await
-            .map_err(kube_error("writing status"))?;
+        apply_status(
+            &self.resources,
+            &self.name,
+            &plan.status,
+            self.seen_version(),
+        )
+        .await
+        .map_err(kube_error("writing status"))?;
         self.ctx
             .status_written
             .lock()

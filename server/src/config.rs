@@ -807,8 +807,12 @@ impl Config {
         .map_err(|e| ConfigError::field("origin.allowed", e.to_string()))?;
         let jwt = &self.auth.jwt;
         let symmetric = jwt.secret.is_some() || jwt.secret_file.is_some();
-        let asymmetric =
-            jwt.public_key_file.is_some() || jwt.jwks_file.is_some() || jwt.jwks_url.is_some();
+        let key_sources = [
+            jwt.public_key_file.is_some(),
+            jwt.jwks_file.is_some(),
+            jwt.jwks_url.is_some(),
+        ];
+        let asymmetric = key_sources.contains(&true);
         match jwt.algorithm {
             JwtAlgorithm::Hs256 if asymmetric => {
                 return Err(ConfigError::field(
@@ -824,11 +828,6 @@ impl Config {
             }
             _ => {}
         }
-        let key_sources = [
-            jwt.public_key_file.is_some(),
-            jwt.jwks_file.is_some(),
-            jwt.jwks_url.is_some(),
-        ];
         if key_sources.iter().filter(|set| **set).count() > 1 {
             return Err(ConfigError::field(
                 "auth.jwt",

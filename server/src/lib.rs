@@ -18,6 +18,7 @@
 //! - [`gateway`]: the shared state (config, metrics, hub, broker, security, drain slot).
 //! - [`server`]: listeners, accept loops, shutdown.
 //! - [`repoll`]: a future polled again at once when it wakes itself (hyper's connections).
+//! - [`task`]: tasks aborted with the scope that spawned them.
 //! - [`security`]: origin check, authentication, sessions, rate limits.
 //! - [`tls`]: rustls for both listeners.
 //! - [`metrics`]: Prometheus metrics.
@@ -37,5 +38,6 @@ pub(crate) mod outbox;
 pub(crate) mod repoll;
 pub(crate) mod security;
 pub mod server;
+pub(crate) mod task;
 pub(crate) mod tls;
 pub(crate) mod upgrade;

@@ -50,6 +50,7 @@ use super::{Broker, BrokerError, Subscribed, Subscriber};
 use crate::config::RedisSettings;
 use crate::outbox::Outgoing;
 use crate::security::tickets::{TicketError, TicketStore};
+use crate::task::AbortOnDrop;
 use switchyard_protocol::position::is_after;
 
 /// The metrics the backplane reports.
@@ -147,6 +148,12 @@ impl LocalTopic {
     /// The newest position this pod knows the topic at.
     fn known(&self) -> Option<Position> {
         self.last.or(self.floor)
+    }
+
+    /// Whether recovery `id` owns this topic's recovery, which has not been
+    /// applied yet: only then may it snapshot and apply.
+    fn recovering_for(&self, id: u64) -> bool {
+        self.recovery == id && self.recovering.is_some()
     }
 
     /// Starts a recovery owned by `id` unless one runs; false if one was
@@ -363,12 +370,12 @@ impl Inner {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The newest epoch this pod has seen for `topic` ("0": none): a new
+    /// The newest epoch this pod has seen for `topic` (0: none): a new
     /// epoch Redis begins is always later, whatever its clock says. (Not a
     /// client's `since`: a forged one could push epochs past 2^53.)
-    fn epoch_floor(&self, topic: &str) -> String {
+    fn epoch_floor(&self, topic: &str) -> u64 {
         let known = self.topics().get(topic).and_then(LocalTopic::known);
-        known.map_or(0, |p| p.epoch).to_string()
+        known.map_or(0, |p| p.epoch)
     }
 
     fn settings(&self) -> &RedisSettings {
@@ -626,7 +633,7 @@ impl Inner {
         let mut delay = FIRST_RETRY;
         loop {
             let since = match self.topics().get(topic) {
-                Some(local) if local.recovery == id && local.recovering.is_some() => local.known(),
+                Some(local) if local.recovering_for(id) => local.known(),
                 _ => return, // gone, or another recovery owns it now
             };
             let snapshot = loop {
@@ -670,7 +677,7 @@ impl Inner {
         let Some(local) = topics.get_mut(topic) else {
             return false;
         };
-        if local.recovery != id || local.recovering.is_none() {
+        if !local.recovering_for(id) {
             // Another recovery owns the topic, or one has already applied.
             return false;
         }
@@ -1062,15 +1069,6 @@ async fn supervise(weak: std::sync::Weak<Inner>, mut requests: mpsc::UnboundedRe
         inner.up.store(false, Ordering::Relaxed);
         inner.options.metrics.up.set(0);
         tracing::warn!("Redis backplane connection lost; reconnecting");
-    }
-}
-
-/// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -30,6 +30,7 @@ use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsConnector;
 
 use super::keys::{KeyError, KeySet};
+use crate::task::AbortOnDrop;
 
 /// Most bytes of a JWKS response: providers' sets are a few KiB.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -45,6 +46,8 @@ const MAX_RETRY: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksUrl {
     host: String,
+    /// The name the provider's certificate must carry (checked once, here).
+    server_name: ServerName<'static>,
     port: u16,
     /// `Host` header value.
     authority: String,
@@ -70,8 +73,10 @@ impl JwksUrl {
         if host.is_empty() {
             return Err("has no host".into());
         }
-        ServerName::try_from(host.clone()).map_err(|e| format!("host {host}: {e}"))?;
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|e| format!("host {host}: {e}"))?;
         Ok(JwksUrl {
+            server_name,
             port: authority.port_u16().unwrap_or(443),
             authority: authority.as_str().to_owned(),
             path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
@@ -309,10 +314,9 @@ impl Jwks {
         let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let name = ServerName::try_from(self.url.host.clone()).map_err(|e| e.to_string())?;
         let tls = self
             .connector
-            .connect(name, tcp)
+            .connect(self.url.server_name.clone(), tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -351,14 +355,6 @@ impl Jwks {
         drop(io);
         let set = KeySet::parse(&body, "auth.jwt.jwks_url", false).map_err(|e| e.to_string())?;
         Ok((set, max_age))
-    }
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

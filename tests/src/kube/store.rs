@@ -848,9 +848,9 @@ fn custom_type(crd: &Value) -> Result<ResourceType, ApiError> {
             .as_array()
             .cloned()
             .unwrap_or_default(),
-        schema: version["schema"]["openAPIV3Schema"]
-            .as_object()
-            .map(|schema| Value::Object(schema.clone())),
+        schema: Some(&version["schema"]["openAPIV3Schema"])
+            .filter(|schema| schema.is_object())
+            .cloned(),
     })
 }
 

@@ -35,9 +35,20 @@ pub fn custom_resource(
     prune_and_default(schema, object, true);
     let mut errors = Vec::new();
     check(schema, object, "", &mut errors);
+    invalid(kind, group, name, errors)
+}
+
+/// `errors` (field-level causes) as the API server's 422 for object `name`
+/// of `kind` in `group`: one cause as is, several in brackets.
+fn invalid(kind: &str, group: &str, name: &str, mut errors: Vec<String>) -> Result<(), ApiError> {
     if errors.is_empty() {
         return Ok(());
     }
+    let qualified = if group.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}.{group}")
+    };
     let causes = if errors.len() == 1 {
         errors.remove(0)
     } else {
@@ -46,7 +57,7 @@ pub fn custom_resource(
     Err(ApiError::new(
         422,
         "Invalid",
-        format!("{kind}.{group} \"{name}\" is invalid: {causes}"),
+        format!("{qualified} \"{name}\" is invalid: {causes}"),
     ))
 }
 
@@ -298,11 +309,6 @@ fn matches(pattern: &str, text: &str) -> bool {
 /// characters of `[A-Za-z0-9_.-]` starting and ending alphanumeric.
 pub fn names_and_labels(kind: &str, group: &str, object: &Value) -> Result<(), ApiError> {
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    let qualified = if group.is_empty() {
-        kind.to_owned()
-    } else {
-        format!("{kind}.{group}")
-    };
     let mut errors = Vec::new();
     if kind == "Service" {
         if name.len() > 63 {
@@ -353,21 +359,7 @@ pub fn names_and_labels(kind: &str, group: &str, object: &Value) -> Result<(), A
             }
         }
     }
-    if errors.is_empty() {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        422,
-        "Invalid",
-        format!(
-            "{qualified} \"{name}\" is invalid: {}",
-            if errors.len() == 1 {
-                errors.remove(0)
-            } else {
-                format!("[{}]", errors.join(", "))
-            }
-        ),
-    ))
+    invalid(kind, group, name, errors)
 }
 
 /// Environment variable names in a Pod's or a Deployment's pod template,
@@ -401,20 +393,8 @@ pub fn env_names(kind: &str, group: &str, object: &Value) -> Result<(), ApiError
             }
         }
     }
-    if errors.is_empty() {
-        return Ok(());
-    }
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    let qualified = if group.is_empty() {
-        kind.to_owned()
-    } else {
-        format!("{kind}.{group}")
-    };
-    Err(ApiError::new(
-        422,
-        "Invalid",
-        format!("{qualified} \"{name}\" is invalid: {}", errors.join(", ")),
-    ))
+    invalid(kind, group, name, errors)
 }
 
 /// The associative lists of a pod spec, by their keys (from Kubernetes'
