@@ -241,6 +241,13 @@ pub struct RolloutPolicy {
     #[serde(default = "default_scale_down_delay_seconds")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_delay_seconds: u32,
+    /// Seconds to wait after the Service's EndpointSlices list only the
+    /// color it selects before the other color is drained: the time every
+    /// node's proxy may still take to follow them (kube-proxy syncs at
+    /// least once a second by default).
+    #[serde(default = "default_traffic_settle_seconds")]
+    #[schemars(range(min = 0, max = 300))]
+    pub traffic_settle_seconds: u32,
 }
 
 fn default_true() -> bool {
@@ -252,6 +259,9 @@ fn default_ready_timeout_seconds() -> u32 {
 fn default_scale_down_delay_seconds() -> u32 {
     30
 }
+fn default_traffic_settle_seconds() -> u32 {
+    2
+}
 
 impl Default for RolloutPolicy {
     fn default() -> Self {
@@ -260,6 +270,7 @@ impl Default for RolloutPolicy {
             ready_timeout_seconds: default_ready_timeout_seconds(),
             drain: DrainPolicy::default(),
             scale_down_delay_seconds: default_scale_down_delay_seconds(),
+            traffic_settle_seconds: default_traffic_settle_seconds(),
         }
     }
 }
@@ -407,6 +418,17 @@ pub struct RolloutProgress {
     /// Service — and this keeps it going whatever the annotations do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborting: Option<AbortReason>,
+    /// When the public Service's EndpointSlices were first seen listing
+    /// only ready pods of the color it now selects (the new color, or the
+    /// old one during an undo): the settle time runs from here, and the
+    /// other color is drained only after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_moved: Option<Time>,
+    /// When the operator first saw the Service on that color with its
+    /// EndpointSlices still listing other pods: past the ready timeout from
+    /// here, the wait ends with a Warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_waiting_since: Option<Time>,
 }
 
 /// Why a rollout is being undone.

@@ -327,6 +327,8 @@ mod tests {
                 remaining: 240,
                 unready_since: None,
                 aborting: None,
+                traffic_moved: None,
+                traffic_waiting_since: None,
             }),
             message: Some("draining blue: 260 of 500 connections moved, 240 remain".into()),
             ..ConnectionServiceStatus::default()

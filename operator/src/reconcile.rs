@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -25,6 +26,9 @@ use crate::resources::{self, ADMIN_PORT, COLOR_LABEL, FIELD_MANAGER, REVISION_LA
 use crate::rollout::{
     self, ColorView, DeploymentView, GatewayReport, Observed, Plan, PodTarget, PodView, Step,
 };
+
+/// The label an EndpointSlice carries naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -328,11 +332,13 @@ struct ObjectIo<'a> {
     name: String,
     resources: Api<ConnectionService>,
     deployments: Api<Deployment>,
+    replica_sets: Api<ReplicaSet>,
     pods: Api<Pod>,
     services: Api<Service>,
     config_maps: Api<ConfigMap>,
     secrets: Api<Secret>,
     pdbs: Api<PodDisruptionBudget>,
+    endpoint_slices: Api<EndpointSlice>,
     /// The resource's version this reconcile acts on: the precondition of
     /// its own writes to the resource (annotations, status), so a stale
     /// writer — a second operator during a leader handover, or a reconcile
@@ -350,11 +356,13 @@ impl<'a> ObjectIo<'a> {
             name: cs.name_any(),
             resources: Api::namespaced(client.clone(), namespace),
             deployments: Api::namespaced(client.clone(), namespace),
+            replica_sets: Api::namespaced(client.clone(), namespace),
             pods: Api::namespaced(client.clone(), namespace),
             services: Api::namespaced(client.clone(), namespace),
             config_maps: Api::namespaced(client.clone(), namespace),
             secrets: Api::namespaced(client.clone(), namespace),
-            pdbs: Api::namespaced(client, namespace),
+            pdbs: Api::namespaced(client.clone(), namespace),
+            endpoint_slices: Api::namespaced(client, namespace),
             resource_version: std::sync::Mutex::new(cs.metadata.resource_version.clone()),
         }
     }
@@ -429,23 +437,44 @@ impl<'a> ObjectIo<'a> {
             .await
             .map_err(kube_error("listing deployments"))?;
         let pod_selector = ListParams::default().labels(&resources::pod_selector(&self.name));
+        let replica_sets = self
+            .replica_sets
+            .list(&pod_selector)
+            .await
+            .map_err(kube_error("listing replicasets"))?;
         let pods = self
             .pods
             .list(&pod_selector)
             .await
             .map_err(kube_error("listing pods"))?;
+        let pods = gateway_pods(&deployments.items, &replica_sets.items, pods.items);
         let service_color = self.selected_color(&self.name).await?;
         let preview_color = self
             .selected_color(&resources::preview_service_name(&self.name))
             .await?;
-        let reports = self.gateway_reports(&pods.items, token).await;
+        let reports = self.gateway_reports(&pods, token).await;
+        let moving = matches!(
+            self.cs.status.as_ref().and_then(|s| s.phase),
+            Some(Phase::Switching | Phase::Draining)
+        );
+        let both_scaled = deployments
+            .items
+            .iter()
+            .filter(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1) > 0)
+            .count()
+            > 1;
+        let endpoints = if moving || both_scaled {
+            self.ready_endpoints().await?
+        } else {
+            Vec::new()
+        };
         let mut views: HashMap<Color, ColorView> = HashMap::new();
         for deployment in &deployments.items {
             if let Some(color) = label_color(deployment.labels()) {
                 views.entry(color).or_default().deployment = Some(deployment_view(deployment));
             }
         }
-        for (pod, report) in pods.items.iter().zip(reports) {
+        for (pod, report) in pods.iter().zip(reports) {
             if let Some(color) = label_color(pod.labels()) {
                 views.entry(color).or_default().pods.push(PodView {
                     name: pod.name_any(),
@@ -467,9 +496,37 @@ impl<'a> ObjectIo<'a> {
             green: views.remove(&Color::Green).unwrap_or_default(),
             service_color,
             preview_color,
+            endpoints,
             promote: annotations.contains_key(PROMOTE_ANNOTATION),
             abort: annotations.contains_key(ABORT_ANNOTATION),
         })
+    }
+
+    /// The ready addresses of the public Service's EndpointSlices (an
+    /// endpoint without a `ready` condition is ready, as the API says).
+    async fn ready_endpoints(&self) -> Result<Vec<String>, Error> {
+        let params = ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={}", self.name));
+        let slices = self
+            .endpoint_slices
+            .list(&params)
+            .await
+            .map_err(kube_error("listing endpointslices"))?;
+        let mut addresses: Vec<String> = slices
+            .items
+            .iter()
+            .flat_map(|slice| &slice.endpoints)
+            .filter(|endpoint| {
+                endpoint
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.ready)
+                    .unwrap_or(true)
+            })
+            .flat_map(|endpoint| endpoint.addresses.iter().cloned())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        Ok(addresses)
     }
 
     async fn selected_color(&self, service: &str) -> Result<Option<Color>, Error> {
@@ -747,6 +804,49 @@ fn pod_waiting(pod: &Pod) -> Option<String> {
         })
 }
 
+/// The uid of an object's controller (the ownerReference with
+/// `controller: true`).
+fn controller_uid<K: Resource>(object: &K) -> Option<&str> {
+    object
+        .meta()
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|r| r.controller == Some(true))
+        .map(|r| r.uid.as_str())
+}
+
+/// Exactly the operator's gateway pods that can answer, of the pods the
+/// selector listed: those controlled by a ReplicaSet that one of its
+/// Deployments controls (so a pod that merely carries the labels — another
+/// workload of a Helm release — is never sent the admin token), and not
+/// terminating or ended (a deleted pod is on its way out and drains by its
+/// SIGTERM; a Failed or evicted one keeps its IP but nothing answers there,
+/// so waiting for it would hold a drain until its deadline).
+fn gateway_pods(
+    deployments: &[Deployment],
+    replica_sets: &[ReplicaSet],
+    pods: Vec<Pod>,
+) -> Vec<Pod> {
+    let ours: Vec<&str> = deployments
+        .iter()
+        .filter_map(|d| d.metadata.uid.as_deref())
+        .collect();
+    let sets: Vec<&str> = replica_sets
+        .iter()
+        .filter(|rs| controller_uid(*rs).is_some_and(|uid| ours.contains(&uid)))
+        .filter_map(|rs| rs.metadata.uid.as_deref())
+        .collect();
+    pods.into_iter()
+        .filter(|pod| controller_uid(pod).is_some_and(|uid| sets.contains(&uid)))
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter(|pod| {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Failed" | "Succeeded"))
+        })
+        .collect()
+}
+
 fn pod_ip(pod: &Pod) -> Option<String> {
     pod.status
         .as_ref()
@@ -787,6 +887,69 @@ fn deployment_view(deployment: &Deployment) -> DeploymentView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 19, defect 5: of the pods the label selector lists, only the
+    /// ones the operator's Deployments control (through their ReplicaSets)
+    /// and that can answer are asked for their status, with the token.
+    #[test]
+    fn only_the_operators_running_pods_are_talked_to() {
+        let deployment: Deployment = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "chat-blue", "uid": "d-blue"}}),
+        )
+        .expect("deployment");
+        let rs = |name: &str, uid: &str, owner: &str| -> ReplicaSet {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name, "uid": uid,
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "x",
+                                     "uid": owner, "controller": true}]}}))
+            .expect("replicaset")
+        };
+        let pod = |name: &str, owner: Option<&str>, extra: serde_json::Value| -> Pod {
+            let mut value =
+                serde_json::json!({"metadata": {"name": name}, "status": {"phase": "Running"}});
+            if let Some(owner) = owner {
+                value["metadata"]["ownerReferences"] = serde_json::json!([{"apiVersion": "apps/v1",
+                    "kind": "ReplicaSet", "name": "x", "uid": owner, "controller": true}]);
+            }
+            if let Some(map) = extra.as_object() {
+                for (key, val) in map {
+                    value[key.as_str()]
+                        .as_object_mut()
+                        .expect("object")
+                        .extend(val.as_object().expect("object").clone());
+                }
+            }
+            serde_json::from_value(value).expect("pod")
+        };
+        let sets = vec![
+            rs("chat-blue-abc", "rs-ours", "d-blue"),
+            rs("other-abc", "rs-other", "d-other"),
+        ];
+        let pods = vec![
+            pod("ours", Some("rs-ours"), serde_json::json!({})),
+            pod("labelled-only", None, serde_json::json!({})),
+            pod("someone-elses", Some("rs-other"), serde_json::json!({})),
+            pod(
+                "terminating",
+                Some("rs-ours"),
+                serde_json::json!({"metadata": {"deletionTimestamp": "2026-12-07T10:00:00Z"}}),
+            ),
+            pod(
+                "evicted",
+                Some("rs-ours"),
+                serde_json::json!({"status": {"phase": "Failed", "reason": "Evicted"}}),
+            ),
+            pod(
+                "done",
+                Some("rs-ours"),
+                serde_json::json!({"status": {"phase": "Succeeded"}}),
+            ),
+        ];
+        let kept: Vec<String> = gateway_pods(&[deployment], &sets, pods)
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        assert_eq!(kept, ["ours"]);
+    }
 
     #[test]
     fn connection_counts_alone_are_written_on_a_period_unless_a_rollout_moves() {

@@ -14,7 +14,9 @@ use k8s_openapi::api::core::v1::{
     Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
@@ -429,15 +431,25 @@ pub fn new_admin_token() -> String {
 /// time, so a node drain cannot close a whole color's connections at once.
 pub fn pod_disruption_budget(cs: &ConnectionService) -> PodDisruptionBudget {
     let name = cs.name_any();
-    let mut selector = instance_labels(&name);
-    selector.remove(MANAGED_BY_LABEL);
+    // The gateway pods of both colors and nothing else (the selector of
+    // `pod_selector`): a budget that also selected another pod carrying
+    // the instance label would count it against the gateways.
+    let mut selector = color_selector(&name, Color::Blue);
+    selector.remove(COLOR_LABEL);
     PodDisruptionBudget {
-        metadata: meta(cs, name, instance_labels(&cs.name_any())),
+        metadata: meta(cs, name.clone(), instance_labels(&name)),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
                 match_labels: Some(selector),
-                match_expressions: None,
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: COLOR_LABEL.to_string(),
+                    operator: "In".to_string(),
+                    values: Some(vec![
+                        Color::Blue.as_str().to_string(),
+                        Color::Green.as_str().to_string(),
+                    ]),
+                }]),
             }),
             ..PodDisruptionBudgetSpec::default()
         }),

@@ -39,6 +39,9 @@ pub const DRAIN_POLL: Duration = Duration::from_secs(1);
 /// How often readiness is re-checked while Progressing (Deployment changes
 /// also trigger a reconcile; this bounds the wait if a watch event is missed).
 pub const PROGRESS_POLL: Duration = Duration::from_secs(2);
+/// How often the Service's EndpointSlices are looked at while waiting for
+/// them to follow a switch.
+pub const TRAFFIC_POLL: Duration = Duration::from_millis(500);
 /// How often a Stable resource refreshes its connection counts.
 pub const STABLE_POLL: Duration = Duration::from_secs(30);
 
@@ -182,6 +185,11 @@ pub struct Observed {
     pub service_color: Option<Color>,
     /// The color the preview Service selects, if it exists.
     pub preview_color: Option<Color>,
+    /// The ready addresses the public Service's EndpointSlices list: where
+    /// every node's proxy sends new connections once it has caught up.
+    /// Read while Switching or Draining, and while both colors have
+    /// replicas (what waits for them); empty otherwise.
+    pub endpoints: Vec<String>,
     /// The promote annotation is set.
     pub promote: bool,
     /// The abort annotation is set.
@@ -494,7 +502,16 @@ impl Planner<'_> {
                 .is_some_and(|d| d.revision == revision);
         let last_ready = self.last_ready(idle, &active_revision);
         if idle_view.replicas() > 0 && !reused && !last_ready {
-            self.scale_down_draining(idle);
+            // (A status lost mid-switch: the Service was just moved off
+            // the idle color, and its clients would come back to it.)
+            if self.traffic_reaches(idle) {
+                self.status.message = Some(format!(
+                    "{active} serves; {idle} is scaled down once the Service's EndpointSlices stop listing it"
+                ));
+                self.requeue = TRAFFIC_POLL;
+            } else {
+                self.scale_down_draining(idle);
+            }
         }
         if revision == active_revision {
             if self.status.phase == Some(Phase::Failed) {
@@ -563,6 +580,8 @@ impl Planner<'_> {
             remaining: 0,
             unready_since: Some(self.now()),
             aborting: None,
+            traffic_moved: None,
+            traffic_waiting_since: None,
         });
         self.set_phase(Phase::Progressing);
         self.record(
@@ -822,11 +841,91 @@ impl Planner<'_> {
         Some(rollout)
     }
 
+    /// The Service's endpoints list only ready pods of `color`, and some:
+    /// new connections go there once every proxy follows them.
+    fn traffic_on(&self, color: Color) -> bool {
+        let pods = &self.o.color(color).pods;
+        !self.o.endpoints.is_empty()
+            && self
+                .o
+                .endpoints
+                .iter()
+                .all(|address| pods.iter().any(|pod| pod.ip.as_ref() == Some(address)))
+    }
+
+    /// The Service's endpoints list a pod of `color`.
+    fn traffic_reaches(&self, color: Color) -> bool {
+        self.o.color(color).pods.iter().any(|pod| {
+            pod.ip
+                .as_ref()
+                .is_some_and(|ip| self.o.endpoints.contains(ip))
+        })
+    }
+
+    /// Whether new connections have gone only to `color` (the color the
+    /// Service selects) for the settle time, so a client that leaves the
+    /// other color now lands on this one: the EndpointSlices follow the
+    /// selector late, and every node's proxy follows them later still.
+    /// While not, the plan says why and looks again soon. Endpoints that
+    /// have not moved by the ready timeout (a cluster whose EndpointSlices
+    /// do not follow Services) end the wait with a Warning.
+    fn traffic_settled(&mut self, rollout: &mut RolloutProgress, color: Color) -> bool {
+        let o = self.o;
+        if !self.traffic_on(color) {
+            rollout.traffic_moved = None;
+            let since = rollout.traffic_waiting_since.get_or_insert(Time(o.now));
+            let deadline = after(since, o.policy.ready_timeout_seconds);
+            if o.now >= deadline {
+                self.record(
+                    true,
+                    "EndpointsNotMoved",
+                    format!(
+                        "the Service's EndpointSlices did not list only {color} pods within {}s; going on",
+                        o.policy.ready_timeout_seconds
+                    ),
+                );
+                return true;
+            }
+            let stale = o
+                .endpoints
+                .iter()
+                .filter(|address| {
+                    !o.color(color)
+                        .pods
+                        .iter()
+                        .any(|pod| pod.ip.as_ref() == Some(*address))
+                })
+                .count();
+            self.status.message = Some(format!(
+                "the Service selects {color}; waiting for its EndpointSlices to follow ({} ready endpoints, {stale} not {color})",
+                o.endpoints.len()
+            ));
+            self.requeue = TRAFFIC_POLL;
+            return false;
+        }
+        let moved = rollout.traffic_moved.get_or_insert(Time(o.now)).clone();
+        let settled_at = after(&moved, o.policy.traffic_settle_seconds);
+        if o.now < settled_at {
+            self.status.message = Some(format!(
+                "the Service's endpoints are all {color}; letting every proxy follow for {}s",
+                o.policy.traffic_settle_seconds
+            ));
+            self.requeue = until(settled_at, o.now).max(Duration::from_millis(100));
+            return false;
+        }
+        true
+    }
+
     fn switching(&mut self, rollout: RolloutProgress) {
         let o = self.o;
         let Some(mut rollout) = self.after_switch(rollout) else {
             return;
         };
+        let to = rollout.to_color;
+        if !self.traffic_settled(&mut rollout, to) {
+            self.status.rollout = Some(rollout);
+            return;
+        }
         let old = o.color(rollout.from_color);
         let pods = self.undrained(rollout.from_color);
         let request = self.drain_request(old.pods.len());
@@ -936,6 +1035,8 @@ impl Planner<'_> {
         if rollout.aborting.is_none() {
             rollout.aborting = Some(reason);
             rollout.phase_since = self.now();
+            rollout.traffic_moved = None;
+            rollout.traffic_waiting_since = None;
         }
         let old = o.color(from);
         if old
@@ -954,7 +1055,8 @@ impl Planner<'_> {
             self.steps.push(Step::CancelDrain { pods: drained });
         }
         // A Service already back on the old color means an earlier
-        // reconcile routed it (and crashed before its status): finish.
+        // reconcile routed it (and maybe crashed before its status): wait
+        // for its endpoints, then finish.
         let routed = o.service_color == Some(from);
         let old_ready = lifted && old.ready_with(&rollout.from_revision, o.replicas);
         if !(routed || old_ready) {
@@ -969,7 +1071,20 @@ impl Planner<'_> {
             return;
         }
         if !routed {
+            // The new color is scaled down only once traffic has moved
+            // back, or its clients would reconnect to it again.
             self.steps.push(Step::RouteService { color: from });
+            self.status.message = Some(format!(
+                "rolling back {}: the Service selects {from} again; waiting for its EndpointSlices",
+                rollout.to_revision
+            ));
+            self.status.rollout = Some(rollout);
+            self.requeue = TRAFFIC_POLL;
+            return;
+        }
+        if !self.traffic_settled(&mut rollout, from) {
+            self.status.rollout = Some(rollout);
+            return;
         }
         if !self.last_ready(to, &rollout.from_revision) {
             self.scale_down_draining(to);

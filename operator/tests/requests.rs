@@ -146,18 +146,45 @@ fn secret() -> (u16, Value) {
 
 fn deployment(color: &str, revision: &str, replicas: i32) -> Value {
     json!({"apiVersion": "apps/v1", "kind": "Deployment",
-           "metadata": {"name": format!("chat-{color}"), "generation": 1,
+           "metadata": {"name": format!("chat-{color}"), "generation": 1, "uid": format!("d-{color}"),
                         "labels": {"switchyard.dev/color": color, "switchyard.dev/revision": revision}},
            "spec": {"replicas": replicas, "selector": {}, "template": {}},
            "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
                       "readyReplicas": replicas, "availableReplicas": replicas}})
 }
 
+/// A color's ReplicaSet, controlled by its Deployment.
+fn replica_set(color: &str) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+           "metadata": {"name": format!("chat-{color}-5d9f"), "uid": format!("rs-{color}"),
+                        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                            "name": format!("chat-{color}"), "uid": format!("d-{color}"), "controller": true}]}})
+}
+
+/// A gateway pod, controlled by its color's ReplicaSet.
 fn pod(name: &str, color: &str, ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": name, "labels": {"switchyard.dev/color": color}},
-           "status": {"podIP": ip}})
+           "metadata": {"name": name, "labels": {"switchyard.dev/color": color},
+                        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                            "name": format!("chat-{color}-5d9f"), "uid": format!("rs-{color}"), "controller": true}]},
+           "status": {"podIP": ip, "phase": "Running"}})
 }
+
+/// The public Service's EndpointSlice, listing `addresses` ready.
+fn endpoint_slice(addresses: &[&str]) -> Value {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "chat-x1", "labels": {"kubernetes.io/service-name": "chat"}},
+           "addressType": "IPv4", "endpoints": endpoints})
+}
+
+/// The reads every reconcile of a resource with a Deployment makes, before
+/// any write: the Secret, Deployments, ReplicaSets, pods, both Services,
+/// and (a rollout moving, or both colors scaled up) the EndpointSlices.
+const READS: usize = 7;
 
 /// Runs one reconcile against an API server that answers with `route`
 /// (PATCH, POST and PUT are echoed unless `route` says otherwise) and returns
@@ -238,6 +265,7 @@ async fn first_install() {
     let seen = reconcile_once(cs, gateways.clone(), |method, uri| match (method, uri) {
         ("GET", u) if u.contains("/secrets/") || u.contains("/services/") => Some(not_found()),
         ("GET", u) if u.contains("/deployments?") => Some(list("DeploymentList", json!([]))),
+        ("GET", u) if u.contains("/replicasets?") => Some(list("ReplicaSetList", json!([]))),
         ("GET", u) if u.contains("/pods?") => Some(list("PodList", json!([]))),
         _ => None,
     })
@@ -249,6 +277,7 @@ async fn first_install() {
             format!("GET /api/v1{NS}/secrets/chat-admin"),
             format!("POST /api/v1{NS}/secrets?&fieldManager=switchyard-operator"),
             format!("GET /apis/apps/v1{NS}/deployments?&{selector}"),
+            format!("GET /apis/apps/v1{NS}/replicasets?&{PODS}"),
             format!("GET /api/v1{NS}/pods?&{PODS}"),
             format!("GET /api/v1{NS}/services/chat"),
             format!("GET /api/v1{NS}/services/chat-preview"),
@@ -331,13 +360,35 @@ fn rollout_status(phase: &str, rev: &str) -> Value {
             "fromColor": "blue", "fromRevision": "r1", "toColor": "green", "toRevision": rev,
             "started": "2027-01-15T08:00:00Z", "phaseSince": "2027-01-15T08:01:00Z",
             "drainStarted": if phase == "Draining" { json!("2027-01-15T08:01:00Z") } else { Value::Null },
+            "trafficMoved": "2027-01-15T08:01:00Z",
             "total": 10, "drained": 0, "remaining": 10
         }
     })
 }
 
 fn fleet_routes(rev: String) -> impl Fn(&str, &str) -> Option<(u16, Value)> + Send + 'static {
+    fleet_routes_on(rev, "green")
+}
+
+/// The fleet with the public Service, and its EndpointSlices, on `color`.
+fn fleet_routes_on(
+    rev: String,
+    color: &'static str,
+) -> impl Fn(&str, &str) -> Option<(u16, Value)> + Send + 'static {
     move |method, uri| match (method, uri) {
+        ("GET", u) if u.contains("/replicasets?") => Some(list(
+            "ReplicaSetList",
+            json!([replica_set("blue"), replica_set("green")]),
+        )),
+        ("GET", u) if u.contains("/endpointslices?") => Some(list(
+            "EndpointSliceList",
+            json!([if color == "green" {
+                endpoint_slice(&["10.0.1.1"])
+            } else {
+                endpoint_slice(&["10.0.0.1", "10.0.0.2"])
+            }]),
+        )),
+        ("GET", u) if u.contains("/services/chat-preview") => Some((200, service("green"))),
         ("GET", u) if u.contains("/secrets/chat-admin") => Some(secret()),
         ("GET", u) if u.contains("/deployments?") => Some(list(
             "DeploymentList",
@@ -351,7 +402,7 @@ fn fleet_routes(rev: String) -> impl Fn(&str, &str) -> Option<(u16, Value)> + Se
                 pod("chat-green-1", "green", "10.0.1.1")
             ]),
         )),
-        ("GET", u) if u.contains("/services/") => Some((200, service("green"))),
+        ("GET", u) if u.contains("/services/") => Some((200, service(color))),
         _ => None,
     }
 }
@@ -379,9 +430,11 @@ async fn rollout_step_switching_to_draining() {
         vec![
             format!("GET /api/v1{NS}/secrets/chat-admin"),
             format!("GET /apis/apps/v1{NS}/deployments?&labelSelector=app.kubernetes.io%2Finstance%3Dchat%2Capp.kubernetes.io%2Fmanaged-by%3Dswitchyard-operator"),
+            format!("GET /apis/apps/v1{NS}/replicasets?&{PODS}"),
             format!("GET /api/v1{NS}/pods?&{PODS}"),
             format!("GET /api/v1{NS}/services/chat"),
             format!("GET /api/v1{NS}/services/chat-preview"),
+            format!("GET /apis/discovery.k8s.io/v1{NS}/endpointslices?&labelSelector=kubernetes.io%2Fservice-name%3Dchat"),
             format!("POST /apis/events.k8s.io/v1{NS}/events?"),
             format!(
                 "PATCH {}",
@@ -447,7 +500,7 @@ async fn abort_while_draining() {
     let gateways = draining_fleet();
     let seen = reconcile_once(cs, gateways.clone(), fleet_routes(rev.clone())).await;
     assert_eq!(
-        lines(&seen)[5..],
+        lines(&seen)[READS..],
         vec![format!(
             "PATCH {}",
             apply_uri(&format!(
@@ -463,20 +516,48 @@ async fn abort_while_draining() {
     assert_eq!(status["phase"], "Draining");
     assert_eq!(status["rollout"]["aborting"], "Aborted");
 
-    // Blue Ready again: the Service goes back, green to zero.
+    // Blue Ready again: the Service goes back; green stays until the
+    // Service's EndpointSlices have followed.
     let mut undoing = rollout_status("Draining", &rev);
     undoing["rollout"]["aborting"] = json!("Aborted");
     let gateways = fleet();
     let seen = reconcile_once(
-        resource(undoing, abort),
+        resource(undoing.clone(), abort.clone()),
         gateways.clone(),
         fleet_routes(rev.clone()),
     )
     .await;
     assert_eq!(
-        lines(&seen)[5..],
+        lines(&seen)[READS..],
         vec![
             format!("PATCH {}", apply_uri(&format!("/api/v1{NS}/services/chat"))),
+            format!(
+                "PATCH {}",
+                apply_uri(&format!(
+                    "/apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat/status"
+                ))
+            ),
+        ]
+    );
+    let back = &seen[READS];
+    assert_eq!(
+        back.body["spec"]["selector"]["switchyard.dev/color"],
+        "blue"
+    );
+    assert!(gateways.calls.lock().expect("calls").is_empty());
+
+    // The Service and its endpoints on blue (settled): green to zero.
+    undoing["rollout"]["trafficMoved"] = json!("2027-01-15T08:01:00Z");
+    let gateways = fleet();
+    let seen = reconcile_once(
+        resource(undoing, abort),
+        gateways.clone(),
+        fleet_routes_on(rev.clone(), "blue"),
+    )
+    .await;
+    assert_eq!(
+        lines(&seen)[READS..],
+        vec![
             format!(
                 "PATCH /apis/apps/v1{NS}/deployments/chat-green?&fieldManager=switchyard-operator"
             ),
@@ -493,16 +574,11 @@ async fn abort_while_draining() {
             ),
         ]
     );
-    let back = &seen[5];
-    assert_eq!(
-        back.body["spec"]["selector"]["switchyard.dev/color"],
-        "blue"
-    );
-    let scale = &seen[6];
+    let scale = &seen[READS];
     assert_eq!(scale.content_type, "application/merge-patch+json");
     assert_eq!(scale.body, json!({"spec": {"replicas": 0}}));
-    assert_eq!(seen[8].body["reason"], "RolloutAborted");
-    assert_eq!(seen[8].body["type"], "Warning");
+    assert_eq!(seen[READS + 2].body["reason"], "RolloutAborted");
+    assert_eq!(seen[READS + 2].body["type"], "Warning");
     assert!(gateways.calls.lock().expect("calls").is_empty());
     let status = &seen.last().expect("status").body["status"];
     assert_eq!(status["phase"], "Stable");
@@ -512,7 +588,7 @@ async fn abort_while_draining() {
 
     // Once Stable, the annotation goes, before anything else.
     let seen = reconcile_once(stable_with_abort(&rev), fleet(), fleet_routes(rev)).await;
-    let annotation = &seen[5];
+    let annotation = &seen[READS];
     assert_eq!(
         annotation.uri,
         format!("/apis/switchyard.dev/v1alpha1{NS}/connectionservices/chat?")
@@ -582,6 +658,7 @@ async fn rbac_grants_exactly_what_the_operator_calls() {
         |method, uri| match (method, uri) {
             ("GET", u) if u.contains("/secrets/") || u.contains("/services/") => Some(not_found()),
             ("GET", u) if u.contains("/deployments?") => Some(list("DeploymentList", json!([]))),
+            ("GET", u) if u.contains("/replicasets?") => Some(list("ReplicaSetList", json!([]))),
             ("GET", u) if u.contains("/pods?") => Some(list("PodList", json!([]))),
             _ => None,
         },

@@ -4,10 +4,20 @@ manifest and the kustomize base validate against the Kubernetes schemas
 (kubernetes-validate --strict); the example ConnectionServices validate
 against the generated CRD's schema (and broken ones do not); the chart's RBAC
 equals k8s/base's (which operator/tests/requests.rs checks against the
-operator's requests); the dashboards ship as labelled ConfigMaps."""
+operator's requests); the dashboards ship as labelled ConfigMaps.
+
+`verify.py --cluster KUBECONFIG --monitors present|absent` renders the
+chart with every option as `helm install --dry-run=server` does against that
+cluster (`.Capabilities` from its discovery: tests/tests/kube_kubectl.rs
+runs it against the emulator, with and without the Prometheus Operator's
+CRDs), checks the PodMonitor and ServiceMonitor are rendered exactly when
+the cluster serves their API, and evaluates every pod selector in it.
+`verify.py --render VALUES` prints the chart's objects for those values
+(JSON) as JSON."""
 
 import copy
 import json
+import os
 import re
 import pathlib
 import subprocess
@@ -39,6 +49,25 @@ def render(values):
             continue
         docs.extend((path, d) for d in yaml.safe_load_all(text) if d)
     return docs
+
+
+def render_on_cluster(kubeconfig, values):
+    """What `helm install --dry-run=server` renders against the cluster in
+    `kubeconfig` (nothing is created)."""
+    with helm.Chart.load(str(CHART)) as chart, \
+            helm.Config(kubeconfig_path=kubeconfig, namespace="switchyard") as config:
+        release = config.install(chart, "sy", values, namespace="switchyard", dry_run="server")
+    manifest = release["manifest"] if isinstance(release, dict) else release.manifest
+    return [("", d) for d in yaml.safe_load_all(manifest) if d]
+
+
+def all_values():
+    return yaml.safe_load((ROOT / "tests" / "packaging" / "values-all.yaml").read_text())
+
+
+def examples():
+    return [d for p in sorted((ROOT / "k8s" / "examples").glob("*.yaml"))
+            for d in yaml.safe_load_all(p.read_text()) if d]
 
 
 def kubernetes_validate(name, docs):
@@ -139,10 +168,13 @@ def selects(selector, labels):
 
 
 def operator_render(resource):
-    """What the operator applies for `resource` (`switchyard-operator render`)."""
+    """What the operator applies for `resource` (`switchyard-operator render`;
+    the binary in OPERATOR_BIN when a test that built it says so)."""
+    binary = os.environ.get("OPERATOR_BIN")
+    command = [binary] if binary else [
+        "cargo", "run", "-q", "-p", "switchyard-operator", "--bin", "switchyard-operator", "--"]
     out = subprocess.run(
-        ["cargo", "run", "-q", "-p", "switchyard-operator", "--bin", "switchyard-operator",
-         "--", "render", "-f", "-"],
+        command + ["render", "-f", "-"],
         input=yaml.safe_dump(resource), capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
@@ -151,11 +183,12 @@ def template_labels(doc):
     return dict((doc["spec"]["template"].get("metadata") or {}).get("labels") or {})
 
 
-def check_selectors(chart_docs, resources, job):
+def check_selectors(chart_docs, resources, job, monitors_expected):
     """Every pod selector the chart ships, evaluated against the labels of
     the pods the operator's Deployments create (plus the ReplicaSet's
     pod-template-hash), the chart's operator pod and the example publisher
-    Job's pod."""
+    Job's pod. The monitors are there only where the cluster serves their
+    API (`monitors_expected`)."""
     gateway_pods = []
     for resource in resources:
         rendered = operator_render(resource)
@@ -189,7 +222,13 @@ def check_selectors(chart_docs, resources, job):
         check(not any(selects(p.get("podSelector"), {"app": "anything"}) for p in admin_peers),
               "the admin port is open to any pod")
     monitors = [d for d in chart_docs if d["kind"] == "PodMonitor"]
-    check(len(monitors) == 1, "one PodMonitor")
+    check(len(monitors) == int(monitors_expected),
+          f"{len(monitors)} PodMonitors where the Prometheus Operator's API is "
+          f"{'served' if monitors_expected else 'not served'}")
+    service_monitors = [d for d in chart_docs if d["kind"] == "ServiceMonitor"]
+    check(len(service_monitors) == int(monitors_expected),
+          f"{len(service_monitors)} ServiceMonitors where the Prometheus Operator's API is "
+          f"{'served' if monitors_expected else 'not served'}")
     for monitor in monitors:
         for labels in gateway_pods:
             check(selects(monitor["spec"]["selector"], labels), f"the PodMonitor misses pod {labels}")
@@ -202,7 +241,7 @@ def check_selectors(chart_docs, resources, job):
                         present = {re.sub(r"[^a-zA-Z0-9_]", "_", k) for k in gateway_pods[0]}
                         check(wanted in present, f"the PodMonitor relabels from {source}, a label no gateway pod has")
     services = [d for d in chart_docs if d["kind"] == "Service"]
-    for monitor in (d for d in chart_docs if d["kind"] == "ServiceMonitor"):
+    for monitor in service_monitors:
         matched = [s for s in services if selects(monitor["spec"]["selector"], s["metadata"].get("labels") or {})]
         check(len(matched) == 1, f"the ServiceMonitor selects {len(matched)} Services")
         for service in matched:
@@ -216,15 +255,30 @@ def rules(docs, kind):
     return sorted(json.dumps(r, sort_keys=True) for r in found[0]["rules"]) if found else []
 
 
+def cluster_main(kubeconfig, monitors):
+    """The every-option chart as rendered against a cluster: the monitors
+    exactly when it serves their API, and every selector right."""
+    docs = [d for _, d in render_on_cluster(kubeconfig, all_values())]
+    resources = [d for d in examples() + docs if d["kind"] == "ConnectionService"]
+    jobs = [d for d in examples() if d["kind"] == "Job"]
+    check_selectors(docs, resources, template_labels(jobs[0]), monitors == "present")
+    if failures:
+        print(f"{len(failures)} packaging check(s) failed")
+        sys.exit(1)
+    print(f"packaging on a cluster: monitors {monitors}, selectors against the operator's pods: ok")
+
+
 def main():
     default_docs = render({})
-    all_values = yaml.safe_load((ROOT / "tests" / "packaging" / "values-all.yaml").read_text())
-    all_docs = render(all_values)
+    all_docs = render(all_values())
     kinds_all = {d["kind"] for _, d in all_docs}
     for kind in ["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                 "RoleBinding", "Service", "ServiceMonitor", "PodMonitor", "NetworkPolicy",
-                 "ConfigMap", "ConnectionService"]:
+                 "RoleBinding", "Service", "NetworkPolicy", "ConfigMap", "ConnectionService"]:
         check(kind in kinds_all, f"all-on values did not render a {kind}")
+    # Offline, `.Capabilities` has no monitoring.coreos.com: the monitors
+    # are left out even when enabled (`--cluster` checks them rendered).
+    for kind in ["ServiceMonitor", "PodMonitor"]:
+        check(kind not in kinds_all, f"{kind} rendered without the Prometheus Operator's API")
     check(sum(1 for _, d in all_docs if d["kind"] == "NetworkPolicy") == 2,
           "one NetworkPolicy per listed namespace")
     for kind in ["ServiceMonitor", "PodMonitor", "NetworkPolicy", "ConnectionService"]:
@@ -250,12 +304,11 @@ def main():
                                 capture_output=True, text=True, check=True).stdout
     base_docs = [d for d in yaml.safe_load_all(kustomized) if d]
     kubernetes_validate("kubectl kustomize k8s/base", base_docs)
-    examples = [d for p in sorted((ROOT / "k8s" / "examples").glob("*.yaml"))
-                for d in yaml.safe_load_all(p.read_text()) if d]
-    kubernetes_validate("k8s/examples", examples)
+    examples_docs = examples()
+    kubernetes_validate("k8s/examples", examples_docs)
 
     validator = crd_validator()
-    resources = [d for d in examples if d["kind"] == "ConnectionService"]
+    resources = [d for d in examples_docs if d["kind"] == "ConnectionService"]
     resources += [d for _, d in all_docs if d["kind"] == "ConnectionService"]
     check(len(resources) == 2, "the example and the chart's ConnectionService")
     for resource in resources:
@@ -271,7 +324,7 @@ def main():
 
     # Every pod the chart and the kustomize base run meets Pod Security
     # `restricted`, and the check refuses what it should.
-    shipped = [d for _, d in default_docs] + [d for _, d in all_docs] + base_docs + examples
+    shipped = [d for _, d in default_docs] + [d for _, d in all_docs] + base_docs + examples_docs
     templates = [(d["kind"], d["metadata"]["name"], spec) for d in shipped for spec in pod_specs(d)]
     check(len(templates) >= 3, f"pod templates found: {[(k, n) for k, n, _ in templates]}")
     for kind, name, spec in templates:
@@ -282,9 +335,9 @@ def main():
     loose["containers"][0].pop("securityContext", None)
     check(len(pod_security_restricted(loose)) >= 3, "the restricted check refuses a loose pod")
 
-    jobs = [d for d in examples if d["kind"] == "Job"]
+    jobs = [d for d in examples_docs if d["kind"] == "Job"]
     check(len(jobs) == 1, "the example publisher Job")
-    check_selectors([d for _, d in all_docs], resources, template_labels(jobs[0]))
+    check_selectors([d for _, d in all_docs], resources, template_labels(jobs[0]), False)
 
     check(rules([d for _, d in default_docs], "ClusterRole") == rules(base_docs, "ClusterRole"),
           "the chart's ClusterRole differs from k8s/base/rbac.yaml")
@@ -307,4 +360,13 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 5 and sys.argv[1] == "--cluster" and sys.argv[3] == "--monitors":
+        cluster_main(sys.argv[2], sys.argv[4])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--render":
+        # The chart's objects for these values (JSON), as JSON: what a test
+        # creates in the emulator.
+        print(json.dumps([d for _, d in render(json.loads(sys.argv[2]))]))
+    elif len(sys.argv) == 1:
+        main()
+    else:
+        sys.exit("usage: verify.py [--cluster KUBECONFIG --monitors present|absent | --render VALUES]")

@@ -22,9 +22,15 @@ pub struct ServiceProxy {
     accept: tokio::task::JoinHandle<()>,
 }
 
+/// Whether a connection from a peer may reach a backend (the network
+/// plugin's NetworkPolicy decision, in the emulator).
+pub type Admission = Arc<dyn Fn(SocketAddr, SocketAddr) -> bool + Send + Sync>;
+
 #[derive(Default)]
 struct ProxyState {
     backends: Vec<SocketAddr>,
+    admission: Option<Admission>,
+    refused: usize,
     next: usize,
     started: Option<Instant>,
     opened: Vec<(SocketAddr, u64)>,
@@ -59,6 +65,17 @@ impl ServiceProxy {
         let mut state = self.state.lock().expect("proxy state");
         state.backends = backends;
         state.next = 0;
+    }
+
+    /// From now on, a new connection reaches its backend only if `admit`
+    /// says so; otherwise it is closed at once and counted.
+    pub fn set_admission(&self, admit: Admission) {
+        self.state.lock().expect("proxy state").admission = Some(admit);
+    }
+
+    /// Connections the admission check closed.
+    pub fn refused(&self) -> usize {
+        self.state.lock().expect("proxy state").refused
     }
 
     /// Milliseconds (since the proxy started) at which connections to
@@ -97,7 +114,7 @@ fn proxy_now(state: &ProxyState) -> u64 {
 
 async fn proxy_accept(listener: tokio::net::TcpListener, state: Arc<Mutex<ProxyState>>) {
     loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
+        let Ok((mut inbound, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -108,6 +125,13 @@ async fn proxy_accept(listener: tokio::net::TcpListener, state: Arc<Mutex<ProxyS
             }
             let backend = s.backends[s.next % s.backends.len()];
             s.next += 1;
+            if s.admission
+                .as_ref()
+                .is_some_and(|admit| !admit(peer, backend))
+            {
+                s.refused += 1;
+                continue;
+            }
             backend
         };
         let state = state.clone();

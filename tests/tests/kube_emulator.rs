@@ -1,10 +1,14 @@
 //! The emulator's API semantics, through kube's own client: the watch
 //! protocol (from a version, bookmarks, 410 Gone), 409 on a stale write,
-//! generation, set-based selectors, server-side apply removing what a manager
-//! stopped sending, no-op writes that change no version, garbage collection, selector watches that see objects
-//! leave and enter the selection, what kube-apiserver refuses (duplicate
-//! keys in an applied associative list, custom resources that break their
-//! CRD's schema) and loud refusals of what it does not support.
+//! generation, set-based selectors, server-side apply (per-entry merge of
+//! associative lists, ownership per manager and operation, removal of what
+//! a manager stopped sending), no-op writes that change no version, garbage
+//! collection, selector watches that see objects leave and enter the
+//! selection, graceful pod deletion and evictions under
+//! PodDisruptionBudgets, EndpointSlices that follow Services late, what
+//! kube-apiserver refuses (duplicate keys in an applied associative list,
+//! custom resources that break their CRD's schema) and loud refusals of
+//! what it does not support.
 
 use std::time::Duration;
 
@@ -558,4 +562,447 @@ async fn patches_carrying_a_resource_version_are_preconditions() {
     assert_eq!(applied.data.expect("data")["k"], "fresh");
     let owned = serde_json::to_string(&applied.metadata.managed_fields).expect("json");
     assert!(!owned.contains("resourceVersion"), "{owned}");
+}
+
+/// A gateway Deployment (`app=web`) of one pod: listening on its pod IP,
+/// Ready by its `/readyz` probe on the named port `http`.
+fn web_deployment(replicas: u32) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
+                     "terminationGracePeriodSeconds": 5,
+                     "containers": [{"name": "gateway", "image": "switchyard/gateway:1",
+                         "env": [
+                             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                             {"name": "SWITCHYARD_LISTEN", "value": "$(POD_IP):8080"},
+                             {"name": "SWITCHYARD_ADMIN_LISTEN", "value": "$(POD_IP):9090"}],
+                         "ports": [{"name": "http", "containerPort": 8080}],
+                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}}}]}}}
+    }))
+    .expect("deployment")
+}
+
+/// GET /readyz through a Service's proxy: the status, or none when the
+/// connection was refused or closed (no endpoint, or a dead one).
+async fn through(addr: std::net::SocketAddr) -> Option<u16> {
+    tokio::task::spawn_blocking(move || {
+        switchyard_tests::http_request(addr, "GET", "/readyz", None)
+            .ok()
+            .map(|(status, _)| status)
+    })
+    .await
+    .expect("request")
+}
+
+/// Issue 19: EndpointSlices as the EndpointSlice controller keeps them —
+/// one per Service, labelled with its name, owned by it, listing every
+/// matched pod with its `ready` condition and the named target port
+/// resolved — written only after the propagation delay, and the Service's
+/// proxy follows the slice, not the selector: a pod that turned Ready is
+/// not routed to until its slice says so, and a selector moved away keeps
+/// routing to the old pod until the slice follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slices_follow_services_late_and_the_proxy_follows_them() {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    let emu = Emulator::start().await.expect("emulator");
+    emu.cluster.set_endpoint_delay(Duration::from_secs(3));
+    let client = client(&emu).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "ns");
+    let services: Api<Service> = Api::namespaced(client.clone(), "ns");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "ns");
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "ns");
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}
+    }))
+    .expect("service");
+    let created = services
+        .create(&PostParams::default(), &service)
+        .await
+        .expect("service");
+    deployments
+        .create(&PostParams::default(), &web_deployment(1))
+        .await
+        .expect("deployment");
+    let by_service = ListParams::default().labels("kubernetes.io/service-name=web");
+    let ready_endpoints = |slices: &[EndpointSlice]| -> Vec<String> {
+        slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+            .flat_map(|e| e.addresses.clone())
+            .collect()
+    };
+
+    // The pod turns Ready; its slice says so only after the delay.
+    let pod = loop {
+        let listed = pods.list(&ListParams::default()).await.expect("pods");
+        let ready = listed.items.into_iter().find(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        });
+        if let Some(pod) = ready {
+            break pod;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pod_ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod ip");
+    let early = slices.list(&by_service).await.expect("slices");
+    assert!(
+        ready_endpoints(&early.items).is_empty(),
+        "a pod Ready just now is not in its Service's slice yet: {:?}",
+        early.items
+    );
+    let proxy = emu.cluster.service_addr("ns", "web").expect("proxy");
+    assert_eq!(
+        through(proxy).await,
+        None,
+        "nothing routed before the slice"
+    );
+    let slice = loop {
+        let listed = slices.list(&by_service).await.expect("slices");
+        if ready_endpoints(&listed.items) == vec![pod_ip.clone()] {
+            break listed.items.into_iter().next().expect("slice");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(slice.address_type, "IPv4");
+    assert!(slice
+        .metadata
+        .name
+        .as_deref()
+        .expect("name")
+        .starts_with("web-"));
+    let owner = &slice.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Service", created.metadata.uid.as_deref().expect("uid"))
+    );
+    let ports = slice.ports.expect("ports");
+    assert_eq!(
+        (ports[0].name.as_deref(), ports[0].port),
+        (Some("http"), Some(8080))
+    );
+    let endpoint = &slice.endpoints[0];
+    assert_eq!(
+        endpoint.target_ref.as_ref().and_then(|r| r.name.clone()),
+        pod.metadata.name
+    );
+    let mut routed = None;
+    for _ in 0..20 {
+        routed = through(proxy).await;
+        if routed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(routed, Some(200), "routed once the slice lists the pod");
+
+    // The selector moves away: the proxy keeps routing to the pod until the
+    // slice follows, then routes nowhere.
+    services
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"selector": {"app": "other"}}})),
+        )
+        .await
+        .expect("selector");
+    assert_eq!(
+        through(proxy).await,
+        Some(200),
+        "the slice has not followed yet"
+    );
+    loop {
+        let listed = slices.list(&by_service).await.expect("slices");
+        if listed.items.iter().all(|s| s.endpoints.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(through(proxy).await, None, "the slice is empty");
+
+    // Deleting the Service collects its slice.
+    services
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    assert!(slices
+        .list(&by_service)
+        .await
+        .expect("slices")
+        .items
+        .is_empty());
+}
+
+/// Issue 19: pods are deleted gracefully — a deleted pod stays listed, with
+/// `deletionTimestamp` and its IP, until its process has exited — and the
+/// eviction subresource honours PodDisruptionBudgets as `kubectl drain`
+/// meets them: with `maxUnavailable: 1` over two Ready pods, the first
+/// eviction is granted and the second refused with 429 until the first
+/// pod's replacement is Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_are_graceful_and_evictions_honour_disruption_budgets() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use kube::api::EvictParams;
+
+    let emu = Emulator::start().await.expect("emulator");
+    let client = client(&emu).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "ns");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "ns");
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client, "ns");
+    budgets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "web"},
+                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}}))
+            .expect("pdb"),
+        )
+        .await
+        .expect("pdb");
+    deployments
+        .create(&PostParams::default(), &web_deployment(2))
+        .await
+        .expect("deployment");
+    let ready = |pod: &Pod| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            && pod.metadata.deletion_timestamp.is_none()
+    };
+    let ready_pods = || async {
+        let listed = pods.list(&ListParams::default()).await.expect("pods");
+        listed
+            .items
+            .into_iter()
+            .filter(|p| ready(p))
+            .filter_map(|p| p.metadata.name)
+            .collect::<Vec<String>>()
+    };
+    let mut names = ready_pods().await;
+    while names.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        names = ready_pods().await;
+    }
+    loop {
+        let budget = budgets.get("web").await.expect("pdb");
+        let status = budget.status.expect("status");
+        if status.disruptions_allowed == 1 {
+            assert_eq!(
+                (
+                    status.expected_pods,
+                    status.current_healthy,
+                    status.desired_healthy
+                ),
+                (2, 2, 1)
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, answer) = emu.evict("ns", &names[0]).expect("evict");
+    assert_eq!((code, &answer["status"]), (201, &json!("Success")));
+    let (code, answer) = emu.evict("ns", &names[1]).expect("evict");
+    assert_eq!((code, &answer["reason"]), (429, &json!("TooManyRequests")));
+    assert_eq!(
+        answer["message"],
+        "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget web needs 1 healthy pods and has 1 currently"
+    );
+    // The evicted pod is on its way out, still listed with its IP.
+    let leaving = pods.get(&names[0]).await.expect("still listed");
+    assert!(leaving.metadata.deletion_timestamp.is_some());
+    assert!(leaving.status.and_then(|s| s.pod_ip).is_some());
+    // Once it has stopped it is gone; its replacement is Ready, and the
+    // budget allows one disruption again.
+    loop {
+        match pods.get(&names[0]).await {
+            Err(err) => {
+                assert_eq!(status_code(err), 404);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    while ready_pods().await.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        let status = budgets
+            .get("web")
+            .await
+            .expect("pdb")
+            .status
+            .expect("status");
+        if status.disruptions_allowed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // kube's client (like kubectl drain) retries a 429 until it is granted.
+    pods.evict(&names[1], &EvictParams::default())
+        .await
+        .expect("granted again");
+    // A pod in no budget's selection, or a delete with no grace, goes now.
+    pods.delete(
+        &ready_pods().await[0],
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .expect("delete");
+}
+
+/// Issue 19: server-side apply merges associative lists per entry (a
+/// container's env by name), each manager owning the entries it applied;
+/// an update (merge patch) moves the fields it changes to its manager; a
+/// manager's Apply and Update fields are kept apart, as
+/// `metadata.managedFields` shows them; and re-applying a field an update
+/// took is a conflict unless forced.
+#[tokio::test]
+async fn server_side_apply_merges_per_entry_and_owns_per_operation() {
+    let emu = Emulator::start().await.expect("emulator");
+    let deployments: Api<Deployment> = Api::namespaced(client(&emu).await, "ns");
+    let applied = |env: serde_json::Value| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+               "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "d"}},
+                        "template": {"metadata": {"labels": {"app": "d"}},
+                                     "spec": {"containers": [{"name": "gateway", "image": "gw:1", "env": env}]}}}})
+    };
+    let apply = |manager: &'static str, body: serde_json::Value, force: bool| {
+        let deployments = deployments.clone();
+        async move {
+            let mut params = PatchParams::apply(manager);
+            params.force = force;
+            deployments.patch("d", &params, &Patch::Apply(&body)).await
+        }
+    };
+    let env = |d: &Deployment| -> Vec<(String, String)> {
+        d.spec
+            .as_ref()
+            .expect("spec")
+            .template
+            .spec
+            .as_ref()
+            .expect("pod")
+            .containers[0]
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap_or_default()))
+            .collect()
+    };
+    let pair = |n: &str, v: &str| (n.to_string(), v.to_string());
+    let managers = |d: &Deployment| -> Vec<(String, String)> {
+        d.metadata
+            .managed_fields
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| {
+                (
+                    m.manager.unwrap_or_default(),
+                    m.operation.unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+
+    apply("a", applied(json!([{"name": "A1", "value": "1"}])), false)
+        .await
+        .expect("a applies");
+    let other = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"template": {"spec": {"containers": [{"name": "gateway", "env": [{"name": "B1", "value": "2"}]}]}}}});
+    let merged = apply("b", other, false).await.expect("b applies its entry");
+    assert_eq!(env(&merged), [pair("A1", "1"), pair("B1", "2")]);
+    // a stops sending A1 and sends A2: A1 goes, b's entry stays.
+    let merged = apply("a", applied(json!([{"name": "A2", "value": "3"}])), false)
+        .await
+        .expect("a re-applies");
+    assert_eq!(env(&merged), [pair("B1", "2"), pair("A2", "3")]);
+    let entries = merged
+        .metadata
+        .managed_fields
+        .clone()
+        .expect("managedFields");
+    let of_b = entries
+        .iter()
+        .find(|m| m.manager.as_deref() == Some("b"))
+        .expect("b's entry");
+    assert_eq!(of_b.operation.as_deref(), Some("Apply"));
+    assert_eq!(
+        of_b.fields_v1.as_ref().expect("fieldsV1").0,
+        json!({"f:spec": {"f:template": {"f:spec": {"f:containers": {r#"k:{"name":"gateway"}"#: {
+            ".": {}, "f:name": {},
+            "f:env": {r#"k:{"name":"B1"}"#: {".": {}, "f:name": {}, "f:value": {}}}}}}}}})
+    );
+
+    // kubectl edit changes A2's value: that field is kubectl-edit's now.
+    let edit = PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..PatchParams::default()
+    };
+    let body = json!({"spec": {"template": {"spec": {"containers": [{"name": "gateway", "image": "gw:1",
+        "env": [{"name": "B1", "value": "2"}, {"name": "A2", "value": "9"}]}]}}}});
+    let edited = deployments
+        .patch("d", &edit, &Patch::Merge(&body))
+        .await
+        .expect("edit");
+    assert!(
+        managers(&edited).contains(&pair("kubectl-edit", "Update")),
+        "{:?}",
+        managers(&edited)
+    );
+    let (code, message) = api_error(
+        apply("a", applied(json!([{"name": "A2", "value": "3"}])), false)
+            .await
+            .expect_err("a conflicts with the edit"),
+    );
+    assert_eq!(code, 409);
+    assert!(
+        message.contains(r#"kubectl-edit (Update): .spec.template.spec.containers.k:{"name":"gateway"}.env.k:{"name":"A2"}.value"#),
+        "{message}"
+    );
+    let forced = apply("a", applied(json!([{"name": "A2", "value": "3"}])), true)
+        .await
+        .expect("forced");
+    assert_eq!(env(&forced), [pair("B1", "2"), pair("A2", "3")]);
+
+    // a's own update is an entry apart from its apply.
+    let scale = PatchParams {
+        field_manager: Some("a".into()),
+        ..PatchParams::default()
+    };
+    let scaled = deployments
+        .patch("d", &scale, &Patch::Merge(json!({"spec": {"replicas": 2}})))
+        .await
+        .expect("scale");
+    let listed = managers(&scaled);
+    assert!(
+        listed.contains(&pair("a", "Apply")) && listed.contains(&pair("a", "Update")),
+        "{listed:?}"
+    );
+
+    // An applied configuration carrying managedFields is refused.
+    let mut carrying = applied(json!([{"name": "A2", "value": "3"}]));
+    carrying["metadata"]["managedFields"] = json!([{"manager": "x", "operation": "Apply"}]);
+    let (code, _) = api_error(
+        apply("a", carrying, true)
+            .await
+            .expect_err("managedFields sent"),
+    );
+    assert_eq!(code, 400);
 }

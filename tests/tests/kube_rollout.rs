@@ -441,6 +441,13 @@ fn max_in_window(mut times_ms: Vec<u64>, width_ms: u64) -> usize {
 async fn install_then_roll_out_an_image_and_then_a_config_change() {
     let _serial = SERIAL.lock().await;
     let mut fleet = Fleet::start(FAST_ROLLOUT).await;
+    // EndpointSlices (and so the Service's proxy) follow the selector 3 s
+    // late, as on a large cluster: longer than the first closes of a drain
+    // take to send clients back through the Service.
+    fleet
+        .emu
+        .cluster
+        .set_endpoint_delay(std::time::Duration::from_secs(3));
     // Everything the resource owns exists.
     let installed = fleet.resource();
     let revision = installed["status"]["activeRevision"]
@@ -493,6 +500,16 @@ async fn install_then_roll_out_an_image_and_then_a_config_change() {
     let proxy = fleet.emu.cluster.service_proxy(NS, "chat").expect("proxy");
     let closes: Vec<u64> = blue.iter().flat_map(|b| proxy.closes(*b)).collect();
     assert_eq!(closes.len(), clients(), "every client left blue once");
+    // Issue 19, defect 9: the drain waits for the Service's EndpointSlices
+    // (which the emulator's proxy follows, 3 s after the selector), so
+    // no client that left blue was routed back to it. (Before: the drain
+    // started on the selector alone and migrants reached blue again.)
+    let blue_opens: usize = blue.iter().map(|b| proxy.opens(*b).len()).sum();
+    assert_eq!(
+        blue_opens,
+        clients(),
+        "every client reached blue once, at the start"
+    );
     // The gateways pace their closes under the cap over any one second; the
     // proxy sees each close a TCP teardown later, which moves a few across
     // one-second boundaries, so the rate is taken over two-second windows.
@@ -1265,4 +1282,162 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     eprintln!("{checked} dashboard queries returned data");
     assert!(checked >= 20);
     crowd.stop();
+}
+
+/// Issue 19, defect 5: the operator talks to exactly its own gateway pods
+/// that can answer. A pod that only carries the gateway labels (another
+/// workload of a Helm release) is never sent the admin token; a pod the
+/// node evicted (Failed, still listed with its IP, nothing answering
+/// there) does not hold the drain until its deadline. On the way, the
+/// operator's PodDisruptionBudget is what `kubectl drain` meets: the
+/// eviction of one of two Ready pods is granted, of the other refused
+/// (429) while the first is replaced. (Before: the decoy received the
+/// token on every reconcile, and the drain waited out its deadline for
+/// the evicted pod.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_are_not_the_operators_or_cannot_answer_are_left_alone() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, PostParams};
+
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(FAST_ROLLOUT).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = kube::Config::new(format!("http://{}", fleet.emu.addr).parse().expect("url"));
+    let pods: Api<Pod> = Api::namespaced(kube::Client::try_from(config).expect("client"), NS);
+
+    // The decoy: the gateway pods' labels, its own "admin port".
+    let decoy_ip = "127.0.0.253";
+    let listener = std::net::TcpListener::bind((decoy_ip, 9090)).expect("decoy listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let heard: Arc<Mutex<Vec<String>>> = Arc::default();
+    let heard_by_decoy = heard.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let decoy = std::thread::spawn(move || {
+        use std::io::Read;
+        while !stopping.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+                    let mut head = [0u8; 1024];
+                    let n = stream.read(&mut head).unwrap_or(0);
+                    heard_by_decoy
+                        .lock()
+                        .expect("heard")
+                        .push(String::from_utf8_lossy(&head[..n]).into_owned());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    let labels = json!({"app.kubernetes.io/name": "switchyard", "app.kubernetes.io/instance": "chat",
+                        "switchyard.dev/color": "blue"});
+    let decoy_pod = json!({"metadata": {"name": "release-helper", "labels": labels},
+        "spec": {"securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+                 "containers": [{"name": "helper", "image": "busybox",
+                     "securityContext": {"allowPrivilegeEscalation": false,
+                                         "capabilities": {"drop": ["ALL"]}}}]}});
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(decoy_pod).expect("pod"),
+    )
+    .await
+    .expect("decoy pod");
+    fleet
+        .emu
+        .patch_status(
+            "",
+            "pods",
+            NS,
+            "release-helper",
+            &json!({"status": {"phase": "Running", "podIP": decoy_ip}}),
+        )
+        .expect("decoy status");
+
+    // kubectl drain's eviction: one of two Ready pods may go, not both.
+    let blue: Vec<String> = fleet
+        .emu
+        .list("", "pods", NS)
+        .expect("pods")
+        .iter()
+        .filter(|p| p["metadata"]["labels"]["pod-template-hash"].is_string())
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(blue.len(), 2, "{blue:?}");
+    let deadline = Instant::now() + PHASE;
+    while fleet
+        .emu
+        .get("policy", "poddisruptionbudgets", NS, "chat")
+        .expect("pdb")["status"]["disruptionsAllowed"]
+        != 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the budget never allowed a disruption"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, _) = fleet.emu.evict(NS, &blue[0]).expect("evict");
+    assert_eq!(code, 201, "the first eviction is granted");
+    let (code, refused) = fleet.emu.evict(NS, &blue[1]).expect("evict");
+    assert_eq!(code, 429, "the second eviction is refused: {refused}");
+    assert_eq!(
+        refused["message"],
+        "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget chat needs 1 healthy pods and has 1 currently"
+    );
+    let evicted = fleet
+        .emu
+        .get("", "pods", NS, &blue[0])
+        .expect("still listed while it stops");
+    assert!(evicted["metadata"]["deletionTimestamp"].is_string());
+    let ready_gateways = |emu: &Emulator| {
+        emu.list("", "pods", NS)
+            .expect("pods")
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["pod-template-hash"].is_string())
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .filter(|p| p["status"]["conditions"][0]["status"] == "True")
+            .count()
+    };
+    while ready_gateways(&fleet.emu) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the evicted pod was never replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The node evicts the other one: Failed, listed, never answering.
+    fleet
+        .emu
+        .cluster
+        .evict_for_node_pressure(NS, &blue[1])
+        .expect("node-pressure eviction");
+
+    fleet.phases.clear();
+    fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
+    fleet
+        .wait_for("the rollout", |cs| {
+            cs["status"]["phase"] == "Stable" && cs["status"]["activeColor"] == "green"
+        })
+        .await;
+    let drained = fleet.event_note("Drained");
+    assert!(
+        drained.starts_with("blue empty"),
+        "the evicted pod did not hold the drain: {drained}"
+    );
+    let failed = fleet
+        .emu
+        .get("", "pods", NS, &blue[1])
+        .expect("failed pod listed");
+    assert_eq!(failed["status"]["reason"], "Evicted");
+    stop.store(true, Ordering::Relaxed);
+    let _ = decoy.join();
+    let heard = heard.lock().expect("heard");
+    assert!(
+        heard.is_empty(),
+        "the decoy was sent {} requests, e.g. {:?}",
+        heard.len(),
+        heard.first()
+    );
 }

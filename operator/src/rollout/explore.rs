@@ -21,6 +21,10 @@
 //!    promote, or undoing a rollout while the old color cannot become
 //!    Ready (the Service stays on the color that serves).
 //! 6. No pod (incarnation) is told to drain twice in one rollout.
+//! 7. No color is told to drain, or scaled to zero, while the Service's
+//!    endpoints still list its pods: its clients would reconnect to it.
+//!    (The endpoints follow the Service's selector two ticks late: later
+//!    than the next reconcile.)
 //!
 //! The walk is exhaustive, not sampled: rounds of (at most one disturbance,
 //! a reconcile that may crash after any step, five seconds), with at most
@@ -167,6 +171,11 @@ struct World {
     blue: SimColor,
     green: SimColor,
     service: Option<Color>,
+    /// The ready pods the Service's EndpointSlices list: what its selector
+    /// chose two ticks ago.
+    endpoints: Vec<String>,
+    /// What they will list after the next tick.
+    endpoints_next: Vec<String>,
     preview: Option<Color>,
     promote: bool,
     abort: bool,
@@ -185,7 +194,7 @@ struct World {
 /// The part of a world that decides its future (not its history).
 fn key(w: &World) -> String {
     format!(
-        "{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}",
+        "{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}",
         w.now,
         w.revision,
         w.replicas,
@@ -193,6 +202,8 @@ fn key(w: &World) -> String {
         w.blue,
         w.green,
         w.service,
+        w.endpoints,
+        w.endpoints_next,
         w.preview,
         w.promote,
         w.abort,
@@ -228,6 +239,8 @@ impl World {
             blue: SimColor::default(),
             green: SimColor::default(),
             service: None,
+            endpoints: Vec::new(),
+            endpoints_next: Vec::new(),
             preview: None,
             promote: false,
             abort: false,
@@ -276,6 +289,7 @@ impl World {
             green: self.green.view(),
             service_color: self.service,
             preview_color: self.preview,
+            endpoints: self.endpoints.clone(),
             promote: self.promote,
             abort: self.abort,
         }
@@ -325,6 +339,28 @@ impl World {
         Ok(steps)
     }
 
+    fn color_of(&self, pod: &str) -> Option<Color> {
+        [Color::Blue, Color::Green]
+            .into_iter()
+            .find(|color| self.color(*color).pods.iter().any(|p| p.name == pod))
+    }
+
+    /// Invariant 7: the Service's endpoints list none of `color`'s pods.
+    fn check_no_traffic(&self, color: Color, what: &str) -> Result<(), String> {
+        let listed = self
+            .color(color)
+            .pods
+            .iter()
+            .find(|p| self.endpoints.contains(&p.name));
+        match listed {
+            Some(pod) => Err(self.violation(format!(
+                "invariant 7: {color} {what} while the Service's endpoints list {}",
+                pod.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Applies one step; `Ok(false)` when the API would refuse it.
     fn apply(
         &mut self,
@@ -356,6 +392,9 @@ impl World {
                         "invariant 2: {color} scaled to zero while {} has no Ready pods",
                         color.other()
                     )));
+                }
+                if *replicas == 0 {
+                    self.check_no_traffic(*color, "scaled to zero")?;
                 }
                 let mut disconnected = self.disconnected;
                 let view = self.color_mut(*color);
@@ -391,6 +430,9 @@ impl World {
             Step::StartDrain { pods, .. } => {
                 let rollout = rollout_key(&self.status).unwrap_or_default();
                 for target in pods {
+                    if let Some(color) = self.color_of(&target.name) {
+                        self.check_no_traffic(color, "told to drain")?;
+                    }
                     let pod = self
                         .blue
                         .pods
@@ -460,14 +502,31 @@ impl World {
             }
         }
         self.disconnected += moved;
-        if let Some(color) = self.service {
-            let waiting = self.disconnected;
-            let view = self.color_mut(color);
-            if let Some(pod) = view.pods.iter_mut().find(|p| p.up && !p.draining) {
-                pod.connections += waiting;
-                self.disconnected = 0;
-            }
+        // Clients reconnect where the endpoints send them; then the
+        // endpoints move a step closer to the Service's selector.
+        let waiting = self.disconnected;
+        let endpoints = self.endpoints.clone();
+        let landed = self
+            .blue
+            .pods
+            .iter_mut()
+            .chain(self.green.pods.iter_mut())
+            .find(|p| p.up && !p.draining && endpoints.contains(&p.name));
+        if let Some(pod) = landed {
+            pod.connections += waiting;
+            self.disconnected = 0;
         }
+        self.endpoints = std::mem::take(&mut self.endpoints_next);
+        self.endpoints_next = match self.service {
+            Some(color) => self
+                .color(color)
+                .pods
+                .iter()
+                .filter(|p| p.up && !p.draining && !self.color(color).broken)
+                .map(|p| p.name.clone())
+                .collect(),
+            None => Vec::new(),
+        };
     }
 
     fn disturb(&mut self, d: Disturbance) -> bool {

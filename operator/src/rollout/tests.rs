@@ -42,7 +42,12 @@ fn stable() -> Observed {
         generation: Some(1),
         revision: "r1".to_string(),
         replicas: 2,
-        policy: RolloutPolicy::default(),
+        // No settle time, so a table row shows the drain start as soon as
+        // the endpoints moved; the settle has rows of its own.
+        policy: RolloutPolicy {
+            traffic_settle_seconds: 0,
+            ..RolloutPolicy::default()
+        },
         status: ConnectionServiceStatus {
             phase: Some(Phase::Stable),
             active_color: Some(Color::Blue),
@@ -60,6 +65,7 @@ fn stable() -> Observed {
         green: ColorView::default(),
         service_color: Some(Color::Blue),
         preview_color: Some(Color::Blue),
+        endpoints: vec!["10.0.0.1".to_string(), "10.0.0.2".to_string()],
         promote: false,
         abort: false,
     }
@@ -80,6 +86,8 @@ fn rollout(phase_since: i64) -> RolloutProgress {
         remaining: 0,
         unready_since: Some(Time(t(0))),
         aborting: None,
+        traffic_moved: None,
+        traffic_waiting_since: None,
     }
 }
 
@@ -107,6 +115,7 @@ fn switching() -> Observed {
     r.unready_since = None;
     o.status.rollout = Some(r);
     o.service_color = Some(Color::Green);
+    o.endpoints = vec!["10.0.1.1".to_string()];
     o.now = t(21);
     o
 }
@@ -282,6 +291,28 @@ fn transitions() {
         pod("b-2", "10.0.0.2", 0, false),
     ];
     abort_lifted.green.pods = vec![pod("g-1", "10.0.1.1", 10, false)];
+    let back_on_blue = |mut o: Observed| {
+        o.service_color = Some(Blue);
+        o.endpoints = vec!["10.0.0.1".into(), "10.0.0.2".into()];
+        o
+    };
+    let abort_switching_routed = back_on_blue(abort_switching.clone());
+    let abort_lifted_routed = back_on_blue(abort_lifted.clone());
+    let mut endpoints_lag = switching();
+    endpoints_lag.endpoints = vec!["10.0.0.1".into(), "10.0.0.2".into()];
+    let mut endpoints_mixed = switching();
+    endpoints_mixed.endpoints = vec!["10.0.0.2".into(), "10.0.1.1".into()];
+    let mut settling = switching();
+    settling.policy.traffic_settle_seconds = 2;
+    let mut settled = settling.clone();
+    if let Some(r) = settled.status.rollout.as_mut() {
+        r.traffic_moved = Some(Time(t(19)));
+    }
+    let mut endpoints_stuck = endpoints_lag.clone();
+    if let Some(r) = endpoints_stuck.status.rollout.as_mut() {
+        r.traffic_waiting_since = Some(Time(t(21)));
+    }
+    endpoints_stuck.now = t(21 + 300);
     let mut abort_blue_gone = draining(0, 0);
     abort_blue_gone.abort = true;
     abort_blue_gone.blue = ColorView {
@@ -308,7 +339,7 @@ fn transitions() {
     switching_unready.green.deployment = deployment("r2", 2, false);
     let mut reverted_draining = draining(2, 1);
     reverted_draining.revision = "r1".to_string();
-    let mut reverted_lifted = abort_lifted.clone();
+    let mut reverted_lifted = abort_lifted_routed.clone();
     reverted_lifted.abort = false;
     reverted_lifted.revision = "r1".to_string();
     let mut promote_stable = stable();
@@ -355,6 +386,7 @@ fn transitions() {
         r.aborting = Some(AbortReason::Aborted);
     }
     undo_routed_old_restarting.service_color = Some(Blue);
+    undo_routed_old_restarting.endpoints = vec!["10.0.0.1".into(), "10.0.0.2".into()];
     undo_routed_old_restarting.blue.deployment = deployment("r1", 2, false);
     for pod in &mut undo_routed_old_restarting.blue.pods {
         pod.report = None;
@@ -605,6 +637,52 @@ fn transitions() {
             active: Green,
         },
         Case {
+            name: "switching: the Service selects green, its EndpointSlices still list blue: no drain",
+            observed: endpoints_lag,
+            steps: vec![],
+            events: vec![],
+            phase: Phase::Switching,
+            active: Green,
+        },
+        Case {
+            name: "switching: one blue endpoint left beside green's: no drain",
+            observed: endpoints_mixed,
+            steps: vec![],
+            events: vec![],
+            phase: Phase::Switching,
+            active: Green,
+        },
+        Case {
+            name: "switching: endpoints all green, the settle time starts: no drain",
+            observed: settling,
+            steps: vec![],
+            events: vec![],
+            phase: Phase::Switching,
+            active: Green,
+        },
+        Case {
+            name: "switching: settled, the old pods drain",
+            observed: settled,
+            steps: vec![Step::StartDrain {
+                pods: blue_pods.clone(),
+                request: drain_request(50),
+            }],
+            events: vec!["DrainStarted"],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "switching: endpoints that never follow end the wait at the ready timeout, with a Warning",
+            observed: endpoints_stuck,
+            steps: vec![Step::StartDrain {
+                pods: blue_pods.clone(),
+                request: drain_request(50),
+            }],
+            events: vec!["EndpointsNotMoved", "DrainStarted"],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
             name: "draining, connections left",
             observed: draining(3, 0),
             steps: vec![],
@@ -737,10 +815,17 @@ fn transitions() {
             active: Blue,
         },
         Case {
-            name: "abort while switching: blue is Ready and not draining, so back at once",
+            name: "abort while switching: blue is Ready and not draining, so the Service goes back at once",
             observed: abort_switching,
+            steps: vec![Step::RouteService { color: Blue }],
+            events: vec![],
+            phase: Phase::Switching,
+            active: Green,
+        },
+        Case {
+            name: "undo: once the endpoints are back on blue, green is scaled to zero",
+            observed: abort_switching_routed,
             steps: vec![
-                Step::RouteService { color: Blue },
                 Step::Scale {
                     color: Green,
                     replicas: 0,
@@ -762,10 +847,17 @@ fn transitions() {
             active: Green,
         },
         Case {
-            name: "abort while draining, blue Ready again: route back, green drains at the policy's pace",
+            name: "abort while draining, blue Ready again: the Service goes back",
             observed: abort_lifted,
+            steps: vec![Step::RouteService { color: Blue }],
+            events: vec![],
+            phase: Phase::Draining,
+            active: Green,
+        },
+        Case {
+            name: "undo: endpoints back on blue, green drains at the policy's pace",
+            observed: abort_lifted_routed,
             steps: vec![
-                Step::RouteService { color: Blue },
                 Step::StartDrain {
                     pods: vec![target("g-1", "10.0.1.1")],
                     request: drain_request(100),
@@ -846,10 +938,9 @@ fn transitions() {
             active: Green,
         },
         Case {
-            name: "spec reverted, blue Ready again: cancelled, no failed revision",
+            name: "spec reverted, back on blue and its endpoints: cancelled, no failed revision",
             observed: reverted_lifted,
             steps: vec![
-                Step::RouteService { color: Blue },
                 Step::StartDrain {
                     pods: vec![target("g-1", "10.0.1.1")],
                     request: drain_request(100),
@@ -979,8 +1070,11 @@ fn transitions() {
 #[test]
 fn status_details() {
     let aborted = plan(&{
+        // The Service was routed back, and its endpoints followed.
         let mut o = draining(0, 0);
         o.abort = true;
+        o.service_color = Some(Color::Blue);
+        o.endpoints = vec!["10.0.0.1".into(), "10.0.0.2".into()];
         for pod in &mut o.blue.pods {
             if let Some(report) = pod.report.as_mut() {
                 report.draining = false;
@@ -1124,7 +1218,14 @@ impl Sim {
                     let view = self.color_mut(*color);
                     view.deployment = deployment(revision, *replicas, false);
                     view.pods = (1..=*replicas)
-                        .map(|i| pod(&format!("{prefix}-{i}"), &format!("10.{i}"), 0, false))
+                        .map(|i| {
+                            pod(
+                                &format!("{prefix}-{i}"),
+                                &format!("{prefix}-ip-{i}"),
+                                0,
+                                false,
+                            )
+                        })
                         .collect();
                 }
                 Step::Scale { color, replicas } => {
@@ -1167,9 +1268,20 @@ impl Sim {
         }
     }
 
-    /// One second passes: the new color becomes Ready, draining pods lose a connection.
+    /// One second passes: the new color becomes Ready, draining pods lose
+    /// a connection, the endpoints catch up with the Service's selector.
     fn tick(&mut self) {
         self.o.now += SignedDuration::from_secs(1);
+        let selected = self.o.service_color.map(|color| match color {
+            Color::Blue => &self.o.blue,
+            Color::Green => &self.o.green,
+        });
+        self.o.endpoints = selected
+            .into_iter()
+            .flat_map(|view| &view.pods)
+            .filter(|pod| pod.report.is_some_and(|r| !r.draining))
+            .filter_map(|pod| pod.ip.clone())
+            .collect();
         for view in [&mut self.o.blue, &mut self.o.green] {
             if let Some(d) = view.deployment.as_mut() {
                 d.ready = d.replicas > 0;

@@ -156,6 +156,20 @@ async fn route(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segments.as_slice() {
         ["version"] => return Ok(json_response(200, &version_info())),
+        // An OpenAPI v2 document with no definitions (the empty protobuf
+        // message): clients that validate objects against it before
+        // sending them (Helm, kubectl) find no schema and leave validation
+        // to the server. There is no v3 document, so they fall back to v2.
+        ["openapi", "v2"] => {
+            return Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(
+                    "content-type",
+                    "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+                )
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("response"))
+        }
         ["api"] => {
             return Ok(json_response(
                 200,
@@ -187,6 +201,12 @@ async fn route(
             "the server could not find the resource {group}/{version}/{plural}"
         ))
     })?;
+    if let (Some("eviction"), "/pods", &Method::POST, Some(name), Some(ns)) =
+        (sub, rt.key().as_str(), method, &name, &namespace)
+    {
+        store.count_request("POST pods/eviction");
+        return evict(store, ns, name, body);
+    }
     let status = match sub {
         None => false,
         Some("status") if rt.status => true,
@@ -237,6 +257,20 @@ fn serve_target(
             "the emulator never returns a continue token",
         ));
     }
+    // Who an update is recorded under: `fieldManager`, else the client's
+    // name from its User-Agent (kube-apiserver's default).
+    let manager = query.get("fieldManager").map_or_else(
+        || {
+            headers
+                .get("user-agent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|agent| agent.split('/').next())
+                .filter(|name| !name.is_empty())
+                .unwrap_or("unknown")
+                .to_string()
+        },
+        str::to_string,
+    );
     let table = headers
         .get("accept")
         .and_then(|v| v.to_str().ok())
@@ -287,14 +321,14 @@ fn serve_target(
         }
         (Method::POST, None) => {
             let object = parse_body(body)?;
-            let created = store.create(rt, &ns, object, query.get("fieldManager"))?;
+            let created = store.create(rt, &ns, object, Some(&manager))?;
             Ok(json_response(201, &created))
         }
         (Method::PUT, Some(name)) => {
             let object = parse_body(body)?;
             Ok(json_response(
                 200,
-                &store.replace(rt, &ns, name, object, target.status)?,
+                &store.replace(rt, &ns, name, object, target.status, &manager)?,
             ))
         }
         (Method::PATCH, Some(name)) => {
@@ -305,7 +339,7 @@ fn serve_target(
             let patch = parse_body(body)?;
             let patched = match content_type.split(';').next().unwrap_or_default() {
                 "application/merge-patch+json" => {
-                    store.merge(rt, &ns, name, &patch, target.status)?
+                    store.merge(rt, &ns, name, &patch, target.status, &manager)?
                 }
                 "application/apply-patch+yaml" => {
                     let manager = query.get("fieldManager").ok_or_else(|| {
@@ -331,13 +365,69 @@ fn serve_target(
             };
             Ok(json_response(200, &patched))
         }
-        (Method::DELETE, Some(name)) => Ok(json_response(200, &store.delete(rt, &ns, name)?)),
+        (Method::DELETE, Some(name)) => {
+            let grace = query
+                .get("gracePeriodSeconds")
+                .and_then(|g| g.parse().ok())
+                .or_else(|| grace_period(body));
+            Ok(json_response(
+                200,
+                &store.delete_with_grace(rt, &ns, name, grace)?,
+            ))
+        }
         (method, _) => Err(ApiError::new(
             405,
             "MethodNotAllowed",
             format!("the emulator does not support {method} here"),
         )),
     }
+}
+
+/// `gracePeriodSeconds` of a DeleteOptions body (kube's client sends one
+/// with every delete), if any.
+fn grace_period(body: &Bytes) -> Option<u64> {
+    let options: Value = serde_json::from_slice(body).ok()?;
+    options["gracePeriodSeconds"]
+        .as_u64()
+        .or_else(|| options["deleteOptions"]["gracePeriodSeconds"].as_u64())
+}
+
+/// Evictions are decided one at a time, so two cannot both spend a
+/// budget's last allowed disruption (kube-apiserver uses the budget's
+/// resourceVersion for this).
+static EVICTIONS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `POST pods/NAME/eviction`: the pod is deleted (gracefully) if its
+/// PodDisruptionBudget allows it, whose `disruptionsAllowed` it spends;
+/// otherwise 429 as the API server words it ([`super::disruption`]).
+fn evict(store: &Store, ns: &str, name: &str, body: &Bytes) -> Result<Response<Body>, ApiError> {
+    let _one = EVICTIONS.lock().unwrap_or_else(|e| e.into_inner());
+    let pods = store
+        .resource_type("", "v1", "pods")
+        .ok_or_else(|| ApiError::not_found("pods"))?;
+    let budgets_type = store
+        .resource_type("policy", "v1", "poddisruptionbudgets")
+        .ok_or_else(|| ApiError::not_found("poddisruptionbudgets"))?;
+    let pod = store.get(&pods, ns, name)?;
+    let (budgets, _) = store.list(&budgets_type, Some(ns), &Selector::default());
+    if let Some(budget) = super::disruption::eviction(&pod, &budgets)? {
+        // The pod is terminating from now on: it no longer counts as
+        // healthy (what the disruption controller will find next).
+        let status = budgets
+            .iter()
+            .find(|b| b["metadata"]["name"] == budget.as_str())
+            .map(|b| b["status"].clone())
+            .unwrap_or_default();
+        let less = |field: &str| status[field].as_u64().unwrap_or(1).saturating_sub(1);
+        let spent = json!({"status": {"disruptionsAllowed": less("disruptionsAllowed"),
+                                      "currentHealthy": less("currentHealthy")}});
+        store.merge(&budgets_type, ns, &budget, &spent, true, "kube-apiserver")?;
+    }
+    store.delete_with_grace(&pods, ns, name, grace_period(body))?;
+    Ok(json_response(
+        201,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    ))
 }
 
 /// JSON, or YAML (kubectl sends apply patches as YAML).

@@ -1,9 +1,13 @@
-//! What the cluster does besides the API: a Deployment controller that keeps
-//! each Deployment's pods at its replica count (recreating pods whose
-//! template changed), a kubelet that runs every pod as a real gateway process
-//! on its own loopback address, probes its readiness and restarts it when it
-//! exits, and kube-proxy: a loopback port per Service forwarding new
-//! connections to the Ready pods its selector matches.
+//! What the cluster does besides the API: the Deployment and ReplicaSet
+//! controllers (a ReplicaSet per pod template, each keeping its replica
+//! count of active pods), a kubelet that runs every pod as a real gateway
+//! process on its own loopback address, probes its readiness, restarts it
+//! when it exits, stops a deleted pod gracefully and can evict one for node
+//! pressure, the disruption controller (PodDisruptionBudget status), the
+//! EndpointSlice controller (each Service's slice follows the pods its
+//! selector matches after a propagation delay), and kube-proxy: a loopback
+//! port per Service forwarding new connections to the ready endpoints of
+//! its EndpointSlices.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -11,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use base64::Engine;
@@ -68,7 +72,6 @@ struct PodProcess {
     log: PathBuf,
     ready: bool,
     restarts: u32,
-    grace: Duration,
     probe: Option<Probe>,
     labels: BTreeMap<String, String>,
     ports: BTreeMap<String, u16>,
@@ -79,12 +82,64 @@ struct PodProcess {
     /// What the Pod's status says now (ready, waiting): written again only
     /// when it changes.
     reported: Option<(bool, Option<(String, String)>)>,
+    /// Deleted: SIGTERM sent, SIGKILL due at this instant.
+    terminating: Option<Instant>,
+    /// Evicted by the node ([`Cluster::evict_for_node_pressure`]): never
+    /// restarted, never probed.
+    failed: bool,
 }
 
 impl PodProcess {
     fn ip(&self) -> IpAddr {
         pod_ip(self.octet, self.ipv6)
     }
+}
+
+/// The field managers the cluster's own writes are recorded under, as on
+/// a cluster.
+const CONTROLLER_MANAGER: &str = "kube-controller-manager";
+const KUBELET: &str = "kubelet";
+
+/// The node every emulated pod runs on (`spec.nodeName`).
+const NODE_NAME: &str = "emulator-node";
+
+/// The uid of an object's controller (its ownerReference with
+/// `controller: true`).
+fn controller_uid(object: &Value) -> Option<&str> {
+    object["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|r| r["controller"] == true)?["uid"]
+        .as_str()
+}
+
+/// Kills a pod's process at once and frees its address (its Pod object
+/// is gone).
+fn kill_now(mut process: PodProcess) {
+    if let Some(mut child) = process.child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    release_ip(process.octet);
+}
+
+/// The label naming an EndpointSlice's Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// How long a change of a Service's endpoints takes to reach its
+/// EndpointSlice unless a test says otherwise
+/// ([`Cluster::set_endpoint_delay`]): the EndpointSlice controller and
+/// kube-proxy each take a while on a cluster, so every emulated rollout
+/// meets a Service whose traffic moves after its selector.
+const ENDPOINT_DELAY: Duration = Duration::from_secs(1);
+
+/// One Service's EndpointSlice as the controller last wrote it, and a
+/// change waiting out the propagation delay (since when).
+#[derive(Default)]
+struct SliceState {
+    name: Option<String>,
+    published: Value,
+    pending: Option<(Instant, Value)>,
 }
 
 /// The simulated nodes.
@@ -97,6 +152,8 @@ pub struct Cluster {
     ipv6: std::sync::atomic::AtomicBool,
     /// Images no pod can pull ([`Cluster::refuse_image`]).
     unpullable: Mutex<BTreeSet<String>>,
+    slices: Mutex<HashMap<PodKey, SliceState>>,
+    endpoint_delay: Mutex<Duration>,
 }
 
 fn template_hash(template: &Value) -> String {
@@ -121,7 +178,16 @@ impl Cluster {
             services: Mutex::new(HashMap::new()),
             ipv6: std::sync::atomic::AtomicBool::new(false),
             unpullable: Mutex::new(BTreeSet::new()),
+            slices: Mutex::new(HashMap::new()),
+            endpoint_delay: Mutex::new(ENDPOINT_DELAY),
         }
+    }
+
+    /// How long a change of the pods behind a Service (a new selector, a
+    /// pod Ready or gone) takes to reach its EndpointSlice, and so its
+    /// proxy: one second unless set.
+    pub fn set_endpoint_delay(&self, delay: Duration) {
+        *self.endpoint_delay.lock().expect("delay") = delay;
     }
 
     /// Pods of `image` never start: their container waits in
@@ -187,31 +253,121 @@ impl Cluster {
 
     async fn tick(&self) -> Result<()> {
         self.deployments()?;
+        self.replica_sets()?;
+        self.terminations()?;
         self.kubelet().await?;
+        self.disruption_budgets()?;
+        self.endpoint_slices()?;
         self.proxies().await?;
         Ok(())
     }
 
-    /// The Deployment controller.
+    /// The Deployment controller: each Deployment has one ReplicaSet per
+    /// pod template (`NAME-HASH`, labelled with the template's labels and
+    /// `pod-template-hash`, owned by it); the current template's gets the
+    /// Deployment's replicas, older ones 0 (a changed template replaces
+    /// the pods at once). Status follows the ReplicaSets' pods.
     fn deployments(&self) -> Result<()> {
         let deployments = kind(&self.store, "apps", "deployments");
-        let pods_kind = kind(&self.store, "", "pods");
+        let sets_kind = kind(&self.store, "apps", "replicasets");
         let (items, _) = self.store.list(&deployments, None, &Selector::default());
-        let (pods, _) = self.store.list(&pods_kind, None, &Selector::default());
-        let live: BTreeSet<String> = items
+        let (sets, _) = self.store.list(&sets_kind, None, &Selector::default());
+        for deployment in items {
+            let meta = &deployment["metadata"];
+            let uid = meta["uid"].as_str().unwrap_or_default();
+            let namespace = meta["namespace"].as_str().unwrap_or_default();
+            let name = meta["name"].as_str().unwrap_or_default();
+            let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+            let template = &deployment["spec"]["template"];
+            let hash = template_hash(template);
+            let current = format!("{name}-{hash}");
+            let owned: Vec<&Value> = sets
+                .iter()
+                .filter(|rs| controller_uid(rs) == Some(uid))
+                .collect();
+            if !owned
+                .iter()
+                .any(|rs| rs["metadata"]["name"] == current.as_str())
+            {
+                let mut labels = template["metadata"]["labels"].clone();
+                labels["pod-template-hash"] = json!(hash);
+                let mut pod_template = template.clone();
+                pod_template["metadata"]["labels"] = labels.clone();
+                let rs = json!({
+                    "metadata": {"name": current, "labels": labels,
+                        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name,
+                            "uid": uid, "controller": true, "blockOwnerDeletion": true}]},
+                    "spec": {"replicas": replicas,
+                             "selector": {"matchLabels": {"pod-template-hash": hash}},
+                             "template": pod_template},
+                });
+                self.store
+                    .create(&sets_kind, namespace, rs, Some(CONTROLLER_MANAGER))
+                    .map_err(|e| anyhow::anyhow!("creating ReplicaSet {current}: {}", e.message))?;
+            }
+            for rs in &owned {
+                let rs_name = rs["metadata"]["name"].as_str().unwrap_or_default();
+                let want = if rs_name == current { replicas } else { 0 };
+                if rs["spec"]["replicas"].as_u64() != Some(want) {
+                    self.store
+                        .merge(
+                            &sets_kind,
+                            namespace,
+                            rs_name,
+                            &json!({"spec": {"replicas": want}}),
+                            false,
+                            CONTROLLER_MANAGER,
+                        )
+                        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                }
+            }
+            let count = |rs: &Value, field: &str| rs["status"][field].as_u64().unwrap_or(0);
+            let all: u64 = owned.iter().map(|rs| count(rs, "replicas")).sum();
+            let updated = owned
+                .iter()
+                .find(|rs| rs["metadata"]["name"] == current.as_str())
+                .map_or((0, 0), |rs| {
+                    (count(rs, "replicas"), count(rs, "readyReplicas"))
+                });
+            let status = json!({"status": {
+                "observedGeneration": meta["generation"],
+                "replicas": all, "updatedReplicas": updated.0,
+                "readyReplicas": updated.1, "availableReplicas": updated.1,
+            }});
+            let same = [
+                "observedGeneration",
+                "replicas",
+                "updatedReplicas",
+                "readyReplicas",
+            ]
             .iter()
-            .filter_map(|d| d["metadata"]["uid"].as_str().map(str::to_string))
-            .collect();
-        // Pods whose Deployment is gone stop; so do processes whose Pod
-        // object was deleted (garbage collection, kubectl delete).
-        for pod in &pods {
-            let owner = pod["metadata"]["ownerReferences"][0]["uid"]
-                .as_str()
-                .unwrap_or_default();
-            if !owner.is_empty() && !live.contains(owner) {
-                self.stop_pod(pod)?;
+            .all(|k| deployment["status"][k] == status["status"][k]);
+            if !same {
+                self.store
+                    .merge(
+                        &deployments,
+                        namespace,
+                        name,
+                        &status,
+                        true,
+                        CONTROLLER_MANAGER,
+                    )
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             }
         }
+        Ok(())
+    }
+
+    /// The ReplicaSet controller: each ReplicaSet keeps `spec.replicas`
+    /// active pods (not terminating, not Failed), named `RS-xxxxx` and
+    /// owned by it, deleting (gracefully) the newest extra ones; status
+    /// counts its active and Ready pods. Processes whose Pod object is gone
+    /// (a deletion with grace period 0) are killed.
+    fn replica_sets(&self) -> Result<()> {
+        let sets_kind = kind(&self.store, "apps", "replicasets");
+        let pods_kind = kind(&self.store, "", "pods");
+        let (sets, _) = self.store.list(&sets_kind, None, &Selector::default());
+        let (pods, _) = self.store.list(&pods_kind, None, &Selector::default());
         let in_store: BTreeSet<(String, String)> = pods
             .iter()
             .map(|p| {
@@ -222,7 +378,7 @@ impl Cluster {
                 )
             })
             .collect();
-        let orphans: Vec<(String, String)> = self
+        let orphans: Vec<PodKey> = self
             .pods
             .lock()
             .expect("pods")
@@ -230,108 +386,144 @@ impl Cluster {
             .filter(|key| !in_store.contains(*key))
             .cloned()
             .collect();
-        for (namespace, name) in orphans {
-            self.stop_pod(&json!({"metadata": {"namespace": namespace, "name": name}}))?;
+        for key in orphans {
+            if let Some(process) = self.pods.lock().expect("pods").remove(&key) {
+                kill_now(process);
+            }
         }
-        for deployment in items {
-            self.reconcile_deployment(&deployment, &pods)?;
-        }
-        Ok(())
-    }
-
-    fn reconcile_deployment(&self, deployment: &Value, pods: &[Value]) -> Result<()> {
-        let uid = deployment["metadata"]["uid"].as_str().unwrap_or_default();
-        let namespace = deployment["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default();
-        let name = deployment["metadata"]["name"].as_str().unwrap_or_default();
-        let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1) as usize;
-        let template = &deployment["spec"]["template"];
-        let hash = template_hash(template);
-        let mut owned: Vec<&Value> = pods
-            .iter()
-            .filter(|p| p["metadata"]["ownerReferences"][0]["uid"] == uid)
-            .collect();
-        owned.sort_by_key(|p| {
-            p["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        });
-        // A changed template replaces the pods (the operator only changes a
-        // color's template while that color is at zero replicas).
-        let (current, stale): (Vec<&Value>, Vec<&Value>) = owned
-            .into_iter()
-            .partition(|p| p["metadata"]["labels"]["pod-template-hash"] == hash.as_str());
-        for pod in stale {
-            self.stop_pod(pod)?;
-        }
-        let mut count = current.len();
-        for pod in current.iter().skip(replicas) {
-            self.stop_pod(pod)?;
-        }
-        count = count.min(replicas);
-        while count < replicas {
-            self.start_pod(deployment, namespace, name, &hash)?;
-            count += 1;
-        }
-        let ready = self
-            .pods
-            .lock()
-            .expect("pods")
-            .values()
-            .filter(|p| p.namespace == namespace && p.ready)
-            .filter(|p| p.labels.get("pod-template-hash") == Some(&hash))
-            .filter(|p| p.name.starts_with(&format!("{name}-")))
-            .count()
-            .min(replicas);
-        let status = json!({"status": {
-            "observedGeneration": deployment["metadata"]["generation"],
-            "replicas": count, "updatedReplicas": count,
-            "readyReplicas": ready, "availableReplicas": ready,
-        }});
-        let same = [
-            "observedGeneration",
-            "replicas",
-            "updatedReplicas",
-            "readyReplicas",
-        ]
-        .iter()
-        .all(|k| deployment["status"][k] == status["status"][k]);
-        if !same {
-            let deployments = kind(&self.store, "apps", "deployments");
-            self.store
-                .merge(&deployments, namespace, name, &status, true)
-                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        for rs in sets {
+            let meta = &rs["metadata"];
+            let uid = meta["uid"].as_str().unwrap_or_default();
+            let namespace = meta["namespace"].as_str().unwrap_or_default();
+            let name = meta["name"].as_str().unwrap_or_default();
+            let replicas = rs["spec"]["replicas"].as_u64().unwrap_or(1) as usize;
+            let mut active: Vec<&Value> = pods
+                .iter()
+                .filter(|p| controller_uid(p) == Some(uid))
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Failed" | "Succeeded")))
+                .collect();
+            active.sort_by_key(|p| {
+                p["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            });
+            for pod in active.iter().skip(replicas) {
+                self.delete_pod(pod);
+            }
+            for _ in active.len()..replicas {
+                self.start_pod(&rs, namespace, name)?;
+            }
+            let ready = {
+                let processes = self.pods.lock().expect("pods");
+                active
+                    .iter()
+                    .take(replicas)
+                    .filter(|p| {
+                        let key = (
+                            namespace.to_string(),
+                            p["metadata"]["name"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_string(),
+                        );
+                        processes.get(&key).is_some_and(|process| process.ready)
+                    })
+                    .count()
+            };
+            let status = json!({"status": {"observedGeneration": meta["generation"],
+                "replicas": replicas,
+                "readyReplicas": ready, "availableReplicas": ready}});
+            let same = ["observedGeneration", "replicas", "readyReplicas"]
+                .iter()
+                .all(|k| rs["status"][k] == status["status"][k]);
+            if !same {
+                self.store
+                    .merge(
+                        &sets_kind,
+                        namespace,
+                        name,
+                        &status,
+                        true,
+                        CONTROLLER_MANAGER,
+                    )
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            }
         }
         Ok(())
     }
 
-    fn start_pod(&self, deployment: &Value, namespace: &str, name: &str, hash: &str) -> Result<()> {
-        let template = &deployment["spec"]["template"];
+    /// The disruption controller: every PodDisruptionBudget's status from
+    /// the pods it selects ([`super::disruption::budget_status`]).
+    fn disruption_budgets(&self) -> Result<()> {
+        let budgets_kind = kind(&self.store, "policy", "poddisruptionbudgets");
+        let (budgets, _) = self.store.list(&budgets_kind, None, &Selector::default());
+        if budgets.is_empty() {
+            return Ok(());
+        }
+        let (pods, _) = self
+            .store
+            .list(&kind(&self.store, "", "pods"), None, &Selector::default());
+        let (sets, _) = self.store.list(
+            &kind(&self.store, "apps", "replicasets"),
+            None,
+            &Selector::default(),
+        );
+        for budget in budgets {
+            let namespace = budget["metadata"]["namespace"].as_str().unwrap_or_default();
+            let in_namespace = |o: &&Value| o["metadata"]["namespace"] == namespace;
+            let pods: Vec<Value> = pods.iter().filter(in_namespace).cloned().collect();
+            let sets: Vec<Value> = sets.iter().filter(in_namespace).cloned().collect();
+            let status = super::disruption::budget_status(&budget, &pods, &sets);
+            if budget["status"] != status {
+                let name = budget["metadata"]["name"].as_str().unwrap_or_default();
+                self.store
+                    .merge(
+                        &budgets_kind,
+                        namespace,
+                        name,
+                        &json!({"status": status}),
+                        true,
+                        CONTROLLER_MANAGER,
+                    )
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_pod(&self, rs: &Value, namespace: &str, rs_name: &str) -> Result<()> {
+        let template = &rs["spec"]["template"];
         let octet = allocate_ip().context("no free loopback address for a pod")?;
         let ipv6 = self.ipv6.load(std::sync::atomic::Ordering::Relaxed);
         let ip = pod_ip(octet, ipv6);
         let suffix: u32 = rand::random();
-        let pod_name = format!("{name}-{}-{:05x}", &hash[..5], suffix & 0xfffff);
-        let mut pod_labels = template["metadata"]["labels"].clone();
-        pod_labels["pod-template-hash"] = json!(hash);
+        let pod_name = format!("{rs_name}-{:05x}", suffix & 0xfffff);
+        let mut spec = template["spec"].clone();
+        spec["nodeName"] = json!(NODE_NAME);
         let pod = json!({
             "metadata": {
-                "name": pod_name, "labels": pod_labels,
+                "name": pod_name, "labels": template["metadata"]["labels"],
                 "annotations": template["metadata"]["annotations"],
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name,
-                    "uid": deployment["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs_name,
+                    "uid": rs["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}],
             },
-            "spec": template["spec"],
+            "spec": spec,
             "status": {"phase": "Running", "podIP": ip.to_string(), "hostIP": "127.0.0.1",
                        "conditions": [{"type": "Ready", "status": "False"}]},
         });
         let pods_kind = kind(&self.store, "", "pods");
         let created = self
             .store
-            .create(&pods_kind, namespace, pod, None)
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            .create(&pods_kind, namespace, pod, Some(CONTROLLER_MANAGER));
+        let created = match created {
+            Ok(created) => created,
+            Err(err) => {
+                release_ip(octet);
+                anyhow::bail!("{}", err.message);
+            }
+        };
         let process = self.prepare(&created, namespace, &pod_name, octet, ipv6)?;
         self.pods
             .lock()
@@ -423,7 +615,6 @@ impl Cluster {
                 };
                 (port, get["path"].as_str().unwrap_or("/").to_string())
             });
-        let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
         let mut process = PodProcess {
             namespace: namespace.to_string(),
             name: name.to_string(),
@@ -434,12 +625,13 @@ impl Cluster {
             log,
             ready: false,
             restarts: 0,
-            grace: Duration::from_secs(grace),
             probe,
             labels: labels(pod),
             ports,
             waiting: None,
             reported: None,
+            terminating: None,
+            failed: false,
         };
         let image = container["image"].as_str().unwrap_or_default();
         if self.unpullable.lock().expect("images").contains(image) {
@@ -516,43 +708,105 @@ impl Cluster {
         Ok(env)
     }
 
-    /// Deletes a pod object and stops its process like a kubelet: SIGTERM,
-    /// SIGKILL after the grace period; the address is free once it exited.
-    fn stop_pod(&self, pod: &Value) -> Result<()> {
-        let namespace = pod["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let name = pod["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+    /// Deletes a pod (gracefully: the kubelet stops it, see
+    /// [`Cluster::terminations`]).
+    fn delete_pod(&self, pod: &Value) {
+        let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let _ = self
+            .store
+            .delete(&kind(&self.store, "", "pods"), namespace, name);
+    }
+
+    /// The kubelet's side of graceful deletion: a pod with a
+    /// `deletionTimestamp` gets SIGTERM once, SIGKILL when its grace period
+    /// is over, and is removed from the API (its address freed) once its
+    /// process has exited. Until then it stays listed with its IP.
+    fn terminations(&self) -> Result<()> {
         let pods_kind = kind(&self.store, "", "pods");
-        let _ = self.store.delete(&pods_kind, &namespace, &name);
-        let process = self.pods.lock().expect("pods").remove(&(namespace, name));
-        if let Some(mut process) = process {
-            std::thread::spawn(move || {
-                if let Some(mut child) = process.child.take() {
-                    // SAFETY: kill(2) on our own child's pid.
-                    unsafe {
-                        libc::kill(child.id() as i32, libc::SIGTERM);
-                    }
-                    let deadline = std::time::Instant::now() + process.grace;
-                    loop {
-                        if let Ok(Some(_)) = child.try_wait() {
-                            break;
+        let (pods, _) = self.store.list(&pods_kind, None, &Selector::default());
+        for pod in pods
+            .iter()
+            .filter(|p| !p["metadata"]["deletionTimestamp"].is_null())
+        {
+            let meta = &pod["metadata"];
+            let key = (
+                meta["namespace"].as_str().unwrap_or_default().to_string(),
+                meta["name"].as_str().unwrap_or_default().to_string(),
+            );
+            let grace =
+                Duration::from_secs(meta["deletionGracePeriodSeconds"].as_u64().unwrap_or(30));
+            let gone = {
+                let mut processes = self.pods.lock().expect("pods");
+                match processes.get_mut(&key) {
+                    None => true,
+                    Some(process) => {
+                        let deadline = *process.terminating.get_or_insert_with(|| {
+                            if let Some(child) = &process.child {
+                                // SAFETY: kill(2) on our own child's pid.
+                                unsafe {
+                                    libc::kill(child.id() as i32, libc::SIGTERM);
+                                }
+                            }
+                            Instant::now() + grace
+                        });
+                        let exited = match process.child.as_mut() {
+                            None => true,
+                            Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+                        };
+                        if !exited && Instant::now() >= deadline {
+                            if let Some(child) = process.child.as_mut() {
+                                let _ = child.kill();
+                                let _ = child.wait();
+                            }
                         }
-                        if std::time::Instant::now() >= deadline {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
+                        exited || Instant::now() >= deadline
                     }
                 }
-                release_ip(process.octet);
-            });
+            };
+            if gone {
+                if let Some(process) = self.pods.lock().expect("pods").remove(&key) {
+                    release_ip(process.octet);
+                }
+                self.store.remove_terminated(&key.0, &key.1);
+            }
         }
+        Ok(())
+    }
+
+    /// The node evicts a pod for resource pressure, as a kubelet does: its
+    /// container is killed, the pod goes to phase `Failed` with reason
+    /// `Evicted` and stays in the API with its IP (nothing answers there),
+    /// and its ReplicaSet starts a replacement.
+    pub fn evict_for_node_pressure(&self, namespace: &str, name: &str) -> Result<()> {
+        let key = (namespace.to_string(), name.to_string());
+        {
+            let mut processes = self.pods.lock().expect("pods");
+            let process = processes.get_mut(&key).context("no such pod process")?;
+            if let Some(mut child) = process.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            process.failed = true;
+            process.ready = false;
+        }
+        let status = json!({"status": {
+            "phase": "Failed", "reason": "Evicted",
+            "message": "The node was low on resource: memory. Threshold quantity: 100Mi, available: 50Mi.",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "gateway", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}],
+        }});
+        self.store
+            .merge(
+                &kind(&self.store, "", "pods"),
+                namespace,
+                name,
+                &status,
+                true,
+                KUBELET,
+            )
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         Ok(())
     }
 
@@ -561,6 +815,9 @@ impl Cluster {
         let probes: Vec<(PodKey, IpAddr, Option<Probe>)> = {
             let mut pods = self.pods.lock().expect("pods");
             for pod in pods.values_mut() {
+                if pod.failed || pod.terminating.is_some() {
+                    continue;
+                }
                 let exited = pod
                     .child
                     .as_mut()
@@ -579,6 +836,7 @@ impl Cluster {
                 }
             }
             pods.iter()
+                .filter(|(_, p)| !p.failed)
                 .map(|(key, p)| (key.clone(), p.ip(), p.probe.clone()))
                 .collect()
         };
@@ -628,14 +886,180 @@ impl Cluster {
                     "containerStatuses": [{"name": "gateway", "ready": ready, "restartCount": restarts,
                                            "state": state}],
                 }});
-                let _ = self.store.merge(&pods_kind, &key.0, &key.1, &status, true);
+                let _ = self
+                    .store
+                    .merge(&pods_kind, &key.0, &key.1, &status, true, KUBELET);
             }
         }
         Ok(())
     }
 
+    /// The EndpointSlice controller: one slice per Service with a selector
+    /// (`NAME-xxxxx`, labelled `kubernetes.io/service-name`, owned by the
+    /// Service), listing every pod the selector matches with its `ready`
+    /// condition and the Service's ports resolved to container ports. A
+    /// change is written once it has waited the propagation delay (later
+    /// changes ride along with it, as the controller batches them).
+    fn endpoint_slices(&self) -> Result<()> {
+        let services_kind = kind(&self.store, "", "services");
+        let slices_kind = kind(&self.store, "discovery.k8s.io", "endpointslices");
+        let (services, _) = self.store.list(&services_kind, None, &Selector::default());
+        let delay = *self.endpoint_delay.lock().expect("delay");
+        let now = Instant::now();
+        let mut seen = BTreeSet::new();
+        for service in services {
+            let meta = &service["metadata"];
+            let namespace = meta["namespace"].as_str().unwrap_or_default().to_string();
+            let name = meta["name"].as_str().unwrap_or_default().to_string();
+            let Some(selector) = service["spec"]["selector"]
+                .as_object()
+                .filter(|m| !m.is_empty())
+            else {
+                continue;
+            };
+            let selector: BTreeMap<String, String> = selector
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect();
+            let desired =
+                self.desired_slice(&namespace, &service, &Selector::from_labels(&selector));
+            let key = (namespace.clone(), name.clone());
+            seen.insert(key.clone());
+            let mut slices = self.slices.lock().expect("slices");
+            let state = slices.entry(key).or_default();
+            if desired == state.published {
+                state.pending = None;
+                continue;
+            }
+            let since = state.pending.as_ref().map_or(now, |(since, _)| *since);
+            if now.duration_since(since) < delay {
+                state.pending = Some((since, desired));
+                continue;
+            }
+            let written = match &state.name {
+                Some(slice) => self.store.merge(
+                    &slices_kind,
+                    &namespace,
+                    slice,
+                    &desired,
+                    false,
+                    CONTROLLER_MANAGER,
+                ),
+                None => Err(super::store::ApiError::not_found("endpointslice")),
+            };
+            if let Err(err) = written {
+                if err.code != 404 {
+                    anyhow::bail!(
+                        "updating the EndpointSlice of {namespace}/{name}: {}",
+                        err.message
+                    );
+                }
+                let slice_name = format!("{name}-{:05x}", rand::random::<u32>() & 0xfffff);
+                let mut object = desired.clone();
+                object["metadata"] = json!({
+                    "name": slice_name,
+                    "labels": {SERVICE_NAME_LABEL: name,
+                               "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": name,
+                        "uid": meta["uid"], "controller": true, "blockOwnerDeletion": true}],
+                });
+                self.store
+                    .create(&slices_kind, &namespace, object, Some(CONTROLLER_MANAGER))
+                    .map_err(|e| anyhow::anyhow!("creating an EndpointSlice: {}", e.message))?;
+                state.name = Some(slice_name);
+            }
+            state.published = desired;
+            state.pending = None;
+        }
+        self.slices
+            .lock()
+            .expect("slices")
+            .retain(|key, _| seen.contains(key));
+        Ok(())
+    }
+
+    /// What a Service's EndpointSlice should say now: `addressType`,
+    /// `endpoints` (sorted by pod name) and `ports`.
+    fn desired_slice(&self, namespace: &str, service: &Value, selector: &Selector) -> Value {
+        let pods = self.pods.lock().expect("pods");
+        let mut matched: Vec<&PodProcess> = pods
+            .values()
+            .filter(|p| p.namespace == namespace && !p.failed && selector.matches(&p.labels))
+            .collect();
+        matched.sort_by(|a, b| a.name.cmp(&b.name));
+        let endpoints: Vec<Value> = matched
+            .iter()
+            .map(|p| {
+                json!({
+                    "addresses": [p.ip().to_string()],
+                    "conditions": {"ready": p.ready && p.terminating.is_none(), "serving": p.ready,
+                                   "terminating": p.terminating.is_some()},
+                    "targetRef": {"kind": "Pod", "namespace": namespace, "name": p.name},
+                })
+            })
+            .collect();
+        let ports: Vec<Value> = service["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|port| {
+                let number = match &port["targetPort"] {
+                    Value::String(named) => {
+                        matched.iter().find_map(|p| p.ports.get(named).copied())?
+                    }
+                    Value::Null => port["port"].as_u64()? as u16,
+                    other => other.as_u64()? as u16,
+                };
+                Some(json!({"name": port["name"].as_str().unwrap_or_default(),
+                            "port": number, "protocol": "TCP"}))
+            })
+            .collect();
+        let ipv6 = matched.first().is_some_and(|p| p.ipv6);
+        json!({
+            "addressType": if ipv6 { "IPv6" } else { "IPv4" },
+            "endpoints": endpoints,
+            "ports": ports,
+        })
+    }
+
+    /// Where kube-proxy sends a Service's new connections: the ready
+    /// endpoints of its EndpointSlices, on the port named like the
+    /// Service's first port.
+    fn slice_backends(&self, namespace: &str, name: &str, service: &Value) -> Vec<SocketAddr> {
+        let slices_kind = kind(&self.store, "discovery.k8s.io", "endpointslices");
+        let selector = Selector::parse(&format!("{SERVICE_NAME_LABEL}={name}")).unwrap_or_default();
+        let (slices, _) = self.store.list(&slices_kind, Some(namespace), &selector);
+        let port_name = service["spec"]["ports"][0]["name"]
+            .as_str()
+            .unwrap_or_default();
+        let mut backends: Vec<SocketAddr> = slices
+            .iter()
+            .flat_map(|slice| {
+                let port = slice["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["name"].as_str().unwrap_or_default() == port_name)
+                    .and_then(|p| p["port"].as_u64());
+                slice["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e["conditions"]["ready"].as_bool().unwrap_or(true))
+                    .filter_map(move |e| {
+                        let ip: IpAddr = e["addresses"][0].as_str()?.parse().ok()?;
+                        Some(SocketAddr::from((ip, port? as u16)))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        backends.sort();
+        backends
+    }
+
     /// kube-proxy: one loopback port per Service, routing new connections to
-    /// the Ready pods its selector matches (the first Service port only).
+    /// the ready endpoints of its EndpointSlices (the first Service port
+    /// only), never to the selector's pods directly.
     async fn proxies(&self) -> Result<()> {
         let services_kind = kind(&self.store, "", "services");
         let (services, _) = self.store.list(&services_kind, None, &Selector::default());
@@ -649,31 +1073,7 @@ impl Cluster {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            let selector: BTreeMap<String, String> = service["spec"]["selector"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let target = service["spec"]["ports"][0]["targetPort"].clone();
-            let selector = Selector::from_labels(&selector);
-            let mut backends: Vec<SocketAddr> = self
-                .pods
-                .lock()
-                .expect("pods")
-                .values()
-                .filter(|p| p.namespace == namespace && p.ready && selector.matches(&p.labels))
-                .filter_map(|p| {
-                    let port = match &target {
-                        Value::String(port_name) => p.ports.get(port_name).copied()?,
-                        other => other.as_u64()? as u16,
-                    };
-                    Some(SocketAddr::from((p.ip(), port)))
-                })
-                .collect();
-            backends.sort();
+            let backends = self.slice_backends(&namespace, &name, &service);
             let key = (namespace, name);
             seen.insert(key.clone());
             let existing = self
@@ -693,6 +1093,10 @@ impl Cluster {
                 }
                 None => {
                     let proxy = Arc::new(ServiceProxy::start(backends.clone()).await?);
+                    let store = self.store.clone();
+                    proxy.set_admission(Arc::new(move |peer, backend| {
+                        network_allows(&store, peer, backend)
+                    }));
                     self.services
                         .lock()
                         .expect("services")
@@ -706,6 +1110,68 @@ impl Cluster {
             .retain(|key, _| seen.contains(key));
         Ok(())
     }
+}
+
+/// The same address, IPv4-mapped IPv6 written as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The network plugin: whether the NetworkPolicies of the backend pod's
+/// namespace let `peer` (a pod, known by its IP, or something outside the
+/// pod network) reach it on that port ([`super::netpol`]).
+fn network_allows(store: &Store, peer: SocketAddr, backend: SocketAddr) -> bool {
+    let (pods, _) = store.list(&kind(store, "", "pods"), None, &Selector::default());
+    let at = |ip: IpAddr| {
+        pods.iter().find(|p| {
+            p["status"]["podIP"]
+                .as_str()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .is_some_and(|a| canonical(a) == canonical(ip))
+                && !matches!(p["status"]["phase"].as_str(), Some("Failed" | "Succeeded"))
+        })
+    };
+    let Some(target) = at(backend.ip()) else {
+        return true;
+    };
+    let namespace = target["metadata"]["namespace"].as_str().unwrap_or_default();
+    let target_labels = labels(target);
+    let port_name = target["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .find(|p| p["containerPort"].as_u64() == Some(u64::from(backend.port())))
+        .and_then(|p| p["name"].as_str());
+    let source = match at(peer.ip()) {
+        Some(pod) => super::netpol::Source::Pod {
+            namespace: pod["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            labels: labels(pod),
+            ip: peer.ip(),
+        },
+        None => super::netpol::Source::External(peer.ip()),
+    };
+    let (policies, _) = store.list(
+        &kind(store, "networking.k8s.io", "networkpolicies"),
+        Some(namespace),
+        &Selector::default(),
+    );
+    super::netpol::ingress_allowed(
+        &policies,
+        &super::netpol::Target {
+            namespace,
+            labels: &target_labels,
+            port: backend.port(),
+            port_name,
+        },
+        &source,
+    )
 }
 
 /// Expands `$(VAR)` from variables defined earlier, as Kubernetes does.

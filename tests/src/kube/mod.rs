@@ -8,7 +8,9 @@
 //! What it does not do is listed in docs/testing.md.
 
 pub mod api;
+pub mod disruption;
 pub mod kubelet;
+pub mod netpol;
 pub mod patch;
 pub mod podsecurity;
 pub mod selector;
@@ -108,6 +110,22 @@ impl Emulator {
         Ok(path)
     }
 
+    /// `POST pods/NAME/eviction` over HTTP, as `kubectl drain` sends it
+    /// (kube's client retries a 429 by itself, which would hide the
+    /// refusal): the status code and the answer.
+    pub fn evict(&self, namespace: &str, name: &str) -> Result<(u16, Value)> {
+        let body = serde_json::json!({"apiVersion": "policy/v1", "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace}});
+        let (status, text) = crate::http_request_with(
+            self.addr,
+            "POST",
+            &format!("/api/v1/namespaces/{namespace}/pods/{name}/eviction"),
+            &[("Content-Type", "application/json")],
+            Some(&body.to_string()),
+        )?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
     /// The scratch directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -193,7 +211,7 @@ impl Emulator {
     ) -> Result<Value> {
         let rt = self.kind(group, plural)?;
         self.store
-            .merge(&rt, namespace, name, patch, status)
+            .merge(&rt, namespace, name, patch, status, "test")
             .map_err(api_error)
     }
 

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::Value;
+
 /// One requirement of a selector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Requirement {
@@ -101,6 +103,39 @@ impl Selector {
             Requirement::NotExists(k) => !labels.contains_key(k),
         })
     }
+}
+
+/// The label selector of a `LabelSelector` object (`matchLabels` and
+/// `matchExpressions`), or `None` for one the emulator cannot read. An
+/// empty selector selects every pod, as on `policy/v1` and in a NetworkPolicy's `podSelector`.
+pub fn label_selector(selector: &Value) -> Option<Selector> {
+    let mut terms: Vec<String> = selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(key, value)| format!("{key}={}", value.as_str().unwrap_or_default()))
+        .collect();
+    for expression in selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let key = expression["key"].as_str()?;
+        let values: Vec<&str> = expression["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        terms.push(match expression["operator"].as_str()? {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "Exists" => key.to_string(),
+            "DoesNotExist" => format!("!{key}"),
+            _ => return None,
+        });
+    }
+    Selector::parse(&terms.join(",")).ok()
 }
 
 #[cfg(test)]

@@ -79,6 +79,12 @@ impl ResourceType {
     }
 
     /// `v1` or `group/version`.
+    /// The keys of the associative list at a path of field names, for
+    /// server-side apply (atomic lists: `None`).
+    pub fn list_keys(&self, path: &[&str]) -> Option<Vec<String>> {
+        super::validate::list_keys(&self.kind, self.schema.as_ref(), path)
+    }
+
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.clone()
@@ -147,11 +153,105 @@ pub struct Change {
     pub previous_labels: Option<BTreeMap<String, String>>,
 }
 
+/// How a manager wrote its fields: kube-apiserver keeps a manager's
+/// applied fields and the fields it changed by updates (create, PUT, merge
+/// patch) apart, as two `managedFields` entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Operation {
+    /// Server-side apply.
+    Apply,
+    /// Create, replace or patch.
+    Update,
+}
+
+/// One `managedFields` entry's identity: manager, operation, and whether
+/// it wrote through the status subresource.
+type Manager = (String, Operation, bool);
+
+/// What one manager owns, and when that last changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Owned {
+    fields: BTreeSet<FieldPath>,
+    time: String,
+}
+
 #[derive(Debug, Clone, Default)]
 struct Entry {
     object: Value,
-    /// (manager, status subresource) → owned fields.
-    managed: BTreeMap<(String, bool), BTreeSet<FieldPath>>,
+    managed: BTreeMap<Manager, Owned>,
+}
+
+impl Entry {
+    /// Sets `manager`'s fields (and their time, if they changed).
+    fn own(&mut self, manager: Manager, fields: BTreeSet<FieldPath>) {
+        let owned = self.managed.entry(manager).or_default();
+        if owned.fields != fields || owned.time.is_empty() {
+            owned.fields = fields;
+            owned.time = now_rfc3339();
+        }
+    }
+
+    /// An update by `manager` changed `changed`: those fields are its now,
+    /// and no longer anyone else's (in the same scope: main resource or
+    /// status). Fields the update removed belong to no one.
+    fn updated(&mut self, manager: &str, status: bool, changed: BTreeSet<FieldPath>, live: &Value) {
+        for ((_, _, scope), owned) in self.managed.iter_mut() {
+            if *scope == status {
+                owned.fields.retain(|p| !changed.contains(p));
+            }
+        }
+        let present: BTreeSet<FieldPath> = changed
+            .into_iter()
+            .filter(|p| patch::get_path(live, p).is_some())
+            .collect();
+        let key = (manager.to_string(), Operation::Update, status);
+        let mut mine = self
+            .managed
+            .get(&key)
+            .map(|o| o.fields.clone())
+            .unwrap_or_default();
+        mine.extend(present);
+        self.own(key, mine);
+        self.managed.retain(|_, owned| !owned.fields.is_empty());
+    }
+
+    /// `metadata.managedFields` as kube-apiserver shows it.
+    fn render_managed(&mut self) {
+        let api_version = self.object["apiVersion"].clone();
+        let entries: Vec<Value> = self
+            .managed
+            .iter()
+            .map(|((manager, operation, status), owned)| {
+                let mut entry = json!({
+                    "manager": manager,
+                    "operation": match operation { Operation::Apply => "Apply", Operation::Update => "Update" },
+                    "apiVersion": api_version,
+                    "time": owned.time,
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": patch::fields_v1(&owned.fields),
+                });
+                if *status {
+                    entry["subresource"] = json!("status");
+                }
+                entry
+            })
+            .collect();
+        if let Some(metadata) = self.object["metadata"].as_object_mut() {
+            if entries.is_empty() {
+                metadata.remove("managedFields");
+            } else {
+                metadata.insert("managedFields".into(), Value::Array(entries));
+            }
+        }
+    }
+}
+
+/// Managed fields in a request body are the server's to keep: dropped.
+fn strip_managed(object: &mut Value) {
+    // (`get_mut`: indexing would add a `metadata: null` to a patch.)
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        metadata.remove("managedFields");
+    }
 }
 
 type ObjectKey = (String, String, String);
@@ -229,7 +329,49 @@ impl Store {
             ResourceType::builtin("", "v1", "services", "Service", true, true),
             ResourceType::builtin("", "v1", "configmaps", "ConfigMap", true, false),
             ResourceType::builtin("", "v1", "secrets", "Secret", true, false),
+            ResourceType::builtin("", "v1", "serviceaccounts", "ServiceAccount", true, false),
+            ResourceType::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+                "ClusterRole",
+                false,
+                false,
+            ),
+            ResourceType::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterrolebindings",
+                "ClusterRoleBinding",
+                false,
+                false,
+            ),
+            ResourceType::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "roles",
+                "Role",
+                true,
+                false,
+            ),
+            ResourceType::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "rolebindings",
+                "RoleBinding",
+                true,
+                false,
+            ),
+            ResourceType::builtin(
+                "networking.k8s.io",
+                "v1",
+                "networkpolicies",
+                "NetworkPolicy",
+                true,
+                false,
+            ),
             ResourceType::builtin("apps", "v1", "deployments", "Deployment", true, true),
+            ResourceType::builtin("apps", "v1", "replicasets", "ReplicaSet", true, true),
             ResourceType::builtin(
                 "policy",
                 "v1",
@@ -239,6 +381,14 @@ impl Store {
                 true,
             ),
             ResourceType::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, false),
+            ResourceType::builtin(
+                "discovery.k8s.io",
+                "v1",
+                "endpointslices",
+                "EndpointSlice",
+                true,
+                false,
+            ),
             ResourceType::builtin("events.k8s.io", "v1", "events", "Event", true, false),
             ResourceType::builtin(
                 "apiextensions.k8s.io",
@@ -436,14 +586,30 @@ impl Store {
             .collect())
     }
 
-    /// Creates an object.
+    /// Creates an object (an Update of `manager`, if named).
     pub fn create(
         &self,
         rt: &ResourceType,
         namespace: &str,
-        mut object: Value,
+        object: Value,
         manager: Option<&str>,
     ) -> Result<Value, ApiError> {
+        self.create_as(
+            rt,
+            namespace,
+            object,
+            manager.map(|m| (m, Operation::Update)),
+        )
+    }
+
+    fn create_as(
+        &self,
+        rt: &ResourceType,
+        namespace: &str,
+        mut object: Value,
+        manager: Option<(&str, Operation)>,
+    ) -> Result<Value, ApiError> {
+        strip_managed(&mut object);
         let mut inner = self.lock();
         let name = object["metadata"]["name"]
             .as_str()
@@ -482,10 +648,11 @@ impl Store {
         rt.admit(&name, &mut object)?;
         self.pod_security(rt, namespace, &object)?;
         let mut entry = Entry::default();
-        if let Some(manager) = manager {
-            entry
-                .managed
-                .insert((manager.to_string(), false), patch::leaf_paths(&object));
+        if let Some((manager, operation)) = manager {
+            let keys = |path: &[&str]| rt.list_keys(path);
+            let mut fields = patch::leaf_paths(&object, &keys);
+            fields.retain(|p| p[0] != "status");
+            entry.own((manager.to_string(), operation, false), fields);
         }
         entry.object = object;
         Ok(inner.commit(key, "ADDED", entry, &self.notify))
@@ -506,15 +673,18 @@ impl Store {
         Ok((key, entry))
     }
 
-    /// PUT: replaces an object (or its status), refusing a stale resourceVersion.
+    /// PUT: replaces an object (or its status), refusing a stale
+    /// resourceVersion; the fields it changed become `manager`'s.
     pub fn replace(
         &self,
         rt: &ResourceType,
         namespace: &str,
         name: &str,
-        object: Value,
+        mut object: Value,
         status_only: bool,
+        manager: &str,
     ) -> Result<Value, ApiError> {
+        strip_managed(&mut object);
         let mut inner = self.lock();
         let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
         let sent = object["metadata"]["resourceVersion"]
@@ -529,12 +699,15 @@ impl Store {
                 rt.plural
             )));
         }
+        let before = entry.object.clone();
         entry.object = settle(rt, &entry.object, object, status_only);
         rt.admit(name, &mut entry.object)?;
+        Self::record_update(rt, &mut entry, &before, manager, status_only);
         Ok(inner.update(key, entry, &self.notify))
     }
 
-    /// PATCH with application/merge-patch+json.
+    /// PATCH with application/merge-patch+json; the fields it changed
+    /// become `manager`'s.
     pub fn merge(
         &self,
         rt: &ResourceType,
@@ -542,15 +715,47 @@ impl Store {
         name: &str,
         patch_body: &Value,
         status_only: bool,
+        manager: &str,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
         precondition(rt, name, &entry.object, patch_body)?;
         let mut patched = entry.object.clone();
-        patch::merge_patch(&mut patched, patch_body);
+        let mut body = patch_body.clone();
+        strip_managed(&mut body);
+        patch::merge_patch(&mut patched, &body);
+        let before = entry.object.clone();
         entry.object = settle(rt, &entry.object, patched, status_only);
         rt.admit(name, &mut entry.object)?;
+        Self::record_update(rt, &mut entry, &before, manager, status_only);
         Ok(inner.update(key, entry, &self.notify))
+    }
+
+    /// The ownership an update moves: what changed in its scope (status,
+    /// or everything else) goes to `manager`'s Update entry.
+    fn record_update(
+        rt: &ResourceType,
+        entry: &mut Entry,
+        before: &Value,
+        manager: &str,
+        status: bool,
+    ) {
+        let keys = |path: &[&str]| rt.list_keys(path);
+        let scope = |object: &Value| {
+            let mut scoped = object.clone();
+            if status {
+                scoped = json!({"status": object.get("status").cloned().unwrap_or(Value::Null)});
+            } else if let Some(map) = scoped.as_object_mut() {
+                map.remove("status");
+            }
+            strip_managed(&mut scoped);
+            scoped
+        };
+        let changed = patch::changed_paths(&scope(before), &scope(&entry.object), &keys);
+        if !changed.is_empty() {
+            let live = entry.object.clone();
+            entry.updated(manager, status, changed, &live);
+        }
     }
 
     /// PATCH with application/apply-patch+yaml (server-side apply).
@@ -582,7 +787,7 @@ impl Store {
             if rt.status {
                 strip_status(&mut object);
             }
-            return self.create(rt, namespace, object, Some(manager));
+            return self.create_as(rt, namespace, object, Some((manager, Operation::Apply)));
         }
         let mut inner = self.lock();
         let (key, mut entry) = Self::existing(&inner, rt, namespace, name)?;
@@ -600,13 +805,22 @@ impl Store {
             }
             main
         };
-        let others: Vec<(&str, &BTreeSet<FieldPath>)> = entry
+        if !scope["metadata"]["managedFields"].is_null() {
+            return Err(ApiError::bad_request(
+                "metadata.managedFields must be nil in an applied configuration",
+            ));
+        }
+        let keys = |path: &[&str]| rt.list_keys(path);
+        let me: Manager = (manager.to_string(), Operation::Apply, status_only);
+        // Every other entry in this scope, the same manager's updates too
+        // (kube-apiserver tells them apart by operation).
+        let others: Vec<(String, &BTreeSet<FieldPath>)> = entry
             .managed
             .iter()
-            .filter(|((m, s), _)| m != manager && *s == status_only)
-            .map(|((m, _), owned)| (m.as_str(), owned))
+            .filter(|(m, _)| **m != me && m.2 == status_only)
+            .map(|((m, op, _), owned)| (format!("{m} ({op:?})"), &owned.fields))
             .collect();
-        let conflicts = patch::conflicts(&entry.object, &scope, others);
+        let conflicts = patch::conflicts(&entry.object, &scope, &keys, others);
         if !conflicts.is_empty() && !force {
             return Err(ApiError::new(
                 409,
@@ -615,65 +829,137 @@ impl Store {
             ));
         }
         if force {
-            let wanted = patch::leaf_paths(&scope);
-            for ((m, s), owned) in entry.managed.iter_mut() {
-                if m != manager && *s == status_only {
-                    owned.retain(|p| !wanted.contains(p));
+            // Forced: the conflicting fields are taken from their owners.
+            let wanted = patch::leaf_paths(&scope, &keys);
+            for (m, owned) in entry.managed.iter_mut() {
+                if *m != me && m.2 == status_only {
+                    owned.fields.retain(|p| {
+                        !wanted.contains(p)
+                            || p.last().is_some_and(|s| s.starts_with("k:"))
+                            || patch::get_path(&entry.object, p) == patch::get_path(&scope, p)
+                    });
                 }
             }
+            entry.managed.retain(|_, owned| !owned.fields.is_empty());
         }
         let previously = entry
             .managed
-            .get(&(manager.to_string(), status_only))
-            .cloned()
+            .get(&me)
+            .map(|o| o.fields.clone())
             .unwrap_or_default();
-        let mut next = entry.object.clone();
-        let owned = patch::apply(&mut next, &scope, &previously);
-        entry
+        let held: BTreeSet<FieldPath> = entry
             .managed
-            .insert((manager.to_string(), status_only), owned);
+            .iter()
+            .filter(|(m, _)| **m != me && m.2 == status_only)
+            .flat_map(|(_, owned)| owned.fields.iter().cloned())
+            .collect();
+        let mut next = entry.object.clone();
+        let owned = patch::apply(&mut next, &scope, &previously, &held, &keys);
+        if owned.is_empty() {
+            entry.managed.remove(&me);
+        } else {
+            entry.own(me, owned);
+        }
         entry.object = settle(rt, &entry.object, next, status_only);
         rt.admit(name, &mut entry.object)?;
         Ok(inner.update(key, entry, &self.notify))
     }
 
-    /// DELETE, then garbage-collects every object owned (transitively) by it.
+    /// DELETE, then garbage-collects every object owned (transitively) by
+    /// it. A pod on a node is deleted gracefully, as kube-apiserver does:
+    /// it gets `deletionTimestamp` (now + its grace period) and
+    /// `deletionGracePeriodSeconds` and stays, with its IP, until the
+    /// kubelet has stopped it ([`Store::remove_terminated`]); a pod not on
+    /// a node, one in a terminal phase, or a grace period of 0 goes at once.
+    /// `grace` is the request's `gracePeriodSeconds`, if it gave one.
     pub fn delete(
         &self,
         rt: &ResourceType,
         namespace: &str,
         name: &str,
     ) -> Result<Value, ApiError> {
+        self.delete_with_grace(rt, namespace, name, None)
+    }
+
+    /// [`Store::delete`] with the request's grace period.
+    pub fn delete_with_grace(
+        &self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        grace: Option<u64>,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
-        let (key, entry) = Self::existing(&inner, rt, namespace, name)?;
-        let deleted = entry.object.clone();
-        inner.remove(key, &self.notify);
-        let mut gone: Vec<String> = deleted["metadata"]["uid"]
-            .as_str()
-            .map(str::to_string)
-            .into_iter()
-            .collect();
-        while let Some(uid) = gone.pop() {
-            let owned: Vec<ObjectKey> = inner
-                .objects
-                .iter()
-                .filter(|(_, e)| {
-                    e.object["metadata"]["ownerReferences"]
-                        .as_array()
-                        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid.as_str()))
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            for key in owned {
-                if let Some(entry) = inner.objects.get(&key) {
-                    if let Some(uid) = entry.object["metadata"]["uid"].as_str() {
-                        gone.push(uid.to_string());
-                    }
-                }
-                inner.remove(key, &self.notify);
+        let (key, _) = Self::existing(&inner, rt, namespace, name)?;
+        Ok(self.delete_key(&mut inner, key, grace))
+    }
+
+    /// Removes a terminating pod whose containers have stopped (the
+    /// kubelet's last word on it).
+    pub fn remove_terminated(&self, namespace: &str, name: &str) {
+        let mut inner = self.lock();
+        let key = ("/pods".to_string(), namespace.to_string(), name.to_string());
+        if inner.objects.contains_key(&key) {
+            self.collect(&mut inner, key);
+        }
+    }
+
+    fn delete_key(&self, inner: &mut Inner, key: ObjectKey, grace: Option<u64>) -> Value {
+        let Some(mut entry) = inner.objects.get(&key).cloned() else {
+            return Value::Null;
+        };
+        if key.0 == "/pods" {
+            let object = &entry.object;
+            let on_node = object["spec"]["nodeName"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty());
+            let terminal = matches!(
+                object["status"]["phase"].as_str(),
+                Some("Failed" | "Succeeded")
+            );
+            let grace = grace
+                .or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_u64())
+                .unwrap_or(30);
+            if !object["metadata"]["deletionTimestamp"].is_null() {
+                return entry.object;
+            }
+            if on_node && !terminal && grace > 0 {
+                let at = std::time::SystemTime::now() + std::time::Duration::from_secs(grace);
+                entry.object["metadata"]["deletionTimestamp"] = json!(k8s_time(at));
+                entry.object["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                return inner.update(key, entry, &self.notify);
             }
         }
-        Ok(deleted)
+        let deleted = entry.object.clone();
+        self.collect(inner, key);
+        deleted
+    }
+
+    /// Removes an object, then (transitively) what its ownerReferences
+    /// make it own — background propagation, each dependent deleted as a
+    /// DELETE would (pods gracefully).
+    fn collect(&self, inner: &mut Inner, key: ObjectKey) {
+        let uid = inner
+            .objects
+            .get(&key)
+            .and_then(|e| e.object["metadata"]["uid"].as_str().map(str::to_string));
+        inner.remove(key, &self.notify);
+        let Some(uid) = uid else {
+            return;
+        };
+        let owned: Vec<ObjectKey> = inner
+            .objects
+            .iter()
+            .filter(|(_, e)| {
+                e.object["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid.as_str()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in owned {
+            self.delete_key(inner, key, None);
+        }
     }
 }
 
@@ -721,6 +1007,7 @@ impl Inner {
         notify: &watch::Sender<u64>,
     ) -> Value {
         self.rv += 1;
+        entry.render_managed();
         entry.object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let object = entry.object.clone();
         let previous = self.objects.get(&key).map(|e| labels(&e.object));
@@ -735,7 +1022,8 @@ impl Inner {
     /// kube-apiserver, a no-op write keeps the resourceVersion and sends no
     /// watch event, so a controller that re-applies what is there does not
     /// wake itself up.
-    fn update(&mut self, key: ObjectKey, entry: Entry, notify: &watch::Sender<u64>) -> Value {
+    fn update(&mut self, key: ObjectKey, mut entry: Entry, notify: &watch::Sender<u64>) -> Value {
+        entry.render_managed();
         if let Some(current) = self.objects.get(&key) {
             let mut proposed = entry.object.clone();
             proposed["metadata"]["resourceVersion"] =
@@ -802,7 +1090,14 @@ fn settle(rt: &ResourceType, old: &Value, mut new: Value, status_only: bool) -> 
     }
     new["apiVersion"] = old["apiVersion"].clone();
     new["kind"] = old["kind"].clone();
-    for field in ["name", "namespace", "uid", "creationTimestamp"] {
+    for field in [
+        "name",
+        "namespace",
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
         if let Some(value) = old["metadata"].get(field) {
             new["metadata"][field] = value.clone();
         }
@@ -886,6 +1181,7 @@ mod tests {
                 "d",
                 &json!({"status": {"readyReplicas": 1}}),
                 true,
+                "test",
             )
             .expect("status");
         assert_eq!(status["metadata"]["generation"], 1);
@@ -897,6 +1193,7 @@ mod tests {
                 "d",
                 &json!({"spec": {"replicas": 2}, "status": {"readyReplicas": 9}}),
                 false,
+                "test",
             )
             .expect("scale");
         assert_eq!(scaled["metadata"]["generation"], 2);
@@ -908,7 +1205,7 @@ mod tests {
         let mut stale = created.clone();
         stale["spec"]["replicas"] = json!(5);
         let err = store
-            .replace(&rt, "ns", "d", stale, false)
+            .replace(&rt, "ns", "d", stale, false, "test")
             .expect_err("stale");
         assert_eq!(err.code, 409);
         assert_eq!(

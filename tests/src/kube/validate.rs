@@ -411,6 +411,54 @@ const CONTAINER_LISTS: &[(&str, &[&str])] = &[
     ("volumeMounts", &["mountPath"]),
 ];
 
+/// The keys of the associative list at `path` (field names from the root,
+/// list entries left out) in an object of `kind`: Kubernetes' OpenAPI list
+/// types for the built-in kinds the operator writes, the CRD's
+/// `x-kubernetes-list-type: map` for custom resources. `None`: atomic.
+pub fn list_keys(kind: &str, schema: Option<&Value>, path: &[&str]) -> Option<Vec<String>> {
+    let owned = |keys: &[&str]| Some(keys.iter().map(|k| k.to_string()).collect());
+    if let Some(schema) = schema {
+        let mut node = schema;
+        for segment in path {
+            if node["type"] == "array" {
+                node = &node["items"];
+            }
+            node = &node["properties"][*segment];
+        }
+        if node["x-kubernetes-list-type"] != "map" {
+            return None;
+        }
+        return Some(
+            node["x-kubernetes-list-map-keys"]
+                .as_array()?
+                .iter()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect(),
+        );
+    }
+    if path == ["metadata", "ownerReferences"] {
+        return owned(&["uid"]);
+    }
+    let pod_spec: &[&str] = match kind {
+        "Pod" => &["spec"],
+        "Deployment" | "ReplicaSet" => &["spec", "template", "spec"],
+        "Service" if path == ["spec", "ports"] => return owned(&["port", "protocol"]),
+        _ => return None,
+    };
+    let rest = path.strip_prefix(pod_spec)?;
+    match rest {
+        [list] => POD_SPEC_LISTS
+            .iter()
+            .find(|(name, _)| name == list)
+            .and_then(|(_, keys)| owned(keys)),
+        ["containers" | "initContainers", list] => CONTAINER_LISTS
+            .iter()
+            .find(|(name, _)| name == list)
+            .and_then(|(_, keys)| owned(keys)),
+        _ => None,
+    }
+}
+
 /// Refuses an applied configuration (server-side apply) of a built-in kind
 /// that has two entries with one key in an associative list.
 pub fn applied_lists(kind: &str, applied: &Value) -> Result<(), ApiError> {
