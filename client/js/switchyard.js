@@ -1,21 +1,41 @@
 // Switchyard browser client: an ES module with no build step, served by the
 // gateway at /switchyard.js. Same behaviour as the Rust client
-// (client/src/session.rs):
+// (client/src/session.rs), the obligations of docs/protocol.md:
 //  - reconnects with exponential backoff and full jitter, or after the
-//    gateway's retry_ms hint;
-//  - acts on the close-code classes: 4000–4499 and transient standard codes
-//    reconnect, 4001/4501 ask for credentials first, the rest are terminal;
+//    gateway's retry_ms hint (clamped to an hour); the backoff starts over
+//    only after a connection stayed up `healthyMs`, so a gateway that
+//    accepts and drops is not hammered;
+//  - acts on the close-code classes, before or after `welcome`, on the
+//    current connection or on either side of a migration: 4000–4499 and
+//    transient standard codes reconnect, 4001/4501 ask for credentials
+//    first, the rest (e.g. 4503 revoked) end the session;
 //  - on `migrate`, opens the new connection first, resumes every topic from
 //    its last position, then closes the old one with 1000 (make-before-break);
+//    subscribes and unsubscribes reach both sides of the overlap, and a topic
+//    the new side resynchronised (`recovered: false`) is no longer taken
+//    from the old one;
 //  - drops duplicates by (epoch, offset), so the application sees one
 //    continuous stream;
-//  - holds publishes in a bounded outbox while disconnected;
-//  - asks again for a subscribe the gateway refused as `unavailable`.
+//  - takes a connection silent for two heartbeats, or not welcomed within
+//    `connectTimeoutMs`, as dead;
+//  - holds publishes in a bounded outbox while disconnected (at most once:
+//    a publish sent on a connection that then drops may be lost);
+//  - asks again for a subscribe the gateway refused as `unavailable`;
+//  - ignores frames it does not know (forward-compatible).
 //
 // Events (EventTarget; `event.detail` carries the data): connected,
 // disconnected {code, reason, retryMs}, migrated {from, to},
 // resumed {topic, recovered}, message {topic, epoch, offset, data},
 // published {topic, position}, error {code, message}, stopped {code}.
+
+/** The longest wait a `retry_ms` hint can ask for (setTimeout's range ends at 2^31 ms). */
+export const MAX_RETRY_MS = 3_600_000;
+
+/** A hint as a wait: non-negative, at most MAX_RETRY_MS; `null` when there is none. */
+export function retryHint(value) {
+  if (typeof value !== "number" || !Number.isFinite(value)) return null;
+  return Math.min(Math.max(0, Math.floor(value)), MAX_RETRY_MS);
+}
 
 /** What a close code tells the client to do. */
 export function closeClass(code) {
@@ -64,26 +84,45 @@ export class SwitchyardClient extends EventTarget {
    * called before every connection, so reconnects and migrations present a
    * fresh one. Without it the browser's cookies authenticate the handshake.
    */
-  constructor(url, { backoffBaseMs = 100, backoffCapMs = 10000, outboxLimit = 1000, getTicket = null } = {}) {
+  constructor(
+    url,
+    {
+      backoffBaseMs = 100,
+      backoffCapMs = 10000,
+      outboxLimit = 1000,
+      getTicket = null,
+      connectTimeoutMs = 10000,
+      healthyMs = 10000,
+    } = {},
+  ) {
     super();
     this.url = url;
     this.getTicket = getTicket;
     this.backoffBaseMs = backoffBaseMs;
     this.backoffCapMs = backoffCapMs;
     this.outboxLimit = outboxLimit;
+    this.connectTimeoutMs = connectTimeoutMs;
+    this.healthyMs = healthyMs;
     /** topic -> last position delivered ({epoch, offset}) or null */
     this.cursors = new Map();
     this.outbox = [];
+    /** The connection the session runs on (or is opening); null while waiting to retry. */
     this.socket = null;
+    /** A migration's new connection (or a marker while its ticket comes). */
+    this.migration = null;
+    this.retryTimer = null;
     this.serverId = null;
     this.connectionId = null;
     this.attempt = 0;
+    this.running = false;
     this.stopped = false;
     this.stats = { connections: 0, migrations: 0, duplicatesDropped: 0, disconnects: 0 };
   }
 
-  /** Opens the session. */
+  /** Opens the session (once: a running session is left alone). */
   connect() {
+    if (this.running) return this;
+    this.running = true;
     this.stopped = false;
     this.#open(false);
     return this;
@@ -91,16 +130,32 @@ export class SwitchyardClient extends EventTarget {
 
   subscribe(topic) {
     if (!this.cursors.has(topic)) this.cursors.set(topic, null);
-    this.#sendOn(this.socket, { op: "subscribe", topic, ...this.#since(topic) });
+    const frame = { op: "subscribe", topic, ...this.#since(topic) };
+    this.#sendOn(this.socket, frame);
+    const next = this.#migrationSocket();
+    if (next && next.welcomed) {
+      next.waiting.add(topic);
+      this.#sendOn(next, frame);
+    }
   }
 
   unsubscribe(topic) {
     this.cursors.delete(topic);
     this.#sendOn(this.socket, { op: "unsubscribe", topic });
+    const next = this.#migrationSocket();
+    if (next && next.welcomed) {
+      this.#sendOn(next, { op: "unsubscribe", topic });
+      if (next.waiting.delete(topic) && next.waiting.size === 0) this.#finishMigration(next);
+    }
   }
 
-  /** Publishes (held while disconnected); returns false when the outbox is full. */
+  /**
+   * Publishes (held while disconnected). Returns false when the outbox is
+   * full or the session has stopped. At most once: a publish written to a
+   * connection that then drops may be lost; `published` confirms it.
+   */
   publish(topic, data) {
+    if (this.stopped) return false;
     const frame = { op: "publish", topic, data };
     if (this.#ready(this.socket)) {
       this.socket.send(JSON.stringify(frame));
@@ -111,11 +166,10 @@ export class SwitchyardClient extends EventTarget {
     return true;
   }
 
-  /** Ends the session with `code` (1000 by default). */
+  /** Ends the session with `code` (1000 by default): every connection closes, `stopped` follows. */
   close(code = 1000) {
-    this.stopped = true;
-    clearTimeout(this.retryTimer);
-    if (this.socket) this.socket.close(code);
+    if (this.stopped) return;
+    this.#stop(code, code);
   }
 
   #emit(type, detail) {
@@ -135,32 +189,95 @@ export class SwitchyardClient extends EventTarget {
     if (this.#ready(socket)) socket.send(JSON.stringify(frame));
   }
 
+  /** The migration's new socket, once it exists (not the ticket marker). */
+  #migrationSocket() {
+    return this.migration && !this.migration.pending ? this.migration : null;
+  }
+
+  /** Ends the session: timers cleared, both connections closed, `stopped {code}` once. */
+  #stop(eventCode, closeCode = 1000) {
+    this.stopped = true;
+    this.running = false;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    for (const socket of [this.socket, this.#migrationSocket()]) {
+      if (!socket) continue;
+      this.#quiet(socket);
+      socket.retired = true;
+      if (socket.readyState <= WebSocket.OPEN) socket.close(closeCode);
+    }
+    this.socket = null;
+    this.migration = null;
+    this.#emit("stopped", { code: eventCode });
+  }
+
+  #quiet(socket) {
+    clearTimeout(socket.connectTimer);
+    clearTimeout(socket.silenceTimer);
+  }
+
+  /** Gives up on a socket locally (no welcome in time, or silent too long): it closes as 1006. */
+  #abandon(socket) {
+    if (socket.readyState > WebSocket.OPEN) return;
+    socket.localCode = 1006;
+    socket.close(1000);
+  }
+
+  /** Two heartbeats of silence and the connection is dead (half-open TCP, a sleeping laptop). */
+  #heard(socket) {
+    if (!socket.heartbeatMs) return;
+    clearTimeout(socket.silenceTimer);
+    socket.silenceTimer = setTimeout(() => this.#abandon(socket), 2 * socket.heartbeatMs);
+  }
+
+  #scheduleRetry(retryMs) {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      if (!this.stopped && !this.socket) this.#open(false);
+    }, retryMs);
+  }
+
+  #nextBackoff() {
+    const delay = backoffDelay(this.attempt, this.backoffBaseMs, this.backoffCapMs);
+    this.attempt += 1;
+    return delay;
+  }
+
   /**
    * Opens a connection; `migrating` keeps the current one until this one has
    * resumed. With `getTicket`, the socket opens once the ticket arrives; a
-   * pending marker stands for it meanwhile so a second `migrate` starts nothing.
+   * pending marker stands for it meanwhile so a second `migrate` starts
+   * nothing — for at most `connectTimeoutMs`.
    */
   #open(migrating) {
     if (!this.getTicket) return this.#openAt(this.url, migrating);
     const pending = { pending: true };
-    this.getTicket().then(
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error("no ticket within connectTimeoutMs")), this.connectTimeoutMs);
+    });
+    Promise.race([Promise.resolve().then(() => this.getTicket()), timeout]).then(
       (ticket) => {
+        clearTimeout(timer);
         if (this.stopped) return;
-        const socket = this.#openAt(withTicket(this.url, ticket), migrating);
-        if (migrating && this.migration === pending) this.migration = socket;
+        if (migrating) {
+          if (this.migration !== pending) return; // given up on meanwhile
+          this.migration = this.#openAt(withTicket(this.url, ticket), true);
+        } else if (!this.socket) {
+          this.#openAt(withTicket(this.url, ticket), false);
+        }
       },
       (err) => {
+        clearTimeout(timer);
+        if (this.stopped) return;
         this.#emit("error", { code: "credential", message: String(err) });
         if (migrating) {
           // Stay on the current connection; its 4000 close takes the reconnect path.
           if (this.migration === pending) this.migration = null;
           return;
         }
-        const retryMs = backoffDelay(this.attempt, this.backoffBaseMs, this.backoffCapMs);
-        this.attempt += 1;
-        this.retryTimer = setTimeout(() => {
-          if (!this.stopped) this.#open(false);
-        }, retryMs);
+        this.#scheduleRetry(this.#nextBackoff());
       },
     );
     return pending;
@@ -170,31 +287,43 @@ export class SwitchyardClient extends EventTarget {
     const socket = new WebSocket(url);
     socket.welcomed = false;
     socket.waiting = new Set();
-    socket.onmessage = (event) => this.#onFrame(socket, event.data, migrating);
+    socket.resynced = new Set();
+    socket.onmessage = (event) => this.#onFrame(socket, event.data);
     socket.onclose = (event) => this.#onClose(socket, event);
+    socket.connectTimer = setTimeout(() => {
+      if (!socket.welcomed) this.#abandon(socket);
+    }, this.connectTimeoutMs);
     if (!migrating) this.socket = socket;
     return socket;
   }
 
-  #onFrame(socket, text, migrating) {
+  #onFrame(socket, text) {
+    if (this.stopped || socket.retired) return;
     let frame;
     try {
       frame = JSON.parse(text);
     } catch {
       return;
     }
+    if (typeof frame !== "object" || frame === null || Array.isArray(frame)) return;
+    this.#heard(socket);
+    const isNew = socket === this.migration;
     switch (frame.op) {
       case "welcome": {
+        if (socket.welcomed) break;
         socket.welcomed = true;
+        socket.welcomedAt = Date.now();
+        clearTimeout(socket.connectTimer);
         socket.serverId = frame.server_id;
         socket.connectionId = frame.connection_id;
+        socket.heartbeatMs = Number.isFinite(frame.heartbeat_ms) && frame.heartbeat_ms > 0 ? frame.heartbeat_ms : 0;
+        this.#heard(socket);
         this.stats.connections += 1;
         for (const topic of this.cursors.keys()) {
           socket.waiting.add(topic);
           socket.send(JSON.stringify({ op: "subscribe", topic, ...this.#since(topic) }));
         }
-        if (!migrating) {
-          this.attempt = 0;
+        if (!isNew) {
           this.#becomeCurrent(socket);
           this.#emit("connected", { serverId: frame.server_id, connectionId: frame.connection_id });
         } else if (socket.waiting.size === 0) {
@@ -203,21 +332,31 @@ export class SwitchyardClient extends EventTarget {
         break;
       }
       case "subscribed": {
+        if (typeof frame.topic !== "string" || !this.cursors.has(frame.topic)) break;
         const cursor = this.cursors.get(frame.topic);
-        if (frame.topic !== undefined && this.cursors.has(frame.topic) && (!frame.recovered || !cursor)) {
-          this.cursors.set(frame.topic, { ...frame.position });
+        const position = frame.position;
+        if (position && (!frame.recovered || !cursor)) {
+          this.cursors.set(frame.topic, { epoch: position.epoch, offset: position.offset });
         }
+        // From a resync on the new side on, the old side's stream of the
+        // topic is the one the application was told to forget.
+        if (isNew && !frame.recovered) socket.resynced.add(frame.topic);
         this.#emit("resumed", { topic: frame.topic, recovered: frame.recovered });
-        if (migrating && socket.waiting.delete(frame.topic) && socket.waiting.size === 0) {
+        if (isNew && socket.waiting.delete(frame.topic) && socket.waiting.size === 0) {
           this.#finishMigration(socket);
         }
         break;
       }
       case "message": {
-        if (!this.cursors.has(frame.topic)) return;
+        if (!this.cursors.has(frame.topic)) break;
+        const next = this.#migrationSocket();
+        if (socket === this.socket && next && next.resynced.has(frame.topic)) {
+          this.stats.duplicatesDropped += 1;
+          break;
+        }
         if (!isAfter(this.cursors.get(frame.topic), frame.epoch, frame.offset)) {
           this.stats.duplicatesDropped += 1;
-          return;
+          break;
         }
         this.cursors.set(frame.topic, { epoch: frame.epoch, offset: frame.offset });
         this.#emit("message", { topic: frame.topic, epoch: frame.epoch, offset: frame.offset, data: frame.data });
@@ -227,7 +366,7 @@ export class SwitchyardClient extends EventTarget {
         if (socket === this.socket && !this.migration) this.migration = this.#open(true);
         break;
       case "heartbeat":
-        socket.send(JSON.stringify({ op: "ping" }));
+        this.#sendOn(socket, { op: "ping" });
         break;
       case "published":
         this.#emit("published", { topic: frame.topic, position: frame.position });
@@ -245,12 +384,15 @@ export class SwitchyardClient extends EventTarget {
         this.#emit("error", { code: frame.code, message: frame.message });
         break;
       default:
+        // A frame of a later protocol version: not ours to act on.
         break;
     }
   }
 
   #becomeCurrent(socket) {
     this.socket = socket;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
     this.serverId = socket.serverId;
     this.connectionId = socket.connectionId;
     for (const frame of this.outbox.splice(0)) socket.send(JSON.stringify(frame));
@@ -262,40 +404,48 @@ export class SwitchyardClient extends EventTarget {
     this.migration = null;
     this.#becomeCurrent(socket);
     this.stats.migrations += 1;
-    if (old) {
+    if (old && old !== socket) {
       old.retired = true;
-      old.close(1000);
+      this.#quiet(old);
+      if (old.readyState <= WebSocket.OPEN) old.close(1000);
     }
     this.#emit("migrated", { from, to: socket.serverId });
   }
 
   #onClose(socket, event) {
-    if (socket.retired) return; // the old side of a completed migration
-    if (socket !== this.socket) {
-      // A migration target that failed: stay on the current connection.
-      if (socket === this.migration) this.migration = null;
-      return;
-    }
-    if (this.migration && this.migration.welcomed) {
-      // The old connection closed first (grace over): the new one takes over.
-      this.#finishMigration(this.migration);
-      return;
-    }
+    this.#quiet(socket);
+    if (this.stopped || socket.retired) return;
+    const code = socket.localCode ?? event.code;
     const reason = parseReason(event.reason);
-    const kind = closeClass(event.code);
-    this.stats.disconnects += 1;
-    if (this.stopped || kind === "terminal") {
-      this.#emit("stopped", { code: event.code });
+    const kind = closeClass(code);
+    if (kind === "terminal" && (socket === this.socket || socket === this.migration)) {
+      // Revoked, refused, or told to stop, on either side of a migration:
+      // the session ends (another gateway would not make it valid).
+      this.stats.disconnects += 1;
+      this.#stop(code);
       return;
     }
-    const retryMs =
-      typeof reason.retry_ms === "number"
-        ? reason.retry_ms
-        : backoffDelay(this.attempt, this.backoffBaseMs, this.backoffCapMs);
-    this.attempt += 1;
-    this.#emit("disconnected", { code: event.code, reason: reason.reason || "", retryMs, class: kind });
-    this.retryTimer = setTimeout(() => {
-      if (!this.stopped) this.#open(false);
-    }, retryMs);
+    if (socket === this.migration) {
+      // A migration target that failed: stay on the current connection.
+      this.migration = null;
+      return;
+    }
+    if (socket !== this.socket) return;
+    const next = this.#migrationSocket();
+    if (next && next.welcomed) {
+      // The old connection closed first (grace over): the new one takes over.
+      this.#finishMigration(next);
+      return;
+    }
+    this.socket = null;
+    this.stats.disconnects += 1;
+    // The backoff starts over only after a connection that stayed up.
+    if (socket.welcomedAt !== undefined && Date.now() - socket.welcomedAt >= this.healthyMs) this.attempt = 0;
+    const hint = retryHint(reason.retry_ms);
+    const retryMs = hint ?? this.#nextBackoff();
+    if (hint !== null) this.attempt += 1;
+    this.#emit("disconnected", { code, reason: reason.reason || "", retryMs, class: kind });
+    // A migration still opening may finish first; then this retry is cancelled.
+    this.#scheduleRetry(retryMs);
   }
 }
