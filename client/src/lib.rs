@@ -24,7 +24,9 @@
 pub mod policy;
 pub mod session;
 
-pub use session::{Client, ClientEvent, ClientOptions, ClientStats, CredentialSource, OutboxFull};
+pub use session::{
+    Client, ClientEvent, ClientOptions, ClientStats, CredentialSource, PublishError,
+};
 
 use std::collections::HashMap;
 
@@ -50,13 +52,16 @@ pub enum ClientError {
     /// cannot go in a header or a URL).
     #[error("credential: {0}")]
     Credential(String),
-    /// The connection closed before the expected frame arrived.
+    /// The connection closed before the expected frame arrived (a gateway
+    /// refusing after the upgrade closes before `welcome`).
     #[error("connection closed with {code} ({class:?})")]
     Closed {
         /// The close code (1006 when the socket ended without a close frame).
         code: u16,
         /// What the close code tells the client to do.
         class: CloseClass,
+        /// The close reason's `retry_ms` hint, if any.
+        retry_ms: Option<u64>,
     },
 }
 
@@ -156,6 +161,9 @@ pub struct Connection {
     welcome: Welcome,
     positions: HashMap<String, Position>,
     closed: Option<Closed>,
+    /// When the gateway was last heard from: two heartbeats of silence
+    /// after it and the connection is dead (a half-open TCP connection).
+    heard: tokio::time::Instant,
 }
 
 impl Connection {
@@ -187,13 +195,18 @@ impl Connection {
                             heartbeat_ms,
                         }
                     }
-                    _ => return Err(ClientError::Protocol(text.to_string())),
+                    // Not for a client before `welcome`, or of a later
+                    // protocol version: not ours to act on.
+                    _ => continue,
                 },
                 Some(Ok(Message::Close(frame))) => {
-                    let code = frame.map_or(NO_STATUS_RECEIVED, |f| u16::from(f.code));
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), CloseReason::parse(&f.reason)))
+                        .unwrap_or((NO_STATUS_RECEIVED, CloseReason::default()));
                     return Err(ClientError::Closed {
                         code,
                         class: CloseCode::from_u16(code).class(),
+                        retry_ms: reason.retry_ms,
                     });
                 }
                 Some(Ok(_)) => continue,
@@ -202,6 +215,7 @@ impl Connection {
                     return Err(ClientError::Closed {
                         code: ABNORMAL_CLOSURE,
                         class: CloseClass::Reconnect,
+                        retry_ms: None,
                     })
                 }
             }
@@ -211,6 +225,7 @@ impl Connection {
             welcome,
             positions: HashMap::new(),
             closed: None,
+            heard: tokio::time::Instant::now(),
         })
     }
 
@@ -286,13 +301,29 @@ impl Connection {
     }
 
     /// The next event. Heartbeats are answered with `ping` and not reported;
-    /// after [`Event::Closed`] every call returns the same close.
+    /// frames the client does not know (a later protocol version, a binary
+    /// frame) are skipped; after [`Event::Closed`] every call returns the
+    /// same close. A connection silent for two of the gateway's heartbeat
+    /// intervals closes as 1006 (measured from the last frame heard, so a
+    /// caller that drops this future in a `select!` does not restart it).
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
         if let Some(closed) = &self.closed {
             return Ok(Event::Closed(closed.clone()));
         }
         loop {
-            let message = match self.socket.next().await {
+            let silence =
+                std::time::Duration::from_millis(self.welcome.heartbeat_ms.saturating_mul(2));
+            let next = self.socket.next();
+            let received = if silence.is_zero() {
+                next.await
+            } else {
+                match tokio::time::timeout_at(self.heard + silence, next).await {
+                    Ok(received) => received,
+                    Err(_) => return Ok(self.mark_closed(ABNORMAL_CLOSURE, "")),
+                }
+            };
+            self.heard = tokio::time::Instant::now();
+            let message = match received {
                 Some(Ok(message)) => message,
                 Some(Err(tungstenite::Error::ConnectionClosed)) | None => {
                     return Ok(self.mark_closed(ABNORMAL_CLOSURE, ""))
@@ -305,8 +336,11 @@ impl Connection {
             };
             match message {
                 Message::Text(text) => {
-                    let frame = ServerFrame::parse(&text)
-                        .map_err(|_| ClientError::Protocol(text.to_string()))?;
+                    let Ok(frame) = ServerFrame::parse(&text) else {
+                        // A later protocol version's frame (an unknown op or
+                        // error code): forward-compatible, skipped.
+                        continue;
+                    };
                     match &frame {
                         ServerFrame::Heartbeat => {
                             self.send(&ClientFrame::Ping).await?;
@@ -349,10 +383,9 @@ impl Connection {
                         .unwrap_or((NO_STATUS_RECEIVED, String::new()));
                     return Ok(self.mark_closed(code, &reason));
                 }
-                Message::Binary(_) => {
-                    return Err(ClientError::Protocol("unexpected binary frame".into()))
+                Message::Binary(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                    continue
                 }
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             }
         }
     }

@@ -10,13 +10,13 @@
 //! [`ClientEvent`]s.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
-use switchyard_protocol::close::ABNORMAL_CLOSURE;
+use switchyard_protocol::close::{CloseReason, ABNORMAL_CLOSURE};
 use switchyard_protocol::{CloseClass, ErrorCode, Position, ServerFrame};
 use tokio::sync::{mpsc, Notify};
 
@@ -37,6 +37,9 @@ pub struct ClientOptions {
     /// Where credentials come from; asked before every connection, so a
     /// ticket is fresh and a token refreshed after 4001.
     pub credentials: Option<CredentialSource>,
+    /// How long a connection must stay up for the backoff to start over: a
+    /// gateway that accepts and drops at once gets ever longer waits.
+    pub healthy: Duration,
 }
 
 /// Produces the credential for the next connection.
@@ -75,7 +78,8 @@ impl std::fmt::Debug for CredentialSource {
 }
 
 impl ClientOptions {
-    /// Defaults: backoff 100 ms doubling to 10 s, 1,000 queued publishes, 10 s to connect.
+    /// Defaults: backoff 100 ms doubling to 10 s (started over after a
+    /// connection stayed up 10 s), 1,000 queued publishes, 10 s to connect.
     pub fn new(url: impl Into<String>) -> Self {
         ClientOptions {
             url: url.into(),
@@ -86,6 +90,7 @@ impl ClientOptions {
             outbox_limit: 1000,
             connect_timeout: Duration::from_secs(10),
             credentials: None,
+            healthy: Duration::from_secs(10),
         }
     }
 }
@@ -168,8 +173,14 @@ pub struct ClientStats {
 
 /// Why a publish was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the client outbox is full")]
-pub struct OutboxFull;
+pub enum PublishError {
+    /// The outbox holds `outbox_limit` publishes already.
+    #[error("the client outbox is full")]
+    OutboxFull,
+    /// The session has ended ([`ClientEvent::Stopped`]).
+    #[error("the session has stopped")]
+    Stopped,
+}
 
 enum Command {
     Subscribe(String),
@@ -181,6 +192,7 @@ struct Shared {
     outbox: Mutex<VecDeque<(String, Box<RawValue>)>>,
     outbox_wake: Notify,
     stats: ClientStats,
+    stopped: AtomicBool,
 }
 
 /// A session with a gateway; see the module documentation.
@@ -200,6 +212,7 @@ impl Client {
             outbox: Mutex::new(VecDeque::new()),
             outbox_wake: Notify::new(),
             stats: ClientStats::default(),
+            stopped: AtomicBool::new(false),
         });
         let outbox_limit = options.outbox_limit;
         let driver = Driver {
@@ -228,11 +241,16 @@ impl Client {
         let _ = self.commands.send(Command::Unsubscribe(topic.to_owned()));
     }
 
-    /// Publishes `data` (JSON) on `topic`; held while disconnected.
-    pub fn publish(&self, topic: &str, data: Box<RawValue>) -> Result<(), OutboxFull> {
+    /// Publishes `data` (JSON) on `topic`; held while disconnected. At
+    /// most once: a publish written to a connection that then drops may be
+    /// lost ([`ClientEvent::Published`] confirms one).
+    pub fn publish(&self, topic: &str, data: Box<RawValue>) -> Result<(), PublishError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(PublishError::Stopped);
+        }
         let mut outbox = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
         if outbox.len() >= self.outbox_limit {
-            return Err(OutboxFull);
+            return Err(PublishError::OutboxFull);
         }
         outbox.push_back((topic.to_owned(), data));
         drop(outbox);
@@ -274,29 +292,28 @@ impl Driver {
     async fn run(mut self) {
         let mut attempt: u32 = 0;
         loop {
-            let mut connection = match self.open().await {
-                Ok(connection) => connection,
-                Err(_) => {
-                    let delay = self.options.backoff.delay(attempt, rand::random());
-                    attempt = attempt.saturating_add(1);
-                    if self.pause(delay).await.is_err() {
-                        return self.stop(1000).await;
+            let (closed, up_since) = match self.open().await {
+                Ok(mut connection) => {
+                    let since = tokio::time::Instant::now();
+                    match self.serve(&mut connection).await {
+                        End::Stopped => return self.stop(1000).await,
+                        End::Closed(closed) => (closed, Some(since)),
                     }
-                    continue;
                 }
+                // A refusal before `welcome` is acted on like any close.
+                Err(err) => (refusal(&err), None),
             };
-            attempt = 0;
-            let closed = match self.serve(&mut connection).await {
-                End::Stopped => return self.stop(1000).await,
-                End::Closed(closed) => closed,
-            };
+            // The backoff starts over only after a connection that stayed up.
+            if up_since.is_some_and(|since| since.elapsed() >= self.options.healthy) {
+                attempt = 0;
+            }
             let backoff = self.options.backoff.delay(attempt, rand::random());
+            attempt = attempt.saturating_add(1);
             let (delay, class) = match after_close(closed.code, closed.reason.retry_ms, backoff) {
                 AfterClose::Stop => return self.stop(closed.code).await,
                 AfterClose::Reconnect(delay) => (delay, CloseClass::Reconnect),
                 AfterClose::Reauthenticate(delay) => (delay, CloseClass::Reauthenticate),
             };
-            attempt = attempt.saturating_add(1);
             self.emit(ClientEvent::Disconnected {
                 code: closed.code,
                 class,
@@ -314,6 +331,7 @@ impl Driver {
     }
 
     async fn stop(self, code: u16) {
+        self.shared.stopped.store(true, Ordering::Release);
         self.emit(ClientEvent::Stopped { code }).await;
     }
 
@@ -333,22 +351,15 @@ impl Driver {
         }
     }
 
-    /// Fetches a credential (if the session has a source) and connects.
-    async fn dial(&self) -> Result<Connection, ClientError> {
-        let credential = match &self.options.credentials {
-            Some(source) => Some(source.fetch().await?),
-            None => None,
-        };
-        Connection::connect_with(&self.options.url, credential.as_ref()).await
-    }
-
     /// Connects and resubscribes every topic from its cursor.
     async fn open(&mut self) -> Result<Connection, ClientError> {
-        let mut connection = tokio::time::timeout(self.options.connect_timeout, self.dial())
+        let dial = dial(self.options.url.clone(), self.options.credentials.clone());
+        let mut connection = tokio::time::timeout(self.options.connect_timeout, dial)
             .await
             .map_err(|_| ClientError::Closed {
                 code: ABNORMAL_CLOSURE,
                 class: CloseClass::Reconnect,
+                retry_ms: None,
             })??;
         self.shared
             .stats
@@ -424,8 +435,14 @@ impl Driver {
                     Ok(Event::Closed(closed)) => return End::Closed(closed),
                     Err(_) => return End::Closed(Closed { code: ABNORMAL_CLOSURE, reason: Default::default() }),
                     Ok(Event::Frame(ServerFrame::Migrate { grace_ms })) => {
-                        retry.extend(self.migrate(connection, Duration::from_millis(grace_ms)).await);
-                        retry_wait.as_mut().reset(tokio::time::Instant::now() + retry_delay());
+                        match self.migrate(connection, Duration::from_millis(grace_ms)).await {
+                            Migration::Done(unconfirmed) => {
+                                retry.extend(unconfirmed);
+                                retry_wait.as_mut().reset(tokio::time::Instant::now() + retry_delay());
+                            }
+                            Migration::Stayed => {}
+                            Migration::Ended(closed) => return End::Closed(closed),
+                        }
                     }
                     Ok(Event::Frame(frame)) => {
                         if let Some(topic) = self.on_frame(frame).await {
@@ -488,43 +505,80 @@ impl Driver {
         None
     }
 
-    /// Make-before-break: open the new connection, resume every topic on it
-    /// while the old one keeps delivering (the cursors drop the overlap),
-    /// then close the old one with 1000. Bounded by the grace: when it runs
-    /// out, or the old connection closes first, the session moves to the new
-    /// connection anyway and the topics not yet resumed are returned, to be
-    /// asked again. If the new connection cannot be opened, the session stays
-    /// on the old one; its 4000 close then takes the ordinary reconnect path.
-    async fn migrate(&mut self, old: &mut Connection, grace: Duration) -> BTreeSet<String> {
+    /// Make-before-break: open the new connection (reading the old one
+    /// meanwhile: left unread, its outbox at the gateway would fill and
+    /// close it with 4002), resume every topic on it while the old one keeps
+    /// delivering (the cursors drop the overlap; a topic the new side
+    /// resynchronised is no longer taken from the old one), then close the
+    /// old one with 1000. Bounded by the grace: when it runs out, or the old
+    /// connection closes first, the session moves to the new connection
+    /// anyway and the topics not yet resumed are returned, to be asked
+    /// again. If the new connection cannot be opened, the session stays on
+    /// the old one; its 4000 close then takes the ordinary reconnect path. A
+    /// terminal close on either side ends the session.
+    async fn migrate(&mut self, old: &mut Connection, grace: Duration) -> Migration {
         let deadline = tokio::time::Instant::now() + grace;
         let from = old.welcome().server_id.clone();
-        let opened = tokio::time::timeout_at(deadline, self.dial()).await;
-        let Ok(Ok(mut new)) = opened else {
-            return BTreeSet::new();
+        let dialled = dial(self.options.url.clone(), self.options.credentials.clone());
+        tokio::pin!(dialled);
+        let mut new = loop {
+            tokio::select! {
+                opened = &mut dialled => match opened {
+                    Ok(new) => break new,
+                    Err(err) => {
+                        let refused = refusal(&err);
+                        return if refused.class() == CloseClass::Terminal {
+                            let _ = old.close(1000).await;
+                            Migration::Ended(refused)
+                        } else {
+                            Migration::Stayed
+                        };
+                    }
+                },
+                event = old.next_event() => match event {
+                    Ok(Event::Frame(frame)) => {
+                        let _ = self.on_frame(frame).await;
+                    }
+                    Ok(Event::Closed(closed)) => return Migration::Ended(closed),
+                    Err(_) => return Migration::Ended(abnormal()),
+                },
+                _ = tokio::time::sleep_until(deadline) => return Migration::Stayed,
+            }
         };
         self.shared
             .stats
             .connections
             .fetch_add(1, Ordering::Relaxed);
         let mut waiting: BTreeSet<String> = self.topics.keys().cloned().collect();
+        let mut resynced: BTreeSet<String> = BTreeSet::new();
         for (topic, cursor) in &self.topics {
             if new.subscribe(topic, cursor.position()).await.is_err() {
-                return BTreeSet::new();
+                return Migration::Stayed;
             }
         }
         let mut old_open = true;
         while !waiting.is_empty() && old_open {
             tokio::select! {
                 event = old.next_event() => match event {
+                    Ok(Event::Frame(ServerFrame::Message { topic, .. })) if resynced.contains(&topic) => {
+                        self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(Event::Frame(frame)) => {
                         let _ = self.on_frame(frame).await;
+                    }
+                    Ok(Event::Closed(closed)) if closed.class() == CloseClass::Terminal => {
+                        let _ = new.close(1000).await;
+                        return Migration::Ended(closed);
                     }
                     _ => old_open = false,
                 },
                 event = new.next_event() => match event {
                     Ok(Event::Frame(frame)) => {
-                        if let ServerFrame::Subscribed { topic, .. } = &frame {
+                        if let ServerFrame::Subscribed { topic, recovered, .. } = &frame {
                             waiting.remove(topic);
+                            if !recovered {
+                                resynced.insert(topic.clone());
+                            }
                         }
                         if let Some(topic) = self.on_frame(frame).await {
                             // Refused for now: ask the new gateway again shortly.
@@ -533,8 +587,12 @@ impl Driver {
                             let _ = new.subscribe(&topic, since).await;
                         }
                     }
+                    Ok(Event::Closed(closed)) if closed.class() == CloseClass::Terminal => {
+                        let _ = old.close(1000).await;
+                        return Migration::Ended(closed);
+                    }
                     // The new connection failed: carry on with the old one.
-                    _ => return BTreeSet::new(),
+                    _ => return Migration::Stayed,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
             }
@@ -546,7 +604,54 @@ impl Driver {
         std::mem::swap(old, &mut new);
         self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
         self.emit(ClientEvent::Migrated { from, to }).await;
-        waiting
+        Migration::Done(waiting)
+    }
+}
+
+/// How a migration ended.
+enum Migration {
+    /// On the new connection; these topics are still to be confirmed.
+    Done(BTreeSet<String>),
+    /// Still on the old connection.
+    Stayed,
+    /// The session's connection closed (the old one, or a terminal close of
+    /// either side): handled like any close.
+    Ended(Closed),
+}
+
+/// Fetches a credential (if there is a source) and connects. Owns what it
+/// needs, so a migration can read the old connection while it runs.
+async fn dial(
+    url: String,
+    credentials: Option<CredentialSource>,
+) -> Result<Connection, ClientError> {
+    let credential = match &credentials {
+        Some(source) => Some(source.fetch().await?),
+        None => None,
+    };
+    Connection::connect_with(&url, credential.as_ref()).await
+}
+
+fn abnormal() -> Closed {
+    Closed {
+        code: ABNORMAL_CLOSURE,
+        reason: CloseReason::default(),
+    }
+}
+
+/// A connection attempt that failed, as a close: the gateway's close before
+/// `welcome` with its code and hint; anything else (refused, timed out, no
+/// credential) as 1006.
+fn refusal(err: &ClientError) -> Closed {
+    match err {
+        ClientError::Closed { code, retry_ms, .. } => Closed {
+            code: *code,
+            reason: CloseReason {
+                retry_ms: *retry_ms,
+                ..CloseReason::default()
+            },
+        },
+        _ => abnormal(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Test support for Switchyard's end-to-end tests, one module per concern
 //! (every item is re-exported at the crate root): processes under test,
-//! HTTP, raw WebSocket framing, Redis, the Service proxy and blue/green
+//! HTTP, raw WebSocket framing, a scripted gateway for the clients, Redis, the Service proxy and blue/green
 //! fleet, certificates, a canned HTTPS server, Prometheus text; the Kubernetes emulator (`kube`)
 //! and an OTLP receiver (`otlp`). docs/testing.md lists the helpers.
 
@@ -8,6 +8,7 @@ pub mod kube;
 pub mod otlp;
 
 mod certs;
+mod fakegw;
 mod http;
 mod https;
 mod metrics;
@@ -17,6 +18,7 @@ mod redis;
 mod ws;
 
 pub use certs::*;
+pub use fakegw::*;
 pub use http::*;
 pub use https::*;
 pub use metrics::*;
