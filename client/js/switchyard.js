@@ -31,10 +31,12 @@
 /** The longest wait a `retry_ms` hint can ask for (setTimeout's range ends at 2^31 ms). */
 export const MAX_RETRY_MS = 3_600_000;
 
-/** A hint as a wait: non-negative, at most MAX_RETRY_MS; `null` when there is none. */
+/** A hint as a wait, at most MAX_RETRY_MS; `null` when there is none (not a non-negative integer). */
 export function retryHint(value) {
-  if (typeof value !== "number" || !Number.isFinite(value)) return null;
-  return Math.min(Math.max(0, Math.floor(value)), MAX_RETRY_MS);
+  if (!Number.isSafeInteger(value) || value < 0) {
+    return Number.isFinite(value) && value > Number.MAX_SAFE_INTEGER ? MAX_RETRY_MS : null;
+  }
+  return Math.min(value, MAX_RETRY_MS);
 }
 
 /** What a close code tells the client to do. */
@@ -43,6 +45,23 @@ export function closeClass(code) {
   if ([1000, 1002, 1003, 1007, 1008, 1009, 1010].includes(code)) return "terminal";
   if (code >= 4500 && code <= 4999) return "terminal";
   return "reconnect";
+}
+
+/**
+ * What to do about a close (client/behaviour.json, which the Rust client is
+ * tested against too): `phase` is where the connection stood — connecting,
+ * open, overlap_old (the session's connection while a migration's new one
+ * is welcomed), overlap_new (that new one). Returns {action, waitMs}:
+ * reconnect / reauthenticate after the hint or the backoff, stop, take_over
+ * (the new connection becomes the session's), stay (on the old one).
+ */
+export function decide(code, phase, retryMs, backoffMs) {
+  const kind = closeClass(code);
+  if (kind === "terminal") return { action: "stop" };
+  if (phase === "overlap_old") return { action: "take_over" };
+  if (phase === "overlap_new") return { action: "stay" };
+  const hint = retryHint(retryMs);
+  return { action: kind, waitMs: hint ?? backoffMs };
 }
 
 /** Full-jitter backoff: uniform in [0, min(cap, base * 2^attempt)]. */
@@ -415,36 +434,45 @@ export class SwitchyardClient extends EventTarget {
   #onClose(socket, event) {
     this.#quiet(socket);
     if (this.stopped || socket.retired) return;
+    if (socket !== this.socket && socket !== this.migration) return;
     const code = socket.localCode ?? event.code;
     const reason = parseReason(event.reason);
-    const kind = closeClass(code);
-    if (kind === "terminal" && (socket === this.socket || socket === this.migration)) {
-      // Revoked, refused, or told to stop, on either side of a migration:
-      // the session ends (another gateway would not make it valid).
-      this.stats.disconnects += 1;
-      this.#stop(code);
-      return;
-    }
-    if (socket === this.migration) {
-      // A migration target that failed: stay on the current connection.
-      this.migration = null;
-      return;
-    }
-    if (socket !== this.socket) return;
     const next = this.#migrationSocket();
-    if (next && next.welcomed) {
-      // The old connection closed first (grace over): the new one takes over.
-      this.#finishMigration(next);
-      return;
+    const phase =
+      socket === this.migration
+        ? "overlap_new"
+        : next && next.welcomed
+          ? "overlap_old"
+          : socket.welcomed
+            ? "open"
+            : "connecting";
+    // The backoff starts over only after a connection that stayed up.
+    if (socket.welcomedAt !== undefined && Date.now() - socket.welcomedAt >= this.healthyMs) this.attempt = 0;
+    const backoffMs = backoffDelay(this.attempt, this.backoffBaseMs, this.backoffCapMs);
+    const decision = decide(code, phase, reason.retry_ms, backoffMs);
+    switch (decision.action) {
+      case "stop":
+        // Revoked, refused, or told to stop, on either side of a migration:
+        // the session ends (another gateway would not make it valid).
+        this.stats.disconnects += 1;
+        this.#stop(code);
+        return;
+      case "stay":
+        // A migration target that failed: stay on the current connection.
+        this.migration = null;
+        return;
+      case "take_over":
+        // The old connection closed first (grace over): the new one takes over.
+        this.#finishMigration(next);
+        return;
+      default:
+        break;
     }
     this.socket = null;
     this.stats.disconnects += 1;
-    // The backoff starts over only after a connection that stayed up.
-    if (socket.welcomedAt !== undefined && Date.now() - socket.welcomedAt >= this.healthyMs) this.attempt = 0;
-    const hint = retryHint(reason.retry_ms);
-    const retryMs = hint ?? this.#nextBackoff();
-    if (hint !== null) this.attempt += 1;
-    this.#emit("disconnected", { code, reason: reason.reason || "", retryMs, class: kind });
+    this.attempt += 1;
+    const retryMs = decision.waitMs;
+    this.#emit("disconnected", { code, reason: reason.reason || "", retryMs, class: decision.action });
     // A migration still opening may finish first; then this retry is cancelled.
     this.#scheduleRetry(retryMs);
   }

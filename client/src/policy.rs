@@ -29,6 +29,23 @@ impl Backoff {
     }
 }
 
+/// The longest wait a `retry_ms` hint can ask for; longer hints are
+/// clamped (client/behaviour.json `max_retry_ms`).
+pub const MAX_RETRY: Duration = Duration::from_secs(3600);
+
+/// Where a connection stood when it closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not welcomed yet: refused after the upgrade, or the attempt failed.
+    Connecting,
+    /// The session's connection.
+    Open,
+    /// The session's connection while a migration's new one is welcomed.
+    OverlapOld,
+    /// A migration's new connection.
+    OverlapNew,
+}
+
 /// What to do after a connection closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterClose {
@@ -36,19 +53,39 @@ pub enum AfterClose {
     Reconnect(Duration),
     /// Get fresh credentials, then reconnect after this long.
     Reauthenticate(Duration),
-    /// Do not reconnect.
+    /// Do not reconnect: the session ends.
     Stop,
+    /// The migration's new connection becomes the session's.
+    TakeOver,
+    /// Stay on the session's (old) connection.
+    Stay,
 }
 
-/// Decides from the close code, the server's `retry_ms` hint (which wins
-/// over the backoff: the server spreads its clients on purpose) and the
-/// backoff for this attempt.
-pub fn after_close(code: u16, retry_ms: Option<u64>, backoff_delay: Duration) -> AfterClose {
-    let delay = retry_ms.map_or(backoff_delay, Duration::from_millis);
-    match CloseCode::from_u16(code).class() {
-        CloseClass::Reconnect => AfterClose::Reconnect(delay),
+/// Decides from the close code, where the connection stood, the server's
+/// `retry_ms` hint (which wins over the backoff: the server spreads its
+/// clients on purpose; clamped to [`MAX_RETRY`]) and the backoff for this
+/// attempt. client/behaviour.json is the table both clients are tested
+/// against. A terminal code ends the session in every phase: a revoked
+/// session is not valid on another gateway either.
+pub fn decide(
+    code: u16,
+    phase: Phase,
+    retry_ms: Option<u64>,
+    backoff_delay: Duration,
+) -> AfterClose {
+    let class = CloseCode::from_u16(code).class();
+    if class == CloseClass::Terminal {
+        return AfterClose::Stop;
+    }
+    match phase {
+        Phase::OverlapOld => return AfterClose::TakeOver,
+        Phase::OverlapNew => return AfterClose::Stay,
+        Phase::Connecting | Phase::Open => {}
+    }
+    let delay = retry_ms.map_or(backoff_delay, |ms| Duration::from_millis(ms).min(MAX_RETRY));
+    match class {
         CloseClass::Reauthenticate => AfterClose::Reauthenticate(delay),
-        CloseClass::Terminal => AfterClose::Stop,
+        _ => AfterClose::Reconnect(delay),
     }
 }
 
@@ -114,36 +151,45 @@ mod tests {
         }
     }
 
+    /// Every row of client/behaviour.json, the table the browser client's
+    /// tests read too. The hint goes through the close-reason parser, as
+    /// it arrives (a negative one is no hint).
     #[test]
-    fn close_table() {
+    fn behaviour_table() {
+        let table: serde_json::Value =
+            serde_json::from_str(include_str!("../behaviour.json")).expect("behaviour.json");
+        assert_eq!(table["max_retry_ms"], MAX_RETRY.as_millis() as u64);
         let backoff = Duration::from_millis(300);
-        let table = [
-            (
-                4000,
-                Some(1830),
-                AfterClose::Reconnect(Duration::from_millis(1830)),
-            ),
-            (4000, None, AfterClose::Reconnect(backoff)),
-            (1001, None, AfterClose::Reconnect(backoff)),
-            (1006, None, AfterClose::Reconnect(backoff)),
-            (
-                4002,
-                Some(50),
-                AfterClose::Reconnect(Duration::from_millis(50)),
-            ),
-            (4001, None, AfterClose::Reauthenticate(backoff)),
-            (4501, None, AfterClose::Reauthenticate(backoff)),
-            (1000, None, AfterClose::Stop),
-            (1009, None, AfterClose::Stop),
-            (4500, Some(10), AfterClose::Stop),
-            (4503, None, AfterClose::Stop),
-        ];
-        for (code, retry, expected) in table {
-            assert_eq!(
-                after_close(code, retry, backoff),
-                expected,
-                "{code} {retry:?}"
-            );
+        let rows = table["rows"].as_array().expect("rows");
+        assert!(rows.len() >= 30, "{} rows", rows.len());
+        for row in rows {
+            let code = row["code"].as_u64().expect("code") as u16;
+            let phase = match row["phase"].as_str().expect("phase") {
+                "connecting" => Phase::Connecting,
+                "open" => Phase::Open,
+                "overlap_old" => Phase::OverlapOld,
+                "overlap_new" => Phase::OverlapNew,
+                other => panic!("phase {other}"),
+            };
+            let reason = match &row["retry_ms"] {
+                serde_json::Value::Null => String::new(),
+                hint => format!(r#"{{"retry_ms": {hint}}}"#),
+            };
+            let retry_ms = switchyard_protocol::close::CloseReason::parse(&reason).retry_ms;
+            let wait = match &row["wait"] {
+                serde_json::Value::String(kind) if kind == "backoff" => backoff,
+                serde_json::Value::Number(ms) => Duration::from_millis(ms.as_u64().expect("ms")),
+                _ => Duration::ZERO,
+            };
+            let expected = match row["action"].as_str().expect("action") {
+                "reconnect" => AfterClose::Reconnect(wait),
+                "reauthenticate" => AfterClose::Reauthenticate(wait),
+                "stop" => AfterClose::Stop,
+                "take_over" => AfterClose::TakeOver,
+                "stay" => AfterClose::Stay,
+                other => panic!("action {other}"),
+            };
+            assert_eq!(decide(code, phase, retry_ms, backoff), expected, "{row}");
         }
     }
 

@@ -20,7 +20,7 @@ use switchyard_protocol::close::{CloseReason, ABNORMAL_CLOSURE};
 use switchyard_protocol::{CloseClass, ErrorCode, Position, ServerFrame};
 use tokio::sync::{mpsc, Notify};
 
-use crate::policy::{after_close, AfterClose, Backoff, Cursor};
+use crate::policy::{decide, AfterClose, Backoff, Cursor, Phase};
 use crate::{ClientError, Closed, Connection, Credential, Event};
 
 /// Settings of a [`Client`].
@@ -292,16 +292,16 @@ impl Driver {
     async fn run(mut self) {
         let mut attempt: u32 = 0;
         loop {
-            let (closed, up_since) = match self.open().await {
+            let (closed, up_since, phase) = match self.open().await {
                 Ok(mut connection) => {
                     let since = tokio::time::Instant::now();
                     match self.serve(&mut connection).await {
                         End::Stopped => return self.stop(1000).await,
-                        End::Closed(closed) => (closed, Some(since)),
+                        End::Closed(closed) => (closed, Some(since), Phase::Open),
                     }
                 }
                 // A refusal before `welcome` is acted on like any close.
-                Err(err) => (refusal(&err), None),
+                Err(err) => (refusal(&err), None, Phase::Connecting),
             };
             // The backoff starts over only after a connection that stayed up.
             if up_since.is_some_and(|since| since.elapsed() >= self.options.healthy) {
@@ -309,10 +309,13 @@ impl Driver {
             }
             let backoff = self.options.backoff.delay(attempt, rand::random());
             attempt = attempt.saturating_add(1);
-            let (delay, class) = match after_close(closed.code, closed.reason.retry_ms, backoff) {
-                AfterClose::Stop => return self.stop(closed.code).await,
+            let (delay, class) = match decide(closed.code, phase, closed.reason.retry_ms, backoff) {
                 AfterClose::Reconnect(delay) => (delay, CloseClass::Reconnect),
                 AfterClose::Reauthenticate(delay) => (delay, CloseClass::Reauthenticate),
+                // (TakeOver and Stay are decisions of a migration's overlap.)
+                AfterClose::Stop | AfterClose::TakeOver | AfterClose::Stay => {
+                    return self.stop(closed.code).await
+                }
             };
             self.emit(ClientEvent::Disconnected {
                 code: closed.code,
@@ -527,11 +530,12 @@ impl Driver {
                     Ok(new) => break new,
                     Err(err) => {
                         let refused = refusal(&err);
-                        return if refused.class() == CloseClass::Terminal {
-                            let _ = old.close(1000).await;
-                            Migration::Ended(refused)
-                        } else {
-                            Migration::Stayed
+                        return match decide(refused.code, Phase::OverlapNew, refused.reason.retry_ms, Duration::ZERO) {
+                            AfterClose::Stay => Migration::Stayed,
+                            _ => {
+                                let _ = old.close(1000).await;
+                                Migration::Ended(refused)
+                            }
                         };
                     }
                 },
@@ -566,11 +570,14 @@ impl Driver {
                     Ok(Event::Frame(frame)) => {
                         let _ = self.on_frame(frame).await;
                     }
-                    Ok(Event::Closed(closed)) if closed.class() == CloseClass::Terminal => {
-                        let _ = new.close(1000).await;
-                        return Migration::Ended(closed);
-                    }
-                    _ => old_open = false,
+                    Ok(Event::Closed(closed)) => match decide(closed.code, Phase::OverlapOld, closed.reason.retry_ms, Duration::ZERO) {
+                        AfterClose::TakeOver => old_open = false,
+                        _ => {
+                            let _ = new.close(1000).await;
+                            return Migration::Ended(closed);
+                        }
+                    },
+                    Err(_) => old_open = false,
                 },
                 event = new.next_event() => match event {
                     Ok(Event::Frame(frame)) => {
@@ -587,12 +594,15 @@ impl Driver {
                             let _ = new.subscribe(&topic, since).await;
                         }
                     }
-                    Ok(Event::Closed(closed)) if closed.class() == CloseClass::Terminal => {
-                        let _ = old.close(1000).await;
-                        return Migration::Ended(closed);
-                    }
-                    // The new connection failed: carry on with the old one.
-                    _ => return Migration::Stayed,
+                    Ok(Event::Closed(closed)) => match decide(closed.code, Phase::OverlapNew, closed.reason.retry_ms, Duration::ZERO) {
+                        // The new connection failed: carry on with the old one.
+                        AfterClose::Stay => return Migration::Stayed,
+                        _ => {
+                            let _ = old.close(1000).await;
+                            return Migration::Ended(closed);
+                        }
+                    },
+                    Err(_) => return Migration::Stayed,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
             }

@@ -2,7 +2,22 @@
 // client/src/policy.rs so both clients behave the same.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { backoffDelay, closeClass, isAfter, withTicket } from "../../client/js/switchyard.js";
+import { readFileSync } from "node:fs";
+import { backoffDelay, closeClass, decide, isAfter, MAX_RETRY_MS, withTicket } from "../../client/js/switchyard.js";
+
+/** client/behaviour.json: the close decisions both clients are tested against. */
+const behaviour = JSON.parse(readFileSync(new URL("../../client/behaviour.json", import.meta.url)));
+
+test("the behaviour table (client/behaviour.json)", () => {
+  assert.equal(behaviour.max_retry_ms, MAX_RETRY_MS);
+  assert.ok(behaviour.rows.length >= 30);
+  const backoff = 300;
+  for (const row of behaviour.rows) {
+    const expected = { action: row.action };
+    if (row.wait !== undefined) expected.waitMs = row.wait === "backoff" ? backoff : row.wait;
+    assert.deepEqual(decide(row.code, row.phase, row.retry_ms, backoff), expected, JSON.stringify(row));
+  }
+});
 
 test("close classes", () => {
   const table = [
