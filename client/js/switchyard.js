@@ -235,11 +235,18 @@ export class SwitchyardClient extends EventTarget {
     clearTimeout(socket.silenceTimer);
   }
 
-  /** Gives up on a socket locally (no welcome in time, or silent too long): it closes as 1006. */
+  /**
+   * Gives up on a socket locally (no welcome in time, or silent too long):
+   * it counts as closed with 1006 now — a close handshake with a peer that
+   * is gone would wait for its own timeout first.
+   */
   #abandon(socket) {
-    if (socket.readyState > WebSocket.OPEN) return;
-    socket.localCode = 1006;
+    if (socket.readyState > WebSocket.OPEN || socket.abandoned) return;
+    socket.abandoned = true;
+    socket.onmessage = null;
+    socket.onclose = null;
     socket.close(1000);
+    this.#onClose(socket, { code: 1006, reason: "" });
   }
 
   /** Two heartbeats of silence and the connection is dead (half-open TCP, a sleeping laptop). */
@@ -309,6 +316,9 @@ export class SwitchyardClient extends EventTarget {
     socket.resynced = new Set();
     socket.onmessage = (event) => this.#onFrame(socket, event.data);
     socket.onclose = (event) => this.#onClose(socket, event);
+    // An error is always followed by a close, which is what is acted on
+    // (and an error no one listens to would throw under Node's `ws`).
+    socket.onerror = () => {};
     socket.connectTimer = setTimeout(() => {
       if (!socket.welcomed) this.#abandon(socket);
     }, this.connectTimeoutMs);
@@ -435,7 +445,7 @@ export class SwitchyardClient extends EventTarget {
     this.#quiet(socket);
     if (this.stopped || socket.retired) return;
     if (socket !== this.socket && socket !== this.migration) return;
-    const code = socket.localCode ?? event.code;
+    const code = event.code;
     const reason = parseReason(event.reason);
     const next = this.#migrationSocket();
     const phase =

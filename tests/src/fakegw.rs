@@ -249,3 +249,129 @@ impl FakeConn {
         }
     }
 }
+
+/// What a served connection reports to the test.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnEvent {
+    /// A frame from the client (pings included).
+    Frame(Value),
+    /// The connection ended: the client's close code, or `None` without one.
+    Closed(Option<u16>),
+}
+
+enum Command {
+    Send(String),
+    Binary(Vec<u8>),
+    Close(u16, String),
+    Drop,
+    Freeze,
+}
+
+/// A connection served by its own task (see [`FakeConn::serve`]): what the
+/// test tells it to send, it sends in order.
+#[derive(Clone)]
+pub struct ConnHandle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl ConnHandle {
+    /// Sends a JSON frame.
+    pub fn send(&self, frame: Value) {
+        let _ = self.commands.send(Command::Send(frame.to_string()));
+    }
+
+    /// Sends text as is.
+    pub fn send_raw(&self, text: &str) {
+        let _ = self.commands.send(Command::Send(text.to_string()));
+    }
+
+    /// Sends a binary frame.
+    pub fn send_binary(&self, bytes: &[u8]) {
+        let _ = self.commands.send(Command::Binary(bytes.to_vec()));
+    }
+
+    /// Closes with `code` and `reason`.
+    pub fn close(&self, code: u16, reason: &str) {
+        let _ = self.commands.send(Command::Close(code, reason.to_string()));
+    }
+
+    /// Ends the TCP connection without a close frame.
+    pub fn drop_tcp(&self) {
+        let _ = self.commands.send(Command::Drop);
+    }
+
+    /// Goes silent with the TCP connection open, as a half-open connection
+    /// looks from the client (NAT dropped it, the host lost power): nothing
+    /// is sent or read any more. Reported closed when the client closes it.
+    pub fn freeze(&self) {
+        let _ = self.commands.send(Command::Freeze);
+    }
+}
+
+impl FakeConn {
+    /// Serves this connection from a task of its own: the client's frames
+    /// and its end go to `events` tagged with `id`; the returned handle
+    /// sends. Used where many connections are played at once.
+    pub fn serve(self, id: usize, events: mpsc::UnboundedSender<(usize, ConnEvent)>) -> ConnHandle {
+        let (commands, mut requests) = mpsc::unbounded_channel();
+        let mut socket = self.socket;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    request = requests.recv() => match request {
+                        Some(Command::Send(text)) => {
+                            if socket.send(Message::text(text)).await.is_err() { break; }
+                        }
+                        Some(Command::Binary(bytes)) => {
+                            if socket.send(Message::binary(bytes)).await.is_err() { break; }
+                        }
+                        Some(Command::Close(code, reason)) => {
+                            let _ = socket.close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() })).await;
+                            // Read on until the client answers the close.
+                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                                while let Some(Ok(message)) = socket.next().await {
+                                    if matches!(message, Message::Close(_)) { break; }
+                                }
+                            }).await;
+                            let _ = events.send((id, ConnEvent::Closed(None)));
+                            return;
+                        }
+                        Some(Command::Drop) | None => {
+                            let _ = events.send((id, ConnEvent::Closed(None)));
+                            return;
+                        }
+                        Some(Command::Freeze) => {
+                            // Hold the socket unread until the client gives
+                            // up on it (its TCP close, seen by a peek).
+                            let mut probe = [0u8; 1];
+                            loop {
+                                match socket.get_ref().peek(&mut probe).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                                }
+                            }
+                            let _ = events.send((id, ConnEvent::Closed(None)));
+                            return;
+                        }
+                    },
+                    message = socket.next() => match message {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Ok(value) = serde_json::from_str::<Value>(&text) {
+                                let _ = events.send((id, ConnEvent::Frame(value)));
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let _ = socket.flush().await;
+                            let _ = events.send((id, ConnEvent::Closed(frame.map(|f| u16::from(f.code)))));
+                            return;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => break,
+                    },
+                }
+            }
+            let _ = events.send((id, ConnEvent::Closed(None)));
+        });
+        ConnHandle { commands }
+    }
+}
