@@ -1,7 +1,8 @@
 //! The browser client in headless Chromium (Debian's package, driven by npm
 //! playwright-core): the demo page subscribes through the Service proxy, its
 //! gateway drains, the page migrates to the other gateway and resumes with
-//! nothing lost. The screenshot lands in artifacts/browser-migration.png.
+//! nothing lost; and the same with the old gateway killed in the middle of
+//! the migration. The screenshot lands in artifacts/browser-migration.png.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -126,4 +127,120 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
     assert!(node.wait().expect("node").success());
     let png = std::fs::read(&screenshot).expect("screenshot saved");
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+}
+
+/// Issue 24: the old gateway dies (SIGKILL) in the middle of a migration,
+/// while the page's new connection is still opening (the Service routes it
+/// to an address that accepts and never answers, as a proxy on its way to
+/// the new pods may). The page neither goes dead nor loses anything: the
+/// old connection's end sends it through its reconnect path to the new
+/// gateway, the hung connection is given up, and it resumes every message
+/// once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let driver = root.join("tests/browser/migrate.mjs");
+    let screenshot =
+        std::env::temp_dir().join(format!("sy-mid-migration-{}.png", std::process::id()));
+    let fleet = BlueGreen::start(&[]).await.expect("fleet");
+    let page = format!(
+        "http://{proxy}/?url=ws://{proxy}/ws&topic=b.demo&autoconnect=1",
+        proxy = fleet.proxy.addr
+    );
+    let mut node = Command::new("node")
+        .arg(&driver)
+        .arg(&page)
+        .arg(&screenshot)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node");
+    let mut commands = node.stdin.take().expect("stdin");
+    let mut answers = BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let mut answer = move || -> serde_json::Value {
+        let line = answers.next().expect("an answer").expect("line");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert!(value.get("error").is_none(), "browser: {value}");
+        value
+    };
+    let ready = answer();
+    assert_eq!(ready["servers"], serde_json::json!(["blue"]));
+    for n in 1..=5 {
+        fleet
+            .green
+            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
+            .expect("publish");
+    }
+    writeln!(commands, r#"{{"wait":{{"topic":"b.demo","n":5}}}}"#).expect("command");
+    assert_eq!(answer()["received"]["b.demo"], offsets(5));
+
+    // Where the page's new connection goes first: accepted, never answered.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("black hole");
+    let hole_addr = hole.local_addr().expect("addr");
+    let held = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        hole.set_nonblocking(true).expect("nonblocking");
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until {
+            if let Ok((stream, _)) = hole.accept() {
+                kept.push(stream);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kept.len()
+    });
+    fleet.proxy.switch(vec![hole_addr]);
+    let drain = DrainRequest {
+        window_ms: 100,
+        max_rate: 100,
+        deadline_ms: 30_000,
+        mode: DrainMode::MakeBeforeBreak,
+        retry_jitter_ms: 500,
+        migrate_grace_ms: Some(20_000),
+    };
+    let (code, body) = fleet
+        .blue
+        .admin_request(
+            "POST",
+            "/admin/drain",
+            Some(&serde_json::to_string(&drain).expect("json")),
+        )
+        .expect("drain");
+    assert_eq!(code, 202, "{body}");
+    // The migrate went out and the page is dialling the black hole.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // SIGKILL: no close frame, no drain; then the Service reaches green.
+    // SAFETY: kill(2) on a child process of this test.
+    unsafe {
+        libc::kill(fleet.blue.pid() as libc::pid_t, libc::SIGKILL);
+    }
+    fleet.proxy.switch(vec![fleet.green.public]);
+    for n in 6..=10 {
+        fleet
+            .green
+            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writeln!(commands, r#"{{"wait":{{"topic":"b.demo","n":10}}}}"#).expect("command");
+    let after = answer();
+    assert_eq!(
+        after["received"]["b.demo"],
+        offsets(10),
+        "every message once, in order"
+    );
+    assert_eq!(
+        after["servers"].as_array().and_then(|s| s.last()),
+        Some(&serde_json::json!("green"))
+    );
+    assert_eq!(after["shown"]["state"], "open");
+    writeln!(commands, r#"{{"quit":true}}"#).expect("command");
+    drop(commands);
+    assert!(node.wait().expect("node").success());
+    assert!(
+        held.join().expect("black hole") >= 1,
+        "the page dialled the hole first"
+    );
+    let _ = std::fs::remove_file(&screenshot);
 }
