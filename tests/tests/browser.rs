@@ -16,45 +16,78 @@ fn offsets(n: u64) -> serde_json::Value {
     serde_json::json!((1..=n).collect::<Vec<_>>())
 }
 
+/// The demo page in Chromium (tests/browser/migrate.mjs), subscribed to
+/// `b.demo` through the fleet's Service: commands in, one JSON answer each.
+struct Page {
+    node: std::process::Child,
+    commands: std::process::ChildStdin,
+    answers: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Page {
+    fn open(fleet: &BlueGreen, screenshot: &std::path::Path) -> Page {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        assert!(
+            root.join("tests/browser/node_modules/playwright-core").exists(),
+            "playwright-core is missing: run the README's test command (scripts/test), which installs it"
+        );
+        // The page comes through the Service too, so its Origin is the address the
+        // socket goes to (the gateway's default same-host origin rule admits it).
+        let page = format!(
+            "http://{proxy}/?url=ws://{proxy}/ws&topic=b.demo&autoconnect=1",
+            proxy = fleet.proxy.addr
+        );
+        let mut node = Command::new("node")
+            .arg(root.join("tests/browser/migrate.mjs"))
+            .arg(&page)
+            .arg(screenshot)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node");
+        let commands = node.stdin.take().expect("stdin");
+        let answers = BufReader::new(node.stdout.take().expect("stdout")).lines();
+        Page {
+            node,
+            commands,
+            answers,
+        }
+    }
+
+    /// The page's next answer (its state).
+    fn answer(&mut self) -> serde_json::Value {
+        let line = self.answers.next().expect("an answer").expect("line");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert!(value.get("error").is_none(), "browser: {value}");
+        value
+    }
+
+    /// The page's state once it has received `n` messages on `b.demo`.
+    fn wait_for(&mut self, n: u64) -> serde_json::Value {
+        writeln!(self.commands, r#"{{"wait":{{"topic":"b.demo","n":{n}}}}}"#).expect("command");
+        self.answer()
+    }
+
+    fn quit(mut self) {
+        writeln!(self.commands, r#"{{"quit":true}}"#).expect("command");
+        drop(self.commands);
+        assert!(self.node.wait().expect("node").success());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_page_migrates_between_gateways_without_loss() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let driver = root.join("tests/browser/migrate.mjs");
-    assert!(
-        root.join("tests/browser/node_modules/playwright-core").exists(),
-        "playwright-core is missing: run the README's test command (scripts/test), which installs it"
-    );
     let artifacts = root.join("artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
     let screenshot = artifacts.join("browser-migration.png");
     let _ = std::fs::remove_file(&screenshot);
 
     let fleet = BlueGreen::start(&[]).await.expect("fleet");
-    // The page comes through the Service too, so its Origin is the address the
-    // socket goes to (the gateway's default same-host origin rule admits it).
-    let page = format!(
-        "http://{proxy}/?url=ws://{proxy}/ws&topic=b.demo&autoconnect=1",
-        proxy = fleet.proxy.addr
-    );
-    let mut node = Command::new("node")
-        .arg(&driver)
-        .arg(&page)
-        .arg(&screenshot)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("node");
-    let mut commands = node.stdin.take().expect("stdin");
-    let mut answers = BufReader::new(node.stdout.take().expect("stdout")).lines();
-    let mut answer = move || -> serde_json::Value {
-        let line = answers.next().expect("an answer").expect("line");
-        let value: serde_json::Value = serde_json::from_str(&line).expect("json");
-        assert!(value.get("error").is_none(), "browser: {value}");
-        value
-    };
+    let mut page = Page::open(&fleet, &screenshot);
 
-    let ready = answer();
+    let ready = page.answer();
     assert_eq!(ready["servers"], serde_json::json!(["blue"]));
     for n in 1..=5 {
         fleet
@@ -62,8 +95,7 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
             .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
             .expect("publish");
     }
-    writeln!(commands, r#"{{"wait":{{"topic":"b.demo","n":5}}}}"#).expect("command");
-    let before = answer();
+    let before = page.wait_for(5);
     assert_eq!(before["received"]["b.demo"], offsets(5));
 
     fleet.proxy.switch(vec![fleet.green.public]);
@@ -92,8 +124,7 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
             .expect("publish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    writeln!(commands, r#"{{"wait":{{"topic":"b.demo","n":10}}}}"#).expect("command");
-    let after = answer();
+    let after = page.wait_for(10);
     assert_eq!(
         after["received"]["b.demo"],
         offsets(10),
@@ -122,9 +153,7 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
     assert_eq!(drained["connections"], 0);
     assert_eq!(drained["drain"]["migrated_by_client"], 1);
 
-    writeln!(commands, r#"{{"quit":true}}"#).expect("command");
-    drop(commands);
-    assert!(node.wait().expect("node").success());
+    page.quit();
     let png = std::fs::read(&screenshot).expect("screenshot saved");
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
 }
@@ -138,42 +167,18 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
 /// once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let driver = root.join("tests/browser/migrate.mjs");
     let screenshot =
         std::env::temp_dir().join(format!("sy-mid-migration-{}.png", std::process::id()));
     let fleet = BlueGreen::start(&[]).await.expect("fleet");
-    let page = format!(
-        "http://{proxy}/?url=ws://{proxy}/ws&topic=b.demo&autoconnect=1",
-        proxy = fleet.proxy.addr
-    );
-    let mut node = Command::new("node")
-        .arg(&driver)
-        .arg(&page)
-        .arg(&screenshot)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("node");
-    let mut commands = node.stdin.take().expect("stdin");
-    let mut answers = BufReader::new(node.stdout.take().expect("stdout")).lines();
-    let mut answer = move || -> serde_json::Value {
-        let line = answers.next().expect("an answer").expect("line");
-        let value: serde_json::Value = serde_json::from_str(&line).expect("json");
-        assert!(value.get("error").is_none(), "browser: {value}");
-        value
-    };
-    let ready = answer();
-    assert_eq!(ready["servers"], serde_json::json!(["blue"]));
+    let mut page = Page::open(&fleet, &screenshot);
+    assert_eq!(page.answer()["servers"], serde_json::json!(["blue"]));
     for n in 1..=5 {
         fleet
             .green
             .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
             .expect("publish");
     }
-    writeln!(commands, r#"{{"wait":{{"topic":"b.demo","n":5}}}}"#).expect("command");
-    assert_eq!(answer()["received"]["b.demo"], offsets(5));
+    assert_eq!(page.wait_for(5)["received"]["b.demo"], offsets(5));
 
     // Where the page's new connection goes first: accepted, never answered.
     let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("black hole");
@@ -223,8 +228,7 @@ async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
             .expect("publish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    writeln!(commands, r#"{{"wait":{{"topic":"b.demo","n":10}}}}"#).expect("command");
-    let after = answer();
+    let after = page.wait_for(10);
     assert_eq!(
         after["received"]["b.demo"],
         offsets(10),
@@ -235,9 +239,7 @@ async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
         Some(&serde_json::json!("green"))
     );
     assert_eq!(after["shown"]["state"], "open");
-    writeln!(commands, r#"{{"quit":true}}"#).expect("command");
-    drop(commands);
-    assert!(node.wait().expect("node").success());
+    page.quit();
     assert!(
         held.join().expect("black hole") >= 1,
         "the page dialled the hole first"

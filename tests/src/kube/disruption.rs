@@ -24,7 +24,9 @@ fn terminating(pod: &Value) -> bool {
     !pod["metadata"]["deletionTimestamp"].is_null()
 }
 
-fn controller_uid(object: &Value) -> Option<&str> {
+/// The uid of an object's controller (its ownerReference with
+/// `controller: true`).
+pub fn controller_uid(object: &Value) -> Option<&str> {
     object["metadata"]["ownerReferences"]
         .as_array()?
         .iter()

@@ -22,6 +22,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::disruption::controller_uid;
 use super::selector::Selector;
 use super::store::{labels, ResourceType, Store};
 use crate::{gateway_bin, ServiceProxy};
@@ -102,16 +103,6 @@ const KUBELET: &str = "kubelet";
 
 /// The node every emulated pod runs on (`spec.nodeName`).
 const NODE_NAME: &str = "emulator-node";
-
-/// The uid of an object's controller (its ownerReference with
-/// `controller: true`).
-fn controller_uid(object: &Value) -> Option<&str> {
-    object["metadata"]["ownerReferences"]
-        .as_array()?
-        .iter()
-        .find(|r| r["controller"] == true)?["uid"]
-        .as_str()
-}
 
 /// Kills a pod's process at once and frees its address (its Pod object
 /// is gone).
@@ -334,27 +325,32 @@ impl Cluster {
                 "replicas": all, "updatedReplicas": updated.0,
                 "readyReplicas": updated.1, "availableReplicas": updated.1,
             }});
-            let same = [
-                "observedGeneration",
-                "replicas",
-                "updatedReplicas",
-                "readyReplicas",
-            ]
-            .iter()
-            .all(|k| deployment["status"][k] == status["status"][k]);
-            if !same {
-                self.store
-                    .merge(
-                        &deployments,
-                        namespace,
-                        name,
-                        &status,
-                        true,
-                        CONTROLLER_MANAGER,
-                    )
-                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            }
+            self.write_status(&deployments, &deployment, &status)?;
         }
+        Ok(())
+    }
+
+    /// A controller's status write: only when a field it reports changed
+    /// (a no-op write would wake every watcher of the object).
+    fn write_status(&self, kind: &ResourceType, object: &Value, status: &Value) -> Result<()> {
+        let fields = status["status"].as_object().into_iter().flatten();
+        let same = fields
+            .filter(|(k, _)| *k != "availableReplicas")
+            .all(|(k, v)| object["status"][k.as_str()] == *v);
+        if same {
+            return Ok(());
+        }
+        let meta = &object["metadata"];
+        self.store
+            .merge(
+                kind,
+                meta["namespace"].as_str().unwrap_or_default(),
+                meta["name"].as_str().unwrap_or_default(),
+                status,
+                true,
+                CONTROLLER_MANAGER,
+            )
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         Ok(())
     }
 
@@ -435,21 +431,7 @@ impl Cluster {
             let status = json!({"status": {"observedGeneration": meta["generation"],
                 "replicas": replicas,
                 "readyReplicas": ready, "availableReplicas": ready}});
-            let same = ["observedGeneration", "replicas", "readyReplicas"]
-                .iter()
-                .all(|k| rs["status"][k] == status["status"][k]);
-            if !same {
-                self.store
-                    .merge(
-                        &sets_kind,
-                        namespace,
-                        name,
-                        &status,
-                        true,
-                        CONTROLLER_MANAGER,
-                    )
-                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            }
+            self.write_status(&sets_kind, &rs, &status)?;
         }
         Ok(())
     }
