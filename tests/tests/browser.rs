@@ -12,6 +12,25 @@ use std::time::Duration;
 use switchyard_protocol::drain::{DrainMode, DrainRequest};
 use switchyard_tests::BlueGreen;
 
+/// Publishes 6..=10 on green, 100 ms apart, while the page moves; its state
+/// once it has all ten, each once and in order.
+async fn publish_while_moving(fleet: &BlueGreen, page: &mut Page) -> serde_json::Value {
+    for n in 6..=10 {
+        fleet
+            .green
+            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = page.wait_for(10);
+    assert_eq!(
+        after["received"]["b.demo"],
+        offsets(10),
+        "every message once, in order"
+    );
+    after
+}
+
 fn offsets(n: u64) -> serde_json::Value {
     serde_json::json!((1..=n).collect::<Vec<_>>())
 }
@@ -117,19 +136,7 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
         .expect("drain");
     assert_eq!(code, 202, "{body}");
     // Publish while the page moves.
-    for n in 6..=10 {
-        fleet
-            .green
-            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
-            .expect("publish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let after = page.wait_for(10);
-    assert_eq!(
-        after["received"]["b.demo"],
-        offsets(10),
-        "every message once, in order"
-    );
+    let after = publish_while_moving(&fleet, &mut page).await;
     assert_eq!(after["servers"], serde_json::json!(["blue", "green"]));
     assert_eq!(after["migrations"], 1);
     assert_eq!(
@@ -221,19 +228,7 @@ async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
         libc::kill(fleet.blue.pid() as libc::pid_t, libc::SIGKILL);
     }
     fleet.proxy.switch(vec![fleet.green.public]);
-    for n in 6..=10 {
-        fleet
-            .green
-            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
-            .expect("publish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let after = page.wait_for(10);
-    assert_eq!(
-        after["received"]["b.demo"],
-        offsets(10),
-        "every message once, in order"
-    );
+    let after = publish_while_moving(&fleet, &mut page).await;
     assert_eq!(
         after["servers"].as_array().and_then(|s| s.last()),
         Some(&serde_json::json!("green"))
