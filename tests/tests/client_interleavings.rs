@@ -13,7 +13,9 @@
 //! 2. never more than two connections at once;
 //! 3. a terminal close ends the session (`stopped`, no reconnect); anything
 //!    else leaves it alive: once the schedule ends, the last message of
-//!    every topic arrives (never zero connections without a retry coming).
+//!    every topic arrives (never zero connections without a retry coming);
+//! 4. every connection presents a fresh credential (a ticket), so one
+//!    refused with 4001/4501 is followed by a new one.
 //!
 //! (That the backoff grows after repeated failures is played in
 //! client_session.rs and tests/browser/session.test.mjs.)
@@ -145,6 +147,8 @@ struct Fleet {
     next_id: usize,
     refuse: Option<(u16, Option<u64>)>,
     most_open: usize,
+    /// The handshake URI of every connection, in order (`?ticket=`).
+    tickets: Vec<String>,
     /// More than two open at an accept: (when, which). A violation only if
     /// they are all still open half a second later — a close the client
     /// has sent may not have reached the gateway yet.
@@ -176,6 +180,7 @@ impl Fleet {
                     let Ok(conn) = accepted else { continue };
                     let id = self.next_id;
                     self.next_id += 1;
+                    self.tickets.push(conn.uri.clone());
                     let handle = conn.serve(id, self.events_tx.clone());
                     let refused = self.refuse.take();
                     if let Some((code, hint)) = refused {
@@ -509,6 +514,7 @@ async fn run(kind: &str, seed: u64, steps: usize) -> Result<String, String> {
         next_id: 0,
         refuse: None,
         most_open: 0,
+        tickets: Vec::new(),
         suspects: Vec::new(),
         terminal: None,
         rng: StdRng::seed_from_u64(seed ^ 0x5eed),
@@ -625,6 +631,18 @@ async fn run(kind: &str, seed: u64, steps: usize) -> Result<String, String> {
     // Invariant 1.
     for topic in TOPICS {
         check_topic(topic, &seen).map_err(|e| format!("{e}\n{}", describe(&seen)))?;
+    }
+    // Invariant 4: a fresh credential on every connection (so after 4001
+    // or 4501 the next one presents a new one).
+    let fresh: BTreeSet<&String> = fleet.tickets.iter().collect();
+    if fresh.len() != fleet.tickets.len()
+        || fleet.tickets.iter().any(|uri| !uri.contains("ticket="))
+    {
+        return Err(format!(
+            "a credential presented twice, or none: {:?}\n{}",
+            fleet.tickets,
+            describe(&seen)
+        ));
     }
     // Invariant 2.
     if fleet.most_open > 2 {
