@@ -325,7 +325,7 @@ impl Metrics {
     /// Counts a connection that ended.
     pub fn connection_closed(&self, code: u16, initiator: Initiator) {
         self.connections_closed
-            .with_label_values(&[code.to_string().as_str(), initiator.as_str()])
+            .with_label_values(&[close_code_label(code), initiator.as_str()])
             .inc();
         self.connections.dec();
     }
@@ -360,9 +360,59 @@ impl Metrics {
     }
 }
 
+/// The close codes `switchyard_connections_closed_total{code}` names: the
+/// protocol's (docs/protocol.md), the standard ones, and 1005/1006 (a close
+/// without a code, a connection that ended without a close frame).
+const NAMED_CLOSE_CODES: [&str; 22] = [
+    "1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1010", "1011", "1012",
+    "1013", "1014", "4000", "4001", "4002", "4003", "4500", "4501", "4502", "4503",
+];
+
+/// The `code` label of a closed connection: a named code as itself; any
+/// other (a client may close with anything in 3000–4999) by its class,
+/// `other_reconnect` or `other_terminal`, so one client cannot grow the
+/// series per gateway beyond a fixed set (`close_codes_are_a_bounded_label`).
+fn close_code_label(code: u16) -> &'static str {
+    let text = code.to_string();
+    if let Some(named) = NAMED_CLOSE_CODES.iter().find(|named| **named == text) {
+        return named;
+    }
+    match switchyard_protocol::CloseCode::from_u16(code).class() {
+        switchyard_protocol::CloseClass::Terminal => "other_terminal",
+        _ => "other_reconnect",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 27: every code a client could close with (all of u16) adds at
+    /// most the named codes and two classes to the label set (4504–4999 are
+    /// the 496 unnamed terminal ones).
+    #[test]
+    fn close_codes_are_a_bounded_label() {
+        let metrics = Metrics::new().expect("metrics");
+        for code in 0..=u16::MAX {
+            metrics.connection_closed(code, Initiator::Client);
+        }
+        let text = metrics.render();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("switchyard_connections_closed_total{"))
+            .collect();
+        assert_eq!(series.len(), NAMED_CLOSE_CODES.len() + 2, "{series:#?}");
+        for expected in [
+            r#"switchyard_connections_closed_total{code="4002",initiator="client"} 1"#,
+            r#"switchyard_connections_closed_total{code="other_terminal",initiator="client"} 496"#,
+        ] {
+            assert!(series.contains(&expected), "{expected} in {series:#?}");
+        }
+        assert_eq!(close_code_label(3000), "other_reconnect");
+        assert_eq!(close_code_label(4499), "other_reconnect");
+        assert_eq!(close_code_label(4777), "other_terminal");
+        assert_eq!(close_code_label(1006), "1006");
+    }
 
     #[test]
     fn renders_every_required_family() {

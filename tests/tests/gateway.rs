@@ -802,3 +802,41 @@ fn http_routes_answer_and_bad_upgrades_are_refused_and_counted() {
         405
     );
 }
+
+/// Issue 27: a client closing with codes of its own choosing (here 60
+/// codes across 3000–4999) cannot grow the gateway's series: they count as
+/// `other_reconnect` / `other_terminal`, two series in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_chosen_close_codes_are_a_bounded_label() {
+    let gw = GatewayProcess::start(&[]).expect("start");
+    let codes: Vec<u16> = (0..60).map(|i| 3000 + i * 33).collect();
+    for code in &codes {
+        let mut conn = Connection::connect(&gw.ws_url()).await.expect("connect");
+        conn.close(*code).await.expect("close");
+        expect_closed(&mut conn).await;
+    }
+    let reconnect =
+        "switchyard_connections_closed_total{code=\"other_reconnect\",initiator=\"client\"}";
+    let terminal =
+        "switchyard_connections_closed_total{code=\"other_terminal\",initiator=\"client\"}";
+    let terminal_codes = codes.iter().filter(|c| **c >= 4500).count() as f64;
+    assert_eq!(
+        gw.wait_metric(terminal, terminal_codes, STEP).expect("m"),
+        terminal_codes
+    );
+    assert_eq!(
+        gw.wait_metric(reconnect, 60.0 - terminal_codes, STEP)
+            .expect("m"),
+        60.0 - terminal_codes
+    );
+    let (_, text) =
+        switchyard_tests::http_request(gw.public, "GET", "/metrics", None).expect("metrics");
+    let series = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("switchyard_connections_closed_total{")
+                && l.contains("initiator=\"client\"")
+        })
+        .count();
+    assert_eq!(series, 2, "{text}");
+}
