@@ -363,19 +363,39 @@ impl Metrics {
 /// The close codes `switchyard_connections_closed_total{code}` names: the
 /// protocol's (docs/protocol.md), the standard ones, and 1005/1006 (a close
 /// without a code, a connection that ended without a close frame).
-const NAMED_CLOSE_CODES: [&str; 22] = [
-    "1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1010", "1011", "1012",
-    "1013", "1014", "4000", "4001", "4002", "4003", "4500", "4501", "4502", "4503",
+const NAMED_CLOSE_CODES: [(u16, &str); 22] = [
+    (1000, "1000"),
+    (1001, "1001"),
+    (1002, "1002"),
+    (1003, "1003"),
+    (1005, "1005"),
+    (1006, "1006"),
+    (1007, "1007"),
+    (1008, "1008"),
+    (1009, "1009"),
+    (1010, "1010"),
+    (1011, "1011"),
+    (1012, "1012"),
+    (1013, "1013"),
+    (1014, "1014"),
+    (4000, "4000"),
+    (4001, "4001"),
+    (4002, "4002"),
+    (4003, "4003"),
+    (4500, "4500"),
+    (4501, "4501"),
+    (4502, "4502"),
+    (4503, "4503"),
 ];
 
 /// The `code` label of a closed connection: a named code as itself; any
 /// other (a client may close with anything in 3000–4999) by its class,
 /// `other_reconnect` or `other_terminal`, so one client cannot grow the
 /// series per gateway beyond a fixed set (`close_codes_are_a_bounded_label`).
+/// Called once per closed connection: no allocation.
 fn close_code_label(code: u16) -> &'static str {
-    let text = code.to_string();
-    if let Some(named) = NAMED_CLOSE_CODES.iter().find(|named| **named == text) {
-        return named;
+    if let Some((_, label)) = NAMED_CLOSE_CODES.iter().find(|(named, _)| *named == code) {
+        return label;
     }
     match switchyard_protocol::CloseCode::from_u16(code).class() {
         switchyard_protocol::CloseClass::Terminal => "other_terminal",

@@ -31,6 +31,19 @@ async fn publish_while_moving(fleet: &BlueGreen, page: &mut Page) -> serde_json:
     after
 }
 
+/// `POST /admin/drain` to blue; 202 expected.
+fn start_drain(fleet: &BlueGreen, drain: &DrainRequest) {
+    let (code, body) = fleet
+        .blue
+        .admin_request(
+            "POST",
+            "/admin/drain",
+            Some(&serde_json::to_string(drain).expect("json")),
+        )
+        .expect("drain");
+    assert_eq!(code, 202, "{body}");
+}
+
 fn offsets(n: u64) -> serde_json::Value {
     serde_json::json!((1..=n).collect::<Vec<_>>())
 }
@@ -126,15 +139,7 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
         retry_jitter_ms: 500,
         migrate_grace_ms: None,
     };
-    let (code, body) = fleet
-        .blue
-        .admin_request(
-            "POST",
-            "/admin/drain",
-            Some(&serde_json::to_string(&drain).expect("json")),
-        )
-        .expect("drain");
-    assert_eq!(code, 202, "{body}");
+    start_drain(&fleet, &drain);
     // Publish while the page moves.
     let after = publish_while_moving(&fleet, &mut page).await;
     assert_eq!(after["servers"], serde_json::json!(["blue", "green"]));
@@ -211,15 +216,7 @@ async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
         retry_jitter_ms: 500,
         migrate_grace_ms: Some(20_000),
     };
-    let (code, body) = fleet
-        .blue
-        .admin_request(
-            "POST",
-            "/admin/drain",
-            Some(&serde_json::to_string(&drain).expect("json")),
-        )
-        .expect("drain");
-    assert_eq!(code, 202, "{body}");
+    start_drain(&fleet, &drain);
     // The migrate went out and the page is dialling the black hole.
     tokio::time::sleep(Duration::from_millis(800)).await;
     // SIGKILL: no close frame, no drain; then the Service reaches green.

@@ -121,14 +121,12 @@ async fn kubectl_get_and_the_plugin() {
 /// selector in it evaluated against the operator's pods. The checks'
 /// output when they fail.
 fn verify_on_cluster(kubeconfig: &Path, monitors: &str) -> Result<(), String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let output = Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("tests/packaging/verify.py"))
-        .args(["--cluster".as_ref(), kubeconfig.as_os_str()])
-        .args(["--monitors", monitors])
-        .env("OPERATOR_BIN", switchyard_tests::operator_bin())
-        .output()
-        .expect("the venv's python (the test command installs it)");
+    let output = verify_py(&[
+        "--cluster".as_ref(),
+        kubeconfig.as_os_str(),
+        "--monitors".as_ref(),
+        monitors.as_ref(),
+    ]);
     if output.status.success() {
         Ok(())
     } else {
@@ -138,6 +136,18 @@ fn verify_on_cluster(kubeconfig: &Path, monitors: &str) -> Result<(), String> {
             String::from_utf8_lossy(&output.stderr)
         ))
     }
+}
+
+/// `tests/packaging/verify.py ARGS` in the venv the test command makes,
+/// rendering the operator's objects with the binary under test.
+fn verify_py(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/packaging/verify.py"))
+        .args(args)
+        .env("OPERATOR_BIN", switchyard_tests::operator_bin())
+        .output()
+        .expect("the venv's python (the test command installs it)")
 }
 
 /// A CustomResourceDefinition of the Prometheus Operator's (its API, as far
@@ -207,12 +217,8 @@ async fn helm_renders_monitors_only_where_the_prometheus_operator_api_exists() {
 
 /// The chart rendered offline for `values` (`verify.py --render`).
 fn chart_objects(values: serde_json::Value) -> Vec<serde_json::Value> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let output = Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("tests/packaging/verify.py"))
-        .args(["--render", &values.to_string()])
-        .output()
-        .expect("the venv's python (the test command installs it)");
+    let values = values.to_string();
+    let output = verify_py(&["--render".as_ref(), values.as_ref()]);
     assert!(
         output.status.success(),
         "render: {}",

@@ -257,20 +257,18 @@ fn serve_target(
             "the emulator never returns a continue token",
         ));
     }
-    // Who an update is recorded under: `fieldManager`, else the client's
-    // name from its User-Agent (kube-apiserver's default).
-    let manager = query.get("fieldManager").map_or_else(
-        || {
+    // Who an update is recorded under (writes only): `fieldManager`, else
+    // the client's name from its User-Agent (kube-apiserver's default).
+    let manager = || -> &str {
+        query.get("fieldManager").unwrap_or_else(|| {
             headers
                 .get("user-agent")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|agent| agent.split('/').next())
                 .filter(|name| !name.is_empty())
                 .unwrap_or("unknown")
-                .to_string()
-        },
-        str::to_string,
-    );
+        })
+    };
     let table = headers
         .get("accept")
         .and_then(|v| v.to_str().ok())
@@ -321,14 +319,14 @@ fn serve_target(
         }
         (Method::POST, None) => {
             let object = parse_body(body)?;
-            let created = store.create(rt, &ns, object, Some(&manager))?;
+            let created = store.create(rt, &ns, object, Some(manager()))?;
             Ok(json_response(201, &created))
         }
         (Method::PUT, Some(name)) => {
             let object = parse_body(body)?;
             Ok(json_response(
                 200,
-                &store.replace(rt, &ns, name, object, target.status, &manager)?,
+                &store.replace(rt, &ns, name, object, target.status, manager())?,
             ))
         }
         (Method::PATCH, Some(name)) => {
@@ -339,7 +337,7 @@ fn serve_target(
             let patch = parse_body(body)?;
             let patched = match content_type.split(';').next().unwrap_or_default() {
                 "application/merge-patch+json" => {
-                    store.merge(rt, &ns, name, &patch, target.status, &manager)?
+                    store.merge(rt, &ns, name, &patch, target.status, manager())?
                 }
                 "application/apply-patch+yaml" => {
                     let manager = query.get("fieldManager").ok_or_else(|| {

@@ -65,13 +65,18 @@ fn namespace_labels(namespace: &str) -> BTreeMap<String, String> {
     )])
 }
 
+/// The same address, an IPv4-mapped IPv6 one written as IPv4 (the
+/// emulator's IPv6 pods are `::ffff:127.0.0.N`).
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// `cidr` holds `ip` (an IPv4 address written as IPv4-mapped IPv6 counts
 /// as IPv4).
 fn in_cidr(cidr: &str, ip: IpAddr) -> bool {
-    let canonical = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
     let Some((network, bits)) = cidr.split_once('/') else {
         return false;
     };
