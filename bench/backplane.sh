@@ -38,7 +38,7 @@ run() { # label pods extra-args...
   local gws=()
   for i in $(seq 1 "$pods"); do
     "$BIN/switchyard-server" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$((PORT + i))" \
-      --set reuse_port=true --log-format json "$@" 2>"$WORK/gw$i.log" &
+      --set reuse_port=true --set websocket.handshake_rate=0 --log-format json "$@" 2>"$WORK/gw$i.log" &
     gws+=($!); PIDS+=($!)
   done
   for i in $(seq 1 "$pods"); do

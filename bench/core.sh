@@ -34,7 +34,7 @@ start_gateways() { # n extra-args...
   GW_PIDS=()
   for i in $(seq 1 "$n"); do
     "$BIN/switchyard-server" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$((PORT + i))" \
-      --set reuse_port=true --log-format json "$@" 2>"$WORK/gw$i.log" &
+      --set reuse_port=true --set websocket.handshake_rate=0 --log-format json "$@" 2>"$WORK/gw$i.log" &
     GW_PIDS+=($!); PIDS+=($!)
   done
   for i in $(seq 1 "$n"); do

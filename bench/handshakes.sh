@@ -35,7 +35,7 @@ PY
 start() { # name port extra-args...
   local name=$1 port=$2; shift 2
   "$BIN/switchyard-server" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$((port + 1))" \
-    --log-format json --set log.level=warn "$@" 2>"$WORK/$name.log" &
+    --log-format json --set log.level=warn --set websocket.handshake_rate=0 "$@" 2>"$WORK/$name.log" &
   PIDS+=($!)
   for _ in $(seq 1 100); do
     curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && return 0

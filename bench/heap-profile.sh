@@ -18,7 +18,7 @@ need_commands heaptrack:heaptrack
 bench_setup
 
 heaptrack -o "$WORK/gateway" "$BIN/switchyard-server" --listen "127.0.0.1:$PORT" \
-  --admin-listen "127.0.0.1:$((PORT + 1))" --set log.level=warn >"$WORK/heaptrack.log" 2>&1 &
+  --admin-listen "127.0.0.1:$((PORT + 1))" --set log.level=warn --set websocket.handshake_rate=0 >"$WORK/heaptrack.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$((PORT + 1))") 2>/dev/null && break; sleep 0.1; done
 "$BIN/switchyard-load" idle --target "127.0.0.1:$PORT" --connections "$CONNECTIONS" \

@@ -69,6 +69,8 @@ bench_setup() {
   trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 }
 
+# Admission control (websocket.handshake_rate) is off in the benchmarks that
+# measure capacity against peers that have none; bench/crash.sh measures it.
 start() { # name -> sets SERVER_PID; with TLS_DIR set, the WebSocket port is wss://
   local name=$1 admin=$((PORT + 1)) sy_tls=() peer_tls=() node_tls=()
   if [ -n "${TLS_DIR:-}" ]; then
@@ -79,7 +81,8 @@ start() { # name -> sets SERVER_PID; with TLS_DIR set, the WebSocket port is wss
   case $name in
     switchyard)
       env ${PRELOAD:+LD_PRELOAD=$PRELOAD} "$BIN/switchyard-server" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$admin" \
-        --set log.level=warn --set topics.max_topic_length=128 "${sy_tls[@]}" 2>"$WORK/$name.log" & ;;
+        --set log.level=warn --set topics.max_topic_length=128 \
+        --set websocket.handshake_rate=0 --set websocket.max_handshakes_in_flight=0 "${sy_tls[@]}" 2>"$WORK/$name.log" & ;;
     tungstenite-4k-batched)
       "$BIN/tungstenite-peer" --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$admin" --batch "${peer_tls[@]}" 2>"$WORK/$name.log" & ;;
     tungstenite-4k-per-message)

@@ -40,7 +40,7 @@ for color in blue green; do
   for i in 1 2 3; do
     "$BIN/switchyard-server" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$((port + i))" \
       --server-id "$color-$i" --log-format json \
-      --set reuse_port=true --set worker_threads=1 --set broker=redis \
+      --set reuse_port=true --set worker_threads=1 --set websocket.handshake_rate=0 --set broker=redis \
       --set "redis.url=redis://127.0.0.1:$REDIS_PORT" --set drain.migrate_grace_ms=15000 \
       --set redis.command_timeout_ms=5000 \
       2>"$WORK/$color$i.log" &

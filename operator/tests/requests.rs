@@ -60,6 +60,7 @@ impl GatewayAdmin for RecordingGateways {
                 topics: 0,
                 draining,
                 uptime_seconds: 1,
+                admission: None,
                 drain: None,
             })
         })

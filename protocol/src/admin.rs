@@ -24,6 +24,28 @@ pub struct StatusResponse {
     /// The current or last drain, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainStatus>,
+    /// Admission control on the public listener (absent from gateways
+    /// older than it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<AdmissionStatus>,
+}
+
+/// Admission control in `GET /admin/status`: the bounds on new connections
+/// and how far a storm of them is over them now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionStatus {
+    /// Connections between their TCP accept and the answer to their first request.
+    pub handshakes_in_flight: u64,
+    /// `websocket.max_handshakes_in_flight` (0: unbounded).
+    pub max_handshakes_in_flight: u64,
+    /// `websocket.handshake_rate`: connections accepted per second (0: unbounded).
+    pub handshake_rate: u64,
+    /// `websocket.handshake_burst`.
+    pub handshake_burst: u64,
+    /// Connections shed since the process started.
+    pub shed_total: u64,
+    /// The window a connection shed now is told to come back in (ms).
+    pub retry_window_ms: u64,
 }
 
 /// `POST /api/publish` request.

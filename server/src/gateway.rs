@@ -26,6 +26,7 @@ use crate::security::auth::{AdminAuth, Authenticator};
 use crate::security::expiry::SessionExpiries;
 use crate::security::origin::OriginPolicy;
 use crate::security::ratelimit::IpRateLimiter;
+use crate::security::shed::{ShedLimits, Shedder};
 use crate::security::tickets::TicketStore;
 use crate::security::unix_ms;
 
@@ -68,6 +69,8 @@ pub struct Gateway {
     pub(crate) admin_tls: Option<TlsAcceptor>,
     /// Handshakes per second per IP, when limited.
     pub(crate) handshake_limiter: Option<IpRateLimiter>,
+    /// Admission control on the public listener: every client together.
+    pub(crate) shedder: Shedder,
     /// When each authenticated session expires.
     pub(crate) expiries: SessionExpiries,
 }
@@ -117,7 +120,13 @@ impl Gateway {
                 MAX_RATE_LIMITED_IPS,
             )
         });
+        let shedder = Shedder::new(ShedLimits {
+            max_in_flight: ws.max_handshakes_in_flight,
+            rate: ws.handshake_rate,
+            burst: ws.handshake_burst,
+        });
         Ok(Arc::new(Gateway {
+            shedder,
             origin,
             auth,
             admin_auth,
@@ -208,6 +217,7 @@ impl Gateway {
                 .drains
                 .current()
                 .map(|d| d.status(self.hub.len() as u64)),
+            admission: Some(self.shedder.status(self.metrics.shed_total())),
         }
     }
 }

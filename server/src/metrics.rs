@@ -123,7 +123,19 @@ pub struct Metrics {
     pub jwks: crate::security::jwks::JwksMetrics,
 }
 
+/// The `reason` labels of connections admission control shed
+/// (`security::shed`): answered 4003/503, or closed before TLS.
+pub const SHED_REASONS: [&str; 2] = ["overloaded", "overloaded_tls"];
+
 impl Metrics {
+    /// Connections admission control has shed so far.
+    pub fn shed_total(&self) -> u64 {
+        SHED_REASONS
+            .iter()
+            .map(|reason| self.handshakes_rejected.with_label_values(&[reason]).get())
+            .sum()
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();

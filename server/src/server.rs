@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use switchyard_protocol::close::CloseReason;
 use switchyard_protocol::drain::DrainRequest;
 use switchyard_protocol::CloseCode;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tower_service::Service;
@@ -25,6 +26,7 @@ pub use crate::gateway::Gateway;
 use crate::head::{self, Parsed, Replay};
 use crate::hub::Route;
 use crate::repoll::Repoll;
+use crate::security::shed::Shed;
 use crate::security::unix_ms;
 
 /// Binds a TCP listener, optionally with SO_REUSEPORT so several gateway
@@ -264,6 +266,20 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => break,
         };
+        // Admission control: a storm of reconnects is shed here, before
+        // any TLS work; a plain connection is still told when to come back.
+        let mut shed = None;
+        if which == Listener::Public {
+            if let Err(why) = gateway.shedder.accept() {
+                if tls.is_some() {
+                    gateway.count_rejection("overloaded_tls");
+                    drop(tcp);
+                    continue;
+                }
+                // Counted when it is answered: a probe is not shed.
+                shed = Some(why);
+            }
+        }
         let _ = tcp.set_nodelay(true);
         let gateway = gateway.clone();
         let routes = routes.clone();
@@ -275,14 +291,16 @@ async fn accept_loop(
         // `a_plain_connection_waits_for_its_head_in_a_small_task`; the
         // figures are in docs/benchmarks.md, "A plain handshake's task").
         let Some(tls) = tls.clone() else {
-            tokio::spawn(serve_connection(http, tcp, gateway, routes, which, peer));
+            tokio::spawn(serve_connection(
+                http, tcp, gateway, routes, which, peer, shed,
+            ));
             continue;
         };
         tokio::spawn(async move {
             // The TLS handshake counts against the same slowloris budget as the headers.
             match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    serve_connection(http, stream, gateway, routes, which, peer).await
+                    serve_connection(http, stream, gateway, routes, which, peer, None).await
                 }
                 Ok(Err(err)) => {
                     gateway.count_rejection("tls_failed");
@@ -318,6 +336,7 @@ async fn serve_connection<IO, R>(
     routes: R,
     which: Listener,
     peer: SocketAddr,
+    shed: Option<Shed>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     R: Service<
@@ -331,7 +350,7 @@ async fn serve_connection<IO, R>(
 {
     let io = match which {
         Listener::Admin => Replay::new(io, Vec::new()),
-        Listener::Public => match upgrade_first_request(io, &gateway, peer).await {
+        Listener::Public => match upgrade_first_request(io, &gateway, peer, shed).await {
             Some(io) => io,
             None => return,
         },
@@ -396,14 +415,19 @@ async fn serve_connection<IO, R>(
     }
 }
 
+/// Paths on the public listener admission control never sheds.
+const NEVER_SHED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
 /// Reads the first request head of a public connection and, if it is an
 /// upgrade, answers it directly. Otherwise returns the connection, with the
 /// bytes read replayed in front, for hyper; `None` once the connection is
-/// served or gone.
+/// served or gone. A connection admission control shed (`shed`) is answered
+/// here whatever it asks: 4003 after an upgrade, 503 otherwise.
 async fn upgrade_first_request<IO>(
     mut io: IO,
     gateway: &Arc<Gateway>,
     peer: SocketAddr,
+    shed: Option<Shed>,
 ) -> Option<Replay<IO>>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -423,15 +447,30 @@ where
             return None;
         }
     };
+    // The kubelet's probes and Prometheus' scrapes are answered whatever
+    // the load: a storm must not make the pod look unready (that would
+    // send the storm on to the other pods) or hide it from the metrics.
+    let shed = shed.filter(|_| {
+        !matches!(&first.parsed, Parsed::Complete(head, _)
+            if head.method == Method::GET && NEVER_SHED.contains(&head.path()))
+    });
     if let Parsed::Complete(head, len) = first.parsed {
         if let Some(route) = upgrade_route(gateway, Listener::Public, &head.method, head.path()) {
             let mut buffer = first.buffer;
             let rest = buffer.split_off(len);
             drop(buffer);
             let gateway = gateway.clone();
-            crate::upgrade::upgrade_direct(gateway, io, head, rest, route, peer).await;
+            crate::upgrade::upgrade_direct(gateway, io, head, rest, route, peer, shed).await;
             return None;
         }
+    }
+    if let Some(shed) = shed {
+        gateway.count_rejection("overloaded");
+        let mut out = Vec::with_capacity(160);
+        crate::upgrade::Refusal::overloaded(shed).write(&mut out);
+        let _ = io.write_all(&out).await;
+        let _ = io.shutdown().await;
+        return None;
     }
     Some(Replay::new(io, first.buffer))
 }
@@ -502,7 +541,7 @@ mod tests {
             .expect("connect");
         let (tcp, peer) = listener.accept().await.expect("accept");
         let http = hyper::server::conn::http1::Builder::new();
-        let task = serve_connection(http, tcp, gateway, routes, Listener::Public, peer);
+        let task = serve_connection(http, tcp, gateway, routes, Listener::Public, peer, None);
         // What a plain connection's task is while the handshake is read
         // and answered; it is copied into place when spawned and again when
         // it ends, once per handshake (docs/benchmarks.md, "A plain

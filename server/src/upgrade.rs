@@ -36,6 +36,7 @@ use crate::connection::{self, Welcome};
 use crate::gateway::Gateway;
 use crate::head::RequestHead;
 use crate::hub::{AdmitLimits, AdmitRefused, ConnHandle, Route};
+use crate::security::shed::{retry_after_secs, Shed};
 use crate::security::{unix_ms, RedactedTarget, Session};
 
 /// Why an upgrade request was refused with an HTTP error.
@@ -123,24 +124,34 @@ pub struct Refusal {
     /// The rejection reason: the metric label, and the response body.
     pub reason: &'static str,
     /// A header the client needs to act on the refusal.
-    extra: Option<(HeaderName, &'static str)>,
+    extra: Option<(HeaderName, String)>,
 }
 
 impl Refusal {
+    /// 503 with `Retry-After` for a connection admission control shed
+    /// (counted when it was shed).
+    pub fn overloaded(shed: Shed) -> Refusal {
+        Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: "overloaded",
+            extra: Some((RETRY_AFTER, retry_after_secs(shed.retry_ms).to_string())),
+        }
+    }
+
     /// The refusal as a hyper/warp response (the connection stays open).
     fn into_response(self) -> warp::reply::Response {
         let mut response = warp::reply::with_status(self.reason, self.status).into_response();
         if let Some((name, value)) = self.extra {
-            response
-                .headers_mut()
-                .insert(name, http::HeaderValue::from_static(value));
+            if let Ok(value) = http::HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
         }
         response
     }
 
     /// The refusal as the bytes of an HTTP/1.1 response that closes the
     /// connection.
-    fn write(&self, out: &mut Vec<u8>) {
+    pub fn write(&self, out: &mut Vec<u8>) {
         let status = self.status;
         let reason = status.canonical_reason().unwrap_or("");
         let _ = write!(
@@ -201,6 +212,8 @@ struct UpgradeRequest<'a> {
     query: Option<&'a str>,
     route: Route,
     peer: SocketAddr,
+    /// Admission control shed the connection when it was accepted.
+    shed: Option<Shed>,
 }
 
 impl UpgradeRequest<'_> {
@@ -242,6 +255,7 @@ pub async fn upgrade<B>(
         query: uri.query(),
         route,
         peer,
+        shed: None,
     };
     let span = about.span();
     let verdict = judge(&gateway, &about).instrument(span.clone()).await;
@@ -299,6 +313,7 @@ pub async fn upgrade_direct<IO>(
     rest: Vec<u8>,
     route: Route,
     peer: SocketAddr,
+    shed: Option<Shed>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -308,6 +323,7 @@ pub async fn upgrade_direct<IO>(
         query: head.query(),
         route,
         peer,
+        shed,
     };
     let span = about.span();
     let verdict = judge(&gateway, &about).instrument(span.clone()).await;
@@ -396,7 +412,7 @@ async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict 
                 &target,
             );
             if rejection == HandshakeRejection::BadVersion {
-                refusal.extra = Some((SEC_WEBSOCKET_VERSION, "13"));
+                refusal.extra = Some((SEC_WEBSOCKET_VERSION, "13".to_owned()));
             }
             return Verdict::Refused(refusal);
         }
@@ -410,6 +426,10 @@ async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict 
             Err(refusal) => Verdict::Refused(refusal),
         };
     }
+    if let Some(shed) = request.shed {
+        gateway.count_rejection("overloaded");
+        return overloaded(gateway, accept, shed, peer, &target);
+    }
     if let Some(limiter) = &gateway.handshake_limiter {
         if !limiter.allow(peer.ip(), std::time::Instant::now()) {
             let mut refusal = refuse_http(
@@ -419,10 +439,19 @@ async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict 
                 peer,
                 &target,
             );
-            refusal.extra = Some((RETRY_AFTER, "1"));
+            refusal.extra = Some((RETRY_AFTER, "1".to_owned()));
             return Verdict::Refused(refusal);
         }
     }
+    // Credentials may be checked against a JWKS fetch or Redis (tickets):
+    // a bounded number of handshakes wait on them at once.
+    let _slot = match gateway.shedder.begin() {
+        Ok(slot) => slot,
+        Err(shed) => {
+            gateway.count_rejection("overloaded");
+            return overloaded(gateway, accept, shed, peer, &target);
+        }
+    };
     let header = |name| {
         headers
             .get(name)
@@ -529,6 +558,34 @@ async fn admit(
     }
 }
 
+/// Answers a handshake that admission control shed (counted by the caller):
+/// accepted and closed with 4003 and the `retry_ms` it was given (a browser
+/// can read a close code, not an HTTP status), or 503 with `Retry-After`
+/// with `auth.reject_with_http`. Nothing else is looked at: a shed
+/// handshake costs a head read and one write.
+fn overloaded(
+    gateway: &Gateway,
+    accept: String,
+    shed: Shed,
+    peer: SocketAddr,
+    target: &RedactedTarget<'_>,
+) -> Verdict {
+    tracing::debug!(%peer, %target, why = ?shed.why, retry_ms = shed.retry_ms, "handshake shed");
+    if gateway.config.auth.reject_with_http {
+        return Verdict::Refused(Refusal::overloaded(shed));
+    }
+    Verdict::Upgrade(
+        accept,
+        Admission::Refuse(
+            CloseCode::AtCapacity,
+            CloseReason {
+                retry_ms: Some(shed.retry_ms),
+                reason: Some("overloaded".to_owned()),
+            },
+        ),
+    )
+}
+
 /// The least a refused client waits before it comes back to a draining or
 /// stopping gateway: while the endpoints still list this pod, a client that
 /// came back at once would find it again.
@@ -552,7 +609,7 @@ fn turn_away(
             peer,
             target,
         );
-        refusal.extra = Some((RETRY_AFTER, "1"));
+        refusal.extra = Some((RETRY_AFTER, "1".to_owned()));
         return Err(refusal);
     }
     gateway.count_rejection(reason);

@@ -126,6 +126,13 @@ impl GatewayProcess {
         self.signal(libc::SIGTERM);
     }
 
+    /// Kills the gateway with SIGKILL (a crash, an OOM kill): no close
+    /// frame, no drain; its clients see their sockets end.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGINT (the gateway closes everything with 1001 and exits).
     pub fn interrupt(&self) {
         self.signal(libc::SIGINT);

@@ -130,6 +130,26 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server with SIGSTOP: connections stay open and nothing is
+    /// answered (a Redis stuck in a long command or a fork, or a partition).
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let child = self.child.as_ref().context("redis is not running")?;
+        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
+        if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Starts the server again on the same port (empty).
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
@@ -139,6 +159,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        let _ = self.resume();
         self.kill9();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

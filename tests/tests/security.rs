@@ -1362,3 +1362,227 @@ async fn without_the_providers_keys_the_gateway_is_not_ready_and_asks_to_retry()
         "{refreshes} fetches in 3.5 s at max-age=1"
     );
 }
+
+/// The whole answer to one request written by hand (the connection is
+/// closed by the gateway after it).
+fn raw_exchange(addr: SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn upgrade_head(addr: SocketAddr) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Admission control: beyond `websocket.handshake_burst` (the rate of 1/s
+/// adds no token during the test's second) every connection is shed — a
+/// WebSocket with 4003 and a `retry_ms` whose window grows with the sheds,
+/// a page with 503 — while the probes and the scrape are still answered,
+/// the connections already open are undisturbed, and every shed is counted
+/// and shown in `/admin/status`. With `auth.reject_with_http` the upgrade
+/// is refused with 503 and `Retry-After` instead.
+#[tokio::test]
+async fn a_storm_of_handshakes_is_shed_and_told_when_to_come_back() {
+    let gw = GatewayProcess::start(&["websocket.handshake_rate=1", "websocket.handshake_burst=3"])
+        .expect("start");
+    let mut held = open(&gw, "", &[]).await.welcome();
+    send(&mut held, json!({"op": "subscribe", "topic": "calm"})).await;
+    assert!(matches!(
+        recv(&mut held).await,
+        Ok(ServerFrame::Subscribed { .. })
+    ));
+    let _others = (
+        open(&gw, "", &[]).await.welcome(),
+        open(&gw, "", &[]).await.welcome(),
+    );
+    let storm = futures_util::future::join_all((0..10).map(|_| open(&gw, "", &[]))).await;
+    let mut waits = Vec::new();
+    for outcome in storm {
+        let (code, reason) = outcome.closed();
+        assert_eq!(code, 4003, "{reason}");
+        let reason: Value = serde_json::from_str(&reason).expect("reason JSON");
+        assert_eq!(reason["reason"], "overloaded");
+        let retry_ms = reason["retry_ms"].as_u64().expect("retry_ms");
+        // Ten sheds at 1/s: windows of 1 s up to 10 s, after at least 100 ms.
+        assert!((100..=10_100).contains(&retry_ms), "{retry_ms}");
+        waits.push(retry_ms);
+    }
+    waits.sort_unstable();
+    waits.dedup();
+    assert!(waits.len() >= 2, "spread: {waits:?}");
+    assert!(
+        waits.last().is_some_and(|&ms| ms > 1_100),
+        "the window grew: {waits:?}"
+    );
+    // Probes and scrapes are never shed; a page is.
+    for path in ["/readyz", "/healthz", "/metrics"] {
+        let (status, _) = http_request(gw.public, "GET", path, None).expect(path);
+        assert_eq!(status, 200, "{path}");
+    }
+    let page = raw_exchange(
+        gw.public,
+        &format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", gw.public),
+    );
+    assert!(page.starts_with("HTTP/1.1 503"), "{page}");
+    assert!(
+        page.to_ascii_lowercase().contains("\r\nretry-after: "),
+        "{page}"
+    );
+    assert_eq!(rejected(&gw, "overloaded"), 11.0);
+    let (_, status) = http_request(gw.admin, "GET", "/admin/status", None).expect("status");
+    let status: Value = serde_json::from_str(&status).expect("status JSON");
+    let admission = &status["admission"];
+    assert_eq!(admission["shed_total"], 11, "{status}");
+    assert_eq!(admission["handshake_rate"], 1);
+    assert_eq!(admission["handshake_burst"], 3);
+    assert_eq!(admission["handshakes_in_flight"], 0);
+    assert!(
+        admission["retry_window_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 1_000),
+        "{status}"
+    );
+    // The connection held through the storm still gets what is published.
+    gw.publish("calm", "1").expect("publish");
+    assert!(matches!(
+        recv(&mut held).await,
+        Ok(ServerFrame::Message { .. })
+    ));
+
+    // Refusing with HTTP: 503 and a whole number of seconds to wait.
+    let gw = GatewayProcess::start(&[
+        "websocket.handshake_rate=1",
+        "websocket.handshake_burst=1",
+        "auth.reject_with_http=true",
+    ])
+    .expect("start");
+    open(&gw, "", &[]).await.welcome();
+    let answer = raw_exchange(gw.public, &upgrade_head(gw.public));
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let retry_after = answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(
+        retry_after.is_some_and(|s| (1..=2).contains(&s)),
+        "{answer}"
+    );
+    assert!(answer.ends_with("overloaded"), "{answer}");
+}
+
+/// With TLS the shed happens before the TLS handshake: the connection is
+/// closed without a byte of TLS, and counted apart.
+#[tokio::test]
+async fn with_tls_a_shed_connection_is_closed_before_any_tls_work() {
+    let dir = std::env::temp_dir().join(format!("sy-gw-shed-tls-{}", std::process::id()));
+    let certs = TestCertificates::create(&dir).expect("certificates");
+    let cert = format!("tls.cert_file={}", certs.cert.display());
+    let key = format!("tls.key_file={}", certs.key.display());
+    let gw = GatewayProcess::start(&[
+        &cert,
+        &key,
+        "websocket.handshake_rate=1",
+        "websocket.handshake_burst=1",
+    ])
+    .expect("start");
+    let connector = tls_connector(&certs.ca);
+    let stream = tls_stream(&connector, gw.public).await;
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://{}/ws", gw.public), stream)
+        .await
+        .expect("wss handshake");
+    let _held = first_frame(ws).await.welcome();
+    let tcp = tokio::net::TcpStream::connect(gw.public)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::IpAddress(gw.public.ip().into());
+    let err = connector
+        .connect(name, tcp)
+        .await
+        .expect_err("no TLS for a shed connection");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+        ),
+        "{err}"
+    );
+    // The scrape is on the same TLS port: once the bucket has a token again.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        gw.public
+    );
+    let metrics = https(&connector, gw.public, &request).await;
+    let value = |reason: &str| {
+        switchyard_tests::metric_value(
+            &metrics,
+            &format!("switchyard_handshakes_rejected_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(value("overloaded_tls"), 1.0, "{metrics}");
+    assert_eq!(value("tls_failed"), 0.0, "no TLS handshake was begun");
+}
+
+/// The bound on handshakes judged at once: while Redis is stopped, two
+/// ticket redemptions wait on it; a third handshake is shed with 4003 at
+/// once rather than queue behind them, and counted. When Redis answers
+/// again the two complete.
+#[tokio::test]
+async fn handshakes_waiting_on_credentials_are_bounded() {
+    let redis = RedisServer::start().expect("redis");
+    let url = format!("redis.url={}", redis.url());
+    let gw = GatewayProcess::start(&[
+        "broker=redis",
+        &url,
+        "auth.anonymous=false",
+        "websocket.max_handshakes_in_flight=2",
+        "redis.command_timeout_ms=5000",
+    ])
+    .expect("start");
+    assert!(wait_status(gw.public, "/readyz", 200, STEP));
+    let (first, second, third) = (
+        ticket(&gw, r#"{"sub": "alice"}"#),
+        ticket(&gw, r#"{"sub": "bob"}"#),
+        ticket(&gw, r#"{"sub": "carol"}"#),
+    );
+    redis.pause().expect("SIGSTOP redis");
+    let gw = Arc::new(gw);
+    let waiting: Vec<_> = [first, second]
+        .into_iter()
+        .map(|t| {
+            let gw = gw.clone();
+            tokio::spawn(async move { open(&gw, &format!("?ticket={t}"), &[]).await.welcome() })
+        })
+        .collect();
+    // Both are in flight once the status says so.
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let (_, status) = http_request(gw.admin, "GET", "/admin/status", None).expect("status");
+        let status: Value = serde_json::from_str(&status).expect("status JSON");
+        if status["admission"]["handshakes_in_flight"] == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, reason) = open(&gw, &format!("?ticket={third}"), &[]).await.closed();
+    assert_eq!(code, 4003, "{reason}");
+    assert!(reason.contains("overloaded"), "{reason}");
+    assert_eq!(rejected(&gw, "overloaded"), 1.0);
+    redis.resume().expect("SIGCONT redis");
+    for task in waiting {
+        task.await.expect("welcomed once Redis answered");
+    }
+}

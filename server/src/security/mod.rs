@@ -16,6 +16,7 @@ pub mod jwks;
 pub mod keys;
 pub mod origin;
 pub mod ratelimit;
+pub mod shed;
 pub mod tickets;
 pub mod token;
 
