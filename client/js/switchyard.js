@@ -4,7 +4,9 @@
 //  - reconnects with exponential backoff and full jitter, or after the
 //    gateway's retry_ms hint (clamped to an hour); the backoff starts over
 //    only after a connection stayed up `healthyMs`, so a gateway that
-//    accepts and drops is not hammered;
+//    accepts and drops is not hammered; the first wait after an abnormal
+//    close (1006, a crashed gateway) spans `abnormalWindowMs` (2 s), so its
+//    clients do not all come back to the survivors at once;
 //  - acts on the close-code classes, before or after `welcome`, on the
 //    current connection or on either side of a migration: 4000–4499 and
 //    transient standard codes reconnect, 4001/4501 ask for credentials
@@ -55,19 +57,31 @@ export function closeClass(code) {
  * reconnect / reauthenticate after the hint or the backoff, stop, take_over
  * (the new connection becomes the session's), stay (on the old one).
  */
-export function decide(code, phase, retryMs, backoffMs) {
+export function decide(code, phase, retryMs, backoffMs, abnormalMs = backoffMs) {
   const kind = closeClass(code);
   if (kind === "terminal") return { action: "stop" };
   if (phase === "overlap_old") return { action: "take_over" };
   if (phase === "overlap_new") return { action: "stay" };
   const hint = retryHint(retryMs);
-  return { action: kind, waitMs: hint ?? backoffMs };
+  const wait = code === 1006 && phase === "open" ? abnormalMs : backoffMs;
+  return { action: kind, waitMs: hint ?? wait };
 }
 
 /** Full-jitter backoff: uniform in [0, min(cap, base * 2^attempt)]. */
 export function backoffDelay(attempt, baseMs, capMs, unit = Math.random()) {
   const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
   return Math.floor(ceiling * unit);
+}
+
+/**
+ * The wait after an abnormal close (1006: no close frame, no hint — a
+ * crashed gateway) of the session's connection: uniform over `windowMs` on
+ * the first attempt after a connection that stayed up, since every client
+ * of a crashed gateway sees it at the same instant; the backoff on later
+ * attempts.
+ */
+export function abnormalDelay(attempt, windowMs, backoffMs, unit = Math.random()) {
+  return attempt === 0 ? Math.floor(windowMs * unit) : backoffMs;
 }
 
 /**
@@ -112,6 +126,7 @@ export class SwitchyardClient extends EventTarget {
       getTicket = null,
       connectTimeoutMs = 10000,
       healthyMs = 10000,
+      abnormalWindowMs = 2000,
     } = {},
   ) {
     super();
@@ -122,6 +137,7 @@ export class SwitchyardClient extends EventTarget {
     this.outboxLimit = outboxLimit;
     this.connectTimeoutMs = connectTimeoutMs;
     this.healthyMs = healthyMs;
+    this.abnormalWindowMs = abnormalWindowMs;
     /** topic -> last position delivered ({epoch, offset}) or null */
     this.cursors = new Map();
     this.outbox = [];
@@ -459,7 +475,8 @@ export class SwitchyardClient extends EventTarget {
     // The backoff starts over only after a connection that stayed up.
     if (socket.welcomedAt !== undefined && Date.now() - socket.welcomedAt >= this.healthyMs) this.attempt = 0;
     const backoffMs = backoffDelay(this.attempt, this.backoffBaseMs, this.backoffCapMs);
-    const decision = decide(code, phase, reason.retry_ms, backoffMs);
+    const abnormalMs = abnormalDelay(this.attempt, this.abnormalWindowMs, backoffMs);
+    const decision = decide(code, phase, reason.retry_ms, backoffMs, abnormalMs);
     switch (decision.action) {
       case "stop":
         // Revoked, refused, or told to stop, on either side of a migration:

@@ -7,16 +7,45 @@ use switchyard_protocol::{CloseClass, CloseCode, Position};
 
 /// Exponential backoff with full jitter: attempt `n` waits a uniformly random
 /// time in `[0, min(cap, base · 2^n)]`, so a crowd of clients that lost their
-/// gateway at once does not come back at once.
+/// gateway at once does not come back at once. The first attempt after an
+/// abnormal close (1006: no close frame, no hint — a crashed gateway, a
+/// vanished node) of a connection that had been up waits over
+/// `abnormal_window` instead: a crashed pod's clients all see it at the
+/// same instant, and 0–`base` would bring them all back to the survivors
+/// within 100 ms (tests/tests/crash.rs, bench/crash.sh).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// The first attempt's ceiling.
     pub base: Duration,
     /// The largest ceiling.
     pub cap: Duration,
+    /// The first wait after an abnormal close is uniform over this.
+    pub abnormal_window: Duration,
+}
+
+/// The waits a close may call for, drawn before deciding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Waits {
+    /// The backoff of this attempt.
+    pub backoff: Duration,
+    /// The wait after an abnormal close of the session's connection: over
+    /// [`Backoff::abnormal_window`] on the first attempt, the backoff after.
+    pub abnormal: Duration,
 }
 
 impl Backoff {
+    /// The waits of attempt `attempt` (0-based: 0 after a connection that
+    /// stayed up), given `unit` uniform in [0, 1).
+    pub fn waits(&self, attempt: u32, unit: f64) -> Waits {
+        let backoff = self.delay(attempt, unit);
+        let abnormal = if attempt == 0 {
+            self.abnormal_window.mul_f64(unit.clamp(0.0, 1.0))
+        } else {
+            backoff
+        };
+        Waits { backoff, abnormal }
+    }
+
     /// The ceiling of attempt `attempt` (0-based).
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
@@ -63,16 +92,12 @@ pub enum AfterClose {
 
 /// Decides from the close code, where the connection stood, the server's
 /// `retry_ms` hint (which wins over the backoff: the server spreads its
-/// clients on purpose; clamped to [`MAX_RETRY`]) and the backoff for this
-/// attempt. client/behaviour.json is the table both clients are tested
-/// against. A terminal code ends the session in every phase: a revoked
-/// session is not valid on another gateway either.
-pub fn decide(
-    code: u16,
-    phase: Phase,
-    retry_ms: Option<u64>,
-    backoff_delay: Duration,
-) -> AfterClose {
+/// clients on purpose; clamped to [`MAX_RETRY`]) and the waits of this
+/// attempt (the abnormal one for a 1006 of the session's connection).
+/// client/behaviour.json is the table both clients are tested against. A
+/// terminal code ends the session in every phase: a revoked session is not
+/// valid on another gateway either.
+pub fn decide(code: u16, phase: Phase, retry_ms: Option<u64>, waits: Waits) -> AfterClose {
     let class = CloseCode::from_u16(code).class();
     if class == CloseClass::Terminal {
         return AfterClose::Stop;
@@ -82,7 +107,12 @@ pub fn decide(
         Phase::OverlapNew => return AfterClose::Stay,
         Phase::Connecting | Phase::Open => {}
     }
-    let delay = retry_ms.map_or(backoff_delay, |ms| Duration::from_millis(ms).min(MAX_RETRY));
+    let wait = if code == 1006 && phase == Phase::Open {
+        waits.abnormal
+    } else {
+        waits.backoff
+    };
+    let delay = retry_ms.map_or(wait, |ms| Duration::from_millis(ms).min(MAX_RETRY));
     match class {
         CloseClass::Reauthenticate => AfterClose::Reauthenticate(delay),
         _ => AfterClose::Reconnect(delay),
@@ -132,6 +162,7 @@ mod tests {
         let backoff = Backoff {
             base: Duration::from_millis(100),
             cap: Duration::from_secs(5),
+            abnormal_window: Duration::from_secs(2),
         };
         let table = [
             (0, 1.0, 100),
@@ -151,6 +182,37 @@ mod tests {
         }
     }
 
+    /// After a connection that stayed up (attempt 0) an abnormal close waits
+    /// over the whole window, 20 times the backoff's first ceiling; a
+    /// gateway that crashes again before the connection is healthy gets the
+    /// growing backoff instead (not the window over and over).
+    #[test]
+    fn the_first_wait_after_an_abnormal_close_spans_its_window() {
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+            abnormal_window: Duration::from_secs(2),
+        };
+        let ms = Duration::from_millis;
+        let table = [
+            (0, 0.0, 0, 0),
+            (0, 0.5, 50, 1_000),
+            (0, 1.0, 100, 2_000),
+            (1, 1.0, 200, 200),
+            (6, 0.5, 2_500, 2_500),
+        ];
+        for (attempt, unit, backoff_ms, abnormal_ms) in table {
+            assert_eq!(
+                backoff.waits(attempt, unit),
+                Waits {
+                    backoff: ms(backoff_ms),
+                    abnormal: ms(abnormal_ms)
+                },
+                "attempt {attempt} unit {unit}"
+            );
+        }
+    }
+
     /// Every row of client/behaviour.json, the table the browser client's
     /// tests read too. The hint goes through the close-reason parser, as
     /// it arrives (a negative one is no hint).
@@ -159,7 +221,10 @@ mod tests {
         let table: serde_json::Value =
             serde_json::from_str(include_str!("../behaviour.json")).expect("behaviour.json");
         assert_eq!(table["max_retry_ms"], MAX_RETRY.as_millis() as u64);
-        let backoff = Duration::from_millis(300);
+        let waits = Waits {
+            backoff: Duration::from_millis(300),
+            abnormal: Duration::from_millis(1_234),
+        };
         let rows = table["rows"].as_array().expect("rows");
         assert!(rows.len() >= 30, "{} rows", rows.len());
         for row in rows {
@@ -177,7 +242,8 @@ mod tests {
             };
             let retry_ms = switchyard_protocol::close::CloseReason::parse(&reason).retry_ms;
             let wait = match &row["wait"] {
-                serde_json::Value::String(kind) if kind == "backoff" => backoff,
+                serde_json::Value::String(kind) if kind == "backoff" => waits.backoff,
+                serde_json::Value::String(kind) if kind == "abnormal" => waits.abnormal,
                 serde_json::Value::Number(ms) => Duration::from_millis(ms.as_u64().expect("ms")),
                 _ => Duration::ZERO,
             };
@@ -189,7 +255,7 @@ mod tests {
                 "stay" => AfterClose::Stay,
                 other => panic!("action {other}"),
             };
-            assert_eq!(decide(code, phase, retry_ms, backoff), expected, "{row}");
+            assert_eq!(decide(code, phase, retry_ms, waits), expected, "{row}");
         }
     }
 

@@ -20,7 +20,7 @@ use switchyard_protocol::close::{CloseReason, ABNORMAL_CLOSURE};
 use switchyard_protocol::{CloseClass, ErrorCode, Position, ServerFrame};
 use tokio::sync::{mpsc, Notify};
 
-use crate::policy::{decide, AfterClose, Backoff, Cursor, Phase};
+use crate::policy::{decide, AfterClose, Backoff, Cursor, Phase, Waits};
 use crate::{ClientError, Closed, Connection, Credential, Event};
 
 /// Settings of a [`Client`].
@@ -79,13 +79,15 @@ impl std::fmt::Debug for CredentialSource {
 
 impl ClientOptions {
     /// Defaults: backoff 100 ms doubling to 10 s (started over after a
-    /// connection stayed up 10 s), 1,000 queued publishes, 10 s to connect.
+    /// connection stayed up 10 s; the first wait after an abnormal close
+    /// over 2 s), 1,000 queued publishes, 10 s to connect.
     pub fn new(url: impl Into<String>) -> Self {
         ClientOptions {
             url: url.into(),
             backoff: Backoff {
                 base: Duration::from_millis(100),
                 cap: Duration::from_secs(10),
+                abnormal_window: Duration::from_secs(2),
             },
             outbox_limit: 1000,
             connect_timeout: Duration::from_secs(10),
@@ -307,9 +309,9 @@ impl Driver {
             if up_since.is_some_and(|since| since.elapsed() >= self.options.healthy) {
                 attempt = 0;
             }
-            let backoff = self.options.backoff.delay(attempt, rand::random());
+            let waits = self.options.backoff.waits(attempt, rand::random());
             attempt = attempt.saturating_add(1);
-            let (delay, class) = match decide(closed.code, phase, closed.reason.retry_ms, backoff) {
+            let (delay, class) = match decide(closed.code, phase, closed.reason.retry_ms, waits) {
                 AfterClose::Reconnect(delay) => (delay, CloseClass::Reconnect),
                 AfterClose::Reauthenticate(delay) => (delay, CloseClass::Reauthenticate),
                 // (TakeOver and Stay are decisions of a migration's overlap.)
@@ -530,7 +532,7 @@ impl Driver {
                     Ok(new) => break new,
                     Err(err) => {
                         let refused = refusal(&err);
-                        return match decide(refused.code, Phase::OverlapNew, refused.reason.retry_ms, Duration::ZERO) {
+                        return match decide(refused.code, Phase::OverlapNew, refused.reason.retry_ms, Waits::default()) {
                             AfterClose::Stay => Migration::Stayed,
                             _ => {
                                 let _ = old.close(1000).await;
@@ -570,7 +572,7 @@ impl Driver {
                     Ok(Event::Frame(frame)) => {
                         let _ = self.on_frame(frame).await;
                     }
-                    Ok(Event::Closed(closed)) => match decide(closed.code, Phase::OverlapOld, closed.reason.retry_ms, Duration::ZERO) {
+                    Ok(Event::Closed(closed)) => match decide(closed.code, Phase::OverlapOld, closed.reason.retry_ms, Waits::default()) {
                         AfterClose::TakeOver => old_open = false,
                         _ => {
                             let _ = new.close(1000).await;
@@ -594,7 +596,7 @@ impl Driver {
                             let _ = new.subscribe(&topic, since).await;
                         }
                     }
-                    Ok(Event::Closed(closed)) => match decide(closed.code, Phase::OverlapNew, closed.reason.retry_ms, Duration::ZERO) {
+                    Ok(Event::Closed(closed)) => match decide(closed.code, Phase::OverlapNew, closed.reason.retry_ms, Waits::default()) {
                         // The new connection failed: carry on with the old one.
                         AfterClose::Stay => return Migration::Stayed,
                         _ => {

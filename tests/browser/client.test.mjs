@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { readFileSync } from "node:fs";
-import { backoffDelay, closeClass, decide, isAfter, MAX_RETRY_MS, withTicket } from "../../client/js/switchyard.js";
+import { abnormalDelay, backoffDelay, closeClass, decide, isAfter, MAX_RETRY_MS, withTicket } from "../../client/js/switchyard.js";
 
 /** client/behaviour.json: the close decisions both clients are tested against. */
 const behaviour = JSON.parse(readFileSync(new URL("../../client/behaviour.json", import.meta.url)));
@@ -11,11 +11,22 @@ const behaviour = JSON.parse(readFileSync(new URL("../../client/behaviour.json",
 test("the behaviour table (client/behaviour.json)", () => {
   assert.equal(behaviour.max_retry_ms, MAX_RETRY_MS);
   assert.ok(behaviour.rows.length >= 30);
-  const backoff = 300;
+  const [backoff, abnormal] = [300, 1234];
+  const waits = { backoff, abnormal };
   for (const row of behaviour.rows) {
     const expected = { action: row.action };
-    if (row.wait !== undefined) expected.waitMs = row.wait === "backoff" ? backoff : row.wait;
-    assert.deepEqual(decide(row.code, row.phase, row.retry_ms, backoff), expected, JSON.stringify(row));
+    if (row.wait !== undefined) expected.waitMs = waits[row.wait] ?? row.wait;
+    assert.deepEqual(decide(row.code, row.phase, row.retry_ms, backoff, abnormal), expected, JSON.stringify(row));
+  }
+});
+
+test("the first wait after an abnormal close spans its window", () => {
+  // (attempt, unit, backoff) -> wait: the window on attempt 0, the backoff after.
+  const table = [
+    [0, 0, 50, 0], [0, 0.5, 50, 1000], [0, 1, 100, 2000], [1, 1, 200, 200], [6, 0.5, 2500, 2500],
+  ];
+  for (const [attempt, unit, backoff, expected] of table) {
+    assert.equal(abnormalDelay(attempt, 2000, backoff, unit), expected, `attempt ${attempt} unit ${unit}`);
   }
 });
 

@@ -190,9 +190,31 @@ test("break 6: backoff grows while the gateway accepts and drops, and resets aft
   assert.deepEqual(delays, [100, 200, 400, 800, 1600]);
   const healthy = FakeSocket.all.at(-1);
   healthy.welcome("ok");
-  mock.timers.tick(60_000);
+  mock.timers.tick(20_000); // up past healthyMs, within two heartbeats
   healthy.serverClose(1011);
   assert.equal(evs.filter((e) => e.type === "disconnected").at(-1).retryMs, 100);
+});
+
+test("after a crash (1006) the first retry spans the abnormal window, then the backoff", () => {
+  const { client: c, events: evs } = session({ healthyMs: 1000 });
+  c.connect();
+  const up = FakeSocket.all[0];
+  up.welcome("a");
+  mock.timers.tick(5000);
+  up.serverClose(1006); // no close frame: the gateway died
+  const first = evs.filter((e) => e.type === "disconnected").at(-1);
+  assert.equal(first.retryMs, 2000, "the whole default window at unit 1, not the backoff's 100");
+  mock.timers.tick(2000);
+  const quick = FakeSocket.all.at(-1);
+  quick.welcome("b");
+  quick.serverClose(1006); // died again before it was healthy
+  assert.equal(evs.filter((e) => e.type === "disconnected").at(-1).retryMs, 200, "attempt 1's backoff");
+  const { client: narrow, events: narrowEvents } = session({ abnormalWindowMs: 300 });
+  narrow.connect();
+  const n = FakeSocket.all.at(-1);
+  n.welcome("c");
+  n.serverClose(1006);
+  assert.equal(narrowEvents.filter((e) => e.type === "disconnected").at(-1).retryMs, 300);
 });
 
 test("break 7: a connection silent for two heartbeats is taken as dead", async () => {

@@ -384,6 +384,7 @@ impl Subject {
             options.backoff = switchyard_client::policy::Backoff {
                 base: Duration::from_millis(100),
                 cap: Duration::from_secs(5),
+                abnormal_window: Duration::from_secs(2),
             };
             options.connect_timeout = Duration::from_secs(5);
             let tickets = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

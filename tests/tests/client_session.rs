@@ -22,6 +22,7 @@ fn options(gateway: &FakeGateway) -> ClientOptions {
     options.backoff = Backoff {
         base: Duration::from_millis(100),
         cap: Duration::from_secs(5),
+        abnormal_window: Duration::from_secs(2),
     };
     options
 }
@@ -116,6 +117,7 @@ async fn break_6_the_backoff_grows_while_the_gateway_accepts_and_drops() {
     let mut gateway = FakeGateway::start().await.expect("gateway");
     let mut options = options(&gateway);
     options.healthy = Duration::from_millis(400);
+    let backoff = options.backoff;
     let mut client = Client::start(options);
     client.subscribe("t1");
     let mut waits = Vec::new();
@@ -130,10 +132,6 @@ async fn break_6_the_backoff_grows_while_the_gateway_accepts_and_drops() {
         assert_eq!(code, 1011);
         waits.push(retry);
     }
-    let backoff = Backoff {
-        base: Duration::from_millis(100),
-        cap: Duration::from_secs(5),
-    };
     for (attempt, wait) in waits.iter().enumerate() {
         assert!(
             *wait <= backoff.ceiling(attempt as u32),
@@ -334,4 +332,42 @@ async fn break_9_the_old_connection_is_read_while_the_new_one_is_dialled() {
         _ => None,
     })
     .await;
+}
+
+/// A gateway that dies (its TCP connection ends with no close frame: 1006)
+/// after the connection stayed up: the first wait spans the 2 s abnormal
+/// window rather than the backoff's 100 ms, so a crashed pod's clients
+/// spread their return; a second crash before the connection is healthy
+/// gets the backoff (attempt 1: at most 200 ms), not the window again.
+#[tokio::test]
+async fn after_a_crash_the_first_retry_spans_the_abnormal_window() {
+    let mut gateway = FakeGateway::start().await.expect("gateway");
+    let mut options = options(&gateway);
+    options.healthy = Duration::from_millis(100);
+    let mut client = Client::start(options);
+    client.subscribe("t1");
+    let mut first_waits = Vec::new();
+    for round in 0..6 {
+        let mut conn = gateway.next(WAIT).await.expect("connection");
+        welcome(&mut conn, &format!("g{round}"), &["t1"]).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        conn.drop_tcp();
+        let (code, _, retry) = until(&mut client, disconnected).await;
+        assert_eq!(code, 1006);
+        assert!(retry <= Duration::from_secs(2), "{retry:?}");
+        first_waits.push(retry);
+    }
+    // Uniform over 2 s: six waits all within the backoff's first 100 ms
+    // happen once in 6.4·10^7 runs.
+    assert!(
+        first_waits.iter().any(|w| *w > Duration::from_millis(100)),
+        "{first_waits:?}"
+    );
+    // Crashed again before it was healthy: the backoff's attempt 1.
+    let mut conn = gateway.next(WAIT).await.expect("connection");
+    welcome(&mut conn, "quick", &["t1"]).await;
+    conn.drop_tcp();
+    let (code, _, retry) = until(&mut client, disconnected).await;
+    assert_eq!(code, 1006);
+    assert!(retry <= Duration::from_millis(200), "{retry:?}");
 }
