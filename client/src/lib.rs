@@ -300,6 +300,24 @@ impl Connection {
         Ok(())
     }
 
+    /// Closes with `code` and reads on, in a task of its own, until the
+    /// gateway's close frame or `timeout`: the TCP connection ends after the
+    /// close handshake (RFC 6455 §7.1.1), not with data unread. Dropped with
+    /// frames still arriving, the socket would end with a reset, which can
+    /// reach the gateway before the close frame does, and a client's own
+    /// 1000 would look like a vanished peer (a drain counts it "other").
+    pub fn retire(mut self, code: u16, timeout: std::time::Duration) {
+        tokio::spawn(async move {
+            if self.close(code).await.is_err() {
+                return;
+            }
+            let _ = tokio::time::timeout(timeout, async {
+                while let Some(Ok(_)) = self.socket.next().await {}
+            })
+            .await;
+        });
+    }
+
     /// The next event. Heartbeats are answered with `ping` and not reported;
     /// frames the client does not know (a later protocol version, a binary
     /// frame) are skipped; after [`Event::Closed`] every call returns the

@@ -609,16 +609,20 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        if old_open {
-            let _ = old.close(1000).await;
-        }
         let to = new.welcome().server_id.clone();
         std::mem::swap(old, &mut new);
+        if old_open {
+            new.retire(1000, RETIRE_TIMEOUT);
+        }
         self.shared.stats.migrations.fetch_add(1, Ordering::Relaxed);
         self.emit(ClientEvent::Migrated { from, to }).await;
         Migration::Done(waiting)
     }
 }
+
+/// How long a migration's old connection is read after its 1000 close for
+/// the gateway's close frame.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a migration ended.
 enum Migration {

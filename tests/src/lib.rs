@@ -8,6 +8,7 @@ pub mod kube;
 pub mod otlp;
 
 mod certs;
+mod crowd;
 mod fakegw;
 mod http;
 mod https;
@@ -18,6 +19,7 @@ mod redis;
 mod ws;
 
 pub use certs::*;
+pub use crowd::*;
 pub use fakegw::*;
 pub use http::*;
 pub use https::*;

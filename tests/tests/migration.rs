@@ -3,13 +3,10 @@
 //! real `switchyard_client::Client` sessions, a publisher running throughout.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchyard_client::{Client, ClientEvent, ClientOptions};
 use switchyard_protocol::drain::{max_in_window, paced_rate, DrainMode, DrainRequest};
-use switchyard_tests::{wait_status, BlueGreen, GatewayProcess};
+use switchyard_tests::{wait_status, BlueGreen, Crowd, GatewayProcess, Publisher};
 
 const TOPICS: [&str; 3] = ["m.alpha", "m.beta", "m.gamma"];
 const LONG: Duration = Duration::from_secs(60);
@@ -20,148 +17,16 @@ async fn fleet(blue_settings: &[&str]) -> BlueGreen {
         .expect("blue/green fleet")
 }
 
-/// What one client saw.
-#[derive(Default)]
-struct Seen {
-    offsets: BTreeMap<String, Vec<u64>>,
-    disconnects: Vec<u16>,
-    migrations: usize,
-    servers: Vec<String>,
-}
-
-struct Crowd {
-    seen: Vec<Arc<Mutex<Seen>>>,
-    subscribed: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// Starts `count` client sessions on `url`, each subscribed to every topic.
+/// `count` sessions on `url` subscribed to every topic, quick to back off.
 fn crowd(url: &str, count: usize) -> Crowd {
-    let subscribed = Arc::new(AtomicUsize::new(0));
-    let mut seen = Vec::with_capacity(count);
-    let mut tasks = Vec::with_capacity(count);
-    for _ in 0..count {
-        let mut options = ClientOptions::new(url);
+    Crowd::start(url, count, &TOPICS, |options| {
         options.backoff.base = Duration::from_millis(50);
         options.backoff.cap = Duration::from_secs(2);
-        let mut client = Client::start(options);
-        for topic in TOPICS {
-            client.subscribe(topic);
-        }
-        let record = Arc::new(Mutex::new(Seen::default()));
-        let (record_in, subscribed_in) = (record.clone(), subscribed.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut first_subscribes = 0;
-            while let Some(event) = client.next_event().await {
-                let mut seen = record_in.lock().expect("seen");
-                match event {
-                    ClientEvent::Message {
-                        topic, position, ..
-                    } => seen.offsets.entry(topic).or_default().push(position.offset),
-                    ClientEvent::Resumed { .. } if first_subscribes < TOPICS.len() => {
-                        first_subscribes += 1;
-                        subscribed_in.fetch_add(1, Ordering::Relaxed);
-                    }
-                    ClientEvent::Disconnected { code, .. } => seen.disconnects.push(code),
-                    ClientEvent::Migrated { .. } => seen.migrations += 1,
-                    ClientEvent::Connected { server_id, .. } => seen.servers.push(server_id),
-                    ClientEvent::Stopped { .. } => break,
-                    _ => {}
-                }
-            }
-        }));
-        seen.push(record);
-    }
-    Crowd {
-        seen,
-        subscribed,
-        tasks,
-    }
-}
-
-impl Crowd {
-    async fn wait_subscribed(&self) {
-        let want = self.seen.len() * TOPICS.len();
-        let deadline = Instant::now() + LONG;
-        while self.subscribed.load(Ordering::Relaxed) < want {
-            assert!(Instant::now() < deadline, "clients did not all subscribe");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until every client has every topic up to `last`, then checks
-    /// each saw exactly 1..=last, in order.
-    async fn assert_complete(&self, last: &BTreeMap<String, u64>) {
-        let deadline = Instant::now() + LONG;
-        loop {
-            let done = self.seen.iter().all(|s| {
-                let s = s.lock().expect("seen");
-                last.iter()
-                    .all(|(t, n)| s.offsets.get(t).and_then(|o| o.last()) == Some(n))
-            });
-            if done || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        for (i, seen) in self.seen.iter().enumerate() {
-            let seen = seen.lock().expect("seen");
-            for (topic, n) in last {
-                let got = seen.offsets.get(topic).cloned().unwrap_or_default();
-                let expected: Vec<u64> = (1..=*n).collect();
-                assert!(
-                    got == expected,
-                    "client {i} topic {topic}: {} messages, first gap/duplicate near {:?}",
-                    got.len(),
-                    got.windows(2).find(|w| w[1] != w[0] + 1)
-                );
-            }
-        }
-    }
-
-    fn stop(self) {
-        for task in self.tasks {
-            task.abort();
-        }
-    }
-}
-
-/// Publishes round robin over the topics every `every` until stopped;
-/// returns the last offset per topic.
-struct Publisher {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<BTreeMap<String, u64>>,
+    })
 }
 
 fn publisher(admin: std::net::SocketAddr, every: Duration) -> Publisher {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let task = tokio::task::spawn_blocking(move || {
-        let mut last = BTreeMap::new();
-        let mut n = 0usize;
-        while !flag.load(Ordering::Relaxed) {
-            let topic = TOPICS[n % TOPICS.len()];
-            let body = format!(r#"{{"topic":"{topic}","data":{{"n":{n}}}}}"#);
-            let (status, text) =
-                switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body))
-                    .expect("publish");
-            assert_eq!(status, 200, "{text}");
-            let response: serde_json::Value = serde_json::from_str(&text).expect("json");
-            let offset = response["position"]["offset"].as_u64().expect("offset");
-            last.insert(topic.to_owned(), offset);
-            n += 1;
-            std::thread::sleep(every);
-        }
-        last
-    });
-    Publisher { stop, task }
-}
-
-impl Publisher {
-    async fn finish(self) -> BTreeMap<String, u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("publisher")
-    }
+    Publisher::start(admin, &TOPICS, every)
 }
 
 /// A fleet with `clients` sessions subscribed through its proxy (routing to
@@ -169,7 +34,7 @@ impl Publisher {
 async fn scene(blue_settings: &[&str], clients: usize) -> (BlueGreen, Crowd, Publisher) {
     let fleet = fleet(blue_settings).await;
     let crowd = crowd(&fleet.proxy.ws_url(), clients);
-    crowd.wait_subscribed().await;
+    crowd.wait_subscribed(LONG).await;
     let publishing = publisher(fleet.green.admin, Duration::from_millis(40));
     (fleet, crowd, publishing)
 }
@@ -266,7 +131,7 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
     const RATE: u64 = 400;
     let mut fleet = fleet(&["drain.migrate_grace_ms=8000"]).await;
     let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
-    crowd.wait_subscribed().await;
+    crowd.wait_subscribed(LONG).await;
     assert_eq!(status(&fleet.blue)["connections"], CLIENTS as u64);
     let publishing = publisher(fleet.green.admin, Duration::from_millis(100));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -299,7 +164,7 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = publishing.finish().await;
-    crowd.assert_complete(&last).await;
+    crowd.assert_complete(&last, LONG).await;
 
     let drain = &status(&fleet.blue)["drain"];
     assert_eq!(drain["total"], CLIENTS as u64);
@@ -386,7 +251,7 @@ async fn close_mode_spreads_reconnects_instead_of_a_storm() {
     wait_connections(&fleet.green, CLIENTS as u64, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = publishing.finish().await;
-    crowd.assert_complete(&last).await;
+    crowd.assert_complete(&last, LONG).await;
 
     let drain = &status(&fleet.blue)["drain"];
     assert_eq!(drain["closed_at_slot"], CLIENTS as u64, "{drain}");
@@ -445,7 +310,7 @@ async fn sigterm_drains_with_the_configured_defaults_and_exits_zero() {
     assert!(exit.success(), "{exit:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = publishing.finish().await;
-    crowd.assert_complete(&last).await;
+    crowd.assert_complete(&last, LONG).await;
     for (i, seen) in crowd.seen.iter().enumerate() {
         let seen = seen.lock().expect("seen");
         assert!(
@@ -464,7 +329,7 @@ async fn cancelling_a_drain_keeps_the_rest_on_blue() {
     const CLIENTS: usize = 400;
     let fleet = fleet(&[]).await;
     let crowd = crowd(&fleet.proxy.ws_url(), CLIENTS);
-    crowd.wait_subscribed().await;
+    crowd.wait_subscribed(LONG).await;
     fleet.proxy.switch(vec![fleet.green.public]);
     let request = DrainRequest {
         window_ms: 8_000,
@@ -536,7 +401,10 @@ async fn cancelling_a_drain_keeps_the_rest_on_blue() {
         .publish("m.alpha", "\"after cancel\"")
         .expect("publish");
     crowd
-        .assert_complete(&BTreeMap::from([("m.alpha".to_owned(), position.offset)]))
+        .assert_complete(
+            &BTreeMap::from([("m.alpha".to_owned(), position.offset)]),
+            LONG,
+        )
         .await;
     crowd.stop();
 }
@@ -638,7 +506,7 @@ async fn sigterm_with_clients_coming_back(mode: &str) {
     wait_connections(&fleet.green, CLIENTS as u64, LONG).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = publishing.finish().await;
-    crowd.assert_complete(&last).await;
+    crowd.assert_complete(&last, LONG).await;
     crowd.stop();
 }
 
@@ -782,7 +650,7 @@ async fn admin_drain_with_clients_coming_back(mode: DrainMode) {
     wait_connections(&fleet.green, CLIENTS as u64, LONG).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = publishing.finish().await;
-    crowd.assert_complete(&last).await;
+    crowd.assert_complete(&last, LONG).await;
     crowd.stop();
 }
 
@@ -1033,6 +901,6 @@ async fn sigterm_caps_a_running_admin_drain_and_cannot_be_cancelled() {
     wait_connections(&fleet.green, CLIENTS as u64, LONG).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = publishing.finish().await;
-    crowd.assert_complete(&last).await;
+    crowd.assert_complete(&last, LONG).await;
     crowd.stop();
 }
