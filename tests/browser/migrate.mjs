@@ -26,6 +26,7 @@ const state = () =>
     servers: window.demo.servers,
     migrations: window.demo.migrations,
     disconnects: window.demo.disconnects,
+    retries: window.demo.retries,
     shown: {
       state: document.getElementById("state").textContent,
       server: document.getElementById("server").textContent,
