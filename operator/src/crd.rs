@@ -476,6 +476,11 @@ pub struct ConnectionServiceStatus {
     /// A human-readable summary of the phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Container restarts of each gateway pod (a crash, an OOM kill), as far
+    /// as they have been reported with a `GatewayRestarted` Event: a pod
+    /// restarting again is reported again, once per restart.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_restarts: BTreeMap<String, i32>,
 }
 
 /// The longest ConnectionService name: it names Services (`NAME`,

@@ -481,6 +481,8 @@ impl<'a> ObjectIo<'a> {
                     ip: pod_ip(pod),
                     report,
                     waiting: pod_waiting(pod),
+                    restarts: pod_restarts(pod),
+                    last_exit: pod_last_exit(pod),
                 });
             }
         }
@@ -801,6 +803,29 @@ fn pod_waiting(pod: &Pod) -> Option<String> {
                 Some(message) if !message.is_empty() => format!("{reason}: {message}"),
                 _ => reason.to_string(),
             })
+        })
+}
+
+/// The gateway container's restart count.
+fn pod_restarts(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |statuses| statuses.iter().map(|c| c.restart_count).sum())
+}
+
+/// How the container last ended (`REASON, exit code N`), as the kubelet
+/// reports it in `lastState.terminated`.
+fn pod_last_exit(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find_map(|c| c.last_state.as_ref()?.terminated.as_ref())
+        .map(|t| {
+            let reason = t.reason.as_deref().unwrap_or("Terminated");
+            format!("{reason}, exit code {}", t.exit_code)
         })
 }
 

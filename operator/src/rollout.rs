@@ -67,6 +67,10 @@ pub struct PodView {
     /// (`ErrImagePull: …`, `CrashLoopBackOff: …`): told when a rollout
     /// fails for want of readiness.
     pub waiting: Option<String>,
+    /// Its container's restart count.
+    pub restarts: i32,
+    /// How the container last ended (`Error, exit code 137`), once it has.
+    pub last_exit: Option<String>,
 }
 
 /// A pod the operator talks to.
@@ -330,6 +334,7 @@ pub fn plan(observed: &Observed) -> Plan {
             planner.steps.push(Step::RouteService { color });
         }
     }
+    planner.restarts();
     match (observed.status.phase, observed.status.rollout.clone()) {
         (None, _) => planner.install(),
         (Some(Phase::Progressing), Some(rollout)) => planner.progressing(rollout),
@@ -393,6 +398,39 @@ impl Planner<'_> {
         if let Some(rollout) = self.status.rollout.as_mut() {
             rollout.phase_since = now;
         }
+    }
+
+    /// Reports every gateway restart once: a pod whose container restarted
+    /// more often than the status says gets a `GatewayRestarted` Warning
+    /// (its clients lost their connections without a word and reconnect to
+    /// the other pods), and the status keeps the counts of the pods that
+    /// exist.
+    fn restarts(&mut self) {
+        let mut counts = std::collections::BTreeMap::new();
+        for color in [Color::Blue, Color::Green] {
+            for pod in &self.o.color(color).pods {
+                if pod.restarts <= 0 {
+                    continue;
+                }
+                let reported = self
+                    .o
+                    .status
+                    .pod_restarts
+                    .get(&pod.name)
+                    .copied()
+                    .unwrap_or(0);
+                if pod.restarts > reported {
+                    let how = pod.last_exit.as_deref().unwrap_or("ended");
+                    let note = format!(
+                        "{color} pod {} restarted ({how}; {} restarts): its clients reconnect to the other pods and resume",
+                        pod.name, pod.restarts
+                    );
+                    self.record(true, "GatewayRestarted", note);
+                }
+                counts.insert(pod.name.clone(), pod.restarts);
+            }
+        }
+        self.status.pod_restarts = counts;
     }
 
     /// No status yet: a first install, or a resource whose status was lost

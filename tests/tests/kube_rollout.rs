@@ -1441,3 +1441,59 @@ async fn pods_that_are_not_the_operators_or_cannot_answer_are_left_alone() {
         heard.first()
     );
 }
+
+/// Issue 22: a gateway pod's process dies under traffic (SIGKILL: a crash,
+/// an OOM kill). The kubelet restarts it in the same pod; its clients see
+/// 1006, reconnect through the Service after their abnormal-close wait and
+/// resume from Redis: every message once and in order. The operator reports
+/// the restart once, as a Warning naming the pod and how it ended, and in
+/// `status.podRestarts`; the resource stays Stable (a crash is no rollout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_under_traffic_is_restarted_reported_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (mut fleet, crowd, publishing) = with_traffic(FAST_ROLLOUT, FEW).await;
+    let victim = fleet
+        .emu
+        .list("", "pods", NS)
+        .expect("pods")
+        .iter()
+        .filter(|p| p["metadata"]["labels"]["pod-template-hash"].is_string())
+        .find_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+        .expect("a gateway pod");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet
+        .emu
+        .cluster
+        .kill_process(NS, &victim)
+        .expect("SIGKILL");
+    let cs = fleet
+        .wait_for("the restart reported", |cs| {
+            cs["status"]["podRestarts"][victim.as_str()] == 1
+        })
+        .await;
+    assert_eq!(cs["status"]["phase"], "Stable");
+    let note = fleet.event_note("GatewayRestarted");
+    assert_eq!(
+        note,
+        format!(
+            "blue pod {victim} restarted (Error, exit code 137; 1 restarts): its clients reconnect to the other pods and resume"
+        )
+    );
+    let pod = fleet
+        .emu
+        .get("", "pods", NS, &victim)
+        .expect("the same pod");
+    let container = &pod["status"]["containerStatuses"][0];
+    assert_eq!(container["restartCount"], 1, "{pod}");
+    assert_eq!(
+        container["lastState"]["terminated"]["exitCode"], 137,
+        "{pod}"
+    );
+    fleet
+        .wait_for("the restarted gateway Ready again", |cs| {
+            condition(cs, "Ready") == "True"
+        })
+        .await;
+    assert_nothing_lost(crowd, publishing).await;
+    assert_eq!(fleet.event_counts().get("GatewayRestarted"), Some(&1));
+}

@@ -123,6 +123,8 @@ impl SimColor {
                         draining: p.draining,
                     }),
                     waiting: None,
+                    restarts: 0,
+                    last_exit: None,
                 })
                 .collect(),
         }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::crd::DrainModeSetting;
+use std::collections::BTreeMap;
 
 fn t(seconds: i64) -> Timestamp {
     Timestamp::from_second(1_800_000_000 + seconds).expect("timestamp")
@@ -17,6 +18,8 @@ fn pod(name: &str, ip: &str, connections: u64, draining: bool) -> PodView {
             draining,
         }),
         waiting: None,
+        restarts: 0,
+        last_exit: None,
     }
 }
 
@@ -1357,4 +1360,48 @@ fn a_restart_in_any_phase_finishes_the_same_rollout() {
         assert_eq!(sim.o.service_color, Some(Color::Green));
         assert_eq!(sim.o.blue.deployment.as_ref().map(|d| d.replicas), Some(0));
     }
+}
+
+/// A gateway restart is reported once per restart, with how the container
+/// ended, whatever the phase; a pod that is gone is forgotten.
+#[test]
+fn each_gateway_restart_is_reported_once() {
+    let records = |plan: &Plan| -> Vec<String> {
+        plan.steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Record(notice) if notice.reason == "GatewayRestarted" => {
+                    assert!(notice.warning);
+                    Some(notice.note.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut o = stable();
+    o.blue.pods[1].restarts = 1;
+    o.blue.pods[1].last_exit = Some("Error, exit code 137".to_string());
+    let first = plan(&o);
+    assert_eq!(
+        records(&first),
+        ["blue pod b-2 restarted (Error, exit code 137; 1 restarts): its clients reconnect to the other pods and resume"]
+    );
+    assert_eq!(
+        first.status.pod_restarts,
+        BTreeMap::from([("b-2".to_string(), 1)])
+    );
+    // Observed again with that status: nothing new to say.
+    o.status = first.status.clone();
+    assert!(records(&plan(&o)).is_empty());
+    // Again, during a rollout; and a pod that went away is forgotten.
+    let mut draining = draining(3, 0);
+    draining.status.pod_restarts =
+        BTreeMap::from([("b-2".to_string(), 1), ("gone".to_string(), 4)]);
+    draining.blue.pods[1].restarts = 2;
+    let again = plan(&draining);
+    assert_eq!(records(&again).len(), 1, "{:?}", again.steps);
+    assert_eq!(
+        again.status.pod_restarts,
+        BTreeMap::from([("b-2".to_string(), 2)])
+    );
 }

@@ -88,6 +88,9 @@ struct PodProcess {
     /// Evicted by the node ([`Cluster::evict_for_node_pressure`]): never
     /// restarted, never probed.
     failed: bool,
+    /// How the last process ended (exit code, reason), as
+    /// `containerStatuses[].lastState.terminated` says once it restarted.
+    last_exit: Option<(i32, &'static str)>,
 }
 
 impl PodProcess {
@@ -614,6 +617,7 @@ impl Cluster {
             reported: None,
             terminating: None,
             failed: false,
+            last_exit: None,
         };
         let image = container["image"].as_str().unwrap_or_default();
         if self.unpullable.lock().expect("images").contains(image) {
@@ -756,6 +760,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills a pod's gateway process with SIGKILL (a crash, an OOM kill): no
+    /// close frames, no drain. The kubelet sees it exit on its next tick,
+    /// restarts it in the same pod (same IP), counts the restart and
+    /// reports `lastState.terminated` (exit code 137, `Error`).
+    pub fn kill_process(&self, namespace: &str, name: &str) -> Result<()> {
+        let key = (namespace.to_string(), name.to_string());
+        let mut processes = self.pods.lock().expect("pods");
+        let process = processes.get_mut(&key).context("no such pod process")?;
+        let child = process.child.as_mut().context("the pod has no process")?;
+        child.kill().context("SIGKILL")?;
+        Ok(())
+    }
+
     /// The node evicts a pod for resource pressure, as a kubelet does: its
     /// container is killed, the pod goes to phase `Failed` with reason
     /// `Evicted` and stays in the API with its IP (nothing answers there),
@@ -800,11 +817,16 @@ impl Cluster {
                 if pod.failed || pod.terminating.is_some() {
                     continue;
                 }
-                let exited = pod
-                    .child
-                    .as_mut()
-                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-                if exited {
+                let exited = pod.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    // A process killed by a signal exits with 128 + signal
+                    // (137 for SIGKILL), and the kubelet says "Error" for any
+                    // non-zero exit ("OOMKilled" only for the OOM killer).
+                    use std::os::unix::process::ExitStatusExt;
+                    let code = status
+                        .code()
+                        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+                    pod.last_exit = Some((code, if code == 0 { "Completed" } else { "Error" }));
                     pod.restarts += 1;
                     pod.ready = false;
                     pod.waiting = Some((
@@ -833,7 +855,7 @@ impl Cluster {
             .await;
         let pods_kind = kind(&self.store, "", "pods");
         for (key, ready) in results {
-            let (changed, restarts, waiting, ready) = {
+            let (changed, restarts, waiting, ready, last_exit) = {
                 let mut pods = self.pods.lock().expect("pods");
                 let Some(pod) = pods.get_mut(&key) else {
                     continue;
@@ -854,7 +876,13 @@ impl Cluster {
                 let now = (pod.ready, pod.waiting.clone());
                 let changed = pod.reported.as_ref() != Some(&now);
                 pod.reported = Some(now);
-                (changed, pod.restarts, pod.waiting.clone(), ready)
+                (
+                    changed,
+                    pod.restarts,
+                    pod.waiting.clone(),
+                    ready,
+                    pod.last_exit,
+                )
             };
             if changed {
                 let state = match &waiting {
@@ -863,10 +891,15 @@ impl Cluster {
                     }
                     None => json!({"running": {}}),
                 };
+                let mut container = json!({"name": "gateway", "ready": ready,
+                                           "restartCount": restarts, "state": state});
+                if let Some((code, reason)) = last_exit {
+                    container["lastState"] =
+                        json!({"terminated": {"exitCode": code, "reason": reason}});
+                }
                 let status = json!({"status": {
                     "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
-                    "containerStatuses": [{"name": "gateway", "ready": ready, "restartCount": restarts,
-                                           "state": state}],
+                    "containerStatuses": [container],
                 }});
                 let _ = self
                     .store
