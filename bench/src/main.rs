@@ -11,6 +11,7 @@
 //! Each process raises its own RLIMIT_NOFILE to the hard limit; one process
 //! can hold about 19,900 sockets here, so larger runs use several processes.
 
+mod crash;
 mod migrate;
 mod stream;
 mod wire;
@@ -137,6 +138,38 @@ enum Command {
         /// File receiving the unix-ms time of each connection's arrival on green.
         #[arg(long)]
         reconnects_file: Option<std::path::PathBuf>,
+    },
+    /// Connections whose gateway is killed: they come back the way the
+    /// clients do (a random first wait over `first_retry_ms`, then backoff;
+    /// `retry_ms` honoured) to the same address, resume, and are measured.
+    Crash {
+        /// The address the gateways share (SO_REUSEPORT).
+        #[arg(long)]
+        target: SocketAddr,
+        /// Connections to open.
+        #[arg(long)]
+        connections: usize,
+        /// Source addresses, round robin.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+        sources: Vec<IpAddr>,
+        /// Topic.
+        #[arg(long, default_value = "crash")]
+        topic: String,
+        /// Messages that will be published (each connection must see 1..=expect).
+        #[arg(long)]
+        expect: u64,
+        /// The first wait after an abnormal close is uniform over this (ms).
+        #[arg(long, default_value_t = 2000)]
+        first_retry_ms: u64,
+        /// Admin addresses of the survivors, sampled every 100 ms.
+        #[arg(long, value_delimiter = ',')]
+        watch: Vec<SocketAddr>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+        /// File created once every connection has subscribed.
+        #[arg(long)]
+        ready_file: Option<std::path::PathBuf>,
     },
     /// Publishes `count` messages at `rate` per second through the admin API.
     Publish {
@@ -693,6 +726,30 @@ async fn main() -> Result<()> {
                 timeout: Duration::from_secs(timeout_secs),
                 ready_file,
                 reconnects_file,
+            })
+            .await?
+        }
+        Command::Crash {
+            target,
+            connections,
+            sources,
+            topic,
+            expect,
+            first_retry_ms,
+            watch,
+            timeout_secs,
+            ready_file,
+        } => {
+            crash::run(crash::CrashOptions {
+                target,
+                connections,
+                sources,
+                topic,
+                expect,
+                first_retry_ms,
+                watch,
+                timeout: Duration::from_secs(timeout_secs),
+                ready_file,
             })
             .await?
         }

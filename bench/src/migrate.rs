@@ -33,14 +33,14 @@ struct Outcome {
     told_unix_ms: Option<u64>,
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-fn number_after(text: &[u8], key: &str) -> Option<u64> {
+pub(crate) fn number_after(text: &[u8], key: &str) -> Option<u64> {
     let start = memchr::memmem::find(text, key.as_bytes())? + key.len();
     leading_number(&text[start..])
 }
@@ -110,7 +110,12 @@ impl Event {
     }
 }
 
-async fn subscribe(socket: &mut Socket, topic: &str, epoch: u64, offset: u64) -> Result<()> {
+pub(crate) async fn subscribe(
+    socket: &mut Socket,
+    topic: &str,
+    epoch: u64,
+    offset: u64,
+) -> Result<()> {
     let frame = if epoch == 0 {
         format!(r#"{{"op":"subscribe","topic":"{topic}"}}"#)
     } else {
@@ -256,7 +261,7 @@ pub struct MigrateOptions {
     pub reconnects_file: Option<std::path::PathBuf>,
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
