@@ -18,9 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tokio::sync::Semaphore;
 
-use crate::migrate::{number_after, percentile, subscribe, unix_ms};
+use crate::migrate::{number_after, open_each, percentile, subscribe, unix_ms};
 use crate::{is_heartbeat, open, wire};
 
 /// What one connection observed.
@@ -209,27 +208,21 @@ pub async fn run(options: CrashOptions) -> Result<()> {
     let started = Instant::now();
     let deadline = started + options.timeout;
     let subscribed = Arc::new(AtomicU64::new(0));
-    let permits = Arc::new(Semaphore::new(256));
-    let mut tasks = Vec::with_capacity(options.connections);
-    for i in 0..options.connections {
-        let permit = permits.clone().acquire_owned().await?;
-        let source = options.sources[i % options.sources.len()];
-        let socket = match open(options.target, source, "/ws").await {
-            Ok(socket) => socket,
-            Err(err) => {
-                eprintln!("connect failed: {err:#}");
-                continue;
-            }
-        };
-        drop(permit);
-        tasks.push(tokio::spawn(follow(
-            options.clone(),
-            source,
-            socket,
-            subscribed.clone(),
-            deadline,
-        )));
-    }
+    let tasks = open_each(
+        options.target,
+        &options.sources,
+        options.connections,
+        |socket, source| {
+            tokio::spawn(follow(
+                options.clone(),
+                source,
+                socket,
+                subscribed.clone(),
+                deadline,
+            ))
+        },
+    )
+    .await?;
     while subscribed.load(Ordering::Relaxed) < tasks.len() as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

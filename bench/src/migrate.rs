@@ -268,35 +268,52 @@ pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Opens `count` connections to `target` from `sources` in turn, 256
+/// handshakes at a time, and hands each (with its source) to `spawn`; a
+/// connection that fails is reported and skipped.
+pub(crate) async fn open_each<T>(
+    target: SocketAddr,
+    sources: &[IpAddr],
+    count: usize,
+    mut spawn: impl FnMut(Socket, IpAddr) -> tokio::task::JoinHandle<T>,
+) -> Result<Vec<tokio::task::JoinHandle<T>>> {
+    let permits = Arc::new(Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let permit = permits.clone().acquire_owned().await?;
+        let source = sources[i % sources.len()];
+        match open(target, source, "/ws").await {
+            Ok(socket) => tasks.push(spawn(socket, source)),
+            Err(err) => eprintln!("connect failed: {err:#}"),
+        }
+        drop(permit);
+    }
+    Ok(tasks)
+}
+
 /// Runs the workload and prints one JSON summary line.
 pub async fn run(options: MigrateOptions) -> Result<()> {
     let started = Instant::now();
     let deadline = started + options.timeout;
     let subscribed = Arc::new(AtomicU64::new(0));
     let topic: Arc<str> = Arc::from(options.topic.as_str());
-    let permits = Arc::new(Semaphore::new(256));
-    let mut tasks = Vec::with_capacity(options.connections);
-    for i in 0..options.connections {
-        let permit = permits.clone().acquire_owned().await?;
-        let source = options.sources[i % options.sources.len()];
-        let socket = match open(options.blue, source, "/ws").await {
-            Ok(socket) => socket,
-            Err(err) => {
-                eprintln!("connect failed: {err:#}");
-                continue;
-            }
-        };
-        drop(permit);
-        tasks.push(tokio::spawn(follow(
-            socket,
-            options.green,
-            source,
-            topic.clone(),
-            options.expect,
-            deadline,
-            subscribed.clone(),
-        )));
-    }
+    let tasks = open_each(
+        options.blue,
+        &options.sources,
+        options.connections,
+        |socket, source| {
+            tokio::spawn(follow(
+                socket,
+                options.green,
+                source,
+                topic.clone(),
+                options.expect,
+                deadline,
+                subscribed.clone(),
+            ))
+        },
+    )
+    .await?;
     while subscribed.load(Ordering::Relaxed) < tasks.len() as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -45,6 +45,22 @@ fn start_drain(fleet: &BlueGreen, drain: &DrainRequest) {
     assert_eq!(code, 202, "{body}");
 }
 
+/// A fleet and the demo page on blue, holding messages 1..=5 of `b.demo`
+/// (published on green: the backplane carries them).
+async fn page_on_blue_with_five(screenshot: &std::path::Path) -> (BlueGreen, Page) {
+    let fleet = BlueGreen::start(&[]).await.expect("fleet");
+    let mut page = Page::open(&fleet, screenshot);
+    assert_eq!(page.answer()["servers"], serde_json::json!(["blue"]));
+    for n in 1..=5 {
+        fleet
+            .green
+            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
+            .expect("publish");
+    }
+    assert_eq!(page.wait_for(5)["received"]["b.demo"], offsets(5));
+    (fleet, page)
+}
+
 fn offsets(n: u64) -> serde_json::Value {
     serde_json::json!((1..=n).collect::<Vec<_>>())
 }
@@ -117,19 +133,7 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
     let screenshot = artifacts.join("browser-migration.png");
     let _ = std::fs::remove_file(&screenshot);
 
-    let fleet = BlueGreen::start(&[]).await.expect("fleet");
-    let mut page = Page::open(&fleet, &screenshot);
-
-    let ready = page.answer();
-    assert_eq!(ready["servers"], serde_json::json!(["blue"]));
-    for n in 1..=5 {
-        fleet
-            .green
-            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
-            .expect("publish");
-    }
-    let before = page.wait_for(5);
-    assert_eq!(before["received"]["b.demo"], offsets(5));
+    let (fleet, mut page) = page_on_blue_with_five(&screenshot).await;
 
     fleet.proxy.switch(vec![fleet.green.public]);
     let drain = DrainRequest {
@@ -182,16 +186,7 @@ async fn the_demo_page_migrates_between_gateways_without_loss() {
 async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
     let screenshot =
         std::env::temp_dir().join(format!("sy-mid-migration-{}.png", std::process::id()));
-    let fleet = BlueGreen::start(&[]).await.expect("fleet");
-    let mut page = Page::open(&fleet, &screenshot);
-    assert_eq!(page.answer()["servers"], serde_json::json!(["blue"]));
-    for n in 1..=5 {
-        fleet
-            .green
-            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
-            .expect("publish");
-    }
-    assert_eq!(page.wait_for(5)["received"]["b.demo"], offsets(5));
+    let (fleet, mut page) = page_on_blue_with_five(&screenshot).await;
 
     // Where the page's new connection goes first: accepted, never answered.
     let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("black hole");
@@ -249,16 +244,7 @@ async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_page_comes_back_after_its_gateway_crashes() {
     let screenshot = std::env::temp_dir().join(format!("sy-crash-{}.png", std::process::id()));
-    let fleet = BlueGreen::start(&[]).await.expect("fleet");
-    let mut page = Page::open(&fleet, &screenshot);
-    assert_eq!(page.answer()["servers"], serde_json::json!(["blue"]));
-    for n in 1..=5 {
-        fleet
-            .green
-            .publish("b.demo", &format!(r#"{{"n":{n}}}"#))
-            .expect("publish");
-    }
-    assert_eq!(page.wait_for(5)["received"]["b.demo"], offsets(5));
+    let (fleet, mut page) = page_on_blue_with_five(&screenshot).await;
     // SAFETY: kill(2) on a child process of this test.
     unsafe {
         libc::kill(fleet.blue.pid() as libc::pid_t, libc::SIGKILL);
