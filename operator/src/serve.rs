@@ -75,4 +75,22 @@ mod tests {
         assert_eq!(respond("/metrics", &metrics).status(), StatusCode::OK);
         assert_eq!(respond("/nope", &metrics).status(), StatusCode::NOT_FOUND);
     }
+
+    #[test]
+    fn build_info_and_process_metrics_are_exported() {
+        let text = Metrics::new().expect("metrics").render();
+        assert!(
+            text.lines().any(
+                |l| l.starts_with(r#"switchyard_build_info{component="operator","#)
+                    && l.ends_with(&format!(r#"version="{}"}} 1"#, env!("CARGO_PKG_VERSION")))
+            ),
+            "{text}"
+        );
+        for family in ["process_open_fds ", "process_resident_memory_bytes "] {
+            assert!(
+                text.lines().any(|l| l.starts_with(family)),
+                "{family} in {text}"
+            );
+        }
+    }
 }

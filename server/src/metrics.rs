@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::local::LocalHistogram;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Tells `Metrics` instances apart (tests run several gateways in one
@@ -123,6 +123,13 @@ pub struct Metrics {
     pub jwks: crate::security::jwks::JwksMetrics,
 }
 
+/// The source revision the binary was built from: `BUILD_REVISION` at build
+/// time (the images' build argument), `unknown` otherwise.
+pub const BUILD_REVISION: &str = match option_env!("BUILD_REVISION") {
+    Some(revision) => revision,
+    None => "unknown",
+};
+
 /// The `reason` labels of connections admission control shed
 /// (`security::shed`): answered 4003/503, or closed before TLS.
 pub const SHED_REASONS: [&str; 2] = ["overloaded", "overloaded_tls"];
@@ -139,6 +146,23 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
+        // The process's own resources (`process_open_fds`,
+        // `process_resident_memory_bytes`, `process_cpu_seconds_total`, …)
+        // and what was built, for the dashboards' version table.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_build_info",
+                "1, labelled with the version and the source revision this process was built from.",
+            ),
+            &["component", "version", "revision"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&["gateway", env!("CARGO_PKG_VERSION"), BUILD_REVISION])
+            .set(1);
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let metric = IntCounter::new(name, help)?;
             registry.register(Box::new(metric.clone()))?;
@@ -418,6 +442,35 @@ fn close_code_label(code: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What was built and what the process uses are exported with the rest:
+    /// the version from Cargo, the revision `unknown` outside an image build,
+    /// the process collector's standard families with values.
+    #[test]
+    fn build_info_and_process_metrics_are_exported() {
+        let text = Metrics::new().expect("metrics").render();
+        let build = format!(
+            r#"switchyard_build_info{{component="gateway",revision="{BUILD_REVISION}",version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.lines().any(|l| l == build), "{build} in\n{text}");
+        for family in [
+            "process_open_fds",
+            "process_max_fds",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_start_time_seconds",
+        ] {
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(family)?.strip_prefix(' '))
+                .and_then(|v| v.parse::<f64>().ok());
+            assert!(
+                value.is_some_and(|v| v > 0.0 || family == "process_cpu_seconds_total"),
+                "{family}: {value:?}"
+            );
+        }
+    }
 
     /// Issue 27: every code a client could close with (all of u16) adds at
     /// most the named codes and two classes to the label set (4504–4999 are
