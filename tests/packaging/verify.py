@@ -242,11 +242,39 @@ def check_selectors(chart_docs, resources, job, monitors_expected):
                         check(wanted in present, f"the PodMonitor relabels from {source}, a label no gateway pod has")
     services = [d for d in chart_docs if d["kind"] == "Service"]
     for monitor in service_monitors:
+        check(all(e.get("honorLabels") is True for e in monitor["spec"]["endpoints"]),
+              "the ServiceMonitor lets the target's namespace replace the ConnectionService's")
         matched = [s for s in services if selects(monitor["spec"]["selector"], s["metadata"].get("labels") or {})]
         check(len(matched) == 1, f"the ServiceMonitor selects {len(matched)} Services")
         for service in matched:
             check(selects({"matchLabels": service["spec"]["selector"]}, operator_pod),
                   "the operator's metrics Service misses the operator pod")
+
+
+ALERTS = CHART / "files" / "alerts.yaml"
+
+
+def check_alerts():
+    """The alert rules pass `promtool check rules` and their unit tests
+    (tests/packaging/alerts.test.yaml), with Debian's promtool."""
+    for args in (["check", "rules", str(ALERTS)],
+                 ["test", "rules", str(ROOT / "tests" / "packaging" / "alerts.test.yaml")]):
+        done = subprocess.run(["promtool", *args], capture_output=True, text=True)
+        check(done.returncode == 0, f"promtool {' '.join(args[:2])}: {done.stdout}{done.stderr}")
+
+
+def check_prometheus_rule(chart_docs, expected):
+    """The PrometheusRule is there exactly where the cluster serves its API,
+    and carries the groups of files/alerts.yaml as they are."""
+    found = [d for d in chart_docs if d["kind"] == "PrometheusRule"]
+    check(len(found) == int(expected),
+          f"{len(found)} PrometheusRules where the Prometheus Operator's API is "
+          f"{'served' if expected else 'not served'}")
+    for rule in found:
+        check(rule["spec"] == yaml.safe_load(ALERTS.read_text()),
+              "the PrometheusRule's groups differ from files/alerts.yaml")
+        check(rule["metadata"]["labels"].get("release") == "prometheus",
+              "prometheusRule.labels are not on the PrometheusRule")
 
 
 def rules(docs, kind):
@@ -262,6 +290,7 @@ def cluster_main(kubeconfig, monitors):
     resources = [d for d in examples() + docs if d["kind"] == "ConnectionService"]
     jobs = [d for d in examples() if d["kind"] == "Job"]
     check_selectors(docs, resources, template_labels(jobs[0]), monitors == "present")
+    check_prometheus_rule(docs, monitors == "present")
     if failures:
         print(f"{len(failures)} packaging check(s) failed")
         sys.exit(1)
@@ -277,11 +306,12 @@ def main():
         check(kind in kinds_all, f"all-on values did not render a {kind}")
     # Offline, `.Capabilities` has no monitoring.coreos.com: the monitors
     # are left out even when enabled (`--cluster` checks them rendered).
-    for kind in ["ServiceMonitor", "PodMonitor"]:
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"]:
         check(kind not in kinds_all, f"{kind} rendered without the Prometheus Operator's API")
+    check_alerts()
     check(sum(1 for _, d in all_docs if d["kind"] == "NetworkPolicy") == 2,
           "one NetworkPolicy per listed namespace")
-    for kind in ["ServiceMonitor", "PodMonitor", "NetworkPolicy", "ConnectionService"]:
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule", "NetworkPolicy", "ConnectionService"]:
         check(kind not in {d["kind"] for _, d in default_docs}, f"{kind} rendered by default")
 
     lint = helm.lint(str(CHART), strict=True)

@@ -203,6 +203,7 @@ async fn helm_renders_monitors_only_where_the_prometheus_operator_api_exists() {
     for (kind, plural) in [
         ("PodMonitor", "podmonitors"),
         ("ServiceMonitor", "servicemonitors"),
+        ("PrometheusRule", "prometheusrules"),
     ] {
         emu.create(
             "apiextensions.k8s.io",
