@@ -263,15 +263,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // it a drain (whose counts change constantly) would poll the gateways in
     // a tight loop instead of about once a second.
     let config = ControllerConfig::default().debounce(Duration::from_secs(1));
+    let forget = metrics.clone();
     let controller = Controller::new(resources, watcher::Config::default())
         .owns(deployments, owned)
         .with_config(config)
         .graceful_shutdown_on(until_true(stopped))
         .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                warn!(error = %err, "controller event");
+        .for_each(move |result| {
+            match result {
+                // A deleted resource is not reconciled again; the garbage
+                // collection of its Deployments asks for it once more, and
+                // its metric series go then (they would stay at their last
+                // values until a restart).
+                Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                    if let Some(namespace) = &object.namespace {
+                        forget.forget(namespace, &object.name);
+                    }
+                }
+                Err(err) => warn!(error = %err, "controller event"),
+                Ok(_) => {}
             }
+            std::future::ready(())
         });
     // On SIGTERM the controller finishes its reconciles. A lost Lease
     // drops it at once, cancelling reconciles in flight: another replica

@@ -177,6 +177,22 @@ impl Metrics {
         }
     }
 
+    /// Removes the per-resource series (phase, connections) of a
+    /// ConnectionService that was deleted.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let inner = &self.inner;
+        for phase in Phase::ALL {
+            let _ = inner
+                .rollout_phase
+                .remove_label_values(&[namespace, name, phase.as_str()]);
+        }
+        for color in ["blue", "green"] {
+            let _ = inner
+                .connections
+                .remove_label_values(&[namespace, name, color]);
+        }
+    }
+
     /// A rollout ended.
     pub fn rollout_finished(&self, outcome: Outcome, took: Duration) {
         self.inner
@@ -210,6 +226,31 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 27: a deleted ConnectionService's series go; another
+    /// namespace's resource of the same name keeps its own.
+    #[test]
+    fn series_of_deleted_resources_are_removed() {
+        let metrics = Metrics::new().expect("metrics");
+        let counts = ColorConnections { blue: 3, green: 0 };
+        metrics.set_phase("prod", "chat", Phase::Stable, &counts);
+        metrics.set_phase("staging", "chat", Phase::Draining, &counts);
+        let series = |text: &str, namespace: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("switchyard_operator_"))
+                .filter(|l| l.contains(&format!(r#"namespace="{namespace}""#)))
+                .count()
+        };
+        let before = metrics.render();
+        assert_eq!(series(&before, "prod"), Phase::ALL.len() + 2);
+        metrics.forget("prod", "chat");
+        let after = metrics.render();
+        assert_eq!(series(&after, "prod"), 0, "{after}");
+        assert_eq!(series(&after, "staging"), Phase::ALL.len() + 2);
+        assert!(after.contains(
+            r#"switchyard_operator_rollout_phase{name="chat",namespace="staging",phase="Draining"} 1"#
+        ));
+    }
 
     #[test]
     fn renders_every_family_with_the_values_set() {

@@ -1496,4 +1496,38 @@ async fn a_gateway_killed_under_traffic_is_restarted_reported_and_loses_nothing(
         .await;
     assert_nothing_lost(crowd, publishing).await;
     assert_eq!(fleet.event_counts().get("GatewayRestarted"), Some(&1));
+
+    // Issue 27: once the resource is deleted, the operator's series of it
+    // go (before, they stayed at their last values until it restarted).
+    let metrics = operator_metrics_addr(&fleet.operator.log);
+    let series_of_chat = || {
+        let (_, text) =
+            switchyard_tests::http_request(metrics, "GET", "/metrics", None).expect("scrape");
+        text.lines()
+            .filter(|l| l.starts_with("switchyard_operator_") && l.contains(r#"name="chat""#))
+            .count()
+    };
+    assert!(series_of_chat() > 0);
+    let config = kube::Config::new(format!("http://{}", fleet.emu.addr).parse().expect("url"));
+    let resources: kube::Api<switchyard_operator::crd::ConnectionService> =
+        kube::Api::namespaced(kube::Client::try_from(config).expect("client"), NS);
+    resources
+        .delete("chat", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while series_of_chat() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted resource's series stayed; operator log:\n{}",
+            std::fs::read_to_string(&fleet.operator.log)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
