@@ -177,6 +177,17 @@ impl Drain {
         self.started + Duration::from_millis(self.deadline_ms.load(Ordering::Relaxed))
     }
 
+    /// Sets `switchyard_drain_deadline_timestamp_seconds` to the deadline as
+    /// unix time.
+    fn export_deadline(&self, metrics: &Metrics) {
+        let left = self.deadline().saturating_duration_since(Instant::now());
+        let at = std::time::SystemTime::now() + left;
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        metrics.drain_deadline.set(secs as i64);
+    }
+
     /// Brings the deadline forward to `at` if it is later (SIGTERM bounds a
     /// running drain by its stop time). Never moves it back.
     pub fn cap_deadline(&self, at: Instant) {
@@ -413,6 +424,9 @@ fn begin<H: DrainHost>(host: &Arc<H>, request: DrainRequest) -> Result<Arc<Drain
     host.drains().refresh(metrics);
     metrics.drain_active.set(1);
     metrics.drain_remaining.set(drain.total as i64);
+    metrics.drain_total.set(drain.total as i64);
+    metrics.drain_max_rate.set(request.max_rate as i64);
+    drain.export_deadline(metrics);
     tracing::info!(
         total = drain.total,
         window_ms = request.window_ms,
@@ -620,6 +634,8 @@ async fn run<H: DrainHost>(host: Arc<H>, drain: Arc<Drain>, plan: Vec<(Arc<ConnH
         metrics
             .drain_remaining
             .set(drain.unended.load(Ordering::Relaxed) as i64);
+        // SIGTERM may have brought the deadline forward.
+        drain.export_deadline(metrics);
         if now >= drain.deadline() {
             force_remaining(host.hub(), metrics, &drain);
             break true;
@@ -683,6 +699,9 @@ async fn run<H: DrainHost>(host: Arc<H>, drain: Arc<Drain>, plan: Vec<(Arc<ConnH
         .compare_exchange(RUNNING, FINISHED, Ordering::Relaxed, Ordering::Relaxed);
     metrics.drain_active.set(0);
     metrics.drain_remaining.set(0);
+    metrics.drain_total.set(0);
+    metrics.drain_max_rate.set(0);
+    metrics.drain_deadline.set(0);
     host.drains().refresh(metrics);
     let status = drain.status(host.hub().len() as u64);
     tracing::info!(

@@ -64,7 +64,9 @@ pub struct Metrics {
     pub bytes_sent: IntCounter,
     /// `switchyard_messages_published_total`: messages accepted into topic logs.
     pub messages_published: IntCounter,
-    /// `switchyard_slow_consumers_total`: connections closed 4002 for a full queue.
+    /// `switchyard_slow_consumers_total`: connections the server closed with
+    /// 4002 (a full queue, and also a publish rate abused `max_violations`
+    /// times in a row or a recovery that overflowed: the same code).
     pub slow_consumers: IntCounter,
     /// `switchyard_protocol_violations_total{kind}`.
     pub protocol_violations: IntCounterVec,
@@ -80,6 +82,15 @@ pub struct Metrics {
     pub drain_active: IntGauge,
     /// `switchyard_drain_remaining`: the running drain's planned connections not yet gone (0 with no drain running).
     pub drain_remaining: IntGauge,
+    /// `switchyard_drain_total`: connections the running drain planned to
+    /// move (0 with no drain running): with `drain_remaining`, its progress.
+    pub drain_total: IntGauge,
+    /// `switchyard_drain_max_rate`: the running drain's cap on signals per
+    /// second (0 with no drain running), to draw against the signal rate.
+    pub drain_max_rate: IntGauge,
+    /// `switchyard_drain_deadline_timestamp_seconds`: when the running drain
+    /// closes what is left (unix time; 0 with no drain running).
+    pub drain_deadline: IntGauge,
     /// `switchyard_migrations_total{how="client|slot|deadline|other"}`.
     pub migrations: IntCounterVec,
     /// `switchyard_drain_signals_total{signal="migrate|close"}`: `migrate`
@@ -129,6 +140,47 @@ pub const BUILD_REVISION: &str = match option_env!("BUILD_REVISION") {
     Some(revision) => revision,
     None => "unknown",
 };
+
+/// Every `reason` of `switchyard_handshakes_rejected_total` (README, metrics),
+/// started at zero.
+pub const HANDSHAKE_REJECTIONS: [&str; 21] = [
+    "not_upgrade",
+    "bad_version",
+    "bad_key",
+    "rate_limited",
+    "origin_not_allowed",
+    "origin_missing",
+    "missing_credentials",
+    "bad_token",
+    "token_expired",
+    "bad_ticket",
+    "revoked",
+    "auth_unavailable",
+    "at_capacity",
+    "header_too_large",
+    "handshake_timeout",
+    "tls_failed",
+    "subject_limit",
+    "draining",
+    "shutting_down",
+    "overloaded",
+    "overloaded_tls",
+];
+
+/// Every `kind` of `switchyard_protocol_violations_total`, started at zero:
+/// frames (`bad_frame`, `unknown_op`, `binary`, `invalid_topic`,
+/// `too_many_subscriptions`) and the closes on bad input (`too_big`,
+/// `invalid_utf8`, `framing`).
+pub const PROTOCOL_VIOLATIONS: [&str; 8] = [
+    "bad_frame",
+    "unknown_op",
+    "binary",
+    "invalid_topic",
+    "too_many_subscriptions",
+    "too_big",
+    "invalid_utf8",
+    "framing",
+];
 
 /// The `reason` labels of connections admission control shed
 /// (`security::shed`): answered 4003/503, or closed before TLS.
@@ -240,7 +292,7 @@ impl Metrics {
             )?,
             slow_consumers: counter(
                 "switchyard_slow_consumers_total",
-                "Connections closed with 4002 because their outgoing queue was full.",
+                "Connections the server closed with 4002: a full outgoing queue, a publish rate abused, a recovery that overflowed.",
             )?,
             protocol_violations: counter_vec(
                 "switchyard_protocol_violations_total",
@@ -259,6 +311,18 @@ impl Metrics {
                 "1 while the gateway is draining or shutting down.",
             )?,
             drain_active: gauge("switchyard_drain_active", "1 while a drain runs.")?,
+            drain_total: gauge(
+                "switchyard_drain_total",
+                "Connections the running drain planned to move (0 with no drain running).",
+            )?,
+            drain_max_rate: gauge(
+                "switchyard_drain_max_rate",
+                "The running drain's cap on migrate frames and closes per second (0 with no drain running).",
+            )?,
+            drain_deadline: gauge(
+                "switchyard_drain_deadline_timestamp_seconds",
+                "Unix time at which the running drain closes what is left (0 with no drain running).",
+            )?,
             drain_remaining: gauge(
                 "switchyard_drain_remaining",
                 "Connections the running drain planned that are still open (0 when no drain runs).",
@@ -354,6 +418,15 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             metrics.jwks.refreshes.with_label_values(&[result]);
+        }
+        for reason in HANDSHAKE_REJECTIONS {
+            metrics.handshakes_rejected.with_label_values(&[reason]);
+        }
+        for action in ["subscribe", "publish"] {
+            metrics.authorization_denied.with_label_values(&[action]);
+        }
+        for kind in PROTOCOL_VIOLATIONS {
+            metrics.protocol_violations.with_label_values(&[kind]);
         }
         Ok(metrics)
     }

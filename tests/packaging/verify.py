@@ -374,6 +374,11 @@ def main():
     check(rules([d for _, d in default_docs], "Role") == rules(base_docs, "Role"),
           "the chart's leader-election Role differs from k8s/base/rbac.yaml")
 
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import dashboards as generator
+    for name, text in generator.rendered().items():
+        check((CHART / "files" / "dashboards" / name).read_text() == text,
+              f"dashboards/{name} is stale: run python3 scripts/dashboards.py")
     dashboards = [d for _, d in default_docs
                   if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
     check(len(dashboards) == 2, f"two dashboard ConfigMaps, found {len(dashboards)}")

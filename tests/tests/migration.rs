@@ -156,6 +156,20 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
     );
     let (code, _) = post_drain(&fleet.blue, &request);
     assert_eq!(code, 409, "one drain at a time");
+    // Issue 27: the running drain's size, cap and deadline are exported,
+    // for the dashboards' percent done and time left.
+    let metric = |name: &str| fleet.blue.metric(name).expect("metric");
+    assert_eq!(metric("switchyard_drain_total"), CLIENTS as f64);
+    assert_eq!(metric("switchyard_drain_max_rate"), RATE as f64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let deadline = metric("switchyard_drain_deadline_timestamp_seconds");
+    assert!(
+        (now + 27.0..=now + 31.0).contains(&deadline),
+        "deadline {deadline} for a 30 s drain started by {now}"
+    );
 
     let (took, samples) = wait_drained(&fleet.blue, Duration::from_secs(30)).await;
     assert!(
@@ -169,6 +183,13 @@ async fn make_before_break_migrates_2000_clients_without_loss_or_storm() {
     let drain = &status(&fleet.blue)["drain"];
     assert_eq!(drain["total"], CLIENTS as u64);
     assert_eq!(drain["migrated_by_client"], CLIENTS as u64, "{drain}");
+    for gone in [
+        "switchyard_drain_total",
+        "switchyard_drain_max_rate",
+        "switchyard_drain_deadline_timestamp_seconds",
+    ] {
+        assert_eq!(metric(gone), 0.0, "{gone} once the drain ended");
+    }
     assert_eq!(drain["closed_at_slot"], 0);
     assert_eq!(drain["forced_at_deadline"], 0);
     assert_eq!(drain["signals_sent"], CLIENTS as u64, "{drain}");
