@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::migrate::{number_after, open_each, percentile, subscribe, unix_ms};
+use crate::migrate::{number_after, open_each, percentile, subscribe, unix_ms, Tally};
 use crate::{is_heartbeat, open, wire};
 
 /// What one connection observed.
@@ -33,9 +33,7 @@ struct Outcome {
     shed: u64,
     /// Attempts that failed before a handshake (refused, reset, TLS dropped).
     failed_attempts: u64,
-    highest: u64,
-    received: u64,
-    duplicates: u64,
+    tally: Tally,
 }
 
 /// Options of the `crash` workload.
@@ -74,7 +72,7 @@ async fn follow(
     let mut attempt: u32 = 0;
     let mut counted = false;
     loop {
-        if subscribe(&mut socket, &options.topic, epoch, outcome.highest)
+        if subscribe(&mut socket, &options.topic, epoch, outcome.tally.highest)
             .await
             .is_err()
         {
@@ -83,7 +81,7 @@ async fn follow(
         // Reads until the connection ends: Some(retry_ms) after a close
         // frame, None after an abnormal end.
         let ended: Option<u64> = loop {
-            if outcome.highest >= options.expect {
+            if outcome.tally.highest >= options.expect {
                 return outcome;
             }
             let frame = match tokio::time::timeout_at(deadline.into(), socket.next()).await {
@@ -95,18 +93,7 @@ async fn follow(
                 wire::TEXT => {
                     let text = frame.payload;
                     if text.starts_with(br#"{"op":"message""#) {
-                        if let (Some(e), Some(offset)) = (
-                            number_after(text, r#""epoch":"#),
-                            number_after(text, r#""offset":"#),
-                        ) {
-                            epoch = e;
-                            if offset > outcome.highest {
-                                outcome.received += 1;
-                                outcome.highest = offset;
-                            } else {
-                                outcome.duplicates += 1;
-                            }
-                        }
+                        outcome.tally.message(text, &mut epoch);
                     } else if text.starts_with(br#"{"op":"subscribed""#) {
                         attempt = 0;
                         if !counted {
@@ -269,7 +256,7 @@ pub async fn run(options: CrashOptions) -> Result<()> {
         .count();
     let lost: u64 = outcomes
         .iter()
-        .map(|o| options.expect.saturating_sub(o.received))
+        .map(|o| options.expect.saturating_sub(o.tally.received))
         .sum();
     let survivors: Vec<serde_json::Value> = samples
         .iter()
@@ -295,7 +282,7 @@ pub async fn run(options: CrashOptions) -> Result<()> {
             "survivors": survivors,
             "messages_expected_per_connection": options.expect,
             "lost": lost,
-            "duplicates_dropped": outcomes.iter().map(|o| o.duplicates).sum::<u64>(),
+            "duplicates_dropped": outcomes.iter().map(|o| o.tally.duplicates).sum::<u64>(),
             "elapsed_secs": started.elapsed().as_secs_f64(),
         })
     );

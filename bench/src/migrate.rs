@@ -25,9 +25,7 @@ struct Outcome {
     moved: bool,
     by_close: bool,
     gap_ms: Option<u64>,
-    highest: u64,
-    received: u64,
-    duplicates: u64,
+    tally: Tally,
     green_connected_unix_ms: Option<u64>,
     /// When the gateway's `migrate` (or 4000 close) arrived.
     told_unix_ms: Option<u64>,
@@ -45,23 +43,41 @@ pub(crate) fn number_after(text: &[u8], key: &str) -> Option<u64> {
     leading_number(&text[start..])
 }
 
-/// Reads one frame's worth of state into `outcome`; returns the op seen.
-fn on_text(text: &[u8], outcome: &mut Outcome, epoch: &mut u64) -> &'static str {
-    if text.starts_with(br#"{"op":"message""#) {
+/// The messages of one topic a connection (or its successors) has seen.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Tally {
+    /// The highest offset delivered.
+    pub(crate) highest: u64,
+    /// Messages delivered once.
+    pub(crate) received: u64,
+    /// Messages at or below `highest`, dropped.
+    pub(crate) duplicates: u64,
+}
+
+impl Tally {
+    /// Counts a `message` frame (`text`) and notes its epoch in `epoch`.
+    pub(crate) fn message(&mut self, text: &[u8], epoch: &mut u64) {
         if let (Some(e), Some(offset)) = (
             number_after(text, r#""epoch":"#),
             number_after(text, r#""offset":"#),
         ) {
             *epoch = e;
-            if offset > outcome.highest {
+            if offset > self.highest {
                 // Offsets arrive in order on a connection; across the overlap of
                 // two connections, anything not above the highest is a duplicate.
-                outcome.received += 1;
-                outcome.highest = offset;
+                self.received += 1;
+                self.highest = offset;
             } else {
-                outcome.duplicates += 1;
+                self.duplicates += 1;
             }
         }
+    }
+}
+
+/// Reads one frame's worth of state into `outcome`; returns the op seen.
+fn on_text(text: &[u8], outcome: &mut Outcome, epoch: &mut u64) -> &'static str {
+    if text.starts_with(br#"{"op":"message""#) {
+        outcome.tally.message(text, epoch);
         "message"
     } else if text.starts_with(br#"{"op":"subscribed""#) {
         "subscribed"
@@ -138,7 +154,7 @@ async fn resume_on_green(
 ) -> Result<Socket> {
     let mut new = open(green, source, "/ws").await?;
     outcome.green_connected_unix_ms = Some(unix_ms());
-    subscribe(&mut new, topic, *epoch, outcome.highest).await?;
+    subscribe(&mut new, topic, *epoch, outcome.tally.highest).await?;
     loop {
         tokio::select! {
             frame = new.next() => match frame {
@@ -148,7 +164,7 @@ async fn resume_on_green(
                         "unavailable" => {
                             // The gateway's backplane is reconnecting: ask again.
                             tokio::time::sleep(Duration::from_millis(200)).await;
-                            subscribe(&mut new, topic, *epoch, outcome.highest).await?;
+                            subscribe(&mut new, topic, *epoch, outcome.tally.highest).await?;
                         }
                         _ => {}
                     }
@@ -182,7 +198,7 @@ async fn follow(
         return outcome;
     }
     let mut counted = false;
-    while outcome.highest < expect && Instant::now() < deadline {
+    while outcome.tally.highest < expect && Instant::now() < deadline {
         let next = tokio::time::timeout_at(deadline.into(), socket.next()).await;
         let event = match next {
             Ok(Ok(Some(frame))) => Event::of(&frame, &mut outcome, &mut epoch),
@@ -220,7 +236,7 @@ async fn follow(
             }
             Event::Op("unavailable") => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = subscribe(&mut socket, &topic, epoch, outcome.highest).await;
+                let _ = subscribe(&mut socket, &topic, epoch, outcome.tally.highest).await;
             }
             Event::Ping(payload) => {
                 let _ = socket.send(wire::PONG, &payload).await;
@@ -328,11 +344,11 @@ pub async fn run(options: MigrateOptions) -> Result<()> {
     gaps.sort_unstable();
     let complete = outcomes
         .iter()
-        .filter(|o| o.received == options.expect)
+        .filter(|o| o.tally.received == options.expect)
         .count();
     let lost: u64 = outcomes
         .iter()
-        .map(|o| options.expect.saturating_sub(o.received))
+        .map(|o| options.expect.saturating_sub(o.tally.received))
         .sum();
     if let Some(path) = &options.reconnects_file {
         let times: Vec<String> = outcomes
@@ -358,7 +374,7 @@ pub async fn run(options: MigrateOptions) -> Result<()> {
             "complete": complete,
             "messages_expected_per_connection": options.expect,
             "lost": lost,
-            "duplicates_dropped": outcomes.iter().map(|o| o.duplicates).sum::<u64>(),
+            "duplicates_dropped": outcomes.iter().map(|o| o.tally.duplicates).sum::<u64>(),
             "gap_ms": { "p50": percentile(&gaps, 0.5), "p99": percentile(&gaps, 0.99), "max": percentile(&gaps, 1.0) },
             "elapsed_secs": started.elapsed().as_secs_f64(),
         })

@@ -99,21 +99,7 @@ impl Metrics {
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(gateway_calls.clone()))?;
         registry.register(Box::new(leader.clone()))?;
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_build_info",
-                "1, labelled with the version and the source revision this process was built from.",
-            ),
-            &["component", "version", "revision"],
-        )?;
-        registry.register(Box::new(build_info.clone()))?;
-        let revision = option_env!("BUILD_REVISION").unwrap_or("unknown");
-        build_info
-            .with_label_values(&["operator", env!("CARGO_PKG_VERSION"), revision])
-            .set(1);
+        switchyard_telemetry::process::register(&registry, "operator")?;
         // Known label values start at zero, so dashboards see a rate of 0
         // before the first error rather than no data.
         for result in ["ok", "error"] {

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::local::LocalHistogram;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Tells `Metrics` instances apart (tests run several gateways in one
@@ -134,13 +134,6 @@ pub struct Metrics {
     pub jwks: crate::security::jwks::JwksMetrics,
 }
 
-/// The source revision the binary was built from: `BUILD_REVISION` at build
-/// time (the images' build argument), `unknown` otherwise.
-pub const BUILD_REVISION: &str = match option_env!("BUILD_REVISION") {
-    Some(revision) => revision,
-    None => "unknown",
-};
-
 /// Every `reason` of `switchyard_handshakes_rejected_total` (README, metrics),
 /// started at zero.
 pub const HANDSHAKE_REJECTIONS: [&str; 21] = [
@@ -198,23 +191,9 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        // The process's own resources (`process_open_fds`,
-        // `process_resident_memory_bytes`, `process_cpu_seconds_total`, …)
-        // and what was built, for the dashboards' version table.
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_build_info",
-                "1, labelled with the version and the source revision this process was built from.",
-            ),
-            &["component", "version", "revision"],
-        )?;
-        registry.register(Box::new(build_info.clone()))?;
-        build_info
-            .with_label_values(&["gateway", env!("CARGO_PKG_VERSION"), BUILD_REVISION])
-            .set(1);
+        // The process's own resources and what was built, for the
+        // dashboards' memory, open-files and version panels.
+        switchyard_telemetry::process::register(&registry, "gateway")?;
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let metric = IntCounter::new(name, help)?;
             registry.register(Box::new(metric.clone()))?;
@@ -522,8 +501,9 @@ mod tests {
     #[test]
     fn build_info_and_process_metrics_are_exported() {
         let text = Metrics::new().expect("metrics").render();
+        let revision = switchyard_telemetry::process::BUILD_REVISION;
         let build = format!(
-            r#"switchyard_build_info{{component="gateway",revision="{BUILD_REVISION}",version="{}"}} 1"#,
+            r#"switchyard_build_info{{component="gateway",revision="{revision}",version="{}"}} 1"#,
             env!("CARGO_PKG_VERSION")
         );
         assert!(text.lines().any(|l| l == build), "{build} in\n{text}");

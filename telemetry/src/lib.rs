@@ -5,6 +5,8 @@
 //! added and tracing costs what it did before. Trace context crosses process
 //! boundaries as W3C `traceparent`/`tracestate` headers.
 
+pub mod process;
+
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};

@@ -8,14 +8,15 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use switchyard_client::{Client, ClientEvent, ClientOptions};
 use switchyard_tests::kube::Emulator;
-use switchyard_tests::{operator_bin, raise_fd_limit, GatewayProcess, RedisServer};
+use switchyard_tests::{
+    operator_bin, raise_fd_limit, Crowd, GatewayProcess, Publisher, RedisServer,
+};
 
 /// The rollout tests hold hundreds of clients and a dozen processes each.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -282,127 +283,17 @@ fn condition(cs: &Value, type_: &str) -> String {
         .to_string()
 }
 
-/// Client sessions through the Service, recording the offsets they receive.
-struct Crowd {
-    offsets: Vec<Arc<Mutex<Vec<u64>>>>,
-    subscribed: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
+/// `count` sessions subscribed to the topic through `url`, quick to back off.
 fn crowd(url: &str, count: usize) -> Crowd {
-    let subscribed = Arc::new(AtomicUsize::new(0));
-    let mut offsets = Vec::with_capacity(count);
-    let mut tasks = Vec::with_capacity(count);
-    for _ in 0..count {
-        let mut options = ClientOptions::new(url);
+    Crowd::start(url, count, &[TOPIC], |options| {
         options.backoff.base = Duration::from_millis(100);
         options.backoff.cap = Duration::from_secs(2);
-        let mut client = Client::start(options);
-        client.subscribe(TOPIC);
-        let record = Arc::new(Mutex::new(Vec::new()));
-        let (record_in, subscribed_in) = (record.clone(), subscribed.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut counted = false;
-            while let Some(event) = client.next_event().await {
-                match event {
-                    ClientEvent::Message { position, .. } => {
-                        record_in.lock().expect("offsets").push(position.offset)
-                    }
-                    ClientEvent::Resumed { .. } if !counted => {
-                        counted = true;
-                        subscribed_in.fetch_add(1, Ordering::Relaxed);
-                    }
-                    ClientEvent::Stopped { .. } => break,
-                    _ => {}
-                }
-            }
-        }));
-        offsets.push(record);
-    }
-    Crowd {
-        offsets,
-        subscribed,
-        tasks,
-    }
+    })
 }
 
-impl Crowd {
-    async fn wait_subscribed(&self) {
-        let deadline = Instant::now() + PHASE;
-        while self.subscribed.load(Ordering::Relaxed) < self.offsets.len() {
-            assert!(Instant::now() < deadline, "clients did not all subscribe");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Every client received exactly offsets 1..=last, in order.
-    async fn assert_complete(&self, last: u64) {
-        let deadline = Instant::now() + PHASE;
-        while Instant::now() < deadline {
-            let done = self
-                .offsets
-                .iter()
-                .all(|o| o.lock().expect("offsets").last() == Some(&last));
-            if done {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let expected: Vec<u64> = (1..=last).collect();
-        for (i, offsets) in self.offsets.iter().enumerate() {
-            let got = offsets.lock().expect("offsets").clone();
-            assert!(
-                got == expected,
-                "client {i}: {} of {last} messages; first gap or duplicate near {:?}",
-                got.len(),
-                got.windows(2).find(|w| w[1] != w[0] + 1)
-            );
-        }
-    }
-
-    fn stop(self) {
-        for task in self.tasks {
-            task.abort();
-        }
-    }
-}
-
-/// Publishes every 20 ms through the publishing gateway until stopped.
-struct Publisher {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<u64>,
-}
-
-fn publish_one(admin: std::net::SocketAddr, n: u64) -> u64 {
-    let body = format!(r#"{{"topic":"{TOPIC}","data":{{"n":{n}}}}}"#);
-    let (status, text) = switchyard_tests::http_request(admin, "POST", "/api/publish", Some(&body))
-        .expect("publish");
-    assert_eq!(status, 200, "{text}");
-    let response: Value = serde_json::from_str(&text).expect("json");
-    response["position"]["offset"].as_u64().expect("offset")
-}
-
+/// Publishes every 20 ms through the publishing gateway until finished.
 fn publisher(admin: std::net::SocketAddr) -> Publisher {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let task = tokio::task::spawn_blocking(move || {
-        let mut n = 0;
-        while !flag.load(Ordering::Relaxed) {
-            n += 1;
-            publish_one(admin, n);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // A last, confirmed publish: everything before it is 1..=last.
-        publish_one(admin, n + 1)
-    });
-    Publisher { stop, task }
-}
-
-impl Publisher {
-    async fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("publisher")
-    }
+    Publisher::start(admin, &[TOPIC], Duration::from_millis(20))
 }
 
 /// A fleet with `count` clients subscribed through its Service and the
@@ -411,7 +302,7 @@ async fn with_traffic(rollout: &str, count: usize) -> (Fleet, Crowd, Publisher) 
     let fleet = Fleet::start(rollout).await;
     let url = fleet.service_url().await;
     let crowd = crowd(&url, count);
-    crowd.wait_subscribed().await;
+    crowd.wait_subscribed(PHASE).await;
     let publishing = publisher(fleet.publisher.admin);
     (fleet, crowd, publishing)
 }
@@ -419,7 +310,7 @@ async fn with_traffic(rollout: &str, count: usize) -> (Fleet, Crowd, Publisher) 
 /// Stops the publisher and checks every client got every message once, in order.
 async fn assert_nothing_lost(crowd: Crowd, publishing: Publisher) {
     let last = publishing.finish().await;
-    crowd.assert_complete(last).await;
+    crowd.assert_complete(&last, PHASE).await;
     crowd.stop();
 }
 
@@ -472,7 +363,7 @@ async fn install_then_roll_out_an_image_and_then_a_config_change() {
 
     let url = fleet.service_url().await;
     let crowd = crowd(&url, clients());
-    crowd.wait_subscribed().await;
+    crowd.wait_subscribed(PHASE).await;
     let blue = fleet.pod_addrs("blue");
     assert_eq!(blue.len(), 2);
     let publishing = publisher(fleet.publisher.admin);
@@ -540,7 +431,7 @@ async fn install_then_roll_out_an_image_and_then_a_config_change() {
     assert_eq!(fleet.deployment_replicas("green"), 0);
 
     let last = publishing.finish().await;
-    crowd.assert_complete(last).await;
+    crowd.assert_complete(&last, PHASE).await;
     crowd.stop();
     let counts = fleet.event_counts();
     for reason in [
@@ -1244,7 +1135,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     let prometheus = Prometheus::start(fleet.emu.dir(), operator_metrics);
     let url = fleet.service_url().await;
     let crowd = crowd(&url, 40);
-    crowd.wait_subscribed().await;
+    crowd.wait_subscribed(PHASE).await;
     let publishing = publisher(fleet.publisher.admin);
     prometheus.set_targets(&fleet.emu.list("", "pods", NS).expect("pods"));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1269,7 +1160,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let last = publishing.finish().await;
-    crowd.assert_complete(last).await;
+    crowd.assert_complete(&last, PHASE).await;
 
     // Every metric name Prometheus scraped from the gateways and the operator.
     let scraped = tokio::task::block_in_place(|| prometheus.metric_names());

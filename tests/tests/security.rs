@@ -935,19 +935,13 @@ async fn one_subject_holds_at_most_its_share_of_connections() {
 /// One request to the admin listener, written by hand so every header is
 /// the test's: (status, body).
 fn raw_admin(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("read");
+    let raw = raw_exchange(
+        addr,
+        &format!(
+            "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
     let status = raw
         .split(' ')
         .nth(1)
