@@ -63,8 +63,8 @@ def gateway_panels():
     g = GATEWAY
     return [
         panel("stat", "Connections now by color",
-              "Open connections per color and revision, now.",
-              [(f"sum by (color, revision) (switchyard_connections{{{g}}})", "{{color}} {{revision}}")],
+              "Open connections per color and spec revision (the ConnectionService's, from the pod label), now.",
+              [(f"sum by (color, spec_revision) (switchyard_connections{{{g}}})", "{{color}} {{spec_revision}}")],
               options={"reduceOptions": {"calcs": ["lastNotNull"]}, "textMode": "value_and_name",
                        "colorMode": "value", "graphMode": "none"}),
         panel("timeseries", "Connections by pod and color",
@@ -146,8 +146,8 @@ def gateway_panels():
               [(f"sum by (pod) (process_open_fds{{{g}}})", "{{pod}}"),
                (f"max(process_max_fds{{{g}}})", "limit")]),
         panel("table", "Versions",
-              "What each gateway pod runs (switchyard_build_info).",
-              [(f"max by (pod, color, version, revision) (switchyard_build_info{{{g}}})", "{{pod}}")],
+              "What each gateway pod runs: spec revision, and version and build revision (switchyard_build_info).",
+              [(f"max by (pod, color, spec_revision, version, revision) (switchyard_build_info{{{g}}})", "{{pod}}")],
               options={"showHeader": True}),
     ]
 

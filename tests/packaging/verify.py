@@ -13,7 +13,8 @@ runs it against the emulator, with and without the Prometheus Operator's
 CRDs), checks the PodMonitor and ServiceMonitor are rendered exactly when
 the cluster serves their API, and evaluates every pod selector in it.
 `verify.py --render VALUES` prints the chart's objects for those values
-(JSON) as JSON."""
+(JSON) as JSON; `verify.py --render-on KUBECONFIG VALUES` prints them as
+rendered against that cluster."""
 
 import copy
 import json
@@ -401,7 +402,12 @@ if __name__ == "__main__":
         # The chart's objects for these values (JSON), as JSON: what a test
         # creates in the emulator.
         print(json.dumps([d for _, d in render(json.loads(sys.argv[2]))]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--render-on":
+        # The same as `helm install --dry-run=server` renders them against
+        # the cluster in KUBECONFIG (its `.Capabilities`: the monitors).
+        print(json.dumps([d for _, d in render_on_cluster(sys.argv[2], json.loads(sys.argv[3]))]))
     elif len(sys.argv) == 1:
         main()
     else:
-        sys.exit("usage: verify.py [--cluster KUBECONFIG --monitors present|absent | --render VALUES]")
+        sys.exit("usage: verify.py [--cluster KUBECONFIG --monitors present|absent | --render VALUES"
+                 " | --render-on KUBECONFIG VALUES]")

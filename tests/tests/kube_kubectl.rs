@@ -121,7 +121,7 @@ async fn kubectl_get_and_the_plugin() {
 /// selector in it evaluated against the operator's pods. The checks'
 /// output when they fail.
 fn verify_on_cluster(kubeconfig: &Path, monitors: &str) -> Result<(), String> {
-    let output = verify_py(&[
+    let output = switchyard_tests::verify_py(&[
         "--cluster".as_ref(),
         kubeconfig.as_os_str(),
         "--monitors".as_ref(),
@@ -136,39 +136,6 @@ fn verify_on_cluster(kubeconfig: &Path, monitors: &str) -> Result<(), String> {
             String::from_utf8_lossy(&output.stderr)
         ))
     }
-}
-
-/// `tests/packaging/verify.py ARGS` in the venv the test command makes,
-/// rendering the operator's objects with the binary under test.
-fn verify_py(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("tests/packaging/verify.py"))
-        .args(args)
-        .env("OPERATOR_BIN", switchyard_tests::operator_bin())
-        .output()
-        .expect("the venv's python (the test command installs it)")
-}
-
-/// A CustomResourceDefinition of the Prometheus Operator's (its API, as far
-/// as discovery sees it).
-fn monitoring_crd(kind: &str, plural: &str) -> String {
-    format!(
-        "apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {{name: {plural}.monitoring.coreos.com}}
-spec:
-  group: monitoring.coreos.com
-  scope: Namespaced
-  names: {{kind: {kind}, plural: {plural}, singular: {}, listKind: {kind}List}}
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
-",
-        kind.to_lowercase()
-    )
 }
 
 /// Issue 19, defect 11: with `podMonitor.enabled` and
@@ -200,32 +167,9 @@ async fn helm_renders_monitors_only_where_the_prometheus_operator_api_exists() {
         shown.contains("0 PodMonitors where the Prometheus Operator's API is served"),
         "{shown}"
     );
-    for (kind, plural) in [
-        ("PodMonitor", "podmonitors"),
-        ("ServiceMonitor", "servicemonitors"),
-        ("PrometheusRule", "prometheusrules"),
-    ] {
-        emu.create(
-            "apiextensions.k8s.io",
-            "customresourcedefinitions",
-            "",
-            &monitoring_crd(kind, plural),
-        )
-        .expect("crd");
-    }
+    emu.serve_prometheus_operator_api()
+        .expect("the Prometheus Operator's CRDs");
     verify_on_cluster(&kubeconfig, "present").expect("with the Prometheus Operator");
-}
-
-/// The chart rendered offline for `values` (`verify.py --render`).
-fn chart_objects(values: serde_json::Value) -> Vec<serde_json::Value> {
-    let values = values.to_string();
-    let output = verify_py(&["--render".as_ref(), values.as_ref()]);
-    assert!(
-        output.status.success(),
-        "render: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("objects")
 }
 
 /// The gateway's admin token in the NetworkPolicy test.
@@ -275,7 +219,9 @@ async fn the_charts_network_policy_is_enforced_on_the_admin_port() {
     use std::time::{Duration, Instant};
 
     let emu = Emulator::start().await.expect("emulator");
-    let chart = chart_objects(json!({"networkPolicy": {"enabled": true, "namespaces": ["prod"]}}));
+    let chart = switchyard_tests::chart_objects(
+        &json!({"networkPolicy": {"enabled": true, "namespaces": ["prod"]}}),
+    );
     let policy = chart
         .iter()
         .find(|d| d["kind"] == "NetworkPolicy")

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard_tests::kube::Emulator;
+use switchyard_tests::prometheus::{unix_now, Prometheus};
 use switchyard_tests::{
     operator_bin, raise_fd_limit, Crowd, GatewayProcess, Publisher, RedisServer,
 };
@@ -964,147 +965,65 @@ fn operator_metrics_addr(log: &std::path::Path) -> std::net::SocketAddr {
     }
 }
 
-/// A private Prometheus (Debian's package) scraping every second: the
-/// gateway pods through a file of targets the test keeps current (labelled
-/// `color`, `revision` and `pod`, as the chart's PodMonitor relabels them),
-/// and the operator.
-struct Prometheus {
-    child: Child,
-    addr: std::net::SocketAddr,
-    targets: PathBuf,
+/// One query of a dashboard panel.
+struct PanelQuery {
+    /// Title / refId.
+    panel: String,
+    legend: String,
+    /// The expression with the variables filled.
+    expr: String,
+    /// Whether it is scoped by the `namespace` variable (not the
+    /// operator's own panels).
+    scoped: bool,
+    /// Whether it is scoped by the `color` variable (the gateway's).
+    by_color: bool,
 }
 
-impl Prometheus {
-    fn start(dir: &std::path::Path, operator: std::net::SocketAddr) -> Prometheus {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let targets = dir.join("targets.json");
-        std::fs::write(&targets, "[]").expect("targets");
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n\
-                 - job_name: gateways\n  file_sd_configs:\n  - files: ['{}']\n    refresh_interval: 1s\n\
-                 - job_name: operator\n  static_configs:\n  - targets: ['{operator}']\n",
-                targets.display()
-            ),
-        )
-        .expect("config");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (the test command installs Debian's package)");
-        assert!(
-            switchyard_tests::wait_status(addr, "/-/ready", 200, PHASE),
-            "Prometheus never became ready"
-        );
-        Prometheus {
-            child,
-            addr,
-            targets,
-        }
-    }
-
-    fn set_targets(&self, pods: &[Value]) {
-        let groups: Vec<Value> = pods
-            .iter()
-            .filter_map(|p| {
-                let ip = p["status"]["podIP"].as_str()?;
-                let labels = &p["metadata"]["labels"];
-                Some(json!({"targets": [format!("{ip}:8080")], "labels": {
-                    "color": labels["switchyard.dev/color"], "revision": labels["switchyard.dev/revision"],
-                    "pod": p["metadata"]["name"], "service": "chat"}}))
-            })
-            .collect();
-        let tmp = self.targets.with_extension("tmp");
-        std::fs::write(&tmp, Value::Array(groups).to_string()).expect("targets");
-        std::fs::rename(tmp, &self.targets).expect("targets");
-    }
-
-    /// Every metric name scraped so far.
-    fn metric_names(&self) -> Vec<String> {
-        let (status, body) =
-            switchyard_tests::http_request(self.addr, "GET", "/api/v1/label/__name__/values", None)
-                .expect("names");
-        assert_eq!(status, 200, "{body}");
-        let answer: Value = serde_json::from_str(&body).expect("json");
-        answer["data"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect()
-    }
-
-    /// `expr` over [start, end] (unix seconds) at a 1 s step: the series
-    /// that had a value at any moment of it.
-    fn query_range(&self, expr: &str, start: f64, end: f64) -> Vec<Value> {
-        let encoded: String = expr
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                other => format!("%{other:02X}"),
-            })
-            .collect();
-        let (status, body) = switchyard_tests::http_request(
-            self.addr,
-            "GET",
-            &format!("/api/v1/query_range?query={encoded}&start={start:.3}&end={end:.3}&step=1"),
-            None,
-        )
-        .expect("query");
-        assert_eq!(status, 200, "{expr}: {body}");
-        let answer: Value = serde_json::from_str(&body).expect("json");
-        answer["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Every PromQL expression of a Grafana dashboard, with the dashboard
-/// variables as Grafana would fill them for "All" over the last minute.
-fn panel_queries(path: &std::path::Path) -> Vec<(String, String)> {
-    let board: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard"))
-        .expect("dashboard json");
+/// Every PromQL expression of a Grafana dashboard, with the dashboard's
+/// variables filled as Grafana fills them for one `choice` of (variable,
+/// value), over 1 m rate windows.
+fn panel_queries(board: &Value, choice: &[(&str, &str)]) -> Vec<PanelQuery> {
     let mut queries = Vec::new();
     for panel in board["panels"].as_array().expect("panels") {
         for target in panel["targets"].as_array().expect("targets") {
             let expr = target["expr"].as_str().expect("expr");
-            queries.push((
-                format!(
+            queries.push(PanelQuery {
+                panel: format!(
                     "{} / {}",
                     panel["title"].as_str().unwrap_or_default(),
                     target["refId"]
                 ),
-                expr.replace("$__rate_interval", "1m")
-                    .replace("$namespace", ".*")
-                    .replace("$service", ".*")
-                    .replace("$color", ".*"),
-            ));
+                legend: target["legendFormat"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                expr: fill(expr, choice),
+                scoped: expr.contains("$namespace"),
+                by_color: expr.contains("$color"),
+            });
         }
     }
     queries
+}
+
+fn fill(expr: &str, choice: &[(&str, &str)]) -> String {
+    let mut expr = expr.replace("$__rate_interval", "1m");
+    for (variable, value) in choice {
+        expr = expr.replace(&format!("${variable}"), value);
+    }
+    expr
+}
+
+/// The labels a legend names (`{{color}} {{spec_revision}}`).
+fn legend_labels(legend: &str) -> Vec<String> {
+    legend
+        .split("{{")
+        .skip(1)
+        .filter_map(|part| {
+            part.split_once("}}")
+                .map(|(label, _)| label.trim().to_string())
+        })
+        .collect()
 }
 
 /// `switchyard_*` metric families an expression names.
@@ -1127,64 +1046,468 @@ fn families(expr: &str) -> Vec<String> {
     found
 }
 
+/// The pod the chart's operator Deployment describes, at the address the
+/// operator process listens on: the emulator's kubelet runs only gateway
+/// pods, so the operator runs beside it and this stands for its pod in
+/// discovery (the chart's labels, ports and namespace, Running and Ready).
+fn operator_pod(chart: &[Value], ip: std::net::IpAddr) -> Value {
+    let deployment = chart
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("the chart's operator Deployment");
+    let template = &deployment["spec"]["template"];
+    json!({
+        "metadata": {
+            "namespace": deployment["metadata"]["namespace"],
+            "name": format!("{}-0", deployment["metadata"]["name"].as_str().unwrap_or_default()),
+            "labels": template["metadata"]["labels"],
+            "annotations": template["metadata"]["annotations"],
+        },
+        "spec": {"containers": template["spec"]["containers"], "nodeName": "node-1"},
+        "status": {"phase": "Running", "podIP": ip.to_string(),
+            "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+}
+
+/// Issue 27: the dashboards against a Prometheus configured from the
+/// chart's own PodMonitor and ServiceMonitor the way the Prometheus
+/// Operator configures one (tests/src/prometheus.rs), scraping gateways
+/// of two ConnectionServices of one name in two namespaces through a
+/// rollout of both, and the operator:
+/// - every target the monitors select is scraped, and no label the
+///   exposition carries collides with one the monitors set (an
+///   `exported_*` label);
+/// - every variable lists exactly the namespaces, services and colors;
+/// - for each namespace, every panel returns data, and every series it
+///   shows belongs to that namespace and service and to the color (and
+///   pod) its legend names: the gateway pods' colors are known from the
+///   emulator; with `blue` chosen, nothing green shows;
+/// - the connection counts per namespace are each namespace's own clients
+///   (40 and 16), from the gateways and as the operator reports them.
+///
+/// (Before, the test fed Prometheus hand-labelled targets, which hid
+/// collisions the monitors create.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
+async fn the_dashboards_tell_namespaces_services_and_colors_apart_through_a_rollout() {
+    const STAGING: &str = "staging";
     let _serial = SERIAL.lock().await;
     let fleet = Fleet::start(FAST_ROLLOUT).await;
-    let operator_metrics = operator_metrics_addr(&fleet.operator.log);
-    let prometheus = Prometheus::start(fleet.emu.dir(), operator_metrics);
-    let url = fleet.service_url().await;
-    let crowd = crowd(&url, 40);
-    crowd.wait_subscribed(PHASE).await;
-    let publishing = publisher(fleet.publisher.admin);
-    prometheus.set_targets(&fleet.emu.list("", "pods", NS).expect("pods"));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let unix_now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs_f64()
-    };
-    let started = unix_now();
-    // A rollout, so that drains, migrations, resumes and phases happen.
-    fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
-    let deadline = Instant::now() + PHASE;
-    loop {
-        prometheus.set_targets(&fleet.emu.list("", "pods", NS).expect("pods"));
-        let cs = fleet.resource();
-        if cs["status"]["phase"] == "Stable" && cs["status"]["activeColor"] == "green" {
-            break;
+    let emu = &fleet.emu;
+    // The same ConnectionService name in a second namespace.
+    let staging = spec(&fleet._redis.url(), "switchyard/gateway:1", FAST_ROLLOUT);
+    emu.create("switchyard.dev", "connectionservices", STAGING, &staging)
+        .expect("the staging ConnectionService");
+    // The chart as `helm install` renders it where the Prometheus Operator
+    // runs, its monitors labelled for the Prometheus that selects
+    // `release: prometheus`, scraping every second; its operator metrics
+    // port where this operator listens.
+    emu.serve_prometheus_operator_api()
+        .expect("the Prometheus Operator's API");
+    let operator = operator_metrics_addr(&fleet.operator.log);
+    let monitor = json!({"enabled": true, "interval": "1s", "labels": {"release": "prometheus"}});
+    let chart = switchyard_tests::chart_objects_on(
+        &fleet.kubeconfig,
+        &json!({"podMonitor": monitor, "serviceMonitor": monitor,
+                "metrics": {"port": operator.port()}}),
+    );
+    for object in &chart {
+        let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+        let (group, plural) = match object["kind"].as_str() {
+            Some("PodMonitor") => ("monitoring.coreos.com", "podmonitors"),
+            Some("ServiceMonitor") => ("monitoring.coreos.com", "servicemonitors"),
+            Some("Service") => ("", "services"),
+            _ => continue,
+        };
+        emu.create(group, plural, namespace, &object.to_string())
+            .expect("a chart object");
+    }
+    let operator_pod = operator_pod(&chart, operator.ip());
+    let monitors: Vec<Value> = ["podmonitors", "servicemonitors"]
+        .iter()
+        .flat_map(|plural| {
+            emu.list_all("monitoring.coreos.com", plural)
+                .expect("monitors")
+        })
+        .filter(|m| m["metadata"]["labels"]["release"] == "prometheus")
+        .collect();
+    assert_eq!(
+        monitors.len(),
+        2,
+        "the chart's PodMonitor and ServiceMonitor"
+    );
+    let dir = emu.dir().join("prometheus");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let prometheus = Prometheus::start(&dir, &monitors).expect("prometheus");
+    // What discovery sees, kept current; every gateway pod's color.
+    let mut colors: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut refresh = |emu: &Emulator| {
+        let mut pods = emu.list_all("", "pods").expect("pods");
+        for pod in &pods {
+            let meta = &pod["metadata"];
+            if let Some(color) = meta["labels"]["switchyard.dev/color"].as_str() {
+                colors.insert(
+                    (
+                        meta["namespace"].as_str().unwrap_or_default().to_string(),
+                        meta["name"].as_str().unwrap_or_default().to_string(),
+                    ),
+                    color.to_string(),
+                );
+            }
         }
-        assert!(Instant::now() < deadline, "the rollout did not finish");
+        pods.push(operator_pod.clone());
+        let services = emu.list_all("", "services").expect("services");
+        prometheus
+            .discover(&dir, &pods, &services)
+            .expect("discovery");
+    };
+    let stable_on = |emu: &Emulator, namespace: &str, color: &str| {
+        let cs = emu
+            .get("switchyard.dev", "connectionservices", namespace, "chat")
+            .expect("resource");
+        cs["status"]["phase"] == "Stable"
+            && cs["status"]["activeColor"] == color
+            && condition(&cs, "Ready") == "True"
+    };
+    let deadline = Instant::now() + PHASE;
+    while !stable_on(&fleet.emu, STAGING, "blue") {
+        assert!(Instant::now() < deadline, "staging never became Ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let prod_crowd = crowd(&fleet.service_url().await, 40);
+    let staging_addr = fleet
+        .emu
+        .cluster
+        .service_addr(STAGING, "chat")
+        .expect("the staging Service's proxy");
+    let staging_crowd = crowd(&format!("ws://{staging_addr}/ws"), 16);
+    prod_crowd.wait_subscribed(PHASE).await;
+    staging_crowd.wait_subscribed(PHASE).await;
+    let publishing = publisher(fleet.publisher.admin);
+    refresh(&fleet.emu);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = unix_now();
+    // Both roll out, so that drains, migrations, resumes and phases happen
+    // in both namespaces at once.
+    fleet.patch(json!({"spec": {"image": "switchyard/gateway:2"}}));
+    fleet
+        .emu
+        .patch(
+            "switchyard.dev",
+            "connectionservices",
+            STAGING,
+            "chat",
+            &json!({"spec": {"image": "switchyard/gateway:2"}}),
+        )
+        .expect("patch");
+    let deadline = Instant::now() + PHASE;
+    while !(stable_on(&fleet.emu, NS, "green") && stable_on(&fleet.emu, STAGING, "green")) {
+        refresh(&fleet.emu);
+        assert!(Instant::now() < deadline, "the rollouts did not finish");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    refresh(&fleet.emu);
     let last = publishing.finish().await;
-    crowd.assert_complete(&last, PHASE).await;
+    prod_crowd.assert_complete(&last, PHASE).await;
+    staging_crowd.assert_complete(&last, PHASE).await;
+    // The counts settle: each namespace's own clients, on green, as the
+    // gateways count them and as the operator reports them.
+    let gateways_say = |namespace: &str| {
+        format!(
+            r#"sum by (color) (switchyard_connections{{namespace="{namespace}", service="chat"}})"#
+        )
+    };
+    let operator_says = |namespace: &str| {
+        format!(
+            r#"sum by (color) (switchyard_operator_connections{{namespace="{namespace}", name="chat"}})"#
+        )
+    };
+    let green = |result: Vec<Value>| -> Vec<(String, String)> {
+        result
+            .iter()
+            .filter(|s| s["value"][1] != "0")
+            .map(|s| {
+                (
+                    s["metric"]["color"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    s["value"][1].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    // Discovery follows the old pods' removal: the scraped gateways are
+    // the four green ones (one `ws` port each) with their namespace,
+    // service and color; the operator's target is its metrics port.
+    let scraped_gateways = |targets: &[Value]| {
+        let mut gateways: Vec<String> = targets
+            .iter()
+            .map(|t| &t["labels"])
+            .filter(|labels| labels["endpoint"] == "ws")
+            .map(|labels| {
+                format!(
+                    "{}/{} {}",
+                    labels["namespace"].as_str().unwrap_or_default(),
+                    labels["service"].as_str().unwrap_or_default(),
+                    labels["color"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        gateways.sort();
+        gateways
+    };
+    let want_gateways = [
+        "prod/chat green",
+        "prod/chat green",
+        "staging/chat green",
+        "staging/chat green",
+    ];
+    let deadline = Instant::now() + PHASE;
+    loop {
+        refresh(&fleet.emu);
+        let (counts, targets) = tokio::task::block_in_place(|| {
+            (
+                [
+                    green(prometheus.query(&gateways_say(NS))),
+                    green(prometheus.query(&gateways_say(STAGING))),
+                    green(prometheus.query(&operator_says(NS))),
+                    green(prometheus.query(&operator_says(STAGING))),
+                ],
+                prometheus.targets(),
+            )
+        });
+        let want = |n: &str| vec![("green".to_string(), n.to_string())];
+        let healthy = targets.iter().all(|t| t["health"] == "up");
+        if counts == [want("40"), want("16"), want("40"), want("16")]
+            && scraped_gateways(&targets) == want_gateways
+            && healthy
+        {
+            let operator: Vec<&Value> = targets
+                .iter()
+                .map(|t| &t["labels"])
+                .filter(|labels| labels["endpoint"] != "ws")
+                .collect();
+            assert_eq!(operator.len(), 1, "{operator:?}");
+            assert_eq!(operator[0]["endpoint"], "metrics");
+            assert_eq!(operator[0]["namespace"], "switchyard");
+            break;
+        }
+        let labels: Vec<&Value> = targets.iter().map(|t| &t["labels"]).collect();
+        assert!(
+            Instant::now() < deadline,
+            "connections per color (gateways prod, staging; operator prod, staging): {counts:?}; \
+             targets all up: {healthy}; {labels:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let ended = unix_now();
 
-    // Every metric name Prometheus scraped from the gateways and the operator.
+    // A label both the exposition and the monitors set is renamed
+    // `exported_<label>` by Prometheus: the dashboards would read the wrong one.
+    let all = tokio::task::block_in_place(|| {
+        prometheus.series(
+            r#"{__name__=~"switchyard_.+|process_.+"}"#,
+            ended - started + 10.0,
+        )
+    });
+    assert!(all.len() > 100, "{} series", all.len());
+    for series in &all {
+        let collided: Vec<&String> = series
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, _)| name)
+            .filter(|name| name.starts_with("exported_"))
+            .collect();
+        assert!(collided.is_empty(), "{collided:?} on {series}");
+    }
+
     let scraped = tokio::task::block_in_place(|| prometheus.metric_names());
     let dashboards = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../charts/switchyard/files/dashboards");
     let mut checked = 0;
-    for board in ["gateway.json", "operator.json"] {
-        for (panel, expr) in panel_queries(&dashboards.join(board)) {
-            for family in families(&expr) {
+    for name in ["gateway.json", "operator.json"] {
+        let board: Value =
+            serde_json::from_str(&std::fs::read_to_string(dashboards.join(name)).expect("board"))
+                .expect("dashboard json");
+        // The variables list exactly what is there.
+        for variable in board["templating"]["list"].as_array().expect("variables") {
+            let Some(query) = variable["query"]["query"].as_str() else {
+                continue;
+            };
+            let inner = query
+                .strip_prefix("label_values(")
+                .and_then(|q| q.strip_suffix(')'))
+                .expect("label_values(selector, label)");
+            let (selector, label) = inner.rsplit_once(", ").expect("selector, label");
+            let selector = fill(selector, &[("namespace", NS), ("service", "chat")]);
+            let expr = format!("group by ({label}) ({selector})");
+            let mut values: Vec<String> =
+                tokio::task::block_in_place(|| prometheus.query_range(&expr, started, ended))
+                    .iter()
+                    .filter_map(|s| s["metric"][label].as_str().map(str::to_string))
+                    .collect();
+            values.sort();
+            let want: &[&str] = match variable["name"].as_str() {
+                Some("namespace") => &[NS, STAGING],
+                Some("service") => &["chat"],
+                Some("color") => &["blue", "green"],
+                other => panic!("{name}: variable {other:?}"),
+            };
+            assert_eq!(values, want, "{name}: variable {}", variable["name"]);
+        }
+        // Every gateway series belongs to a service, and so does every
+        // operator series labelled with a ConnectionService's `name`: a
+        // query over them must use the variables, or it mixes services.
+        let per_service: Vec<String> = all
+            .iter()
+            .filter(|s| s["name"] == "chat")
+            .filter_map(|s| s["__name__"].as_str().map(str::to_string))
+            .collect();
+        for query in panel_queries(&board, &[]) {
+            let over_services = name == "gateway.json"
+                || families(&query.expr)
+                    .iter()
+                    .any(|f| per_service.contains(f));
+            let wanted: &[&str] = match (over_services, name) {
+                (false, _) => &[],
+                (true, "gateway.json") => &["$namespace", "$service", "$color"],
+                (true, _) => &["$namespace", "$service"],
+            };
+            for variable in wanted {
                 assert!(
-                    scraped.contains(&family) || scraped.contains(&format!("{family}_bucket")),
-                    "{board} {panel}: {family} was never scraped"
+                    query.expr.contains(variable),
+                    "{name} {}: not scoped by {variable}: {}",
+                    query.panel,
+                    query.expr
                 );
             }
-            // Over the rollout: the drain panels have data while a drain runs.
-            let result =
-                tokio::task::block_in_place(|| prometheus.query_range(&expr, started, unix_now()));
-            assert!(!result.is_empty(), "{board} {panel}: no data for {expr}");
-            checked += 1;
+        }
+        // A panel that ignores a variable shows another service's series:
+        // with a namespace, service or color chosen that has none, every
+        // panel scoped by that variable is empty.
+        for (variable, choice) in [
+            (
+                "namespace",
+                [
+                    ("namespace", "nowhere"),
+                    ("service", "chat"),
+                    ("color", ".*"),
+                ],
+            ),
+            (
+                "service",
+                [("namespace", NS), ("service", "nothing"), ("color", ".*")],
+            ),
+            (
+                "color",
+                [("namespace", NS), ("service", "chat"), ("color", "none")],
+            ),
+        ] {
+            if !board["panels"]
+                .to_string()
+                .contains(&format!("${variable}"))
+            {
+                continue;
+            }
+            for (query, template) in panel_queries(&board, &choice)
+                .into_iter()
+                .zip(panel_queries(&board, &[]))
+            {
+                if !template.expr.contains(&format!("${variable}")) {
+                    continue;
+                }
+                let result = tokio::task::block_in_place(|| {
+                    prometheus.query_range(&query.expr, started, ended)
+                });
+                assert!(
+                    result.is_empty(),
+                    "{name} {}: with {variable} chosen to have nothing, it shows {result:?}",
+                    query.panel
+                );
+                checked += 1;
+            }
+        }
+        for (namespace, color) in [(NS, ".*"), (STAGING, ".*"), (NS, "blue")] {
+            let choice = [
+                ("namespace", namespace),
+                ("service", "chat"),
+                ("color", color),
+            ];
+            for query in panel_queries(&board, &choice) {
+                let PanelQuery {
+                    panel,
+                    legend,
+                    expr,
+                    scoped,
+                    by_color,
+                } = query;
+                for family in families(&expr) {
+                    assert!(
+                        scraped.contains(&family) || scraped.contains(&format!("{family}_bucket")),
+                        "{name} {panel}: {family} was never scraped"
+                    );
+                }
+                let result =
+                    tokio::task::block_in_place(|| prometheus.query_range(&expr, started, ended));
+                if color == ".*" {
+                    assert!(
+                        !result.is_empty(),
+                        "{name} {panel} in {namespace}: no data for {expr}"
+                    );
+                    checked += 1;
+                }
+                for series in &result {
+                    let metric = &series["metric"];
+                    let shown = |label: &str| metric[label].as_str().unwrap_or_default();
+                    let context = format!("{name} {panel} in {namespace} ({color}): {metric}");
+                    for label in legend_labels(&legend) {
+                        assert!(
+                            !shown(&label).is_empty(),
+                            "{context}: its legend names {label}"
+                        );
+                    }
+                    if !scoped {
+                        // The operator's own panels: its process, not a
+                        // ConnectionService's.
+                        continue;
+                    }
+                    if !shown("namespace").is_empty() {
+                        assert_eq!(shown("namespace"), namespace, "{context}");
+                    }
+                    for label in ["service", "name"] {
+                        if !shown(label).is_empty() {
+                            assert_eq!(shown(label), "chat", "{context}");
+                        }
+                    }
+                    if !shown("color").is_empty() && by_color && color != ".*" {
+                        assert_eq!(shown("color"), color, "{context}");
+                    }
+                    if !shown("pod").is_empty() {
+                        let known = colors.get(&(namespace.to_string(), shown("pod").to_string()));
+                        assert!(
+                            known.is_some(),
+                            "{context}: not a gateway pod of {namespace}"
+                        );
+                        if !shown("color").is_empty() {
+                            assert_eq!(
+                                known.map(String::as_str),
+                                Some(shown("color")),
+                                "{context}"
+                            );
+                        }
+                        if by_color && color != ".*" {
+                            assert_eq!(known.map(String::as_str), Some(color), "{context}");
+                        }
+                    }
+                }
+            }
         }
     }
-    eprintln!("{checked} dashboard queries returned data");
-    assert!(checked >= 35);
-    crowd.stop();
+    eprintln!("{checked} dashboard queries checked");
+    assert!(checked >= 140, "{checked}");
+    prod_crowd.stop();
+    staging_crowd.stop();
 }
 
 /// Issue 19, defect 5: the operator talks to exactly its own gateway pods

@@ -164,6 +164,42 @@ impl Emulator {
             .context("the ConnectionService")
     }
 
+    /// Serves the Prometheus Operator's API (its PodMonitor, ServiceMonitor
+    /// and PrometheusRule CRDs, without their schemas): what Helm's
+    /// `.Capabilities` and a test-side Prometheus Operator see.
+    pub fn serve_prometheus_operator_api(&self) -> Result<()> {
+        for (kind, plural) in [
+            ("PodMonitor", "podmonitors"),
+            ("ServiceMonitor", "servicemonitors"),
+            ("PrometheusRule", "prometheusrules"),
+        ] {
+            let crd = format!(
+                "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {{name: {plural}.monitoring.coreos.com}}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {{kind: {kind}, plural: {plural}, singular: {}, listKind: {kind}List}}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
+",
+                kind.to_lowercase()
+            );
+            self.create(
+                "apiextensions.k8s.io",
+                "customresourcedefinitions",
+                "",
+                &crd,
+            )
+            .with_context(|| format!("the {kind} CRD"))?;
+        }
+        Ok(())
+    }
+
     /// Makes `namespace` enforce Pod Security `restricted` (see
     /// [`podsecurity`]).
     pub fn enforce_restricted(&self, namespace: &str) {
@@ -213,6 +249,12 @@ impl Emulator {
         self.store
             .merge(&rt, namespace, name, patch, status, "test")
             .map_err(api_error)
+    }
+
+    /// Every object of a kind in every namespace.
+    pub fn list_all(&self, group: &str, plural: &str) -> Result<Vec<Value>> {
+        let rt = self.kind(group, plural)?;
+        Ok(self.store.list(&rt, None, &selector::Selector::default()).0)
     }
 
     /// Every object of a kind in a namespace.
