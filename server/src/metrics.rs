@@ -64,10 +64,11 @@ pub struct Metrics {
     pub bytes_sent: IntCounter,
     /// `switchyard_messages_published_total`: messages accepted into topic logs.
     pub messages_published: IntCounter,
-    /// `switchyard_slow_consumers_total`: connections the server closed with
-    /// 4002 (a full queue, and also a publish rate abused `max_violations`
-    /// times in a row or a recovery that overflowed: the same code).
-    pub slow_consumers: IntCounter,
+    /// `switchyard_slow_consumers_total{reason}`: connections the server
+    /// closed with 4002, by [`crate::outbox::Slow`] (a full queue, a
+    /// subscribe backlog or a backplane recovery that overflowed, a publish
+    /// rate abused `max_violations` times in a row: the same code).
+    pub slow_consumers: IntCounterVec,
     /// `switchyard_protocol_violations_total{kind}`.
     pub protocol_violations: IntCounterVec,
     /// `switchyard_subscriptions`: active topic subscriptions.
@@ -269,9 +270,10 @@ impl Metrics {
                 "switchyard_messages_published_total",
                 "Messages accepted into topic logs.",
             )?,
-            slow_consumers: counter(
+            slow_consumers: counter_vec(
                 "switchyard_slow_consumers_total",
-                "Connections the server closed with 4002: a full outgoing queue, a publish rate abused, a recovery that overflowed.",
+                "Connections the server closed with 4002, by reason: queue_full (its outgoing queue), subscribe_backlog, recovery_overflow (the backplane's), publish_rate (abused max_violations times in a row).",
+                &["reason"],
             )?,
             protocol_violations: counter_vec(
                 "switchyard_protocol_violations_total",
@@ -400,6 +402,9 @@ impl Metrics {
         }
         for reason in HANDSHAKE_REJECTIONS {
             metrics.handshakes_rejected.with_label_values(&[reason]);
+        }
+        for why in crate::outbox::Slow::ALL {
+            metrics.slow_consumers.with_label_values(&[why.as_str()]);
         }
         for action in ["subscribe", "publish"] {
             metrics.authorization_denied.with_label_values(&[action]);
@@ -568,7 +573,7 @@ mod tests {
             "switchyard_messages_sent_total",
             "switchyard_message_bytes_received_total",
             "switchyard_message_bytes_sent_total",
-            "switchyard_slow_consumers_total",
+            "switchyard_slow_consumers_total{reason=\"queue_full\"} 0",
             "switchyard_subscriptions",
             "switchyard_resume_total{recovered=\"true\"} 1",
             "switchyard_fanout_latency_seconds_count 1",

@@ -75,6 +75,58 @@ pub enum EndRequest {
     Abort,
 }
 
+/// Why the server closes a connection with 4002: the `reason` label of
+/// `switchyard_slow_consumers_total`, so a dashboard tells a client that
+/// cannot keep up from one that publishes too fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slow {
+    /// Its outgoing queue was full.
+    QueueFull,
+    /// More arrived for a topic than its subscribe's replay buffers.
+    SubscribeBacklog,
+    /// More arrived while the backplane recovered than it buffers.
+    RecoveryOverflow,
+    /// It published over its rate `max_violations` times in a row.
+    PublishRate,
+}
+
+impl Slow {
+    /// Every reason (pre-initialised label values).
+    pub const ALL: [Slow; 4] = [
+        Slow::QueueFull,
+        Slow::SubscribeBacklog,
+        Slow::RecoveryOverflow,
+        Slow::PublishRate,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slow::QueueFull => "queue_full",
+            Slow::SubscribeBacklog => "subscribe_backlog",
+            Slow::RecoveryOverflow => "recovery_overflow",
+            Slow::PublishRate => "publish_rate",
+        }
+    }
+
+    /// The close frame's reason text.
+    fn text(self) -> &'static str {
+        match self {
+            Slow::QueueFull => "slow consumer: queue full",
+            Slow::SubscribeBacklog => "subscribe backlog overflowed",
+            Slow::RecoveryOverflow => "backplane recovery overflowed",
+            Slow::PublishRate => "publish rate exceeded",
+        }
+    }
+}
+
+fn slow_close(why: Slow) -> EndRequest {
+    EndRequest::Close {
+        code: CloseCode::SlowConsumer,
+        reason: switchyard_protocol::close::CloseReason::text(why.text()).to_json(),
+    }
+}
+
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
@@ -98,6 +150,8 @@ struct State {
     queue: VecDeque<Outgoing>,
     bytes: usize,
     end: Option<EndRequest>,
+    /// Why the end is a 4002, when it is one.
+    slow: Option<Slow>,
 }
 
 /// A bounded queue of outgoing frames with its end signal.
@@ -141,11 +195,8 @@ impl Outbox {
         if !fits {
             state.queue = VecDeque::new();
             state.bytes = 0;
-            state.end = Some(EndRequest::Close {
-                code: CloseCode::SlowConsumer,
-                reason: switchyard_protocol::close::CloseReason::text("slow consumer: queue full")
-                    .to_json(),
-            });
+            state.end = Some(slow_close(Slow::QueueFull));
+            state.slow = Some(Slow::QueueFull);
             drop(state);
             self.wake_both();
             return Err(PushError::Full);
@@ -169,6 +220,23 @@ impl Outbox {
             drop(state);
             self.wake_both();
         }
+    }
+
+    /// Asks for a 4002 close after what is queued, for `why` (unless the
+    /// connection is already ending).
+    pub fn close_slow(&self, why: Slow) {
+        let mut state = self.lock();
+        if state.end.is_none() {
+            state.end = Some(slow_close(why));
+            state.slow = Some(why);
+            drop(state);
+            self.wake_both();
+        }
+    }
+
+    /// Why the connection was closed with 4002, if it was.
+    pub fn slow(&self) -> Option<Slow> {
+        self.lock().slow
     }
 
     /// Asks the connection to end now, discarding what is queued. Overrides a

@@ -295,9 +295,18 @@ async fn slow_consumer_is_closed_4002_and_memory_stays_bounded() {
     let closed = expect_closed(&mut stuck).await;
     assert_eq!(closed.code, 4002, "{closed:?}");
     assert_eq!(
-        gw.wait_metric("switchyard_slow_consumers_total", 1.0, STEP)
-            .expect("m"),
+        gw.wait_metric(
+            "switchyard_slow_consumers_total{reason=\"queue_full\"}",
+            1.0,
+            STEP
+        )
+        .expect("m"),
         1.0
+    );
+    assert_eq!(
+        gw.metric("switchyard_slow_consumers_total{reason=\"publish_rate\"}")
+            .expect("m"),
+        0.0
     );
     assert_eq!(
         gw.metric("switchyard_connections_closed_total{code=\"4002\",initiator=\"server\"}")

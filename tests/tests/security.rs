@@ -635,6 +635,21 @@ async fn connection_handshake_and_publish_limits() {
             .expect("m"),
         3.0
     );
+    // Counted as what it was, not as a full queue.
+    assert_eq!(
+        gw.wait_metric(
+            "switchyard_slow_consumers_total{reason=\"publish_rate\"}",
+            1.0,
+            std::time::Duration::from_secs(5)
+        )
+        .expect("m"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("switchyard_slow_consumers_total{reason=\"queue_full\"}")
+            .expect("m"),
+        0.0
+    );
 }
 
 fn tls_connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {

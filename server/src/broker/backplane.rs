@@ -48,7 +48,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::log::{resume_from_snapshot, Resume, Retention};
 use super::{Broker, BrokerError, Subscribed, Subscriber};
 use crate::config::RedisSettings;
-use crate::outbox::Outgoing;
+use crate::outbox::{Outgoing, Slow};
 use crate::security::tickets::{TicketError, TicketStore};
 use crate::task::AbortOnDrop;
 use switchyard_protocol::position::is_after;
@@ -184,7 +184,9 @@ impl LocalTopic {
                 // Too much arrived while recovering: let the subscribers
                 // resume on their own from their positions.
                 buffer.clear();
-                self.close_all(CloseCode::SlowConsumer, "backplane recovery overflowed");
+                for sub in self.subscribers.values() {
+                    sub.handle.outbox().close_slow(Slow::RecoveryOverflow);
+                }
             }
             return Delivery::Done;
         }
@@ -218,10 +220,7 @@ impl LocalTopic {
                 Some(buffer) if buffer.len() < max_pending => {
                     buffer.push((position, frame.clone()))
                 }
-                Some(_) => sub.handle.outbox().close(
-                    CloseCode::SlowConsumer,
-                    CloseReason::text("subscribe backlog overflowed").to_json(),
-                ),
+                Some(_) => sub.handle.outbox().close_slow(Slow::SubscribeBacklog),
                 None if !is_after(sub.replayed_to, position) => {}
                 None => {
                     // A full outbox closes its connection (4002); others are unaffected.
@@ -1562,6 +1561,67 @@ mod tests {
         ));
         assert_eq!(deliver(&inner, Position::new(11, 6), "a6"), Delivery::Stale);
         assert_eq!(deliver(&inner, Position::new(9, 4), "b4"), Delivery::Done);
+    }
+
+    /// Both overflows close with 4002 and say which they were
+    /// (`switchyard_slow_consumers_total{reason}`): a recovery that
+    /// buffered more than it holds closes every subscriber of the topic; a
+    /// subscribe's replay backlog closes only that subscriber.
+    #[tokio::test]
+    async fn overflows_close_4002_and_record_why() {
+        use crate::outbox::{EndRequest, Slow};
+        let is_slow = |handle: &ConnHandle| {
+            matches!(
+                handle.outbox.end_request(),
+                Some(EndRequest::Close {
+                    code: CloseCode::SlowConsumer,
+                    ..
+                })
+            )
+        };
+        let inner = offline_inner();
+        let hub = test_hub();
+        let sub = live_topic(&inner, &hub, Position::new(9, 5));
+        inner.topics().get_mut("t").expect("topic").recovering = Some(Vec::new());
+        for offset in 6..106 {
+            deliver(&inner, Position::new(9, offset), "x");
+        }
+        assert!(!is_slow(&sub), "100 frames fit the recovery buffer");
+        deliver(&inner, Position::new(9, 106), "x");
+        assert!(is_slow(&sub));
+        assert_eq!(sub.outbox.slow(), Some(Slow::RecoveryOverflow));
+
+        let inner = offline_inner();
+        // Room for every frame in the live subscriber's own queue.
+        let hub = Hub::new(
+            "t".into(),
+            OutboxLimits {
+                max_messages: 1000,
+                max_bytes: 1 << 20,
+            },
+        );
+        let live = live_topic(&inner, &hub, Position::new(9, 5));
+        let joining = hub.register(Route::Topics);
+        inner
+            .topics()
+            .get_mut("t")
+            .expect("topic")
+            .subscribers
+            .insert(
+                joining.id,
+                LocalSub {
+                    handle: joining.clone(),
+                    pending: Some(Vec::new()),
+                    replayed_to: None,
+                },
+            );
+        for offset in 6..107 {
+            deliver(&inner, Position::new(9, offset), "x");
+        }
+        assert_eq!(joining.outbox.slow(), Some(Slow::SubscribeBacklog));
+        assert!(is_slow(&joining));
+        assert!(!is_slow(&live), "the live subscriber goes on");
+        assert_eq!(live.outbox.slow(), None);
     }
 
     #[test]

@@ -522,9 +522,17 @@ impl Connection {
         gateway
             .metrics
             .connection_closed(ending.code, ending.initiator);
-        if ending.code == CloseCode::SlowConsumer.as_u16() && ending.initiator == Initiator::Server
-        {
-            gateway.metrics.slow_consumers.inc();
+        // Every 4002 the server sends records why (Outbox::close_slow).
+        if let Some(why) = self.handle.outbox.slow() {
+            if ending.code == CloseCode::SlowConsumer.as_u16()
+                && ending.initiator == Initiator::Server
+            {
+                gateway
+                    .metrics
+                    .slow_consumers
+                    .with_label_values(&[why.as_str()])
+                    .inc();
+            }
         }
         tracing::info!(
             code = ending.code,

@@ -9,6 +9,7 @@ use switchyard_protocol::topic::validate_topic;
 use switchyard_protocol::{ClientFrame, CloseCode, ErrorCode, Position, ServerFrame};
 
 use super::Connection;
+use crate::outbox::Slow;
 
 impl Connection {
     pub(super) async fn on_text(&mut self, text: &str) {
@@ -85,7 +86,8 @@ impl Connection {
             Some(topic.to_owned()),
         );
         if self.rate_limited >= self.gateway.config.connection.max_violations {
-            self.close(CloseCode::SlowConsumer, "publish rate exceeded");
+            self.closing = true;
+            self.handle.outbox.close_slow(Slow::PublishRate);
         }
         false
     }
