@@ -199,9 +199,19 @@ impl Gateway {
         topic: &str,
         data: &RawValue,
     ) -> Result<Position, BrokerError> {
-        let position = self.broker.publish(topic, data).await?;
-        self.metrics.messages_published.inc();
-        Ok(position)
+        match self.broker.publish(topic, data).await {
+            Ok(position) => {
+                self.metrics.messages_published.inc();
+                Ok(position)
+            }
+            Err(err) => {
+                self.metrics
+                    .publishes_failed
+                    .with_label_values(&[err.reason()])
+                    .inc();
+                Err(err)
+            }
+        }
     }
 
     /// The `/admin/status` body.

@@ -121,6 +121,11 @@ pub struct Metrics {
     pub authorization_denied: IntCounterVec,
     /// `switchyard_publishes_rate_limited_total`: client publishes refused by the rate limit.
     pub publishes_rate_limited: IntCounter,
+    /// `switchyard_publishes_failed_total{reason}`: publishes (admin API and
+    /// clients) the broker did not take, by [`crate::broker::BrokerError`]:
+    /// `unavailable` (Redis unreachable, not published), `outcome_unknown`
+    /// (sent, no answer), `too_many_topics`.
+    pub publishes_failed: IntCounterVec,
     /// `switchyard_sessions_ended_total{reason="expired|revoked"}`: connections
     /// closed because their session ended (4001, 4503).
     pub sessions_ended: IntCounterVec,
@@ -348,6 +353,11 @@ impl Metrics {
                 "switchyard_publishes_rate_limited_total",
                 "Client publishes refused by the per-connection rate limit.",
             )?,
+            publishes_failed: counter_vec(
+                "switchyard_publishes_failed_total",
+                "Publishes the broker did not take, by reason: unavailable (not published; Redis unreachable), outcome_unknown (sent, no answer), too_many_topics.",
+                &["reason"],
+            )?,
             sessions_ended: counter_vec(
                 "switchyard_sessions_ended_total",
                 "Connections closed because their session ended: expired (4001) or revoked (4503).",
@@ -405,6 +415,9 @@ impl Metrics {
         }
         for why in crate::outbox::Slow::ALL {
             metrics.slow_consumers.with_label_values(&[why.as_str()]);
+        }
+        for reason in crate::broker::BrokerError::REASONS {
+            metrics.publishes_failed.with_label_values(&[reason]);
         }
         for action in ["subscribe", "publish"] {
             metrics.authorization_denied.with_label_values(&[action]);

@@ -82,6 +82,14 @@ async fn a_publish_on_any_pod_reaches_subscribers_on_every_pod() {
         .await
         .expect("raw");
     raw.send_text(r#"{"op":"subscribe","topic":"x"}"#).await;
+    // Subscribed before the first publish, or it could miss it.
+    loop {
+        match tokio::time::timeout(STEP, raw.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) if text.contains("\"subscribed\"") => break,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no subscribed frame: {other:?}"),
+        }
+    }
 
     let mut epoch = None;
     for n in 1..=9u64 {
@@ -280,6 +288,12 @@ async fn gateways_survive_redis_kill_and_restart_and_recover() {
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("\"error\":\"unavailable\""), "{body}");
         assert_eq!(pod.metric("switchyard_backplane_up").expect("m"), 0.0);
+        assert_eq!(
+            pod.metric("switchyard_publishes_failed_total{reason=\"unavailable\"}")
+                .expect("m"),
+            1.0,
+            "the refused publish is counted"
+        );
         assert_eq!(
             pod.metric("switchyard_connections").expect("m"),
             1.0,

@@ -43,6 +43,18 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// Every [`BrokerError::reason`].
+    pub const REASONS: [&'static str; 3] = ["unavailable", "outcome_unknown", "too_many_topics"];
+
+    /// A short name (the `reason` label of `switchyard_publishes_failed_total`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BrokerError::TooManyTopics(_) => "too_many_topics",
+            BrokerError::Unavailable(_) => "unavailable",
+            BrokerError::OutcomeUnknown(_) => "outcome_unknown",
+        }
+    }
+
     /// The error code reported to a WebSocket client.
     pub fn code(&self) -> ErrorCode {
         match self {
