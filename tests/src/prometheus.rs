@@ -103,12 +103,7 @@ fn selector_rules(selector: &Value, prefix: &str) -> Result<Vec<Value>> {
         .flatten()
     {
         let key = expression["key"].as_str().context("matchExpressions key")?;
-        let values: Vec<&str> = expression["values"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let values = crate::kube::selector::strings(&expression["values"]);
         let present = json!([format!("{prefix}present_{}", sanitize(key))]);
         let rule = match expression["operator"].as_str() {
             Some("In") => [

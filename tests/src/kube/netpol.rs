@@ -99,11 +99,8 @@ fn in_cidr(cidr: &str, ip: IpAddr) -> bool {
 fn peer_admits(peer: &Value, policy_namespace: &str, source: &Source) -> bool {
     if let Some(block) = peer.get("ipBlock") {
         let cidr = block["cidr"].as_str().unwrap_or_default();
-        let excepted = block["except"]
-            .as_array()
+        let excepted = super::selector::strings(&block["except"])
             .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
             .any(|except| in_cidr(except, source.ip()));
         return in_cidr(cidr, source.ip()) && !excepted;
     }

@@ -20,6 +20,17 @@ enum Requirement {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selector(Vec<Requirement>);
 
+/// The strings of a JSON array (none for anything else, or for items that
+/// are not strings): `values`, `except`, list-map keys.
+pub fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 /// Splits on commas that are not inside parentheses.
 fn split_top_level(text: &str) -> Vec<&str> {
     let mut parts = Vec::new();
@@ -121,12 +132,7 @@ pub fn label_selector(selector: &Value) -> Option<Selector> {
         .flatten()
     {
         let key = expression["key"].as_str()?;
-        let values: Vec<&str> = expression["values"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let values = strings(&expression["values"]);
         terms.push(match expression["operator"].as_str()? {
             "In" => format!("{key} in ({})", values.join(",")),
             "NotIn" => format!("{key} notin ({})", values.join(",")),

@@ -215,12 +215,7 @@ fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
             }
             match schema["x-kubernetes-list-type"].as_str() {
                 Some("map") => {
-                    let keys: Vec<&str> = schema["x-kubernetes-list-map-keys"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect();
+                    let keys = super::selector::strings(&schema["x-kubernetes-list-map-keys"]);
                     let mut seen = Vec::new();
                     for (i, item) in items.iter().enumerate() {
                         let key: Map<String, Value> = keys
