@@ -120,13 +120,6 @@ impl Slow {
     }
 }
 
-fn slow_close(why: Slow) -> EndRequest {
-    EndRequest::Close {
-        code: CloseCode::SlowConsumer,
-        reason: switchyard_protocol::close::CloseReason::text(why.text()).to_json(),
-    }
-}
-
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
@@ -152,6 +145,17 @@ struct State {
     end: Option<EndRequest>,
     /// Why the end is a 4002, when it is one.
     slow: Option<Slow>,
+}
+
+impl State {
+    /// Ends with 4002 for `why`.
+    fn end_slow(&mut self, why: Slow) {
+        self.end = Some(EndRequest::Close {
+            code: CloseCode::SlowConsumer,
+            reason: switchyard_protocol::close::CloseReason::text(why.text()).to_json(),
+        });
+        self.slow = Some(why);
+    }
 }
 
 /// A bounded queue of outgoing frames with its end signal.
@@ -195,8 +199,7 @@ impl Outbox {
         if !fits {
             state.queue = VecDeque::new();
             state.bytes = 0;
-            state.end = Some(slow_close(Slow::QueueFull));
-            state.slow = Some(Slow::QueueFull);
+            state.end_slow(Slow::QueueFull);
             drop(state);
             self.wake_both();
             return Err(PushError::Full);
@@ -214,21 +217,20 @@ impl Outbox {
     /// Asks the connection to close with `code` after what is queued. The
     /// first end request wins; later ones are ignored.
     pub fn close(&self, code: CloseCode, reason: String) {
-        let mut state = self.lock();
-        if state.end.is_none() {
-            state.end = Some(EndRequest::Close { code, reason });
-            drop(state);
-            self.wake_both();
-        }
+        self.request_end(|state| state.end = Some(EndRequest::Close { code, reason }));
     }
 
     /// Asks for a 4002 close after what is queued, for `why` (unless the
     /// connection is already ending).
     pub fn close_slow(&self, why: Slow) {
+        self.request_end(|state| state.end_slow(why));
+    }
+
+    /// Applies `end` unless an end was already requested (the first wins).
+    fn request_end(&self, end: impl FnOnce(&mut State)) {
         let mut state = self.lock();
         if state.end.is_none() {
-            state.end = Some(slow_close(why));
-            state.slow = Some(why);
+            end(&mut state);
             drop(state);
             self.wake_both();
         }

@@ -19,7 +19,7 @@ use http::header::{
     CONNECTION, HOST, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
     SEC_WEBSOCKET_VERSION, UPGRADE,
 };
-use http::{HeaderMap, HeaderName, Request, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use switchyard_protocol::close::CloseReason;
 use switchyard_protocol::CloseCode;
@@ -124,7 +124,7 @@ pub struct Refusal {
     /// The rejection reason: the metric label, and the response body.
     pub reason: &'static str,
     /// A header the client needs to act on the refusal.
-    extra: Option<(HeaderName, String)>,
+    extra: Option<(HeaderName, HeaderValue)>,
 }
 
 impl Refusal {
@@ -134,7 +134,10 @@ impl Refusal {
         Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
             reason: "overloaded",
-            extra: Some((RETRY_AFTER, retry_after_secs(shed.retry_ms).to_string())),
+            extra: Some((
+                RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(shed.retry_ms)),
+            )),
         }
     }
 
@@ -142,9 +145,7 @@ impl Refusal {
     fn into_response(self) -> warp::reply::Response {
         let mut response = warp::reply::with_status(self.reason, self.status).into_response();
         if let Some((name, value)) = self.extra {
-            if let Ok(value) = http::HeaderValue::from_str(&value) {
-                response.headers_mut().insert(name, value);
-            }
+            response.headers_mut().insert(name, value);
         }
         response
     }
@@ -162,7 +163,9 @@ impl Refusal {
             self.reason.len()
         );
         if let Some((name, value)) = &self.extra {
-            let _ = write!(out, "{name}: {value}\r\n");
+            let _ = write!(out, "{name}: ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(self.reason.as_bytes());
@@ -412,7 +415,7 @@ async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict 
                 &target,
             );
             if rejection == HandshakeRejection::BadVersion {
-                refusal.extra = Some((SEC_WEBSOCKET_VERSION, "13".to_owned()));
+                refusal.extra = Some((SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13")));
             }
             return Verdict::Refused(refusal);
         }
@@ -427,7 +430,6 @@ async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict 
         };
     }
     if let Some(shed) = request.shed {
-        gateway.count_rejection("overloaded");
         return overloaded(gateway, accept, shed, peer, &target);
     }
     if let Some(limiter) = &gateway.handshake_limiter {
@@ -439,7 +441,7 @@ async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict 
                 peer,
                 &target,
             );
-            refusal.extra = Some((RETRY_AFTER, "1".to_owned()));
+            refusal.extra = Some((RETRY_AFTER, HeaderValue::from_static("1")));
             return Verdict::Refused(refusal);
         }
     }
@@ -447,10 +449,7 @@ async fn judge(gateway: &Arc<Gateway>, request: &UpgradeRequest<'_>) -> Verdict 
     // a bounded number of handshakes wait on them at once.
     let _slot = match gateway.shedder.begin() {
         Ok(slot) => slot,
-        Err(shed) => {
-            gateway.count_rejection("overloaded");
-            return overloaded(gateway, accept, shed, peer, &target);
-        }
+        Err(shed) => return overloaded(gateway, accept, shed, peer, &target),
     };
     let header = |name| {
         headers
@@ -558,7 +557,7 @@ async fn admit(
     }
 }
 
-/// Answers a handshake that admission control shed (counted by the caller):
+/// Counts and answers a handshake that admission control shed:
 /// accepted and closed with 4003 and the `retry_ms` it was given (a browser
 /// can read a close code, not an HTTP status), or 503 with `Retry-After`
 /// with `auth.reject_with_http`. Nothing else is looked at: a shed
@@ -570,6 +569,7 @@ fn overloaded(
     peer: SocketAddr,
     target: &RedactedTarget<'_>,
 ) -> Verdict {
+    gateway.count_rejection("overloaded");
     tracing::debug!(%peer, %target, why = ?shed.why, retry_ms = shed.retry_ms, "handshake shed");
     if gateway.config.auth.reject_with_http {
         return Verdict::Refused(Refusal::overloaded(shed));
@@ -609,7 +609,7 @@ fn turn_away(
             peer,
             target,
         );
-        refusal.extra = Some((RETRY_AFTER, "1".to_owned()));
+        refusal.extra = Some((RETRY_AFTER, HeaderValue::from_static("1")));
         return Err(refusal);
     }
     gateway.count_rejection(reason);

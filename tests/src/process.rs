@@ -139,10 +139,7 @@ impl GatewayProcess {
     }
 
     fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, signal);
-        }
+        let _ = send_signal(self.child.id(), signal);
     }
 
     /// Waits for the process to exit, at most `timeout`.
@@ -228,3 +225,12 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 pub use switchyard_host::raise_fd_limit;
+
+/// Sends `signal` to the process `pid` (a child a test started).
+pub fn send_signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: kill(2) with a pid and a valid signal number has no memory effects.
+    if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

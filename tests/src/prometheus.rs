@@ -500,7 +500,20 @@ fn container_ports(pod: &Value) -> Vec<(&Value, &Value, bool)> {
         .collect()
 }
 
-fn group(address: String, labels: Labels) -> Value {
+/// The address and labels of a target on one container port of the pod at
+/// `ip`: `base`, then the container port's labels.
+fn port_target(
+    ip: &str,
+    base: &Labels,
+    (container, port, init): (&Value, &Value, bool),
+) -> (String, Labels) {
+    let mut labels = base.clone();
+    labels.extend(container_labels(container, port, init));
+    let number = port["containerPort"].as_u64().unwrap_or_default();
+    (address(ip, number), labels)
+}
+
+fn group((address, labels): (String, Labels)) -> Value {
     json!({"targets": [address], "labels": labels})
 }
 
@@ -540,11 +553,9 @@ pub fn discover(job: &Job, pods: &[Value], services: &[Value]) -> Vec<Value> {
                 .filter(has_ip)
             {
                 let ip = pod["status"]["podIP"].as_str().unwrap_or_default();
-                for (container, port, init) in container_ports(pod) {
-                    let mut labels = pod_labels(pod);
-                    labels.extend(container_labels(container, port, init));
-                    let number = port["containerPort"].as_u64().unwrap_or_default();
-                    groups.push(group(address(ip, number), labels));
+                let labels = pod_labels(pod);
+                for container_port in container_ports(pod) {
+                    groups.push(group(port_target(ip, &labels, container_port)));
                 }
             }
         }
@@ -587,7 +598,8 @@ pub fn discover(job: &Job, pods: &[Value], services: &[Value]) -> Vec<Value> {
                 });
                 for pod in members.filter(has_ip) {
                     let ip = pod["status"]["podIP"].as_str().unwrap_or_default();
-                    let labels = pod_labels(pod);
+                    let mut labels = service_labels.clone();
+                    labels.extend(pod_labels(pod));
                     let ready = labels["__meta_kubernetes_pod_ready"] == "true";
                     let ports = container_ports(pod);
                     let mut covered = Vec::new();
@@ -598,13 +610,11 @@ pub fn discover(job: &Job, pods: &[Value], services: &[Value]) -> Vec<Value> {
                             Value::Number(_) => p["containerPort"] == *target,
                             _ => p["containerPort"] == service_port["port"],
                         });
-                        let Some((container, port, init)) = found else {
+                        let Some(&container_port) = found else {
                             continue;
                         };
-                        covered.push(port["containerPort"].clone());
-                        let mut target_labels = service_labels.clone();
-                        target_labels.extend(labels.clone());
-                        target_labels.extend(container_labels(container, port, *init));
+                        covered.push(container_port.1["containerPort"].clone());
+                        let (address, mut target_labels) = port_target(ip, &labels, container_port);
                         target_labels.extend([
                             ("__meta_kubernetes_endpoint_ready".into(), ready.to_string()),
                             (
@@ -640,18 +650,12 @@ pub fn discover(job: &Job, pods: &[Value], services: &[Value]) -> Vec<Value> {
                                     .to_string(),
                             ),
                         ]);
-                        let number = port["containerPort"].as_u64().unwrap_or_default();
-                        groups.push(group(address(ip, number), target_labels));
+                        groups.push(group((address, target_labels)));
                     }
-                    for (container, port, init) in &ports {
-                        if covered.contains(&port["containerPort"]) {
-                            continue;
+                    for &container_port in &ports {
+                        if !covered.contains(&container_port.1["containerPort"]) {
+                            groups.push(group(port_target(ip, &labels, container_port)));
                         }
-                        let mut target_labels = service_labels.clone();
-                        target_labels.extend(labels.clone());
-                        target_labels.extend(container_labels(container, port, *init));
-                        let number = port["containerPort"].as_u64().unwrap_or_default();
-                        groups.push(group(address(ip, number), target_labels));
                     }
                 }
             }

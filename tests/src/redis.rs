@@ -143,11 +143,7 @@ impl RedisServer {
 
     fn signal(&self, signal: libc::c_int) -> Result<()> {
         let child = self.child.as_ref().context("redis is not running")?;
-        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
-        if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
-            bail!("kill: {}", std::io::Error::last_os_error());
-        }
-        Ok(())
+        crate::send_signal(child.id(), signal).context("kill")
     }
 
     /// Starts the server again on the same port (empty).

@@ -433,10 +433,9 @@ fn nemesis(run: Arc<Run>, redis: Arc<Mutex<RedisServer>>, pids: Vec<u32>, faults
                 ],
             ),
             _ => {
-                // SAFETY: signals to a child process this test started.
-                unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+                let _ = switchyard_tests::send_signal(pid, libc::SIGSTOP);
                 std::thread::sleep(hold);
-                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                let _ = switchyard_tests::send_signal(pid, libc::SIGCONT);
             }
         }));
     }

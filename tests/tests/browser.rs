@@ -216,10 +216,7 @@ async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
     // The migrate went out and the page is dialling the black hole.
     tokio::time::sleep(Duration::from_millis(800)).await;
     // SIGKILL: no close frame, no drain; then the Service reaches green.
-    // SAFETY: kill(2) on a child process of this test.
-    unsafe {
-        libc::kill(fleet.blue.pid() as libc::pid_t, libc::SIGKILL);
-    }
+    switchyard_tests::send_signal(fleet.blue.pid(), libc::SIGKILL).expect("SIGKILL");
     fleet.proxy.switch(vec![fleet.green.public]);
     let after = publish_while_moving(&fleet, &mut page).await;
     assert_eq!(
@@ -245,10 +242,7 @@ async fn the_demo_page_survives_its_old_gateway_dying_mid_migration() {
 async fn the_demo_page_comes_back_after_its_gateway_crashes() {
     let screenshot = std::env::temp_dir().join(format!("sy-crash-{}.png", std::process::id()));
     let (fleet, mut page) = page_on_blue_with_five(&screenshot).await;
-    // SAFETY: kill(2) on a child process of this test.
-    unsafe {
-        libc::kill(fleet.blue.pid() as libc::pid_t, libc::SIGKILL);
-    }
+    switchyard_tests::send_signal(fleet.blue.pid(), libc::SIGKILL).expect("SIGKILL");
     tokio::time::sleep(Duration::from_millis(500)).await;
     fleet.proxy.switch(vec![fleet.green.public]);
     let after = publish_while_moving(&fleet, &mut page).await;

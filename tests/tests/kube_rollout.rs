@@ -249,6 +249,18 @@ impl Fleet {
             .unwrap_or_default()
     }
 
+    /// Names of the pods the Deployments' ReplicaSets made (not a decoy
+    /// with the gateway labels).
+    fn gateway_pod_names(&self) -> Vec<String> {
+        self.emu
+            .list("", "pods", NS)
+            .expect("pods")
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["pod-template-hash"].is_string())
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Public addresses (pod IP:8080) of one color's pods.
     fn pod_addrs(&self, color: &str) -> Vec<std::net::SocketAddr> {
         self.emu
@@ -1581,14 +1593,7 @@ async fn pods_that_are_not_the_operators_or_cannot_answer_are_left_alone() {
         .expect("decoy status");
 
     // kubectl drain's eviction: one of two Ready pods may go, not both.
-    let blue: Vec<String> = fleet
-        .emu
-        .list("", "pods", NS)
-        .expect("pods")
-        .iter()
-        .filter(|p| p["metadata"]["labels"]["pod-template-hash"].is_string())
-        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
-        .collect();
+    let blue = fleet.gateway_pod_names();
     assert_eq!(blue.len(), 2, "{blue:?}");
     let deadline = Instant::now() + PHASE;
     while fleet
@@ -1679,12 +1684,9 @@ async fn a_gateway_killed_under_traffic_is_restarted_reported_and_loses_nothing(
     let _serial = SERIAL.lock().await;
     let (mut fleet, crowd, publishing) = with_traffic(FAST_ROLLOUT, FEW).await;
     let victim = fleet
-        .emu
-        .list("", "pods", NS)
-        .expect("pods")
-        .iter()
-        .filter(|p| p["metadata"]["labels"]["pod-template-hash"].is_string())
-        .find_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+        .gateway_pod_names()
+        .into_iter()
+        .next()
         .expect("a gateway pod");
     tokio::time::sleep(Duration::from_millis(500)).await;
     fleet

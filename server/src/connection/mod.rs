@@ -44,7 +44,7 @@ use io::{send_close, CloseDeadline, Pending};
 
 use crate::hub::{ConnHandle, Route};
 use crate::metrics::Initiator;
-use crate::outbox::{EndRequest, Outgoing};
+use crate::outbox::{EndRequest, Outgoing, Slow};
 use crate::security::ratelimit::TokenBucket;
 use crate::security::Session;
 
@@ -251,6 +251,12 @@ impl Connection {
         self.handle
             .outbox
             .close(code, CloseReason::text(reason).to_json());
+    }
+
+    /// [`Connection::close`] with 4002, recording why.
+    fn close_slow(&mut self, why: Slow) {
+        self.closing = true;
+        self.handle.outbox.close_slow(why);
     }
 
     fn ending_or_abrupt(&self) -> Ending {
@@ -523,16 +529,14 @@ impl Connection {
             .metrics
             .connection_closed(ending.code, ending.initiator);
         // Every 4002 the server sends records why (Outbox::close_slow).
-        if let Some(why) = self.handle.outbox.slow() {
-            if ending.code == CloseCode::SlowConsumer.as_u16()
-                && ending.initiator == Initiator::Server
-            {
-                gateway
-                    .metrics
-                    .slow_consumers
-                    .with_label_values(&[why.as_str()])
-                    .inc();
-            }
+        let sent_4002 = ending.code == CloseCode::SlowConsumer.as_u16()
+            && ending.initiator == Initiator::Server;
+        if let Some(why) = self.handle.outbox.slow().filter(|_| sent_4002) {
+            gateway
+                .metrics
+                .slow_consumers
+                .with_label_values(&[why.as_str()])
+                .inc();
         }
         tracing::info!(
             code = ending.code,

@@ -86,8 +86,7 @@ impl Connection {
             Some(topic.to_owned()),
         );
         if self.rate_limited >= self.gateway.config.connection.max_violations {
-            self.closing = true;
-            self.handle.outbox.close_slow(Slow::PublishRate);
+            self.close_slow(Slow::PublishRate);
         }
         false
     }

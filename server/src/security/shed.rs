@@ -103,9 +103,14 @@ impl ShedState {
     }
 
     fn decay(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.pressure *= (-elapsed).exp();
+        self.pressure = self.pressure_at(now);
         self.updated = now;
+    }
+
+    /// The recent sheds as they will have decayed by `now`.
+    fn pressure_at(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.pressure * (-elapsed).exp()
     }
 
     /// Sheds one connection: its retry falls in a window that is the time
@@ -135,8 +140,7 @@ impl ShedState {
     /// The window a connection shed now would be spread over (ms), for
     /// `/admin/status`.
     pub fn window_ms(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.window(self.pressure * (-elapsed).exp()) as u64
+        self.window(self.pressure_at(now)) as u64
     }
 }
 

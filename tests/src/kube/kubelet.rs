@@ -729,10 +729,7 @@ impl Cluster {
                     Some(process) => {
                         let deadline = *process.terminating.get_or_insert_with(|| {
                             if let Some(child) = &process.child {
-                                // SAFETY: kill(2) on our own child's pid.
-                                unsafe {
-                                    libc::kill(child.id() as i32, libc::SIGTERM);
-                                }
+                                let _ = crate::send_signal(child.id(), libc::SIGTERM);
                             }
                             Instant::now() + grace
                         });
